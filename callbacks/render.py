@@ -1,0 +1,112 @@
+"""Turning tensors into images for TensorBoard, each with a deliberate normalization.
+
+- `to_pixels`: model-input images back to pixels with the datamodule's normalization (true colors).
+- `scale_each`: per-tile min-max to [0, 1] (deconv projections: only the pattern matters).
+- `scale_symmetric`: per-tile, 0 -> mid-gray and +-max|x| -> white/black (filters, whose sign matters).
+- `heatmap`: a [0, 1] map through a matplotlib colormap.
+Grids are [3, H, W] float tensors in [0, 1]; captions are drawn with PIL's built-in font.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
+from torchvision.utils import make_grid
+
+
+def to_pixels(images: torch.Tensor, normalization=None) -> torch.Tensor:
+    x = normalization.inverse(images) if normalization is not None else images
+    return x.float().clamp(0, 1).cpu()
+
+
+def scale_each(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """Per-tile (first dim) min-max scaling to [0, 1]."""
+    flat = x.detach().float().flatten(1)
+    lo, hi = flat.min(1, keepdim=True).values, flat.max(1, keepdim=True).values
+    return ((flat - lo) / (hi - lo).clamp_min(eps)).view_as(x).cpu()
+
+
+def scale_symmetric(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """Per-tile scaling with zero at 0.5: 0.5 + x / (2 max|x|)."""
+    flat = x.detach().float().flatten(1)
+    m = flat.abs().max(1, keepdim=True).values.clamp_min(eps)
+    return (0.5 + flat / (2 * m)).view_as(x).cpu()
+
+
+def as_rgb(x: torch.Tensor) -> torch.Tensor:
+    """[N, 1|3, H, W] -> [N, 3, H, W]; other channel counts: their mean as gray."""
+    if x.shape[1] == 3:
+        return x
+    if x.shape[1] != 1:
+        x = x.mean(1, keepdim=True)
+    return x.expand(-1, 3, -1, -1)
+
+
+def heatmap(maps: torch.Tensor, cmap: str = "jet", lo: float = 0.0, hi: float = 1.0) -> torch.Tensor:
+    """[N, h, w] values in [lo, hi] -> [N, 3, h, w] colors."""
+    import matplotlib
+
+    v = ((maps.detach().float().cpu() - lo) / max(hi - lo, 1e-12)).clamp(0, 1).numpy()
+    rgb = matplotlib.colormaps[cmap](v)[..., :3]
+    return torch.from_numpy(rgb).permute(0, 3, 1, 2).float()
+
+
+def label_colors(labels: torch.Tensor, num_classes: int, cmap: str = "tab10") -> torch.Tensor:
+    """[N, h, w] integer labels -> [N, 3, h, w] colors (one color per class)."""
+    import matplotlib
+
+    table = torch.tensor(matplotlib.colormaps[cmap](np.linspace(0, 1, max(num_classes, 2)) if num_classes > 10
+                                                    else np.arange(num_classes))[:, :3], dtype=torch.float)
+    return table[labels.long().cpu()].permute(0, 3, 1, 2)
+
+
+def upscale(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Nearest-neighbour upscaling of [N, C, h, w] so the longer side is about `size` (pixels stay crisp)."""
+    h, w = x.shape[-2:]
+    f = max(1, round(size / max(h, w)))
+    return F.interpolate(x, scale_factor=f, mode="nearest") if f > 1 else x
+
+
+def captioned_grid(tiles: torch.Tensor, nrow: int, captions: Sequence[str] | None = None,
+                   row_titles: Sequence[str] | None = None, col_titles: Sequence[str] | None = None,
+                   tile_size: int = 64, padding: int = 2) -> torch.Tensor:
+    """Tiles [N, 1|3, h, w] in [0, 1] as one [3, H, W] grid, upscaled to ~`tile_size`, with an
+    optional caption under each tile, a title left of each row and above each column."""
+    tiles = upscale(as_rgb(tiles.float().cpu().clamp(0, 1)), tile_size)
+    grid = make_grid(tiles, nrow=nrow, padding=padding, pad_value=1.0)
+    if not (captions or row_titles or col_titles):
+        return grid
+    font = ImageFont.load_default()
+    th, tw = tiles.shape[-2:]
+    cap_h = 12 if captions else 0
+    left = 8 + 6 * max((len(t) for t in row_titles), default=0) if row_titles else 0
+    top = 14 if col_titles else 0
+    n = tiles.shape[0]
+    ncol = min(nrow, n)
+    nrows = (n + nrow - 1) // nrow
+    W = left + ncol * (tw + padding) + padding
+    H = top + nrows * (th + padding + cap_h) + padding
+    canvas = Image.new("RGB", (W, H), "white")
+    arr = (grid.permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+    for i in range(n):
+        r, c = divmod(i, nrow)
+        y0 = padding + r * (th + padding)
+        x0 = padding + c * (tw + padding)
+        tile = Image.fromarray(arr[y0:y0 + th, x0:x0 + tw])
+        canvas.paste(tile, (left + x0, top + y0 + r * cap_h))
+    draw = ImageDraw.Draw(canvas)
+    if captions:
+        for i, text in enumerate(captions[:n]):
+            r, c = divmod(i, nrow)
+            draw.text((left + padding + c * (tw + padding), top + padding + r * (th + padding + cap_h) + th),
+                      str(text), fill="black", font=font)
+    if row_titles:
+        for r, text in enumerate(row_titles[:nrows]):
+            draw.text((2, top + padding + r * (th + padding + cap_h) + th // 2 - 5), str(text), fill="black", font=font)
+    if col_titles:
+        for c, text in enumerate(col_titles[:ncol]):
+            draw.text((left + padding + c * (tw + padding), 1), str(text), fill="black", font=font)
+    return torch.from_numpy(np.asarray(canvas).copy()).permute(2, 0, 1).float() / 255

@@ -1,0 +1,29 @@
+"""LeNet exactly as MatConvNet's MNIST example, the net of filter-decoding-by-substitution.txt.
+
+conv 5x5 1->20, maxpool 2/2, conv 5x5 20->50, maxpool 2/2, conv 4x4 50->500, ReLU, conv 1x1 500->10.
+There is deliberately no ReLU after conv1 or conv2: the paper's reconstruction errors (its Table 1)
+depend on those layers being linear. 431,080 parameters; input 28x28, mean image subtracted
+(the datamodule does that).
+"""
+from collections import OrderedDict
+
+from torch import nn
+
+
+class LeNet(nn.Sequential):
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, pool: str = "max"):
+        if pool not in ("max", "avg"):
+            raise ValueError(f"LeNet pool must be 'max' or 'avg', got {pool!r}")
+        Pool = nn.MaxPool2d if pool == "max" else nn.AvgPool2d
+        super().__init__(
+            OrderedDict(
+                conv1=nn.Conv2d(in_channels, 20, 5),
+                pool1=Pool(2, 2),
+                conv2=nn.Conv2d(20, 50, 5),
+                pool2=Pool(2, 2),
+                conv3=nn.Conv2d(50, 500, 4),
+                relu3=nn.ReLU(),
+                conv4=nn.Conv2d(500, num_classes, 1),
+                flatten=nn.Flatten(),
+            )
+        )
