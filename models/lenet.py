@@ -11,7 +11,10 @@ from torch import nn
 
 
 class LeNet(nn.Sequential):
-    def __init__(self, in_channels: int = 1, num_classes: int = 10, pool: str = "max"):
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, pool: str = "max", input_size: int = 28):
+        if input_size != 28:
+            raise ValueError(f"LeNet is defined for 28x28 inputs (its conv4 is a 1x1 classifier over a 1x1 map), "
+                             f"got input_size={input_size}; use model=cifar_convnet or resize the data to 28")
         if pool not in ("max", "avg"):
             raise ValueError(f"LeNet pool must be 'max' or 'avg', got {pool!r}")
         Pool = nn.MaxPool2d if pool == "max" else nn.AvgPool2d

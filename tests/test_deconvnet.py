@@ -1,0 +1,580 @@
+"""viz.deconvnet against independent formulations.
+
+Oracle: the deconvnet projection equals autograd's gradient of sum(F_c * F_c.detach()) with
+respect to the input, for the model in eval mode, with every ReLU's backward replaced by a ReLU of
+the incoming signal (a custom autograd Function swapped in for each ReLU's forward). Plus cases
+worked out by hand, brute-force loops for the ranking helpers, and the one-map-at-a-time loop for
+the batched projection.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from models.cifar import BlogConvNet, CifarConvNet
+from models.lenet import LeNet
+from models.vgg import VGG16
+from viz.deconvnet import (DeconvnetError, max_activating_images, project, project_many, record,
+                           top_maps)
+from viz.layers import LayerError, eval_mode, get_layer
+
+
+# ------------------------------------------------------------------------------------------
+# the autograd oracle
+# ------------------------------------------------------------------------------------------
+
+class _DeconvReLU(torch.autograd.Function):
+    """ReLU forward; backward is a ReLU of the incoming gradient (the deconvnet's rectification)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clamp(min=0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.clamp(min=0)
+
+
+class _Stop(Exception):
+    pass
+
+
+def oracle(model: nn.Module, images: torch.Tensor, layer: str, channel) -> torch.Tensor:
+    """d/dx sum_n <F_{n,c_n}, stopgrad(F_{n,c_n})>, ReLU backward = ReLU(grad), eval mode."""
+    n = images.shape[0]
+    channel = torch.as_tensor(channel).expand(n) if not torch.is_tensor(channel) else channel
+    relus = [m for m in model.modules() if isinstance(m, nn.ReLU)]
+    captured = {}
+
+    def grab(module, args, out):
+        captured["out"] = out
+        raise _Stop
+
+    handle = get_layer(model, layer).register_forward_hook(grab)
+    for m in relus:
+        m.forward = _DeconvReLU.apply  # instance attribute shadows the class's forward
+    try:
+        with eval_mode(model), torch.enable_grad():
+            x = images.detach().clone().requires_grad_(True)
+            with contextlib.suppress(_Stop):
+                model(x)
+            fmap = captured["out"][torch.arange(n), channel]
+            (grad,) = torch.autograd.grad((fmap * fmap.detach()).sum(), x)
+    finally:
+        handle.remove()
+        for m in relus:
+            del m.forward
+    return grad
+
+
+def test_oracle_is_not_plain_autograd():
+    """Guard on the oracle itself: its ReLU rule changes the result (else the tests below would
+    not check the deconvnet's rectification)."""
+    torch.manual_seed(0)
+    model = CifarConvNet(c3=16, c4=8).double()
+    images = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    x = images.clone().requires_grad_(True)
+    with eval_mode(model):
+        fmap = nn.Sequential(*list(model)[:8])(x)[:, 3]  # conv3
+    (plain,) = torch.autograd.grad((fmap * fmap.detach()).sum(), x)
+    deconv = oracle(model, images, "conv3", 3)
+    assert (plain - deconv).abs().max() > 1e-3 * deconv.abs().max()
+
+
+def assert_close_rel(actual, expected, rel=1e-10):
+    scale = expected.abs().max().clamp(min=1e-30)
+    err = (actual - expected).abs().max() / scale
+    assert err <= rel, f"max relative error {err:.3g} > {rel}"
+    assert expected.abs().max() > 0, "the oracle is all zero: the comparison proves nothing"
+
+
+def randomize_batchnorm(model: nn.Module, seed: int = 1) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            k = m.num_features
+            m.running_mean.copy_(torch.randn(k, generator=g))
+            m.running_var.copy_(torch.rand(k, generator=g) * 2 + 0.2)
+            with torch.no_grad():
+                m.weight.copy_(torch.randn(k, generator=g))  # some negative: the sign must survive
+                m.bias.copy_(torch.randn(k, generator=g))
+
+
+def random_channels(model, images, layer, seed=0):
+    k = record(model, images, layer).num_maps
+    return torch.randint(0, k, (images.shape[0],), generator=torch.Generator().manual_seed(seed))
+
+
+def check_against_oracle(model, images, layer, rel=1e-10, seed=0):
+    """project == oracle for random maps, one per image; redraws the maps (a few times) while
+    their projections are all zero (e.g. behind a negative BN scale and a ReLU), which would
+    prove nothing."""
+    for attempt in range(8):
+        channel = random_channels(model, images, layer, seed=seed + 1000 * attempt)
+        expected = oracle(model, images, layer, channel)
+        if expected.abs().max() > 0:
+            break
+    assert_close_rel(project(model, images, layer, channel), expected, rel)
+    return channel
+
+
+# ------------------------------------------------------------------------------------------
+# equality with autograd on the project's nets
+# ------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def lenet():
+    torch.manual_seed(0)
+    return LeNet().double()
+
+
+@pytest.fixture(scope="module")
+def cifar_net():
+    torch.manual_seed(0)
+    net = CifarConvNet(c3=16, c4=8).double()
+    randomize_batchnorm(net)
+    return net
+
+
+@pytest.fixture(scope="module")
+def vgg():
+    torch.manual_seed(0)
+    return VGG16(num_classes=10)
+
+
+@pytest.mark.parametrize("layer", ["conv1", "pool1", "conv2", "pool2", "conv3", "relu3", "conv4"])
+@pytest.mark.parametrize("pool", ["max", "avg"])
+def test_lenet_equals_autograd(layer, pool):
+    torch.manual_seed(0)
+    model = LeNet(pool=pool).double()
+    images = torch.randn(3, 1, 28, 28, dtype=torch.float64)
+    check_against_oracle(model, images, layer)
+
+
+@pytest.mark.parametrize("layer", ["conv1", "relu1", "conv2", "pool2", "bn2", "drop2", "conv3",
+                                   "relu3", "pool3", "conv4", "relu4", "pool4", "drop4"])
+def test_cifar_net_with_batchnorm_equals_autograd(cifar_net, layer):
+    """BN has random running stats and gammas (some negative): dropping its scale would fail."""
+    images = torch.randn(3, 3, 32, 32, dtype=torch.float64)
+    check_against_oracle(cifar_net, images, layer)
+
+
+# features.16: a max pool inside the stack; avgpool: all 13 convs, 5 pools and the adaptive pool
+@pytest.mark.parametrize("layer", ["features.16", "avgpool"])
+def test_vgg16_equals_autograd(vgg, layer):
+    torch.manual_seed(1)
+    images = torch.randn(2, 3, 32, 32)
+    check_against_oracle(vgg, images, layer, rel=1e-4)
+
+
+def test_torchvision_vgg16_with_inplace_relus(vgg):
+    """A plain torchvision vgg16 (in-place ReLUs) gives the projection of our VGG16 (non-in-place)."""
+    tv = torchvision.models.vgg16(num_classes=10)
+    assert any(isinstance(m, nn.ReLU) and m.inplace for m in tv.modules())
+    tv.load_state_dict(vgg.state_dict())
+    images = torch.randn(2, 3, 32, 32)
+    ours = project(vgg, images, "features.23", torch.tensor([5, 17]))
+    assert torch.equal(project(tv, images, "features.23", torch.tensor([5, 17])), ours)
+    assert ours.abs().max() > 0
+
+
+@pytest.mark.parametrize("name,make", [
+    ("avgpool padding ceil count_include_pad", lambda: [nn.Conv2d(2, 4, 3), nn.ReLU(),
+                                                nn.AvgPool2d(3, 2, padding=1, ceil_mode=True), nn.Conv2d(4, 3, 2)]),
+    ("avgpool no pad count", lambda: [nn.Conv2d(2, 4, 3), nn.AvgPool2d(3, 2, padding=1, ceil_mode=True,
+                                                            count_include_pad=False), nn.ReLU(), nn.Conv2d(4, 3, 2)]),
+    ("avgpool divisor_override", lambda: [nn.Conv2d(2, 4, 3), nn.AvgPool2d(2, divisor_override=3), nn.Conv2d(4, 3, 2)]),
+    ("adaptive avg", lambda: [nn.Conv2d(2, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d((3, 4)), nn.Conv2d(4, 3, 2)]),
+    ("adaptive max", lambda: [nn.Conv2d(2, 4, 3), nn.ReLU(), nn.AdaptiveMaxPool2d((3, 5)), nn.Conv2d(4, 3, 2)]),
+    ("overlapping maxpool padding dilation ceil",
+     lambda: [nn.Conv2d(2, 4, 3), nn.ReLU(), nn.MaxPool2d(3, 2, padding=1, dilation=2, ceil_mode=True), nn.Conv2d(4, 3, 2)]),
+    ("strided dilated conv with leftover", lambda: [nn.Conv2d(2, 4, 3, stride=3, padding=2, dilation=2), nn.ReLU(),
+                                            nn.Conv2d(4, 5, 2, stride=2)]),
+    ("grouped conv as target", lambda: [nn.Conv2d(2, 4, 3), nn.ReLU(), nn.Conv2d(4, 6, 3, groups=2)]),
+    ("same padding even kernel", lambda: [nn.Conv2d(2, 4, 4, padding="same"), nn.ReLU(), nn.Conv2d(4, 3, 2, padding="same")]),
+    ("reflect padding", lambda: [nn.Conv2d(2, 4, 3, padding=2, padding_mode="reflect"), nn.ReLU(),
+                         nn.Conv2d(4, 3, 3, padding=1, padding_mode="circular"),
+                         nn.Conv2d(3, 3, 3, padding=(1, 2), padding_mode="replicate")]),
+    ("batchnorm without affine, dropouts, identity",
+     lambda: [nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4, affine=False), nn.Dropout2d(0.3), nn.Identity(), nn.ReLU(),
+      nn.Dropout(0.5), nn.Conv2d(4, 3, 3)]),
+])
+def test_module_variants_equal_autograd(name, make):
+    torch.manual_seed(0)
+    model = nn.Sequential(*make()).double()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+    images = torch.randn(2, 2, 13, 11, dtype=torch.float64)
+    for i in range(len(model)):
+        layer = str(i)
+        channel = check_against_oracle(model, images, layer, seed=i)
+        # the same maps swapped between the images
+        assert_close_rel(project(model, images, layer, channel.flip(0)),
+                         oracle(model, images, layer, channel.flip(0)))
+
+
+def test_batchnorm_without_running_stats_uses_batch_stats_as_constants():
+    """track_running_stats=False: eval mode normalizes by the batch's own variance; the projection
+    scales by weight/sqrt(batch var + eps), holding the statistics constant (as a bias is)."""
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(4, track_running_stats=False)
+    with torch.no_grad():
+        bn.weight.uniform_(-2, 2)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3), bn, nn.ReLU(), nn.Conv2d(4, 3, 3)).double()
+    images = torch.randn(3, 2, 9, 9, dtype=torch.float64)
+
+    # the oracle: the same net with the batch statistics detached (constants)
+    class FrozenStatsBN(nn.Module):
+        def forward(self, x):
+            mean = x.mean((0, 2, 3), keepdim=True).detach()
+            var = x.var((0, 2, 3), unbiased=False, keepdim=True).detach()
+            return (x - mean) / torch.sqrt(var + bn.eps) * bn.weight.view(1, -1, 1, 1) + bn.bias.view(1, -1, 1, 1)
+
+    frozen = nn.Sequential(model[0], FrozenStatsBN(), model[2], model[3])
+    for layer in ["1", "3"]:
+        assert torch.allclose(record(model, images, layer).maps, frozen[: int(layer) + 1](images))
+        assert_close_rel(project(model, images, layer, 1), oracle(frozen, images, layer, 1))
+
+
+# ------------------------------------------------------------------------------------------
+# worked out by hand
+# ------------------------------------------------------------------------------------------
+
+def hand_net() -> nn.Sequential:
+    """conv 2x2 (1 -> 2 maps) + ReLU + maxpool 2x2, on one 4x4 image."""
+    conv = nn.Conv2d(1, 2, 2)
+    with torch.no_grad():
+        conv.weight.copy_(torch.tensor([[[[1., 0.], [0., 2.]]],      # map 0: x[i,j] + 2 x[i+1,j+1]
+                                        [[[0., -1.], [1., 0.]]]]))   # map 1: x[i+1,j] - x[i,j+1]
+        conv.bias.copy_(torch.tensor([-1., 0.]))
+    return nn.Sequential(conv, nn.ReLU(), nn.MaxPool2d(2)).double()
+
+
+HAND_IMAGE = torch.tensor([[1., 2., 0., 1.],
+                           [0., 3., 1., 0.],
+                           [2., 0., 1., 1.],
+                           [1., 1., 0., 2.]], dtype=torch.float64).view(1, 1, 4, 4)
+
+
+def test_hand_case_relu_layer():
+    # map 0 = x[i,j] + 2 x[i+1,j+1] - 1 = [[6,3,-1],[-1,4,2],[3,-1,4]]; after ReLU r = [[6,3,0],[0,4,2],[3,0,4]]
+    # projection (bias ignored): grad[i,j] += r[i,j]*1 and grad[i+1,j+1] += r[i,j]*2
+    expected = torch.tensor([[6., 3., 0., 0.],
+                             [0., 16., 8., 0.],
+                             [3., 0., 12., 4.],
+                             [0., 6., 0., 8.]], dtype=torch.float64)
+    assert torch.equal(record(hand_net(), HAND_IMAGE, "1").maps[0, 0],
+                       torch.tensor([[6., 3., 0.], [0., 4., 2.], [3., 0., 4.]], dtype=torch.float64))
+    assert torch.equal(project(hand_net(), HAND_IMAGE, "1", 0)[0, 0], expected)
+
+
+def test_hand_case_pool_switches():
+    # the 2x2 pool over the 3x3 maps sees rows/cols 0..1 only.
+    # map 0 there: [[6,3],[0,4]] -> 6, switch (0,0) -> grad[0,0] = 6*1, grad[1,1] = 6*2
+    # map 1 = x[i+1,j] - x[i,j+1]: [[-2,3],[-1,-1]] -> ReLU -> 3 at (0,1) -> grad[0,2] = 3*(-1), grad[1,1] = 3*1
+    expected0 = torch.zeros(4, 4, dtype=torch.float64)
+    expected0[0, 0], expected0[1, 1] = 6, 12
+    expected1 = torch.zeros(4, 4, dtype=torch.float64)
+    expected1[0, 2], expected1[1, 1] = -3, 3
+    two = HAND_IMAGE.repeat(2, 1, 1, 1)
+    out = project(hand_net(), two, "2", torch.tensor([0, 1]))
+    assert torch.equal(out[0, 0], expected0)
+    assert torch.equal(out[1, 0], expected1)
+
+
+def test_hand_case_pool_fill():
+    # "fill": the pooled value fills its whole 2x2 window of the 3x3 map.
+    # map 0: 6 on (0..1, 0..1) -> grad = 6 at window + 12 at window shifted by (1,1)
+    expected0 = torch.tensor([[6., 6., 0., 0.],
+                              [6., 18., 12., 0.],
+                              [0., 12., 12., 0.],
+                              [0., 0., 0., 0.]], dtype=torch.float64)
+    # map 1: 3 on (0..1, 0..1) -> -3 at window shifted by (0,1), +3 at window shifted by (1,0)
+    expected1 = torch.tensor([[0., -3., -3., 0.],
+                              [3., 0., -3., 0.],
+                              [3., 3., 0., 0.],
+                              [0., 0., 0., 0.]], dtype=torch.float64)
+    out = project_many(hand_net(), HAND_IMAGE, "2", torch.tensor([[0, 1]]), unpool="fill")
+    assert torch.equal(out[0, 0, 0], expected0)
+    assert torch.equal(out[0, 1, 0], expected1)
+
+
+def test_fill_with_overlapping_windows_sums_them():
+    """maxpool 3 stride 2 on a 5x5 map: windows overlap on row/col 2; fill adds both windows."""
+    model = nn.Sequential(nn.MaxPool2d(3, 2)).double()
+    images = torch.zeros(1, 1, 5, 5, dtype=torch.float64)
+    images[0, 0, 0, 0], images[0, 0, 4, 4] = 1.0, 5.0    # pooled 2x2 = [[1,0],[0,5]]
+    out = project(model, images, "0", 0, unpool="fill")[0, 0]
+    expected = torch.zeros(5, 5, dtype=torch.float64)
+    expected[0:3, 0:3] += 1
+    expected[2:5, 2:5] += 5
+    assert torch.equal(out, expected)
+    # with switches, the values go back exactly where they came from
+    assert torch.equal(project(model, images, "0", 0)[0, 0], images[0, 0])
+
+
+# ------------------------------------------------------------------------------------------
+# state hygiene
+# ------------------------------------------------------------------------------------------
+
+def _no_hooks(model):
+    return all(not m._forward_hooks and not m._forward_pre_hooks and not m._backward_hooks
+               and not m._backward_pre_hooks for m in model.modules())
+
+
+def test_modes_flags_and_hooks_restored(cifar_net):
+    net = cifar_net
+    net.train()
+    net.drop3.eval()  # a mixed state must come back as it was
+    net.conv2.weight.requires_grad_(False)
+    modes = {n: m.training for n, m in net.named_modules()}
+    flags = {n: p.requires_grad for n, p in net.named_parameters()}
+    images = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    try:
+        out = project(net, images, "conv3", 1)
+        top_maps(net, images, "conv4", 2)
+        max_activating_images(net, images, "relu3")
+        # on error too: a bad channel (after the forward) and a failing forward (wrong input channels)
+        with pytest.raises(DeconvnetError):
+            project(net, images, "conv3", 10_000)
+        with pytest.raises(RuntimeError):
+            project(net, torch.randn(2, 5, 32, 32, dtype=torch.float64), "conv3", 1)
+        assert {n: m.training for n, m in net.named_modules()} == modes
+        assert {n: p.requires_grad for n, p in net.named_parameters()} == flags
+        assert _no_hooks(net)
+        # train mode (dropout, BN batch stats) did not leak into the result: it is the eval-mode one
+        assert_close_rel(out, oracle(net, images, "conv3", 1))
+    finally:
+        net.eval()
+        net.conv2.weight.requires_grad_(True)
+
+
+def test_user_hooks_are_kept(lenet):
+    handle = lenet.conv2.register_forward_hook(lambda *a: None)
+    try:
+        project(lenet, torch.randn(1, 1, 28, 28, dtype=torch.float64), "conv3", 0)
+        assert len(lenet.conv2._forward_hooks) == 1
+        assert all(not m._forward_hooks for m in lenet.modules() if m is not lenet.conv2)
+    finally:
+        handle.remove()
+
+
+def test_no_grad_and_inference_mode(cifar_net):
+    images = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    expected = project(cifar_net, images, "pool3", torch.tensor([2, 7]))
+    with torch.no_grad():
+        assert torch.equal(project(cifar_net, images, "pool3", torch.tensor([2, 7])), expected)
+    with torch.inference_mode():
+        inf_images = images.clone()  # an inference tensor, as in Lightning's validation loop
+        got = project_many(cifar_net, inf_images, "pool3", torch.tensor([[2], [7]]))[:, 0]
+        assert torch.equal(got, expected)
+        values, _ = top_maps(cifar_net, inf_images, "conv2", 3)
+        assert values.shape == (2, 3)
+    assert _no_hooks(cifar_net)
+
+
+def test_result_is_detached(lenet):
+    out = project(lenet, torch.randn(1, 1, 28, 28, dtype=torch.float64), "conv2", 3)
+    assert not out.requires_grad and out.grad_fn is None
+
+
+def test_inplace_relu_same_as_not_inplace(cifar_net):
+    images = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    relus = [m for m in cifar_net.modules() if isinstance(m, nn.ReLU)]
+    plain = project_many(cifar_net, images, "relu4", torch.tensor([[0, 3], [5, 1]]))
+    try:
+        for m in relus:
+            m.inplace = True
+        inplace = project_many(cifar_net, images, "relu4", torch.tensor([[0, 3], [5, 1]]))
+    finally:
+        for m in relus:
+            m.inplace = False
+    assert torch.equal(plain, inplace) and plain.abs().max() > 0
+
+
+# ------------------------------------------------------------------------------------------
+# batching and ranking
+# ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("layer,unpool", [("conv1", "switches"), ("bn2", "switches"),
+                                          ("pool4", "switches"), ("conv3", "fill")])
+def test_project_many_equals_one_map_at_a_time(cifar_net, layer, unpool):
+    images = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    rec = record(cifar_net, images, layer)
+    channels = torch.stack([torch.randperm(rec.num_maps)[:3] for _ in range(2)])
+    many = project_many(cifar_net, images, layer, channels, unpool=unpool)
+    assert many.shape == (2, 3, 3, 32, 32)
+    for n in range(2):
+        for j in range(3):
+            one = project(cifar_net, images[n:n + 1], layer, int(channels[n, j]), unpool=unpool)
+            assert torch.allclose(many[n, j], one[0], rtol=1e-12, atol=1e-12)
+
+
+def test_recording_at_earlier_layer_equals_fresh_recording(cifar_net):
+    images = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    deep = record(cifar_net, images, "conv4")
+    for layer in ["conv1", "conv2", "bn2", "conv3"]:
+        fresh = record(cifar_net, images, layer)
+        cut = deep.at(layer)
+        assert torch.equal(cut.maps, fresh.maps)
+        ch = torch.tensor([1, 4])
+        assert torch.equal(cut.project(ch), fresh.project(ch))
+    with pytest.raises(LayerError, match="Recorded layers: conv1"):
+        deep.at("fc1")
+
+
+def test_top_maps_against_brute_force(lenet):
+    torch.manual_seed(3)
+    images = torch.randn(4, 1, 28, 28, dtype=torch.float64)
+    maps = nn.Sequential(*list(lenet)[:3])(images)  # conv1, pool1, conv2, without any hooks
+    values, indices = top_maps(lenet, images, "conv2", 5)
+    for n in range(4):
+        maxima = [max(maps[n, c].flatten().tolist()) for c in range(maps.shape[1])]
+        ranked = sorted(range(len(maxima)), key=lambda c: -maxima[c])[:5]
+        assert indices[n].tolist() == ranked
+        assert values[n].tolist() == [maxima[c] for c in ranked]
+
+
+def test_max_activating_images_against_brute_force(cifar_net):
+    torch.manual_seed(4)
+    images = torch.randn(6, 3, 32, 32, dtype=torch.float64)
+    maps = nn.Sequential(*list(cifar_net)[:5])(images)  # up to pool2, without any hooks
+    values, image_index = max_activating_images(cifar_net, images, "pool2")
+    assert values.shape == image_index.shape == (64,)
+    for c in range(64):
+        per_image = [max(maps[n, c].flatten().tolist()) for n in range(6)]
+        best = max(range(6), key=lambda n: per_image[n])
+        assert image_index[c].item() == best and values[c].item() == per_image[best]
+
+
+def test_top_maps_feed_project_many(cifar_net):
+    """The ranking's indices are what project_many takes; the top map has the largest maximum."""
+    images = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    rec = record(cifar_net, images, "relu3")
+    values, indices = rec.top_maps(3)
+    out = rec.project_many(indices)
+    assert out.shape == (2, 3, 3, 32, 32)
+    assert torch.equal(values[:, 0], rec.maps.amax(dim=(1, 2, 3)))
+
+
+# ------------------------------------------------------------------------------------------
+# errors
+# ------------------------------------------------------------------------------------------
+
+def test_unknown_layer(lenet):
+    with pytest.raises(LayerError, match="Valid layer names: conv1, pool1"):
+        project(lenet, torch.randn(1, 1, 28, 28, dtype=torch.float64), "conv9", 0)
+
+
+@pytest.mark.parametrize("channel", [20, -1, torch.tensor([0, 20]), torch.tensor([-3, 0])])
+def test_channel_out_of_range(lenet, channel):
+    with pytest.raises(DeconvnetError, match=r"valid channels are 0\.\.19"):
+        project(lenet, torch.randn(2, 1, 28, 28, dtype=torch.float64), "conv1", channel)
+
+
+@pytest.mark.parametrize("channel,message", [
+    (torch.tensor([0, 1, 2]), r"shape \[N\] = \[2\]"),
+    (torch.tensor([0.0, 1.0]), "integer tensor"),
+    (1.5, "an int or an integer tensor"),
+])
+def test_channel_bad_type_or_shape(lenet, channel, message):
+    with pytest.raises(DeconvnetError, match=message):
+        project(lenet, torch.randn(2, 1, 28, 28, dtype=torch.float64), "conv1", channel)
+
+
+def test_project_many_bad_shape(lenet):
+    with pytest.raises(DeconvnetError, match=r"shape \[N, k\] = \[2, k\]"):
+        project_many(lenet, torch.randn(2, 1, 28, 28, dtype=torch.float64), "conv1", torch.tensor([0, 1]))
+
+
+@pytest.mark.parametrize("model_name,layer,valid", [
+    ("lenet", "flatten", "conv1, pool1, conv2, pool2, conv3, relu3, conv4"),
+    ("cifar", "fc1", "conv1, relu1, conv2, relu2, pool2, bn2, drop2, conv3, relu3, pool3, drop3, conv4, relu4, pool4, drop4"),
+    ("cifar", "relu5", "conv1, relu1, conv2, relu2, pool2, bn2, drop2, conv3, relu3, pool3, drop3, conv4, relu4, pool4, drop4"),
+])
+def test_layer_without_spatial_maps(lenet, cifar_net, model_name, layer, valid):
+    model, shape = (lenet, (1, 1, 28, 28)) if model_name == "lenet" else (cifar_net, (1, 3, 32, 32))
+    with pytest.raises(LayerError, match="no spatial feature maps") as info:
+        project(model, torch.randn(*shape, dtype=torch.float64), layer, 0)
+    assert str(info.value).endswith(f"Layers with spatial maps: {valid}")
+
+
+def test_spatial_layer_after_flatten_is_refused():
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Unflatten(1, (2, 6, 6)), nn.Conv2d(2, 2, 3))
+    with pytest.raises(LayerError, match=r"it comes after '1' \(Flatten\).*Layers with spatial maps: 0$"):
+        project(model, torch.randn(1, 1, 8, 8), "3", 0)
+
+
+def test_vgg_classifier_has_no_spatial_maps(vgg):
+    with pytest.raises(LayerError, match="Layers with spatial maps: features.0.*avgpool"):
+        top_maps(vgg, torch.randn(1, 3, 32, 32), "classifier.0", 1)
+
+
+def test_unsupported_module_is_named():
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Tanh(), nn.Conv2d(2, 2, 3))
+    with pytest.raises(DeconvnetError, match=r"Layer '1' is a Tanh.*Conv2d, ReLU"):
+        project(model, torch.randn(1, 1, 8, 8), "2", 0)
+
+
+class _Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(2, 2, 3, padding=1)
+        self.relu = nn.ReLU()
+        self.conv2 = nn.Conv2d(2, 2, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv2(self.relu(self.conv1(x)) + x)
+
+
+class _FunctionalRelu(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(2, 2, 3)
+        self.conv2 = nn.Conv2d(2, 2, 3)
+
+    def forward(self, x):
+        return self.conv2(torch.nn.functional.relu(self.conv1(x)))
+
+
+@pytest.mark.parametrize("model", [_Residual(), _FunctionalRelu()])
+def test_not_a_chain_is_refused(model):
+    with pytest.raises(DeconvnetError, match="not a plain chain.*input of layer 'conv2'"):
+        project(model, torch.randn(1, 2, 8, 8), "conv2", 0)
+    assert _no_hooks(model)
+    # a layer before the break is fine
+    assert project(model, torch.randn(1, 2, 8, 8), "conv1", 0).shape == (1, 2, 8, 8)
+
+
+def test_unknown_unpool_mode(lenet):
+    with pytest.raises(DeconvnetError, match="'switches'.*'fill'"):
+        project(lenet, torch.randn(1, 1, 28, 28, dtype=torch.float64), "pool1", 0, unpool="average")
+
+
+@pytest.mark.parametrize("images", [torch.randn(1, 28, 28), torch.zeros(1, 1, 28, 28, dtype=torch.long),
+                                    torch.zeros(0, 1, 28, 28)])
+def test_bad_images(lenet, images):
+    with pytest.raises(DeconvnetError, match="images"):
+        project(lenet.float(), images, "conv1", 0)
+    lenet.double()
+
+
+@pytest.mark.parametrize("k", [0, 21, 2.0])
+def test_bad_k(lenet, k):
+    with pytest.raises(DeconvnetError, match=r"k must be an int in 1\.\.20"):
+        top_maps(lenet, torch.randn(1, 1, 28, 28, dtype=torch.float64), "conv1", k)
+
+
+def test_blog_net_works():
+    """The blog's net (pool before ReLU) at both conv layers, against the oracle."""
+    torch.manual_seed(0)
+    net = BlogConvNet().double()
+    images = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    for layer in ["relu1", "relu2"]:
+        assert_close_rel(project(net, images, layer, 3), oracle(net, images, layer, 3))

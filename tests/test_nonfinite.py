@@ -1,0 +1,29 @@
+import math
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from functools import partial
+
+from datamodules.shapes import ShapesDataModule
+from models.lenet import LeNet
+from models.module import ClassifierModule, NonFiniteLossError
+
+
+def test_nan_loss_stops_naming_epoch_and_step(tmp_path):
+    net = LeNet()
+    module = ClassifierModule(net, optimizer=partial(torch.optim.SGD, lr=1e-3))
+    calls = {"n": 0}
+    forward = net.forward
+
+    def poisoned(x):  # finite for 3 steps, then NaN
+        calls["n"] += 1
+        out = forward(x)
+        return out * math.nan if calls["n"] > 3 else out
+
+    net.forward = poisoned
+    dm = ShapesDataModule(n_train=400, n_test=50, val_size=64, batch_size=32)
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", default_root_dir=tmp_path, logger=False,
+                         enable_progress_bar=False, enable_checkpointing=False, num_sanity_val_steps=0)
+    with pytest.raises(NonFiniteLossError, match=r"nan at epoch 0, step 3"):
+        trainer.fit(module, datamodule=dm)
