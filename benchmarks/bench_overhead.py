@@ -1,0 +1,102 @@
+"""Framework overhead: training epochs of train.py's pipeline (LeNet/MNIST, callbacks=none) against a
+plain PyTorch loop over the same uint8 tensors, model, batch size, optimizer and normalization.
+
+Runs interleave (plain, framework, plain, framework, ...) so machine load affects both alike; the
+ratio is plain time / framework time of the training epoch (target >= 0.95).
+
+    DATA_DIR=../shared/datasets python benchmarks/bench_overhead.py [--batches N] [--repeats R]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+import lightning.pytorch as pl  # noqa: E402
+from hydra.utils import instantiate  # noqa: E402
+
+from conftest import compose_cfg  # noqa: E402
+from train import instantiate_dict  # noqa: E402
+
+
+class EpochTimer(pl.Callback):
+    def on_train_epoch_start(self, trainer, pl_module):
+        self.start = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.seconds = time.perf_counter() - self.start
+
+
+def framework_epoch(batches: int | None, out: Path, progress_bar: bool) -> float:
+    overrides = ["experiment=lenet_mnist", "callbacks=none", "trainer.max_epochs=1", "trainer.accelerator=cpu",
+                 "++trainer.limit_val_batches=0", "++trainer.num_sanity_val_steps=0",
+                 "++trainer.enable_model_summary=false"]
+    if batches:
+        overrides.append(f"++trainer.limit_train_batches={batches}")
+    if not progress_bar:
+        overrides += ["~callbacks.rich_progress_bar", "++trainer.enable_progress_bar=false"]
+    cfg = compose_cfg(overrides, out)
+    pl.seed_everything(0, verbose=False)
+    dm = instantiate(cfg.datamodule)
+    model = instantiate(cfg.model)
+    timer = EpochTimer()
+    trainer = instantiate(cfg.trainer, callbacks=instantiate_dict(cfg.callbacks) + [timer],
+                          logger=instantiate_dict(cfg.logger))
+    trainer.fit(model, datamodule=dm)
+    return timer.seconds
+
+
+def plain_epoch(batches: int | None) -> float:
+    cfg = compose_cfg(["experiment=lenet_mnist"], tempfile.mkdtemp())
+    pl.seed_everything(0, verbose=False)
+    dm = instantiate(cfg.datamodule)
+    dm.setup("fit")
+    net = instantiate(cfg.model.net)
+    opt = instantiate(cfg.model.optimizer)(params=net.parameters())
+    images, labels, norm = dm.train_set.images, dm.train_set.labels, dm.normalization
+    bs = cfg.datamodule.batch_size
+    loss_fn = torch.nn.CrossEntropyLoss()
+    start = time.perf_counter()
+    perm = torch.randperm(len(labels))
+    n = len(labels) if not batches else min(len(labels), batches * bs)
+    net.train()
+    for i in range(0, n, bs):
+        idx = perm[i:i + bs]
+        x, y = norm(images[idx]), labels[idx]
+        loss = loss_fn(net(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return time.perf_counter() - start
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--batches", type=int, default=None, help="batches per epoch (default: the full epoch)")
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--progress-bar", action="store_true", help="keep the rich progress bar on")
+    a = p.parse_args()
+    plain, frame = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        plain_epoch(20)  # warm-up (thread pools, allocator)
+        for r in range(a.repeats):
+            plain.append(plain_epoch(a.batches))
+            frame.append(framework_epoch(a.batches, Path(tmp) / f"r{r}", a.progress_bar))
+    pm, fm = statistics.median(plain), statistics.median(frame)
+    print("| pipeline | epoch seconds (median of %d) |" % a.repeats)
+    print("|---|---|")
+    print(f"| plain PyTorch loop | {pm:.2f} |")
+    print(f"| train.py (callbacks=none{', progress bar' if a.progress_bar else ''}) | {fm:.2f} |")
+    print(f"\nratio plain/framework = {pm / fm:.3f} (target >= 0.95); all runs: plain {plain}, framework {frame}")
+
+
+if __name__ == "__main__":
+    main()
