@@ -9,6 +9,7 @@ the batched projection.
 from __future__ import annotations
 
 import contextlib
+import copy
 
 import pytest
 import torch
@@ -21,6 +22,15 @@ from models.vgg import VGG16
 from viz.deconvnet import (DeconvnetError, max_activating_images, project, project_many, record,
                            top_maps)
 from viz.layers import LayerError, eval_mode, get_layer
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """These tensors are tiny: one thread is as fast, and immune to oversubscribed CPUs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 # ------------------------------------------------------------------------------------------
@@ -135,7 +145,7 @@ def lenet():
 @pytest.fixture(scope="module")
 def cifar_net():
     torch.manual_seed(0)
-    net = CifarConvNet(c3=16, c4=8).double()
+    net = CifarConvNet().double()  # the report's c3=256, c4=64
     randomize_batchnorm(net)
     return net
 
@@ -182,27 +192,42 @@ def test_torchvision_vgg16_with_inplace_relus(vgg):
     assert ours.abs().max() > 0
 
 
-@pytest.mark.parametrize("name,make", [
-    ("avgpool padding ceil count_include_pad", lambda: [nn.Conv2d(2, 4, 3), nn.ReLU(),
-                                                nn.AvgPool2d(3, 2, padding=1, ceil_mode=True), nn.Conv2d(4, 3, 2)]),
-    ("avgpool no pad count", lambda: [nn.Conv2d(2, 4, 3), nn.AvgPool2d(3, 2, padding=1, ceil_mode=True,
-                                                            count_include_pad=False), nn.ReLU(), nn.Conv2d(4, 3, 2)]),
-    ("avgpool divisor_override", lambda: [nn.Conv2d(2, 4, 3), nn.AvgPool2d(2, divisor_override=3), nn.Conv2d(4, 3, 2)]),
-    ("adaptive avg", lambda: [nn.Conv2d(2, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d((3, 4)), nn.Conv2d(4, 3, 2)]),
-    ("adaptive max", lambda: [nn.Conv2d(2, 4, 3), nn.ReLU(), nn.AdaptiveMaxPool2d((3, 5)), nn.Conv2d(4, 3, 2)]),
+# each entry: a name and a factory of the chain's modules (built inside the test, after seeding)
+MODULE_VARIANTS = [
+    ("avgpool padding ceil count_include_pad",
+     lambda: [nn.Conv2d(2, 4, 3), nn.ReLU(), nn.AvgPool2d(3, 2, padding=1, ceil_mode=True), nn.Conv2d(4, 3, 2)]),
+    ("avgpool no pad count",
+     lambda: [nn.Conv2d(2, 4, 3), nn.AvgPool2d(3, 2, padding=1, ceil_mode=True, count_include_pad=False),
+              nn.ReLU(), nn.Conv2d(4, 3, 2)]),
+    ("avgpool divisor_override",
+     lambda: [nn.Conv2d(2, 4, 3), nn.AvgPool2d(2, divisor_override=3), nn.Conv2d(4, 3, 2)]),
+    ("adaptive avg",
+     lambda: [nn.Conv2d(2, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d((3, 4)), nn.Conv2d(4, 3, 2)]),
+    ("adaptive max",
+     lambda: [nn.Conv2d(2, 4, 3), nn.ReLU(), nn.AdaptiveMaxPool2d((3, 5)), nn.Conv2d(4, 3, 2)]),
     ("overlapping maxpool padding dilation ceil",
-     lambda: [nn.Conv2d(2, 4, 3), nn.ReLU(), nn.MaxPool2d(3, 2, padding=1, dilation=2, ceil_mode=True), nn.Conv2d(4, 3, 2)]),
-    ("strided dilated conv with leftover", lambda: [nn.Conv2d(2, 4, 3, stride=3, padding=2, dilation=2), nn.ReLU(),
-                                            nn.Conv2d(4, 5, 2, stride=2)]),
-    ("grouped conv as target", lambda: [nn.Conv2d(2, 4, 3), nn.ReLU(), nn.Conv2d(4, 6, 3, groups=2)]),
-    ("same padding even kernel", lambda: [nn.Conv2d(2, 4, 4, padding="same"), nn.ReLU(), nn.Conv2d(4, 3, 2, padding="same")]),
-    ("reflect padding", lambda: [nn.Conv2d(2, 4, 3, padding=2, padding_mode="reflect"), nn.ReLU(),
-                         nn.Conv2d(4, 3, 3, padding=1, padding_mode="circular"),
-                         nn.Conv2d(3, 3, 3, padding=(1, 2), padding_mode="replicate")]),
+     lambda: [nn.Conv2d(2, 4, 3), nn.ReLU(), nn.MaxPool2d(3, 2, padding=1, dilation=2, ceil_mode=True),
+              nn.Conv2d(4, 3, 2)]),
+    ("overlapping maxpool, grouped conv after",  # the signal reaches the pool not in channels_last
+     lambda: [nn.Conv2d(2, 4, 3), nn.ReLU(), nn.MaxPool2d(3, 2, padding=1), nn.Conv2d(4, 4, 2, groups=2)]),
+    ("strided dilated conv with leftover",
+     lambda: [nn.Conv2d(2, 4, 3, stride=3, padding=2, dilation=2), nn.ReLU(), nn.Conv2d(4, 5, 2, stride=2)]),
+    ("grouped conv as target",
+     lambda: [nn.Conv2d(2, 4, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(4, 6, 3, groups=2), nn.ReLU()]),
+    ("same padding even kernel",
+     lambda: [nn.Conv2d(2, 4, 4, padding="same"), nn.ReLU(), nn.Conv2d(4, 3, 2, padding="same")]),
+    ("reflect/circular/replicate padding",
+     lambda: [nn.Conv2d(2, 4, 3, padding=2, padding_mode="reflect"), nn.ReLU(),
+              nn.Conv2d(4, 3, 3, padding=1, padding_mode="circular"),
+              nn.Conv2d(3, 3, 3, padding=(1, 2), padding_mode="replicate")]),
     ("batchnorm without affine, dropouts, identity",
-     lambda: [nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4, affine=False), nn.Dropout2d(0.3), nn.Identity(), nn.ReLU(),
-      nn.Dropout(0.5), nn.Conv2d(4, 3, 3)]),
-])
+     lambda: [nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4, affine=False), nn.Dropout2d(0.3), nn.Identity(),
+              nn.ReLU(), nn.Dropout(0.5), nn.Conv2d(4, 3, 3)]),
+]
+
+
+@pytest.mark.parametrize("name,make", MODULE_VARIANTS, ids=[name for name, _ in MODULE_VARIANTS])
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
 def test_module_variants_equal_autograd(name, make):
     torch.manual_seed(0)
     model = nn.Sequential(*make()).double()
@@ -210,7 +235,7 @@ def test_module_variants_equal_autograd(name, make):
         if isinstance(m, nn.BatchNorm2d):
             m.running_mean.uniform_(-1, 1)
             m.running_var.uniform_(0.5, 2)
-    images = torch.randn(2, 2, 13, 11, dtype=torch.float64)
+    images = torch.randn(2, 2, 13, 12, dtype=torch.float64)  # odd and even sizes (ceil_mode clipping)
     for i in range(len(model)):
         layer = str(i)
         channel = check_against_oracle(model, images, layer, seed=i)
@@ -330,6 +355,7 @@ def _no_hooks(model):
 
 def test_modes_flags_and_hooks_restored(cifar_net):
     net = cifar_net
+    before = {m: m.training for m in net.modules()}
     net.train()
     net.drop3.eval()  # a mixed state must come back as it was
     net.conv2.weight.requires_grad_(False)
@@ -351,7 +377,8 @@ def test_modes_flags_and_hooks_restored(cifar_net):
         # train mode (dropout, BN batch stats) did not leak into the result: it is the eval-mode one
         assert_close_rel(out, oracle(net, images, "conv3", 1))
     finally:
-        net.eval()
+        for m, flag in before.items():
+            m.training = flag
         net.conv2.weight.requires_grad_(True)
 
 
@@ -377,6 +404,16 @@ def test_no_grad_and_inference_mode(cifar_net):
         values, _ = top_maps(cifar_net, inf_images, "conv2", 3)
         assert values.shape == (2, 3)
     assert _no_hooks(cifar_net)
+
+
+def test_channel_forms_agree(lenet):
+    """An int, a numpy int, a 0-d tensor and a constant [N] tensor name the same map."""
+    import numpy as np
+    images = torch.randn(2, 1, 28, 28, dtype=torch.float64)
+    rec = record(lenet, images, "pool2")
+    expected = rec.project(torch.tensor([7, 7]))
+    for channel in (7, np.int64(7), torch.tensor(7), torch.tensor([7, 7], dtype=torch.int32)):
+        assert torch.equal(rec.project(channel), expected)
 
 
 def test_result_is_detached(lenet):
@@ -416,6 +453,17 @@ def test_project_many_equals_one_map_at_a_time(cifar_net, layer, unpool):
             assert torch.allclose(many[n, j], one[0], rtol=1e-12, atol=1e-12)
 
 
+def test_max_batch_splits_the_pass_without_changing_the_result(cifar_net):
+    images = torch.randn(3, 3, 32, 32, dtype=torch.float64)
+    rec = record(cifar_net, images, "pool3")
+    channels = torch.tensor([[0, 5], [7, 1], [2, 2]])
+    whole = rec.project_many(channels)
+    assert torch.allclose(rec.project_many(channels, max_batch=4), whole, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(rec.project(channels[:, 1], max_batch=1), whole[:, 1], rtol=1e-12, atol=1e-12)
+    with pytest.raises(DeconvnetError, match="max_batch must be a positive int"):
+        rec.project_many(channels, max_batch=0)
+
+
 def test_recording_at_earlier_layer_equals_fresh_recording(cifar_net):
     images = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     deep = record(cifar_net, images, "conv4")
@@ -449,8 +497,8 @@ def test_max_activating_images_against_brute_force(cifar_net):
     assert values.shape == image_index.shape == (64,)
     for c in range(64):
         per_image = [max(maps[n, c].flatten().tolist()) for n in range(6)]
-        best = max(range(6), key=lambda n: per_image[n])
-        assert image_index[c].item() == best and values[c].item() == per_image[best]
+        assert values[c].item() == max(per_image)
+        assert per_image[image_index[c].item()] == max(per_image)  # the (or a tied) best image
 
 
 def test_top_maps_feed_project_many(cifar_net):
@@ -552,6 +600,28 @@ def test_not_a_chain_is_refused(model):
     assert project(model, torch.randn(1, 2, 8, 8), "conv1", 0).shape == (1, 2, 8, 8)
 
 
+def test_container_layer_stands_for_its_last_leaf():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU()), nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()))
+    images = torch.randn(2, 1, 9, 9)
+    assert torch.equal(project(model, images, "1", 2), project(model, images, "1.1", 2))
+
+
+def test_container_with_functional_ops_is_refused():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 3, 3)
+
+        def forward(self, x):
+            return self.conv(x) * 2
+
+    model = nn.Sequential(Block())
+    with pytest.raises(DeconvnetError, match="name one of its leaf modules"):
+        project(model, torch.randn(1, 1, 6, 6), "0", 0)
+    assert project(model, torch.randn(1, 1, 6, 6), "0.conv", 0).shape == (1, 1, 6, 6)
+
+
 def test_unknown_unpool_mode(lenet):
     with pytest.raises(DeconvnetError, match="'switches'.*'fill'"):
         project(lenet, torch.randn(1, 1, 28, 28, dtype=torch.float64), "pool1", 0, unpool="average")
@@ -578,3 +648,16 @@ def test_blog_net_works():
     images = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     for layer in ["relu1", "relu2"]:
         assert_close_rel(project(net, images, layer, 3), oracle(net, images, layer, 3))
+
+
+def test_sync_batchnorm_projects_like_batchnorm():
+    """DDP's sync_batchnorm turns BatchNorm2d into SyncBatchNorm, identical in eval mode."""
+    torch.manual_seed(0)
+    net = CifarConvNet(16, 8)
+    with torch.no_grad():
+        net.bn2.running_var.uniform_(0.5, 2.0)
+        net.bn2.weight.uniform_(-1.5, 1.5)
+    synced = copy.deepcopy(net)
+    synced.bn2 = nn.SyncBatchNorm.convert_sync_batchnorm(nn.Sequential(synced.bn2))[0]
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(project(synced, x, "conv4", 3), project(net, x, "conv4", 3))

@@ -201,6 +201,7 @@ def test_class_shapes_have_their_characteristic_features():
     (dict(n=2.5), "n must be an int >= 1"),
     (dict(n=4, size=MIN_SIZE - 1), f"size must be an int >= {MIN_SIZE}"),
     (dict(n=4, channels=2), "channels must be 1 .* or 3"),
+    (dict(n=4, channels=1.0), "channels must be 1 .* or 3"),
     (dict(n=4, seed=-1), "seed must be a non-negative int"),
 ])
 def test_invalid_arguments_raise_clear_errors(kwargs, match):

@@ -1,0 +1,253 @@
+"""DeconvProjection: every n epochs, Zeiler & Fergus deconvnet projections of the top feature maps.
+
+Follows deconvnet-occlusion-cifar10-grid-search.txt (section 2.2 and Fig. 1: the maps of a layer
+ranked by their maximum activation, a few of the highest projected back to pixel space) and
+deconvnet-cifar10-blog.txt ("I passed in a whole batch of images and saved the maximum activations":
+for each map, the image of the batch that activates it most, and its projection). The algorithm is
+`viz.deconvnet`; this callback only chooses inputs, renders and logs.
+
+Logged per layer, at the trainer's global step:
+- `deconv/<layer>`: one row per probe image: the image, then the projections of its `k` maps of
+  highest maximum activation, best first, each captioned with its map index (`#12`);
+- `deconv_max/<layer>` (with `deconv_max=True`): over one validation batch (the `val_batch_index`-th
+  batch of the first val loader, its first `val_images` images, captured as validation runs), for
+  each of `max_maps` maps: the image that activates it most, captioned with its class, beside its
+  projection of that map, captioned with the map index. Maps are the `max_maps` most active ones
+  over the batch, most active first (`max_maps_by="activation"`), or maps 0..max_maps-1
+  (`max_maps_by="index"`, the blog's "features 1-32").
+
+Normalization: the input images are shown in their true colors (the datamodule's normalization
+undone); each projection is min-max scaled on its own over all its channels (`scale_each`): only
+its pattern matters, and a color projection keeps its hue. Conventions of the projection (biases
+ignored, BatchNorm/Dropout as in eval mode, unpooling by switches or "fill") are those of
+`viz.deconvnet.project`.
+
+Default layers (`default_conv_layers`): every Conv2d when the net has at most
+`ALL_CONVS_UP_TO` = 6 of them (our LeNet and CIFAR nets: conv1..conv4); for deeper nets, each
+conv block's last convolution (the last Conv2d before each pooling layer) plus the net's last
+Conv2d (VGG16: features.2, 7, 14, 21, 28).
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import nn
+
+from callbacks.base import VisualizationCallback
+from callbacks.render import captioned_grid, scale_each, to_pixels
+from viz.deconvnet import UNPOOL_MODES, Recording, project, record
+from viz.layers import LayerError, layer_names
+
+#: nets with at most this many Conv2d show every one by default
+ALL_CONVS_UP_TO = 6
+_POOLS = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveMaxPool2d, nn.AdaptiveAvgPool2d, nn.LPPool2d)
+MAX_MAPS_BY = ("activation", "index")
+
+
+def default_conv_layers(net: nn.Module, all_up_to: int = ALL_CONVS_UP_TO) -> list[str]:
+    """Conv layers that stand for the net's conv blocks, in definition order (the execution order of
+    a sequential net): every Conv2d if there are at most `all_up_to`; otherwise the last Conv2d
+    before each pooling layer, plus the last Conv2d."""
+    convs = layer_names(net, nn.Conv2d)
+    if len(convs) <= all_up_to:
+        return convs
+    picked: list[str] = []
+    last_conv = None
+    for name, module in net.named_modules():
+        if isinstance(module, nn.Conv2d):
+            last_conv = name
+        elif isinstance(module, _POOLS) and last_conv is not None and last_conv not in picked:
+            picked.append(last_conv)
+    if convs[-1] not in picked:
+        picked.append(convs[-1])
+    return picked
+
+
+def record_layers(net: nn.Module, images: torch.Tensor, layers: Sequence[str]) -> dict[str, Recording]:
+    """One deconvnet `Recording` per layer, from as few forward passes as possible: one pass up to
+    the layer defined last serves every layer it runs through (`Recording.at`); a layer it does not
+    run through (a net whose execution order differs from its definition order) gets its own."""
+    order = {name: i for i, name in enumerate(layer_names(net))}
+    deepest = max(layers, key=lambda name: order.get(name, -1))
+    full = record(net, images, deepest)
+    recordings: dict[str, Recording] = {}
+    for layer in layers:
+        try:
+            recordings[layer] = full.at(layer)
+        except LayerError:  # not on the recorded chain
+            recordings[layer] = record(net, images, layer)
+    return recordings
+
+
+def check_projectable(callback: VisualizationCallback, pl_module: pl.LightningModule) -> None:
+    """Fail at fit start, on every rank, rather than after the first epoch: one probe image is
+    recorded up to every layer, which raises viz.deconvnet's error (naming the module it cannot
+    undo, or the layers with spatial maps) for a model the deconvnet cannot walk back."""
+    if callback.probe_images is None:
+        return
+    record_layers(callback.net(pl_module), callback.probe_images[:1].to(pl_module.device), callback.layers)
+
+
+def _fit(text: str, width_px: int) -> str:
+    """Truncate a caption to what fits under a tile (PIL's default font is ~6 px per character)."""
+    chars = max(1, width_px // 6)
+    return text if len(text) <= chars else text[: chars - 1] + "~"
+
+
+def top_maps_grid(pixels: torch.Tensor, projections: torch.Tensor, indices: torch.Tensor,
+                  image_captions: Sequence[str], tile_size: int = 64) -> torch.Tensor:
+    """One row per image: the image ([N, C, H, W] pixels in [0, 1]) then its k projections
+    ([N, k, C, H, W], each min-max scaled on its own), captioned with the map indices [N, k]."""
+    n, k = indices.shape
+    scaled = scale_each(projections.flatten(0, 1)).view(n, k, *projections.shape[2:])
+    tiles = torch.cat([pixels.float().cpu().unsqueeze(1), scaled], dim=1).flatten(0, 1)
+    width = _tile_width(pixels, tile_size)
+    captions = []
+    for i in range(n):
+        captions.append(_fit(image_captions[i], width))
+        captions.extend(_fit(f"#{int(c)}", width) for c in indices[i])
+    return captioned_grid(tiles, nrow=k + 1, captions=captions, tile_size=tile_size)
+
+
+def max_images_grid(pixels: torch.Tensor, projections: torch.Tensor, maps: torch.Tensor,
+                    image_captions: Sequence[str], pairs_per_row: int = 8,
+                    tile_size: int = 64) -> torch.Tensor:
+    """Pairs (image, its projection of map `maps[j]`), `pairs_per_row` pairs a row: `pixels` and
+    `projections` [M, C, H, W], the projections min-max scaled each on its own."""
+    tiles = torch.stack([pixels.float().cpu(), scale_each(projections)], dim=1).flatten(0, 1)
+    width = _tile_width(pixels, tile_size)
+    captions = []
+    for j in range(len(maps)):
+        captions += [_fit(image_captions[j], width), _fit(f"#{int(maps[j])}", width)]
+    return captioned_grid(tiles, nrow=2 * min(pairs_per_row, len(maps)), captions=captions,
+                          tile_size=tile_size)
+
+
+def _tile_width(images: torch.Tensor, tile_size: int) -> int:
+    h, w = images.shape[-2:]
+    return w * max(1, round(tile_size / max(h, w)))
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+class DeconvProjection(VisualizationCallback):
+    """Deconvnet projections of each probe image's top-k maps (`deconv/<layer>`) and, over a
+    validation batch, of each map's most activating image (`deconv_max/<layer>`).
+
+    Args:
+        layers: Conv2d names of `pl_module.net` (None: `default_conv_layers`).
+        k: maps projected per probe image and layer (at most the layer's map count).
+        unpool: "switches" (Zeiler & Fergus) or "fill" (the blog's cheaper unpooling).
+        deconv_max: also draw `deconv_max/<layer>` from a validation batch.
+        max_maps: maps drawn in `deconv_max/<layer>` (at most the layer's map count).
+        max_maps_by: "activation" (the most active maps over the batch) or "index" (the first ones).
+        val_batch_index: which batch of the validation loader (0: the first) is searched.
+        val_images: at most this many images of that batch are searched.
+        tile_size: tiles are upscaled (nearest, integer factor) to about this many pixels.
+        every_n_epochs, num_probe, probe_per_class, probe_seed: see VisualizationCallback.
+    """
+
+    name = "deconv_projection"
+    layer_kind = nn.Conv2d
+
+    def __init__(self, layers: Sequence[str] | None = None, k: int = 4, unpool: str = "switches",
+                 deconv_max: bool = True, max_maps: int = 16, max_maps_by: str = "activation",
+                 val_batch_index: int = 0, val_images: int = 64, tile_size: int = 64,
+                 every_n_epochs: int = 1, num_probe: int | None = None, probe_per_class: int = 1,
+                 probe_seed: int = 0):
+        super().__init__(layers=layers, every_n_epochs=every_n_epochs, num_probe=num_probe,
+                         probe_per_class=probe_per_class, probe_seed=probe_seed)
+        _check_int("k (maps per probe image)", k, 1)
+        if unpool not in UNPOOL_MODES:
+            raise ValueError(f"Unknown unpool={unpool!r}; use one of {', '.join(UNPOOL_MODES)} "
+                             "('switches': Zeiler & Fergus, 'fill': the blog's cheaper unpooling)")
+        if not isinstance(deconv_max, bool):
+            raise ValueError(f"deconv_max must be true or false, got {deconv_max!r}")
+        _check_int("max_maps (maps drawn in deconv_max)", max_maps, 1)
+        if max_maps_by not in MAX_MAPS_BY:
+            raise ValueError(f"Unknown max_maps_by={max_maps_by!r}; use 'activation' (the most active "
+                             "maps over the batch) or 'index' (maps 0..max_maps-1)")
+        _check_int("val_batch_index (0: the first validation batch)", val_batch_index, 0)
+        _check_int("val_images (images of the validation batch searched)", val_images, 1)
+        _check_int("tile_size (pixels)", tile_size, 1)
+        self.k, self.unpool, self.deconv_max = k, unpool, deconv_max
+        self.max_maps, self.max_maps_by = max_maps, max_maps_by
+        self.val_batch_index, self.val_images, self.tile_size = val_batch_index, val_images, tile_size
+        self.val_batch: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        self._warned_no_val = False
+
+    def default_layers(self, net: nn.Module) -> list[str]:
+        return default_conv_layers(net)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_fit_start(trainer, pl_module)
+        check_projectable(self, pl_module)
+
+    # -- the validation batch searched by deconv_max ----------------------------------------------
+    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
+                                batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        # the batch arrives here after the datamodule's transfer hook: normalized model input.
+        # The val split is not shuffled, so the batch captured once is the same batch every epoch.
+        if not self.deconv_max or self.val_batch is not None:
+            return
+        if batch_idx != self.val_batch_index or dataloader_idx != 0:
+            return
+        images, labels = (batch[0], batch[1] if len(batch) > 1 else None) \
+            if isinstance(batch, (tuple, list)) else (batch, None)
+        if not torch.is_tensor(images) or images.dim() != 4 or not images.is_floating_point():
+            rank_zero_warn(f"{type(self).__name__}: the validation batch is not a float image tensor "
+                           "[N, C, H, W] (or a tuple starting with one); deconv_max is turned off")
+            self.deconv_max = False
+            return
+        keep = slice(0, self.val_images)
+        self.val_batch = (images[keep].detach().cpu().clone(),
+                          labels[keep].detach().cpu().clone() if torch.is_tensor(labels) else None)
+
+    # -- drawing -------------------------------------------------------------------------------
+    def visualize(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        net = self.net(pl_module)
+        images, labels = self.probe(pl_module)
+        normalization, names = self.normalization(trainer), self.class_names(trainer)
+        pixels = to_pixels(images, normalization)
+        captions = [names[int(y)] if int(y) < len(names) else str(int(y)) for y in labels]
+        for layer, rec in record_layers(net, images, self.layers).items():
+            _, indices = rec.top_maps(min(self.k, rec.num_maps))
+            projections = rec.project_many(indices, self.unpool)
+            self.log_image(trainer, f"deconv/{layer}",
+                           top_maps_grid(pixels, projections, indices.cpu(), captions, self.tile_size))
+        if self.deconv_max:
+            self._draw_max_activating(trainer, net, normalization, names, pl_module.device)
+
+    def _draw_max_activating(self, trainer: pl.Trainer, net: nn.Module, normalization,
+                             names: Sequence[str], device: torch.device) -> None:
+        if self.val_batch is None:
+            if not self._warned_no_val:
+                rank_zero_warn(f"{type(self).__name__}: no validation batch #{self.val_batch_index} was "
+                               "seen (validation did not run, or its loader has fewer batches); "
+                               "deconv_max images are skipped. Lower val_batch_index or set deconv_max=false")
+                self._warned_no_val = True
+            return
+        images = self.val_batch[0].to(device)
+        labels = self.val_batch[1]
+        for layer, rec in record_layers(net, images, self.layers).items():
+            values, which = rec.max_activating_images()
+            count = min(self.max_maps, rec.num_maps)
+            if self.max_maps_by == "activation":
+                maps = values.argsort(descending=True, stable=True)[:count]
+            else:
+                maps = torch.arange(count, device=values.device)
+            chosen = which[maps]
+            # each pair (image, map) projected in one batched call over the chosen images
+            projections = project(net, images[chosen], layer, maps, self.unpool)
+            chosen = chosen.cpu()
+            captions = [(names[int(labels[i])] if labels is not None and int(labels[i]) < len(names)
+                         else f"val {int(i)}") for i in chosen]
+            self.log_image(trainer, f"deconv_max/{layer}",
+                           max_images_grid(to_pixels(images[chosen.to(device)], normalization),
+                                           projections, maps.cpu(), captions, tile_size=self.tile_size))

@@ -1,0 +1,241 @@
+"""FilterEvolution: one fixed filter per layer, tracked through training (Fig. 4 of the report).
+
+Follows deconvnet-occlusion-cifar10-grid-search.txt, section 3.4 and Fig. 4 ("we display the
+evolution of one fixed chosen filter at each layer, for a fixed input image, during training ...
+On top is the accuracy achieved after a given number of epochs"), itself after Zeiler & Fergus.
+The projection is `viz.deconvnet` (biases ignored, BatchNorm/Dropout as in eval mode).
+
+Logged every `every_n_epochs` epochs, at the trainer's global step (so TensorBoard's step slider
+is the time axis of each tag):
+- `evolution/<layer>`: the fixed probe image (the `probe_index`-th probe image) beside the deconv
+  projection of the layer's fixed map for it, min-max scaled on its own (`scale_each`);
+- `evolution/weights_<layer>`: the filters of `weights_layer` (default: the net's first Conv2d),
+  each tile scaled symmetrically on its own (0 is mid-gray, its largest magnitude white/black; the
+  channels of a color filter share the scale);
+- `weight_change/<layer>` (scalar): the relative L2 change of the layer's weight (bias ignored)
+  since the previous time the callback ran: ||W_t - W_{t-1}|| / ||W_{t-1}||; the weights are
+  recorded at fit start, so the first epoch has a value too (after a resume: since the checkpoint).
+At fit end, `evolution/summary`: rows = layers (titled with the map index), columns = the probe
+image then the epochs (at most `summary_max_epochs`, evenly spaced, first and last kept), each
+column headed by that epoch's val accuracy (the latest `val/acc` when the callback ran).
+
+The map of each layer is `filters[layer]` when configured, else the map most activated (highest
+maximum activation) by the probe image the first time the callback runs (the end of the first
+epoch). The choice and the per-epoch projections (uint8, small) are kept in `state_dict`, so a
+resumed run tracks the same maps and its summary includes the epochs before the resume.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Sequence
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_only
+from torch import nn
+
+from callbacks.base import VisualizationCallback
+from callbacks.deconv import _check_int, _fit, check_projectable, default_conv_layers, record_layers
+from callbacks.render import as_rgb, captioned_grid, scale_each, scale_symmetric, to_pixels
+from viz.deconvnet import UNPOOL_MODES
+from viz.layers import LayerError, get_layer, layer_names
+
+
+def relative_change(current: torch.Tensor, previous: torch.Tensor) -> float:
+    """||current - previous|| / ||previous|| (Frobenius norms, in float64)."""
+    previous = previous.detach().double()
+    return float((current.detach().double() - previous).norm() / previous.norm().clamp_min(1e-12))
+
+
+def weights_grid(weight: torch.Tensor, tile_size: int = 40) -> torch.Tensor:
+    """A conv weight [out, in, kh, kw] as a grid: one tile per filter (color when in == 3, gray
+    when in == 1; otherwise one row per filter, one gray tile per input channel), each tile scaled
+    symmetrically on its own, captioned with the filter index."""
+    w = weight.detach().float().cpu()
+    out, cin = w.shape[:2]
+    if cin in (1, 3):
+        tiles, nrow = w, math.ceil(math.sqrt(out))
+        width = w.shape[-1] * max(1, round(tile_size / max(w.shape[-2:])))
+        captions = [_fit(f"#{i}", width) for i in range(out)]
+    else:
+        tiles, nrow, captions = w.reshape(out * cin, 1, *w.shape[-2:]), cin, None
+    return captioned_grid(scale_symmetric(tiles), nrow=nrow, captions=captions, tile_size=tile_size)
+
+
+class FilterEvolution(VisualizationCallback):
+    """One fixed map per layer projected for one fixed probe image every epoch, the first layer's
+    weights, the relative weight change per layer, and a layers x epochs summary at fit end.
+
+    Args:
+        layers: Conv2d names of `pl_module.net` (None: `callbacks.deconv.default_conv_layers`).
+        filters: the map to track per layer, e.g. {"conv3": 17}; layers left out get the map most
+            activated by the probe image at the first run.
+        probe_index: which probe image is projected (0: the first).
+        unpool: "switches" (Zeiler & Fergus) or "fill" (the blog's cheaper unpooling).
+        weights_layer: the Conv2d whose weights are drawn (None: the net's first Conv2d).
+        summary: log `evolution/summary` at fit end.
+        summary_max_epochs: at most this many epoch columns in the summary.
+        tile_size: tiles are upscaled (nearest, integer factor) to about this many pixels.
+        every_n_epochs, num_probe, probe_per_class, probe_seed: see VisualizationCallback.
+    """
+
+    name = "filter_evolution"
+    layer_kind = nn.Conv2d
+
+    def __init__(self, layers: Sequence[str] | None = None, filters: Mapping[str, int] | None = None,
+                 probe_index: int = 0, unpool: str = "switches", weights_layer: str | None = None,
+                 summary: bool = True, summary_max_epochs: int = 20, tile_size: int = 64,
+                 every_n_epochs: int = 1, num_probe: int | None = None, probe_per_class: int = 1,
+                 probe_seed: int = 0):
+        super().__init__(layers=layers, every_n_epochs=every_n_epochs, num_probe=num_probe,
+                         probe_per_class=probe_per_class, probe_seed=probe_seed)
+        if filters is None:
+            filters = {}
+        if not isinstance(filters, Mapping):
+            raise ValueError(f"filters must map layer names to one map index each, e.g. {{conv3: 17}}, "
+                             f"got {filters!r}")
+        for layer, index in filters.items():
+            if not isinstance(layer, str):
+                raise ValueError(f"filters keys must be layer names (str), got {layer!r}")
+            _check_int(f"filters[{layer!r}] (a map index)", index, 0)
+        _check_int("probe_index (0: the first probe image)", probe_index, 0)
+        if unpool not in UNPOOL_MODES:
+            raise ValueError(f"Unknown unpool={unpool!r}; use one of {', '.join(UNPOOL_MODES)} "
+                             "('switches': Zeiler & Fergus, 'fill': the blog's cheaper unpooling)")
+        if weights_layer is not None and not isinstance(weights_layer, str):
+            raise ValueError(f"weights_layer must be a Conv2d name or None (the first one), got {weights_layer!r}")
+        if not isinstance(summary, bool):
+            raise ValueError(f"summary must be true or false, got {summary!r}")
+        _check_int("summary_max_epochs", summary_max_epochs, 1)
+        _check_int("tile_size (pixels)", tile_size, 1)
+        self.filters: dict[str, int] = {str(k): int(v) for k, v in filters.items()}
+        self.probe_index, self.unpool, self.weights_layer = probe_index, unpool, weights_layer
+        self.summary, self.summary_max_epochs, self.tile_size = summary, summary_max_epochs, tile_size
+        #: the map tracked per layer: configured or chosen at the first run (kept in state_dict)
+        self.chosen: dict[str, int] = {}
+        #: one entry per run: {"epoch", "step", "val_acc", "tiles": {layer: uint8 [C, H, W]}}
+        self.history: list[dict[str, Any]] = []
+        self._previous_weights: dict[str, torch.Tensor] = {}
+        self._epochs_done = 0
+
+    def default_layers(self, net: nn.Module) -> list[str]:
+        return default_conv_layers(net)
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        net = self.net(pl_module)
+        for layer, index in self.filters.items():
+            if layer not in self.layers:
+                raise LayerError(f"filters names layer {layer!r}, which is not tracked. Tracked layers: "
+                                 f"{', '.join(self.layers)} (add it to `layers`, or fix the name)")
+            maps = get_layer(net, layer, nn.Conv2d).out_channels
+            if index >= maps:
+                raise ValueError(f"filters[{layer!r}] = {index} is out of range: {layer} has {maps} maps "
+                                 f"(valid: 0..{maps - 1})")
+        if self.weights_layer is None:
+            self.weights_layer = layer_names(net, nn.Conv2d)[0]
+        get_layer(net, self.weights_layer, nn.Conv2d)  # LayerError with the valid names
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_fit_start(trainer, pl_module)
+        if self.probe_images is not None and self.probe_index >= len(self.probe_images):
+            raise ValueError(f"probe_index={self.probe_index}, but there are only {len(self.probe_images)} "
+                             f"probe images (num_probe={self.num_probe}, probe_per_class="
+                             f"{self.probe_per_class}); use a probe_index below {len(self.probe_images)}")
+        check_projectable(self, pl_module)
+        # weights as training starts (or as restored from a checkpoint): the first change's reference
+        net = self.net(pl_module)
+        self._previous_weights = {layer: get_layer(net, layer).weight.detach().clone()
+                                  for layer in self.layers}
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._epochs_done = trainer.current_epoch + 1  # current_epoch counts completed epochs
+        super().on_train_epoch_end(trainer, pl_module)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._epochs_done = trainer.current_epoch
+        super().on_fit_end(trainer, pl_module)
+        if self.summary and self.history and not (trainer.sanity_checking or trainer.fast_dev_run):
+            self._log_summary(trainer)
+
+    # -- drawing -------------------------------------------------------------------------------
+    def tracked_map(self, layer: str) -> int | None:
+        """The map tracked in `layer`: configured, else chosen at the first run (None before it)."""
+        return self.filters.get(layer, self.chosen.get(layer))
+
+    def visualize(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        net = self.net(pl_module)
+        images, labels = self.probe(pl_module)
+        image = images[self.probe_index:self.probe_index + 1]
+        pixels = to_pixels(image, self.normalization(trainer))
+        names = self.class_names(trainer)
+        label = int(labels[self.probe_index])
+        caption = names[label] if label < len(names) else str(label)
+        width = image.shape[-1] * max(1, round(self.tile_size / max(image.shape[-2:])))
+        tiles: dict[str, torch.Tensor] = {}
+        for layer, rec in record_layers(net, image, self.layers).items():
+            channel = self.tracked_map(layer)
+            if channel is None:  # first run: the map the probe image activates most
+                channel = int(rec.map_maxima()[0].argmax())
+            self.chosen[layer] = channel
+            tile = scale_each(rec.project(channel, self.unpool))
+            tiles[layer] = (tile[0] * 255).round().to(torch.uint8)
+            self.log_image(trainer, f"evolution/{layer}",
+                           captioned_grid(torch.cat([pixels, tile]), nrow=2, tile_size=self.tile_size,
+                                          captions=[_fit(caption, width), _fit(f"#{channel}", width)]))
+        self.log_image(trainer, f"evolution/weights_{self.weights_layer}",
+                       weights_grid(get_layer(net, self.weights_layer).weight))
+        self.log_scalars(trainer, self._weight_changes(net))
+        acc = trainer.callback_metrics.get("val/acc")
+        self.history.append({"epoch": self._epochs_done, "step": trainer.global_step,
+                             "val_acc": float(acc) if acc is not None else None, "tiles": tiles})
+
+    def _weight_changes(self, net: nn.Module) -> dict[str, float]:
+        changes = {}
+        for layer in self.layers:
+            weight = get_layer(net, layer).weight.detach()
+            previous = self._previous_weights.get(layer)
+            if previous is not None and previous.shape == weight.shape:
+                changes[f"weight_change/{layer}"] = relative_change(weight, previous.to(weight.device))
+            self._previous_weights[layer] = weight.clone()
+        return changes
+
+    def summary_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Rows = layers, columns = the probe image (`pixels` [1, C, H, W]) then the recorded epochs
+        (at most `summary_max_epochs`, evenly spaced), headed by epoch and val accuracy."""
+        history = self.history
+        if len(history) > self.summary_max_epochs:
+            keep = torch.linspace(0, len(history) - 1, self.summary_max_epochs).round().long().unique()
+            history = [history[i] for i in keep.tolist()]
+        pixel_tile = as_rgb(pixels.float().cpu())[0]
+        blank = torch.ones_like(pixel_tile)  # a layer not tracked at that epoch
+        tiles = []
+        for layer in self.layers:
+            tiles.append(pixel_tile)
+            for entry in history:
+                t = entry["tiles"].get(layer)
+                tiles.append(as_rgb(t[None].float() / 255)[0] if t is not None else blank)
+        # "<epoch>: <val acc>", short enough to sit above a 56-pixel tile
+        col_titles = ["input"] + [f"{e['epoch']}: " + (f"{e['val_acc']:.1%}" if e["val_acc"] is not None
+                                                       else "n/a") for e in history]
+        row_titles = [f"{layer} #{self.tracked_map(layer)}" for layer in self.layers]
+        return captioned_grid(torch.stack(tiles), nrow=len(history) + 1, row_titles=row_titles,
+                              col_titles=col_titles, tile_size=self.tile_size)
+
+    @rank_zero_only
+    def _log_summary(self, trainer: pl.Trainer) -> None:
+        index = min(self.probe_index, len(self.probe_images) - 1)
+        pixels = to_pixels(self.probe_images[index:index + 1], self.normalization(trainer))
+        self.log_image(trainer, "evolution/summary", self.summary_image(pixels))
+
+    # -- checkpointing ---------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["filters"] = dict(self.chosen)
+        state["history"] = [dict(e, tiles=dict(e["tiles"])) for e in self.history]
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.chosen = {str(k): int(v) for k, v in (state_dict.get("filters") or {}).items()}
+        self.history = list(state_dict.get("history") or [])

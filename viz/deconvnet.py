@@ -1,0 +1,505 @@
+"""Deconvnet projection of one feature map back to pixel space (Zeiler & Fergus, ECCV 2014).
+
+Follows deconvnet-occlusion-cifar10-grid-search.txt, section 2 ("Deconvolutional networks for
+convnet feature visualization"): 2.1 builds the deconvnet layer by layer along the convnet, 2.2
+projects a feature map by feeding the layer's output back "except that all the feature maps but
+the one of interest are set to zero". Each forward module is undone by its reverse:
+
+- max pooling -> unpooling that puts each value back at the position of the maximum recorded on
+  the forward pass (the "switches"); with ``unpool="fill"`` the cheaper variant of
+  deconvnet-cifar10-blog.txt instead "set[s] the whole 2x2 square equal to the maximum activation";
+- ReLU -> ReLU of the backward signal ("we just need to pass the data through a reLu again");
+- convolution -> transposed convolution with the same weights. Biases are ignored on the way back
+  (the report keeps them; the projection of Zeiler & Fergus, and our autograd oracle, do not).
+
+Further modules, which the papers' nets do not have but our models do, are undone by their exact
+linear adjoint: BatchNorm2d (eval mode) multiplies by its affine scale ``weight / sqrt(var + eps)``
+(the mean shift and ``bias`` are biases, ignored); average pooling (plain and adaptive) spreads each
+value evenly over its window; Dropout and Identity pass the signal unchanged (eval mode).
+
+The result equals the gradient of ``sum(F_c * F_c.detach())`` with respect to the input, with every
+ReLU's backward replaced by a ReLU of the incoming signal, for the model in eval mode.
+
+This is an explicit reverse pass (``F.conv_transpose2d``, ``scatter_add`` for unpooling, ...), not
+autograd, so it also runs inside ``torch.no_grad()`` and ``torch.inference_mode()``.
+
+Conventions: images are ``[N, C, H, W]``; a layer is a dotted name from ``model.named_modules()``
+and its feature maps are that module's output ``[N, K, h, w]``; map ``c`` is channel ``c``.
+"""
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.modules.utils import _pair
+
+from viz.layers import ChainStep, LayerError, trace_chain
+
+__all__ = [
+    "DeconvnetError", "Recording", "record", "project", "project_many", "top_maps",
+    "max_activating_images", "UNPOOL_MODES", "SUPPORTED_MODULES",
+]
+
+UNPOOL_MODES = ("switches", "fill")
+
+_DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+             nn.FeatureAlphaDropout)
+_MAX_POOLS = (nn.MaxPool2d, nn.AdaptiveMaxPool2d)
+_AVG_POOLS = (nn.AvgPool2d, nn.AdaptiveAvgPool2d)
+#: module types a deconvnet can walk back through (Flatten and Linear may follow the layer)
+#: SyncBatchNorm (what DDP's sync_batchnorm makes of BatchNorm2d) acts as BatchNorm2d in eval mode
+_BATCH_NORMS = (nn.BatchNorm2d, nn.SyncBatchNorm)
+SUPPORTED_MODULES = (nn.Conv2d, nn.ReLU, *_MAX_POOLS, *_AVG_POOLS, *_BATCH_NORMS, *_DROPOUTS,
+                     nn.Identity)
+
+
+class DeconvnetError(ValueError):
+    """Bad arguments (channel, k, unpool mode, images) or a model the deconvnet cannot walk back."""
+
+
+# --------------------------------------------------------------------------------------------
+# Recording the forward pass
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True, eq=False)
+class _Step:
+    """One forward module, prepared for its reverse: what the reverse needs from the forward pass.
+
+    `output` is kept so a recording can be cut at an earlier layer (`Recording.at`). The module's
+    parameters are read when projecting, so project before the model's weights change.
+    """
+    name: str
+    module: nn.Module
+    in_hw: tuple[int, int]
+    output: Tensor                      # [N, K, h, w], a copy taken when the module ran
+    switches: Tensor | None = None      # max pools: flat argmax positions in the input, [N, K, h, w]
+    pool_rows: Tensor | None = None     # pools: [h_out, H_in] window weights along rows
+    pool_cols: Tensor | None = None     # pools: [w_out, W_in] window weights along columns
+    fill_rows: Tensor | None = None     # max pools: 0/1 window membership, for unpool="fill"
+    fill_cols: Tensor | None = None
+    scale: Tensor | None = None         # BatchNorm2d: [K] = weight / sqrt(var + eps)
+
+
+def _check_images(images) -> None:
+    if not torch.is_tensor(images) or images.dim() != 4:
+        shape = tuple(images.shape) if torch.is_tensor(images) else type(images).__name__
+        raise DeconvnetError(f"images must be a batch tensor [N, C, H, W], got {shape}; "
+                             "for a single image pass image.unsqueeze(0)")
+    if images.shape[0] == 0:
+        raise DeconvnetError("images is an empty batch (N = 0); pass at least one image")
+    if not images.is_floating_point():
+        raise DeconvnetError(f"images must be a floating point tensor, got dtype {images.dtype}")
+
+
+def record(model: nn.Module, images: Tensor, layer: str) -> "Recording":
+    """Run `images` through `model` (in eval mode) up to `layer` and keep what the deconvnet needs:
+    the layer's feature maps and the pooling switches of every max pool on the way.
+
+    One recording serves ranking (`top_maps`, `max_activating_images`) and any number of
+    projections (`project`, `project_many`), and `Recording.at(name)` serves any earlier layer of
+    the chain, without running the forward again. Mode, hooks and `requires_grad` flags of `model`
+    are left as they were. A module that runs several times (a shared ReLU) is taken at its first run;
+    a container `layer` stands for its leaf modules.
+    """
+    _check_images(images)
+    with torch.no_grad():
+        trace = trace_chain(model, images, layer, keep_tensors=True)
+    target = trace[-1]
+    if list(target.module.children()):
+        # a container layer: its leaves are the chain; its output must be its last leaf's output
+        trace = trace[:-1]
+        if not trace or trace[-1].output is None or target.output is None \
+                or not torch.equal(trace[-1].output, target.output):
+            raise DeconvnetError(
+                f"Layer {layer!r} ({type(target.module).__name__}) computes its output with operations "
+                "that are not modules; name one of its leaf modules instead")
+    _check_spatial(trace, layer, target)
+    _check_chain(trace, images)
+    steps = tuple(_prepare(step) for step in trace)
+    return Recording(layer=layer, maps=steps[-1].output, image_shape=tuple(images.shape), _steps=steps)
+
+
+def _spatial_names(trace: list[ChainStep]) -> list[str]:
+    names = []
+    for step in trace:
+        if len(step.out_shape) != 4:
+            break
+        names.append(step.name)
+    return names
+
+
+def _check_spatial(trace: list[ChainStep], layer: str, target: ChainStep) -> None:
+    flat = next((s for s in trace if len(s.out_shape) != 4), None)
+    if len(target.out_shape) == 4 and flat is None:
+        return
+    why = (f"its output has shape {list(target.out_shape)}" if len(target.out_shape) != 4
+           else f"it comes after {flat.name!r} ({type(flat.module).__name__}), whose output has shape "
+                f"{list(flat.out_shape)}")
+    valid = _spatial_names(trace)
+    raise LayerError(
+        f"Layer {layer!r} has no spatial feature maps ({why}); a deconvnet projects maps of shape "
+        f"[N, C, H, W] from layers before any Flatten/Linear. Layers with spatial maps: "
+        f"{', '.join(valid) if valid else '(none before this layer)'}")
+
+
+def _check_chain(trace: list[ChainStep], images: Tensor) -> None:
+    """Every module must be of a supported type and take exactly the previous module's output."""
+    supported = ", ".join(t.__name__ for t in SUPPORTED_MODULES)
+    for step in trace:
+        m = step.module
+        if not isinstance(m, SUPPORTED_MODULES):
+            raise DeconvnetError(
+                f"Layer {step.name!r} is a {type(m).__name__}, which the deconvnet cannot undo. "
+                f"The model must be a chain of {supported} up to the projected layer")
+        if isinstance(m, nn.MaxPool2d) and m.return_indices:
+            raise DeconvnetError(f"Layer {step.name!r}: MaxPool2d(return_indices=True) is not supported")
+    previous_name, previous = "the input images", images
+    for step in trace:
+        if step.input is None or step.input.shape != previous.shape or not torch.equal(step.input, previous):
+            raise DeconvnetError(
+                f"The model is not a plain chain of modules: the input of layer {step.name!r} is not "
+                f"the output of {previous_name}. Its forward applies an operation that is not a module "
+                "in between (a residual addition, a functional call such as F.relu, a normalization...), "
+                "which a deconvnet cannot undo. Make that operation a module, or project a layer before it")
+        previous_name, previous = repr(step.name), step.output
+
+
+def _window_matrix(in_size: int, out_size: int, kernel: int, stride: int, padding: int,
+                   dilation: int, device, dtype) -> Tensor:
+    """[out_size, in_size] 0/1 matrix: which input positions each pooling window covers along one axis."""
+    starts = torch.arange(out_size, device=device)[:, None] * stride - padding
+    pos = starts + torch.arange(kernel, device=device)[None, :] * dilation      # [out, kernel]
+    inside = (pos >= 0) & (pos < in_size)
+    m = torch.zeros(out_size, in_size, device=device, dtype=dtype)
+    rows = torch.arange(out_size, device=device)[:, None].expand_as(pos)
+    m[rows[inside], pos[inside]] = 1
+    return m
+
+
+def _adaptive_window_matrix(in_size: int, out_size: int, device, dtype) -> Tensor:
+    """[out_size, in_size] 0/1 matrix of adaptive pooling windows: [floor(o*in/out), ceil((o+1)*in/out))."""
+    o = torch.arange(out_size, device=device)
+    start = (o * in_size) // out_size
+    end = ((o + 1) * in_size + out_size - 1) // out_size
+    i = torch.arange(in_size, device=device)
+    return ((i[None, :] >= start[:, None]) & (i[None, :] < end[:, None])).to(dtype)
+
+
+def _avg_pool_matrices(m: nn.AvgPool2d, in_hw, out_hw, device, dtype) -> tuple[Tensor, Tensor]:
+    """Row and column matrices A, B with avg_pool2d(x) == A @ x @ B.T, as PyTorch divides:
+    by the window clipped to the padded input (count_include_pad), to the input, or by
+    divisor_override."""
+    k, s, p = _pair(m.kernel_size), _pair(m.stride if m.stride is not None else m.kernel_size), _pair(m.padding)
+    mats = []
+    for axis in range(2):
+        a = _window_matrix(in_hw[axis], out_hw[axis], k[axis], s[axis], p[axis], 1, device, dtype)
+        if m.divisor_override is None:
+            if m.count_include_pad:
+                start = torch.arange(out_hw[axis], device=device) * s[axis] - p[axis]
+                end = torch.clamp(start + k[axis], max=in_hw[axis] + p[axis])
+                size = (end - start).to(dtype)
+            else:
+                size = a.sum(1).clamp(min=1)
+            a = a / size[:, None]
+        mats.append(a)
+    if m.divisor_override is not None:
+        mats[0] = mats[0] / m.divisor_override
+    return mats[0], mats[1]
+
+
+def _prepare(step: ChainStep) -> _Step:
+    m, x, y = step.module, step.input, step.output
+    in_hw, out_hw = tuple(x.shape[-2:]), tuple(y.shape[-2:])
+    dev, dt = y.device, y.dtype
+    extra = {}
+    if isinstance(m, nn.MaxPool2d):
+        k, s, p, d = _pair(m.kernel_size), _pair(m.stride or m.kernel_size), _pair(m.padding), _pair(m.dilation)
+        # channels_last: same switches (same window scan order, first maximum wins), much faster on CPU
+        _, extra["switches"] = F.max_pool2d(x.contiguous(memory_format=torch.channels_last), k, s, p, d,
+                                            m.ceil_mode, return_indices=True)
+        extra["fill_rows"], extra["fill_cols"] = (
+            _window_matrix(in_hw[a], out_hw[a], k[a], s[a], p[a], d[a], dev, dt) for a in range(2))
+    elif isinstance(m, nn.AdaptiveMaxPool2d):
+        _, extra["switches"] = F.adaptive_max_pool2d(x, out_hw, return_indices=True)
+        extra["fill_rows"], extra["fill_cols"] = (
+            _adaptive_window_matrix(in_hw[a], out_hw[a], dev, dt) for a in range(2))
+    elif isinstance(m, nn.AvgPool2d):
+        extra["pool_rows"], extra["pool_cols"] = _avg_pool_matrices(m, in_hw, out_hw, dev, dt)
+    elif isinstance(m, nn.AdaptiveAvgPool2d):
+        rows, cols = (_adaptive_window_matrix(in_hw[a], out_hw[a], dev, dt) for a in range(2))
+        extra["pool_rows"], extra["pool_cols"] = rows / rows.sum(1, keepdim=True), cols / cols.sum(1, keepdim=True)
+    elif isinstance(m, _BATCH_NORMS):
+        if m.running_var is not None:
+            var = m.running_var
+        else:  # no running statistics: eval mode normalizes with the batch's own, taken as constants
+            var = x.var(dim=(0, 2, 3), unbiased=False)
+        scale = torch.rsqrt(var.to(dt) + m.eps)
+        extra["scale"] = scale * m.weight.detach() if m.weight is not None else scale
+    return _Step(step.name, m, in_hw, y, **extra)
+
+
+# --------------------------------------------------------------------------------------------
+# The reverse pass
+# --------------------------------------------------------------------------------------------
+
+def _conv_pads(m: nn.Conv2d) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(before, after) zero/reflect/... padding of rows and columns, as Conv2d.forward pads."""
+    k, d = m.kernel_size, m.dilation
+    if m.padding == "same":
+        totals = [d[a] * (k[a] - 1) for a in range(2)]
+        return tuple((t // 2, t - t // 2) for t in totals)  # PyTorch puts the odd pixel after
+    p = (0, 0) if m.padding == "valid" else _pair(m.padding)
+    return (p[0], p[0]), (p[1], p[1])
+
+
+def _reverse_conv(step: _Step, g: Tensor, channel: Tensor | None) -> Tensor:
+    """Transposed convolution with the forward weights (no bias), back onto the unpadded input."""
+    m = step.module
+    w = m.weight.detach()
+    n = g.shape[0]
+    one_map = channel is not None and m.groups == 1
+    if one_map:
+        # one nonzero map per sample: a grouped transposed conv with that map's filter per sample
+        # costs 1/K of the dense one (channels_last: PyTorch's CPU kernel for this is ~20x faster)
+        g = g.reshape(1, n, *g.shape[-2:]).contiguous(memory_format=torch.channels_last)
+        w, groups = w[channel], n
+    else:
+        if channel is not None:
+            g = _densify(g, channel, m.out_channels)
+        groups = m.groups
+
+    def conv_t(padding, output_padding):
+        out = F.conv_transpose2d(g, w, None, m.stride, padding, output_padding, groups, m.dilation)
+        if one_map:
+            # [1, n*C, h, w] in channels_last memory is oddly strided as [n, C, h, w], which makes
+            # the next convolution slow: copy it to proper channels_last
+            out = out.reshape(n, -1, *out.shape[-2:]).contiguous(memory_format=torch.channels_last)
+        return out
+
+    (top, bottom), (left, right) = _conv_pads(m)
+    h, wd = step.in_hw
+    if m.padding_mode == "zeros" and top == bottom and left == right:
+        # the usual case: conv_transpose2d drops the padding itself; output_padding restores the
+        # last rows/cols that no window reached (always fewer than the stride)
+        out_pad = [size - ((o - 1) * st - 2 * p + dl * (k - 1) + 1) for size, o, st, p, dl, k in
+                   zip((h, wd), g.shape[-2:], m.stride, (top, left), m.dilation, m.kernel_size)]
+        if all(0 <= op < max(st, dl) for op, st, dl in zip(out_pad, m.stride, m.dilation)):
+            return conv_t((top, left), out_pad)
+    full = conv_t(0, 0)
+    # rows/cols at the end that no window reached get no signal: pad `full` to the padded input size
+    full = F.pad(full, (0, wd + left + right - full.shape[-1], 0, h + top + bottom - full.shape[-2]))
+    if m.padding_mode == "zeros":
+        return full[..., top:top + h, left:left + wd]
+    # reflect/replicate/circular padding copies input pixels: send each padded pixel's signal back
+    # to the pixel it was copied from (F.pad applied to a map of pixel indices says which)
+    index = torch.arange(h * wd, device=g.device, dtype=torch.float64).reshape(1, 1, h, wd)
+    index = F.pad(index, (left, right, top, bottom), mode=m.padding_mode).long().flatten()
+    out = torch.zeros(*full.shape[:2], h * wd, device=g.device, dtype=g.dtype)
+    out.scatter_add_(2, index.expand(*full.shape[:2], -1), full.flatten(2))
+    return out.reshape(*full.shape[:2], h, wd)
+
+
+def _densify(g: Tensor, channel: Tensor, channels: int) -> Tensor:
+    dense = g.new_zeros(g.shape[0], channels, *g.shape[-2:])
+    dense[torch.arange(g.shape[0], device=g.device), channel] = g[:, 0]
+    return dense
+
+
+def _separable(g: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+    """rows.T @ g @ cols: the adjoint of x -> rows @ x @ cols.T, per map."""
+    return torch.matmul(torch.matmul(rows.t(), g), cols)
+
+
+def _unpool(step: _Step, g: Tensor, channel: Tensor | None, sample: Tensor) -> Tensor:
+    """Each value back at its switch, zeros elsewhere. scatter_add, not a plain scatter: with
+    overlapping windows one input position can be the maximum of several windows."""
+    (h, w), n, c = step.in_hw, g.shape[0], g.shape[1]
+    if channel is not None:
+        index = step.switches[sample, channel].reshape(n, -1)
+        return g.new_zeros(n, h * w).scatter_add_(1, index, g.reshape(n, -1)).reshape(n, 1, h, w)
+    if c > 1 and g.is_contiguous(memory_format=torch.channels_last) and not g.is_contiguous():
+        # keep channels_last (the transposed convolutions are faster on it): scatter in [h, w, C] order
+        index = step.switches[sample] * c + torch.arange(c, device=g.device).reshape(1, c, 1, 1)
+        out = g.new_zeros(n, h * w * c).scatter_add_(1, index.permute(0, 2, 3, 1).reshape(n, -1),
+                                                      g.permute(0, 2, 3, 1).reshape(n, -1))
+        return out.reshape(n, h, w, c).permute(0, 3, 1, 2)
+    out = g.new_zeros(n, c, h * w).scatter_add_(2, step.switches[sample].flatten(2), g.flatten(2))
+    return out.reshape(n, c, h, w)
+
+
+def _reverse_step(step: _Step, g: Tensor, channel: Tensor | None, sample: Tensor,
+                  unpool: str) -> tuple[Tensor, Tensor | None]:
+    """Undo one module. `g` is [M, K, h, w], or [M, 1, h, w] while only map `channel[i]` of sample i
+    is nonzero (`channel` is None once the signal spans all maps). `sample[i]` is the recorded image
+    of sample i (its switches). Returns the signal at the module's input, and the new `channel`."""
+    m = step.module
+    if isinstance(m, nn.ReLU):
+        return g.relu_(), channel  # in place: g is always this pass's own tensor
+    if isinstance(m, nn.Conv2d):
+        return _reverse_conv(step, g, channel), None
+    if isinstance(m, _MAX_POOLS):
+        if unpool == "fill":
+            return _separable(g, step.fill_rows, step.fill_cols), channel
+        return _unpool(step, g, channel, sample), channel
+    if isinstance(m, _AVG_POOLS):
+        return _separable(g, step.pool_rows, step.pool_cols), channel
+    if isinstance(m, _BATCH_NORMS):
+        scale = step.scale.reshape(1, -1, 1, 1) if channel is None else step.scale[channel].reshape(-1, 1, 1, 1)
+        return g * scale, channel
+    return g, channel  # Dropout, Identity: identity in eval mode
+
+
+# --------------------------------------------------------------------------------------------
+# The recording and its uses
+# --------------------------------------------------------------------------------------------
+
+def _check_options(unpool, max_batch) -> None:
+    if max_batch is not None and (isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1):
+        raise DeconvnetError(f"max_batch must be a positive int or None (one pass), got {max_batch!r}")
+    if unpool not in UNPOOL_MODES:
+        raise DeconvnetError(
+            f"Unknown unpool={unpool!r}: use 'switches' (put each value back where the forward max "
+            "was, Zeiler & Fergus) or 'fill' (fill the whole pooling window with it, the blog's variant)")
+
+
+def _as_channels(channels, n: int, k_maps: int, layer: str, matrix: bool) -> Tensor:
+    """Validated LongTensor [n] (matrix=False; an int or 0-d tensor is broadcast) or [n, k] (matrix=True)."""
+    want = f"[N, k] = [{n}, k]" if matrix else f"[N] = [{n}]"
+    if isinstance(channels, bool) or not (isinstance(channels, numbers.Integral) or torch.is_tensor(channels)):
+        raise DeconvnetError(f"channel must be an int or an integer tensor {want}, got {type(channels).__name__}")
+    if isinstance(channels, numbers.Integral):
+        if matrix:
+            raise DeconvnetError(f"channels must be an integer tensor {want}, got an int")
+        t = torch.full((n,), int(channels), dtype=torch.long)
+    else:
+        if channels.is_floating_point() or channels.is_complex() or channels.dtype == torch.bool:
+            raise DeconvnetError(f"channel indices must be an integer tensor, got dtype {channels.dtype}")
+        if channels.dim() == 0 and not matrix:
+            channels = channels.expand(n)
+        if (channels.dim() != (2 if matrix else 1)) or channels.shape[0] != n:
+            raise DeconvnetError(f"channel tensor must have shape {want} (one row per image), "
+                                 f"got {list(channels.shape)}")
+        t = channels.long()
+    if t.numel() and (t.min() < 0 or t.max() >= k_maps):
+        bad = t[(t < 0) | (t >= k_maps)][0].item()
+        raise DeconvnetError(f"channel {bad} is out of range for layer {layer!r}, which has {k_maps} "
+                             f"feature maps: valid channels are 0..{k_maps - 1}")
+    return t
+
+
+@dataclass(frozen=True, eq=False)
+class Recording:
+    """The forward pass of a batch up to `layer`, ready to rank and project its feature maps.
+
+    `maps` is the layer's output [N, K, h, w] (eval mode). Made by `record(model, images, layer)`.
+    It refers to the model's parameters rather than copying them: project before they change.
+    """
+    layer: str
+    maps: Tensor = field(repr=False)
+    image_shape: tuple[int, ...]
+    _steps: tuple[_Step, ...] = field(repr=False)
+
+    @property
+    def num_maps(self) -> int:
+        return self.maps.shape[1]
+
+    def at(self, layer: str) -> "Recording":
+        """The recording cut at an earlier `layer` of the recorded chain (its first run), no forward."""
+        for i, step in enumerate(self._steps):
+            if step.name == layer:
+                return Recording(layer, step.output, self.image_shape, self._steps[:i + 1])
+        raise LayerError(f"Layer {layer!r} is not in this recording (up to {self.layer!r}). "
+                         f"Recorded layers: {', '.join(dict.fromkeys(s.name for s in self._steps))}")
+
+    def map_maxima(self) -> Tensor:
+        """[N, K]: each map's maximum activation, the score by which maps are ranked."""
+        return self.maps.amax(dim=(2, 3))
+
+    def top_maps(self, k: int) -> tuple[Tensor, Tensor]:
+        """(values [N, k], indices [N, k]): each image's k maps of highest maximum activation,
+        best first."""
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= self.num_maps:
+            raise DeconvnetError(f"k must be an int in 1..{self.num_maps} (layer {self.layer!r} has "
+                                 f"{self.num_maps} maps), got {k!r}")
+        return self.map_maxima().topk(int(k), dim=1)
+
+    def max_activating_images(self) -> tuple[Tensor, Tensor]:
+        """(values [K], image_index [K]): for each map, the highest maximum activation over the
+        batch and the image it comes from."""
+        return self.map_maxima().max(dim=0)
+
+    def project(self, channel: int | Tensor, unpool: str = "switches", max_batch: int | None = None) -> Tensor:
+        """[N, C, H, W] like the images: for each image, the projection of map `channel` (an int for
+        all images, or an integer tensor [N], one map per image). See `project_many`."""
+        channel = _as_channels(channel, self.maps.shape[0], self.num_maps, self.layer, matrix=False)
+        return self.project_many(channel[:, None], unpool, max_batch)[:, 0]
+
+    def project_many(self, channels: Tensor, unpool: str = "switches", max_batch: int | None = None) -> Tensor:
+        """[N, k, C, H, W]: the projection of map `channels[n, j]` of image n, for all n, j.
+
+        All N*k projections run as one reverse pass over an N*k pseudo-batch, each sample reusing
+        its image's switches. Memory: about three N*k-sample copies of the largest feature map on
+        the way; `max_batch` caps the pseudo-batch (more, smaller passes; same result).
+        """
+        _check_options(unpool, max_batch)
+        n = self.maps.shape[0]
+        channels = _as_channels(channels, n, self.num_maps, self.layer, matrix=True).to(self.maps.device)
+        k = channels.shape[1]
+        samples = torch.arange(n, device=self.maps.device).repeat_interleave(k)
+        chunk = max_batch or samples.numel()
+        parts = [self._reverse(samples[i:i + chunk], channels.reshape(-1)[i:i + chunk], unpool)
+                 for i in range(0, samples.numel(), chunk)]
+        out = parts[0] if len(parts) == 1 else torch.cat(parts)
+        return out.reshape(n, k, *out.shape[1:])
+
+    def _reverse(self, sample: Tensor, channel: Tensor, unpool: str) -> Tensor:
+        """The deconvnet pass for the pseudo-batch of (image `sample[i]`, map `channel[i]`) pairs."""
+        with torch.no_grad():
+            # the deconvnet's input: the map itself, every other map of the layer zero
+            g = self.maps[sample, channel].unsqueeze(1)
+            for step in reversed(self._steps):
+                g, channel = _reverse_step(step, g, channel, sample, unpool)
+            if channel is not None:  # no convolution on the way: the input channel is the map's own
+                g = _densify(g, channel, self.image_shape[1])
+        return g.contiguous()
+
+
+def project(model: nn.Module, images: Tensor, layer: str, channel: int | Tensor,
+            unpool: str = "switches", max_batch: int | None = None) -> Tensor:
+    """Deconvnet projection of feature map `channel` of `layer`, for each image: a tensor shaped
+    like `images` [N, C, H, W].
+
+    `channel`: an int (the same map for every image) or an integer tensor [N] (one map per image).
+    The map keeps its activation values; every other map of the layer is zero. Biases are ignored
+    on the way back; BatchNorm2d and Dropout act as in eval mode, BatchNorm's affine scale is
+    applied. `unpool`: "switches" (default, Zeiler & Fergus) or "fill" (the blog's cheaper variant:
+    each value fills its whole pooling window). `max_batch`: see `Recording.project_many`.
+    The model's train/eval modes, `requires_grad` flags and hooks are restored; works under
+    `torch.no_grad()` and `torch.inference_mode()`. The result is detached.
+    """
+    _check_options(unpool, max_batch)
+    return record(model, images, layer).project(channel, unpool, max_batch)
+
+
+def project_many(model: nn.Module, images: Tensor, layer: str, channels: Tensor,
+                 unpool: str = "switches", max_batch: int | None = None) -> Tensor:
+    """[N, k, C, H, W]: the projection of map `channels[n, j]` of `layer` for image n (`channels` an
+    integer tensor [N, k], e.g. the indices of `top_maps`), in one reverse pass over an N*k
+    pseudo-batch (passes of at most `max_batch` pairs when given). See `project`."""
+    _check_options(unpool, max_batch)
+    return record(model, images, layer).project_many(channels, unpool, max_batch)
+
+
+def top_maps(model: nn.Module, images: Tensor, layer: str, k: int) -> tuple[Tensor, Tensor]:
+    """(values [N, k], indices [N, k]): each image's k maps of `layer` with the highest maximum
+    activation, best first (how the report picks maps to show)."""
+    return record(model, images, layer).top_maps(k)
+
+
+def max_activating_images(model: nn.Module, images: Tensor, layer: str) -> tuple[Tensor, Tensor]:
+    """(values [K], image_index [K]): for each map of `layer`, the image of the batch that activates
+    it most (highest maximum activation) and that activation (the blog's "maximum activations")."""
+    return record(model, images, layer).max_activating_images()
