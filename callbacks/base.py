@@ -34,6 +34,9 @@ class VisualizationCallback(pl.Callback):
     name: str = "viz"
     #: the module type(s) `layers` must name (None: any module)
     layer_kind: type | tuple[type, ...] | None = nn.Conv2d
+    #: False for a callback that works on the whole model (e.g. occlusion): `setup` then skips
+    #: choosing and validating layers
+    needs_layers: bool = True
 
     def __init__(self, layers: Sequence[str] | None = None, every_n_epochs: int = 1,
                  num_probe: int | None = None, probe_per_class: int = 1, probe_seed: int = 0):
@@ -113,6 +116,8 @@ class VisualizationCallback(pl.Callback):
 
     # -- Lightning hooks -----------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if not self.needs_layers:
+            return
         net = self.net(pl_module)
         if self.layers is None:
             self.layers = self.default_layers(net)
@@ -123,6 +128,18 @@ class VisualizationCallback(pl.Callback):
                              f"(valid layers: {', '.join(layer_names(net)) or 'none'})")
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._choose_probe(trainer)
+
+    # offline use (visualize.py): `trainer.validate(...)` draws once, after the validation loop
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.state.fn == "validate":
+            self._choose_probe(trainer)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.state.fn == "validate" and not trainer.sanity_checking and self.probe_images is not None:
+            self._run(trainer, pl_module)
+
+    def _choose_probe(self, trainer: pl.Trainer) -> None:
         if self.probe_images is not None:
             return  # restored from a checkpoint: keep the same images
         dm = trainer.datamodule
@@ -134,7 +151,8 @@ class VisualizationCallback(pl.Callback):
             g = torch.Generator().manual_seed(self.probe_seed)
             keep = torch.randperm(len(labels), generator=g)[: self.num_probe].sort().values
             images, labels = images[keep], labels[keep]
-        self.probe_images, self.probe_labels = images.detach().cpu(), labels.detach().cpu()
+        with torch.inference_mode(False):  # offline runs choose inside inference mode: keep normal tensors
+            self.probe_images, self.probe_labels = images.detach().cpu().clone(), labels.detach().cpu().clone()
 
     def _due(self, trainer: pl.Trainer, at_fit_end: bool = False) -> bool:
         if trainer.sanity_checking or trainer.fast_dev_run or self.probe_images is None:

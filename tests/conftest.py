@@ -29,11 +29,11 @@ FAST_SHAPES = [
 ]
 
 
-def compose_cfg(overrides: Sequence[str], output_dir: str | os.PathLike) -> DictConfig:
-    """The config `python train.py <overrides>` would see, with its run dir at `output_dir`."""
+def compose_cfg(overrides: Sequence[str], output_dir: str | os.PathLike, config_name: str = "train") -> DictConfig:
+    """The config `python <config_name>.py <overrides>` would see, with its run dir at `output_dir`."""
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=list(overrides), return_hydra_config=True)
+        cfg = compose(config_name, overrides=list(overrides), return_hydra_config=True)
     HydraConfig.instance().set_config(cfg)
     with open_dict(cfg):
         cfg.paths.root_dir = str(ROOT)
