@@ -52,7 +52,7 @@ def layer_output(net, name, x):
 def test_linear_lenet_response_is_one_correlation_with_decoded_filters(layer, pools):
     net = linear_lenet()
     torch.manual_seed(1)
-    x = torch.randn(3, 1, 28, 28, dtype=torch.float64)
+    x = torch.randn(3, 1, 36, 36, dtype=torch.float64)  # 36: conv3/conv4 maps are 3x3, not 1x1
     decoded = decode_filters(net, layer)
     response = layer_output(net, layer, x)
     correlation = F.conv2d(x, decoded, stride=decoded_stride(net, layer))
@@ -93,7 +93,7 @@ def linear_net(kind):
                   nn.Conv2d(4, 2, 2)]
     elif kind == "dilated_grouped":
         layers = [nn.Conv2d(2, 4, 3, dilation=2), nn.Conv2d(4, 6, 3, groups=2), nn.AvgPool2d(2),
-                  nn.Conv2d(6, 3, 2, groups=3)]
+                  nn.Conv2d(6, 3, 2, groups=3, dilation=2)]
     net = nn.Sequential(*layers).double().eval()
     with torch.no_grad():
         for m in net.modules():
@@ -128,16 +128,19 @@ def test_linear_nets_with_padding_stride_bn_groups_are_exact(kind, factor):
 
 # ------------------------------------------------------------------- naive substitution oracle
 
-def naive_decode(modules, k):
+def naive_decode(modules, k, upsample=None):
     """The paper's algorithm written out: filter k of the last conv, then for each module below
     (top to bottom) substitute every value by the lower filter scaled by it (overlaps add up),
-    unpool by nearest replication, scale by BatchNorm's weight/sqrt(var+eps)."""
+    unpool by nearest replication (or `upsample(df, s)`), scale by BatchNorm's weight/sqrt(var+eps)."""
     top = modules[-1]
     w = top.weight.detach()
     in_per_group, out_per_group = top.in_channels // top.groups, top.out_channels // top.groups
-    df = torch.zeros(top.in_channels, *w.shape[2:], dtype=w.dtype)
+    (dh, dw), (kh, kw) = top.dilation, top.kernel_size
+    df = torch.zeros(top.in_channels, (kh - 1) * dh + 1, (kw - 1) * dw + 1, dtype=w.dtype)
     g = k // out_per_group
-    df[g * in_per_group:(g + 1) * in_per_group] = w[k]
+    for a in range(kh):
+        for b in range(kw):
+            df[g * in_per_group:(g + 1) * in_per_group, a * dh, b * dw] = w[k, :, a, b]
     for m in reversed(modules[:-1]):
         if isinstance(m, nn.Conv2d):
             W = m.weight.detach()
@@ -156,6 +159,9 @@ def naive_decode(modules, k):
             df = out
         elif isinstance(m, (nn.MaxPool2d, nn.AvgPool2d)):
             s = m.stride if isinstance(m.stride, int) else m.stride[0]
+            if upsample is not None:
+                df = upsample(df, s)
+                continue
             C, h, wd = df.shape
             out = torch.zeros(C, h * s, wd * s, dtype=df.dtype)
             for y in range(h * s):
@@ -178,7 +184,7 @@ def random_net(kind):
                   ("p", nn.MaxPool2d(2)), ("c3", nn.Conv2d(4, 3, 2))]
     elif kind == "dilated_grouped":
         layers = [("c1", nn.Conv2d(2, 4, 3, dilation=2)), ("r", nn.LeakyReLU()), ("c2", nn.Conv2d(4, 6, 3, groups=2)),
-                  ("p", nn.MaxPool2d(2)), ("c3", nn.Conv2d(6, 3, 2, groups=3))]
+                  ("p", nn.MaxPool2d(2)), ("c3", nn.Conv2d(6, 3, 2, groups=3, dilation=(2, 1)))]
     net = nn.Sequential(OrderedDict(layers)).double()
     with torch.no_grad():
         for m in net.modules():
@@ -201,6 +207,15 @@ def test_decode_filters_equals_naive_substitution_loop(kind):
     middle = decode_filters(net, "c2")
     expected = torch.stack([naive_decode(modules[:modules.index(net.c2) + 1], k) for k in range(net.c2.out_channels)])
     torch.testing.assert_close(middle, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["bilinear", "bicubic"])
+def test_interpolating_unpool_follows_the_same_substitution_loop(mode):
+    net = random_net("bn_maxpool")
+    upsample = lambda df, s: F.interpolate(df[None], scale_factor=s, mode=mode, align_corners=False)[0]  # noqa: E731
+    expected = torch.stack([naive_decode(list(net), k, upsample) for k in range(net.c3.out_channels)])
+    torch.testing.assert_close(decode_filters(net, "c3", unpool=mode), expected, rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(decode_filters(net, "c3", unpool="nearest"), expected)
 
 
 def test_filter_subset_and_chunk_size_give_the_same_filters():
@@ -259,8 +274,19 @@ def test_model_modes_and_requires_grad_are_untouched():
     reconstruction_error(net, "conv3", torch.randn(2, 3, 32, 32))
     with pytest.raises(DecodingError):
         reconstruction_error(net, "conv3", torch.randn(2, 1, 32, 32))
-    with pytest.raises(RuntimeError):  # the forward pass itself fails (too small for conv4)
+    with pytest.raises(DecodingError, match="smaller than the decoded filters"):
         reconstruction_error(net, "conv4", torch.randn(2, 3, 12, 12))
+
+    def fail_on_batches(module, args):  # the dummy trace (batch 1) passes, the real forward fails
+        if args[0].shape[0] > 1:
+            raise RuntimeError("forward failed")
+
+    handle = net.conv2.register_forward_pre_hook(fail_on_batches)
+    try:
+        with pytest.raises(RuntimeError, match="forward failed"):
+            reconstruction_error(net, "conv3", torch.randn(2, 3, 32, 32))
+    finally:
+        handle.remove()
     assert [m.training for m in net.modules()] == modes
     assert [p.requires_grad for p in net.parameters()] == flags
     for k, v in net.state_dict().items():

@@ -29,6 +29,10 @@ Conventions:
   stride, as the paper's unpool does, so the decoded filter is then smaller than the true
   receptive field.
 
+Implementation note: with nearest unpooling, "unpool, then substitute" is computed as one
+strided substitution with a precomposed kernel (`_fuse_unpooling`), the same numbers with fewer
+operations; bilinear and bicubic unpooling run as separate steps.
+
 `reconstruction_error` is the paper's Eq. 3 (Table 1); `class_max_responses` is Fig. 1;
 `threshold_decoded` is the thresholded rendering of Fig. 1 and Fig. 4a,e.
 """

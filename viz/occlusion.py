@@ -1,0 +1,142 @@
+"""Occlusion sensitivity (Zeiler & Fergus), as in section 3.5 of
+deconvnet-occlusion-cifar10-grid-search.txt: a gray square patch slides across the image and the
+model predicts on every occluded copy; where the score of the true class drops, the patch covers
+something the model uses (their Fig. 5: a 7x7 patch on 32x32 CIFAR-10 images, the predicted label
+and the score of class *dog* at each patch position).
+
+Every occluded copy is built at once per chunk with a mask (no Python loop over positions), and
+the copies of all images and positions are forwarded in batches of at most `max_batch`.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from viz.layers import eval_mode
+
+# With max_batch=None, a batch holds at most this many input elements, and at most
+# MAX_BATCH_DEFAULT copies: the activations of a forward pass grow with the batch, so large images
+# get smaller batches; small images get large ones, since every chunk costs a fixed number of
+# small tensor ops (and thread synchronizations on a CPU) besides the forward pass.
+BATCH_BUDGET_ELEMENTS = 2**22
+MAX_BATCH_DEFAULT = 1024
+
+
+class OcclusionError(ValueError):
+    """An argument occlusion_maps cannot use; the message says what to pass instead."""
+
+
+def _fill_tensor(fill, pixel_to_input, shape, images) -> torch.Tensor:
+    """The patch's content in the model's input space, as a (C, H, W) tensor."""
+    if fill is None:
+        gray = torch.full((1, *shape), 0.5, dtype=images.dtype, device=images.device)
+        value = pixel_to_input(gray) if pixel_to_input is not None else gray
+        source = "pixel_to_input(mid-gray image)"
+        if torch.is_tensor(value) and value.ndim == 4 and value.shape[0] == 1:
+            value = value[0]
+    else:
+        value, source = fill, "fill"
+    # as_tensor(value, dtype=...) keeps a Python float exact in float64 (no float32 detour)
+    value = torch.as_tensor(value, dtype=images.dtype, device=images.device)
+    try:
+        return torch.broadcast_to(value, shape).contiguous()
+    except RuntimeError:
+        raise OcclusionError(
+            f"{source} has shape {tuple(value.shape)}, which does not broadcast to the images' "
+            f"(C, H, W) = {tuple(shape)}. Pass a float, a per-channel tensor of shape (C, 1, 1), or "
+            f"a full (C, H, W) tensor."
+        ) from None
+
+
+def default_max_batch(channels: int, height: int, width: int) -> int:
+    """Occluded copies per forward pass when `max_batch` is None: as many (C, H, W) images as fit
+    BATCH_BUDGET_ELEMENTS input elements, between 1 and MAX_BATCH_DEFAULT (1024 for CIFAR's
+    3x32x32, 27 for 3x224x224)."""
+    return max(1, min(MAX_BATCH_DEFAULT, BATCH_BUDGET_ELEMENTS // (channels * height * width)))
+
+
+def occlusion_maps(model: nn.Module, images: torch.Tensor, targets: torch.Tensor | Sequence[int] | None = None,
+                   patch: int = 7, stride: int = 1, fill: float | torch.Tensor | None = None,
+                   pixel_to_input: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                   max_batch: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Occlusion sensitivity maps of a classifier for `images` (N, C, H, W), in the model's input space.
+
+    A `patch` x `patch` square, top-left corner at `(i * stride, j * stride)`, replaces the image
+    there; `prob[n, i, j]` is then the softmax probability of class `targets[n]` and
+    `label[n, i, j]` the predicted class (argmax, first on ties). Maps are
+    `(H - patch) // stride + 1` by `(W - patch) // stride + 1` (only positions where the patch lies
+    entirely inside the image).
+
+    `targets`: N class indices, or None for the model's prediction on each unoccluded image.
+    `fill`: the patch content in the model's input space, a float or a tensor broadcastable to
+    (C, H, W) (a (C, H, W) fill is cut at the patch's position); `pixel_to_input` is not applied
+    to it. None: mid-gray in pixel space, 0.5 everywhere, mapped through `pixel_to_input` (a
+    callable from a [0, 1] pixel batch (1, C, H, W) to model input, e.g. the datamodule's
+    normalization; identity when None), so the patch is gray whatever the preprocessing.
+    `max_batch`: occluded copies per forward pass, across images and positions (None:
+    `default_max_batch(C, H, W)`); memory grows with it, results do not depend on it beyond
+    floating-point summation order.
+
+    The model runs in eval mode under torch.inference_mode; every submodule's mode is restored.
+    The model must return logits (N, num_classes). Returns `prob` (N, H', W') in the logits' dtype
+    and `label` (N, H', W') int64, on the images' device.
+    """
+    if not torch.is_tensor(images) or images.ndim != 4:
+        shape = tuple(images.shape) if torch.is_tensor(images) else type(images).__name__
+        raise OcclusionError(f"images must be a (N, C, H, W) tensor, got {shape}")
+    N, C, H, W = images.shape
+    if N == 0:
+        raise OcclusionError("images is empty; pass at least one image")
+    for name, value in (("patch", patch), ("stride", stride)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise OcclusionError(f"{name} must be a positive integer (pixels), got {value!r}")
+    if patch > H or patch > W:
+        raise OcclusionError(f"patch {patch} is larger than the images ({H}x{W}); use a patch of at most {min(H, W)}")
+    if max_batch is None:
+        max_batch = default_max_batch(C, H, W)
+    elif isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+        raise OcclusionError(f"max_batch must be a positive integer, got {max_batch!r}")
+    fill = _fill_tensor(fill, pixel_to_input, (C, H, W), images)
+
+    rows_out, cols_out = (H - patch) // stride + 1, (W - patch) // stride + 1
+    positions = rows_out * cols_out
+    # row_mask[i, y]: pixel row y is covered when the patch's top row is i * stride (same for columns)
+    starts_y = torch.arange(rows_out, device=images.device)[:, None] * stride
+    starts_x = torch.arange(cols_out, device=images.device)[:, None] * stride
+    y = torch.arange(H, device=images.device)[None]
+    x = torch.arange(W, device=images.device)[None]
+    row_mask = (y >= starts_y) & (y < starts_y + patch)
+    col_mask = (x >= starts_x) & (x < starts_x + patch)
+
+    with eval_mode(model), torch.inference_mode():
+        logits = model(images)
+        if logits.ndim != 2 or logits.shape[0] != N:
+            raise OcclusionError(f"the model must return logits (N, num_classes); it returned {tuple(logits.shape)}")
+        num_classes = logits.shape[1]
+        if targets is None:
+            targets = logits.argmax(dim=1)
+        else:
+            targets = torch.as_tensor(targets, device=images.device).reshape(-1)
+            if targets.numel() != N:
+                raise OcclusionError(f"targets has {targets.numel()} entries for {N} images; pass one class per image")
+            if targets.is_floating_point() or targets.dtype == torch.bool:
+                raise OcclusionError(f"targets must be integer class indices, got dtype {targets.dtype}")
+            bad = targets[(targets < 0) | (targets >= num_classes)]
+            if bad.numel():
+                raise OcclusionError(f"targets must be class indices in [0, {num_classes}); "
+                                     f"got out-of-range {bad.tolist()[:10]}")
+            targets = targets.long()
+        prob = torch.empty(N * positions, dtype=logits.dtype, device=images.device)
+        label = torch.empty(N * positions, dtype=torch.long, device=images.device)
+        for start in range(0, N * positions, max_batch):
+            flat = torch.arange(start, min(start + max_batch, N * positions), device=images.device)
+            image, position = flat // positions, flat % positions
+            mask = row_mask[position // cols_out][:, :, None] & col_mask[position % cols_out][:, None, :]
+            occluded = torch.where(mask[:, None], fill, images[image])
+            out = model(occluded)
+            prob[flat] = out.softmax(dim=1).gather(1, targets[image][:, None])[:, 0]
+            label[flat] = out.argmax(dim=1)
+    # clones made outside inference mode are ordinary tensors, usable with autograd afterwards
+    return prob.view(N, rows_out, cols_out).clone(), label.view(N, rows_out, cols_out).clone()
