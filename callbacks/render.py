@@ -110,3 +110,36 @@ def captioned_grid(tiles: torch.Tensor, nrow: int, captions: Sequence[str] | Non
         for c, text in enumerate(col_titles[:ncol]):
             draw.text((left + padding + c * (tw + padding), 1), str(text), fill="black", font=font)
     return torch.from_numpy(np.asarray(canvas).copy()).permute(2, 0, 1).float() / 255
+
+
+def legend(names: Sequence[str], colors: torch.Tensor, width: int, swatch: int = 10) -> torch.Tensor:
+    """A class legend as a [3, h, width] image in [0, 1]: a color swatch then the name, for each of
+    `names` (colors [K, 3] in [0, 1]), left to right, wrapping onto a new row when `width` is used up."""
+    font = ImageFont.load_default()
+    entries = [(str(n), tuple(int(round(float(v) * 255)) for v in c)) for n, c in zip(names, colors.cpu())]
+    row_h, gap = max(swatch, 11) + 3, 8
+    spots, x, y = [], 2, 2
+    for text, color in entries:
+        w = swatch + 3 + 6 * len(text)
+        if x > 2 and x + w > width:
+            x, y = 2, y + row_h
+        spots.append((x, y, text, color))
+        x += w + gap
+    canvas = Image.new("RGB", (max(width, 1), y + row_h + 1), "white")
+    draw = ImageDraw.Draw(canvas)
+    for x, y, text, color in spots:
+        draw.rectangle([x, y + 1, x + swatch - 1, y + swatch], fill=color, outline=(0, 0, 0))
+        draw.text((x + swatch + 3, y), text, fill="black", font=font)
+    return torch.from_numpy(np.asarray(canvas).copy()).permute(2, 0, 1).float() / 255
+
+
+def stack_vertical(images: Sequence[torch.Tensor], gap: int = 2) -> torch.Tensor:
+    """[3, h_i, w_i] images one above the other, left-aligned on a white background."""
+    width = max(im.shape[-1] for im in images)
+    height = sum(im.shape[-2] for im in images) + gap * (len(images) - 1)
+    out = torch.ones(3, height, width)
+    y = 0
+    for im in images:
+        out[:, y:y + im.shape[-2], :im.shape[-1]] = im.float().cpu()
+        y += im.shape[-2] + gap
+    return out

@@ -1,0 +1,182 @@
+"""DecodedFilters: every n epochs, the conv filters decoded to image space by substitution.
+
+Follows filter-decoding-by-substitution.txt (Rafegas & Vanrell): `viz.decoding.decode_filters`
+brings each filter of a conv layer down to the input (Fig. 4), `threshold_decoded` gives the
+paper's thresholded version that "enhances the positive and negative basic patterns" (Fig. 1,
+Fig. 4a,e), and `reconstruction_error` is its Eq. 3 (Table 1), measured on the probe images.
+
+Logged per conv layer, at the trainer's global step:
+- `decoded/<layer>`: the decoded filter bank as a grid, each tile scaled symmetrically on its own
+  (zero is mid-gray, the tile's largest magnitude white or black; channels share the scale, so a
+  colour filter keeps its hue), captioned with the filter's index in the layer;
+- `decoded_threshold/<layer>`: the thresholded version: +1 white, -1 black, 0 gray;
+- `decoded_error/<layer>` (scalar): the mean over the probe images of the Eq. 3 error.
+
+Layers with more than `max_filters` filters show a subset: the `max_filters` most active on the
+probe images (`selection="most_active"`: highest mean over the probe images of each filter's
+spatial maximum of the conv's output, pre-activation, biases included), the first ones
+(`selection="first"`), or an explicit list per layer (`filters={layer: [indices]}`). The subset is
+chosen once, the first time the callback draws, and then kept (also in `state_dict`, so a resumed
+run shows the same filters), so that TensorBoard's step slider follows the same filters through
+training. Most active filters are shown most active first; every other order is the index order.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Sequence
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+
+from callbacks.base import VisualizationCallback
+from callbacks.render import captioned_grid, scale_symmetric
+from viz.decoding import (UNPOOL_MODES, decode_filters, decoded_geometry, reconstruction_error,
+                          threshold_decoded)
+from viz.layers import LayerError, get_layer, trace_chain
+
+SELECTIONS = ("most_active", "first")
+
+
+class DecodedFilters(VisualizationCallback):
+    """Decoded filter banks (images), their thresholded versions (images) and the Eq. 3 error
+    (scalars) of conv layers, every `every_n_epochs` epochs.
+
+    Args:
+        layers: conv layer names of `pl_module.net` (None: every Conv2d).
+        unpool: how pooling layers are undone: "nearest", "bilinear" or "bicubic".
+        max_filters: at most this many filters per layer are drawn (None: all of them).
+        selection: which filters of a layer with more than `max_filters`: "most_active" or "first".
+        filters: explicit filter indices per layer, e.g. {"conv3": [0, 7, 42]}; they override
+            `selection` and `max_filters` for those layers.
+        threshold: a decoded value counts as strongly positive/negative when its magnitude is at
+            least this fraction of its filter's largest magnitude (`threshold_decoded`'s q).
+        compute_error: log the Eq. 3 error on the probe images (`decoded_error/<layer>`).
+        tile_size: each tile is upscaled (nearest, integer factor) to about this many pixels.
+        every_n_epochs, num_probe, probe_per_class, probe_seed: see VisualizationCallback; the
+            probe images are what `most_active` and the Eq. 3 error are measured on.
+    """
+
+    name = "decoded_filters"
+    layer_kind = nn.Conv2d
+
+    def __init__(self, layers: Sequence[str] | None = None, every_n_epochs: int = 1,
+                 unpool: str = "nearest", max_filters: int | None = 64, selection: str = "most_active",
+                 filters: Mapping[str, Sequence[int]] | None = None, threshold: float = 0.5,
+                 compute_error: bool = True, tile_size: int = 32, num_probe: int | None = None,
+                 probe_per_class: int = 1, probe_seed: int = 0):
+        super().__init__(layers=layers, every_n_epochs=every_n_epochs, num_probe=num_probe,
+                         probe_per_class=probe_per_class, probe_seed=probe_seed)
+        if unpool not in UNPOOL_MODES:
+            raise ValueError(f"Unknown unpool mode {unpool!r}. Valid modes: {', '.join(UNPOOL_MODES)}")
+        if max_filters is not None and (isinstance(max_filters, bool) or not isinstance(max_filters, int)
+                                        or max_filters < 1):
+            raise ValueError(f"max_filters must be an int >= 1 or None (all filters), got {max_filters!r}")
+        if selection not in SELECTIONS:
+            raise ValueError(f"Unknown selection {selection!r}. Use one of {', '.join(SELECTIONS)}, "
+                             f"or give explicit indices per layer with filters={{layer: [indices]}}")
+        if not 0 < threshold <= 1:
+            raise ValueError(f"threshold must be a fraction of the largest magnitude in (0, 1], got {threshold}")
+        if not isinstance(tile_size, int) or tile_size < 1:
+            raise ValueError(f"tile_size must be an int >= 1 (pixels), got {tile_size!r}")
+        self.unpool, self.max_filters, self.selection = unpool, max_filters, selection
+        self.threshold, self.compute_error, self.tile_size = threshold, compute_error, tile_size
+        self.explicit_filters = self._checked_filters(filters)
+        #: the filter indices drawn per layer (None: all), fixed the first time the callback draws
+        self.chosen_filters: dict[str, list[int] | None] = {}
+
+    @staticmethod
+    def _checked_filters(filters) -> dict[str, list[int]]:
+        if filters is None:
+            return {}
+        if not isinstance(filters, Mapping):
+            raise ValueError(f"filters must map layer names to lists of filter indices, "
+                             f"e.g. {{'conv3': [0, 7]}}, got {type(filters).__name__}")
+        out = {}
+        for layer, indices in filters.items():
+            if isinstance(indices, (str, bytes)) or not isinstance(indices, Sequence) or not len(indices):
+                raise ValueError(f"filters[{layer!r}] must be a non-empty list of filter indices, got {indices!r}")
+            bad = [i for i in indices if isinstance(i, bool) or not isinstance(i, int) or i < 0]
+            if bad:
+                raise ValueError(f"filters[{layer!r}] must hold non-negative int indices, got {bad}")
+            out[str(layer)] = [int(i) for i in indices]
+        return out
+
+    # -- setup: every layer must be a decodable conv ---------------------------------------------
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)  # Conv2d names, with the valid ones in the error
+        net = self.net(pl_module)
+        for layer, indices in self.explicit_filters.items():
+            conv = get_layer(net, layer, nn.Conv2d)
+            if layer not in self.layers:
+                raise LayerError(f"filters names layer {layer!r}, which is not among the drawn layers "
+                                 f"{self.layers}; add it to `layers` or remove it from `filters`")
+            out_of_range = [i for i in indices if i >= conv.out_channels]
+            if out_of_range:
+                raise ValueError(f"filters[{layer!r}]: {layer} has {conv.out_channels} filters, so indices "
+                                 f"must be < {conv.out_channels}; got {out_of_range}")
+        for layer in self.layers:
+            decoded_geometry(net, layer)  # DecodingError now, not epochs later, for a non-chain model
+
+    # -- choosing filters ------------------------------------------------------------------------
+    def mean_max_activation(self, net: nn.Module, layer: str, images: torch.Tensor) -> torch.Tensor:
+        """[K]: per filter of conv `layer`, its output's spatial maximum averaged over `images`."""
+        conv = get_layer(net, layer, nn.Conv2d)
+        maxima = []
+        handle = conv.register_forward_hook(lambda m, args, out: maxima.append(out.detach().amax(dim=(2, 3))))
+        try:
+            with torch.no_grad():
+                trace_chain(net, images, layer)  # eval mode, stops right after `layer`
+        finally:
+            handle.remove()
+        return maxima[0].float().mean(0).cpu()
+
+    def filters_for(self, net: nn.Module, layer: str, images: torch.Tensor) -> list[int] | None:
+        """The filter indices drawn for `layer` (None: all), chosen on first use and then kept."""
+        if layer not in self.chosen_filters:
+            count = get_layer(net, layer, nn.Conv2d).out_channels
+            if layer in self.explicit_filters:
+                chosen = self.explicit_filters[layer]
+            elif self.max_filters is None or count <= self.max_filters:
+                chosen = None
+            elif self.selection == "first":
+                chosen = list(range(self.max_filters))
+            else:
+                activity = self.mean_max_activation(net, layer, images)
+                chosen = activity.argsort(descending=True, stable=True)[: self.max_filters].tolist()
+            self.chosen_filters[layer] = chosen
+        return self.chosen_filters[layer]
+
+    # -- rendering -------------------------------------------------------------------------------
+    def render_bank(self, tiles: torch.Tensor, indices: Sequence[int]) -> torch.Tensor:
+        """[K, C, h, w] filters (any sign) -> one [3, H, W] grid, each tile symmetric around gray,
+        captioned with its filter index."""
+        nrow = math.ceil(math.sqrt(tiles.shape[0]))
+        return captioned_grid(scale_symmetric(tiles), nrow=nrow, captions=[str(i) for i in indices],
+                              tile_size=self.tile_size)
+
+    # -- the callback ----------------------------------------------------------------------------
+    def visualize(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        net = self.net(pl_module)
+        images, _ = self.probe(pl_module)
+        errors = {}
+        for layer in self.layers:
+            chosen = self.filters_for(net, layer, images)
+            decoded = decode_filters(net, layer, unpool=self.unpool, filters=chosen)
+            indices = chosen if chosen is not None else range(decoded.shape[0])
+            self.log_image(trainer, f"decoded/{layer}", self.render_bank(decoded, indices))
+            thresholded = threshold_decoded(decoded, q=self.threshold)
+            self.log_image(trainer, f"decoded_threshold/{layer}", self.render_bank(thresholded, indices))
+            if self.compute_error:
+                errors[f"decoded_error/{layer}"] = reconstruction_error(net, layer, images, unpool=self.unpool)[0]
+        if errors:
+            self.log_scalars(trainer, errors)
+
+    # -- checkpointing ---------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "chosen_filters": dict(self.chosen_filters)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.chosen_filters = dict(state_dict.get("chosen_filters") or {})
+

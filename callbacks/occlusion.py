@@ -1,0 +1,179 @@
+"""OcclusionSensitivity: every n epochs, what a gray square hides from the classifier.
+
+Follows section 3.5 and Fig. 5 of deconvnet-occlusion-cifar10-grid-search.txt (after Zeiler &
+Fergus): a gray patch slides across the image, the model predicts on every occluded copy, and the
+score of the class of interest and the predicted label are drawn at each patch position. The maps
+come from `viz.occlusion.occlusion_maps`.
+
+Logged per probe image i, at the trainer's global step, as `occlusion/<i>`: three panels side by
+side, then a legend (a color swatch and the name of every class):
+- the image, in true colors (the datamodule's normalization undone);
+- the probability of the target class (the true class, or the predicted one with
+  `target="predicted"`) as a heat map on a fixed 0..1 scale (so epochs compare), low where the
+  patch hides what the model needs;
+- the predicted label as one color per class (the legend's).
+Each map is drawn over the image's own pixel grid: a pixel shows the value for the patch position
+whose center is nearest to it (`maps_to_pixels`), so the panels line up with the image; pixels
+closer to the border than half a patch show the outermost positions.
+
+Patch and stride default to values from the image side (`default_patch`, `default_stride`):
+7/2 at 28x28, 7/3 at 32x32 (the report's 7x7 patch), 25/25 at 224x224; explicit values override.
+The patch is mid-gray in pixel space, mapped through the datamodule's normalization.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import lightning.pytorch as pl
+import torch
+
+from callbacks.base import VisualizationCallback
+from callbacks.render import (as_rgb, captioned_grid, heatmap, label_colors, legend, stack_vertical,
+                              to_pixels)
+from viz.layers import eval_mode
+from viz.occlusion import OcclusionError, occlusion_maps
+
+TARGETS = ("true", "predicted")
+
+
+def default_patch(side: int) -> int:
+    """The largest odd integer <= side ** 0.6 (at least 1): 7 at 28 and 32, 25 at 224.
+
+    Sub-linear on purpose: small images need a patch big enough to hide a part (the report's 7x7
+    covers 5% of a 32x32 image), large ones a patch still small enough to localize. Odd, so the
+    patch has a center pixel."""
+    size = math.floor(side ** 0.6 + 1e-9)
+    return max(1, size if size % 2 else size - 1)
+
+
+def default_stride(side: int, patch: int) -> int:
+    """(side - patch + 1) // 8, at least 1: 2 at 28/7, 3 at 32/7, 25 at 224/25.
+
+    side - patch + 1 is the number of patch positions along a side at stride 1; dividing by 8
+    keeps 8 to 15 positions per side whenever there are at least 8, so a map costs at most 225
+    forward passes per image whatever the image size."""
+    return max(1, (side - patch + 1) // 8)
+
+
+def maps_to_pixels(maps: torch.Tensor, size: tuple[int, int], patch: int, stride: int) -> torch.Tensor:
+    """[N, h, w] maps over patch positions -> [N, H, W] over the image's pixels: pixel (y, x) takes
+    the value of the position whose patch center, (i * stride + (patch - 1) / 2, same for j), is
+    nearest to it (ties to the lower position), clamped to the valid positions."""
+    def nearest(length: int, count: int) -> torch.Tensor:
+        offset = torch.arange(length, dtype=torch.float64) - (patch - 1) / 2
+        return torch.ceil(offset / stride - 0.5).long().clamp(0, count - 1)
+    rows = nearest(size[0], maps.shape[-2]).to(maps.device)
+    cols = nearest(size[1], maps.shape[-1]).to(maps.device)
+    return maps[:, rows][:, :, cols]
+
+
+class OcclusionSensitivity(VisualizationCallback):
+    """Occlusion maps (probability of the target class, predicted label) of the first
+    `num_images` probe images, every `every_n_epochs` epochs, as `occlusion/<i>`.
+
+    Args:
+        num_images: how many probe images (a seeded subset of the one-per-class probe batch;
+            None: all of them). Each costs about (side/stride)^2 forward passes.
+        patch: side of the gray square in pixels (None: `default_patch` of the image side).
+        stride: step between patch positions in pixels (None: `default_stride`).
+        target: the class whose probability is drawn: "true" (the label) or "predicted" (the
+            model's prediction on the unoccluded image).
+        cmap: matplotlib colormap of the probability heat map.
+        max_batch: occluded copies per forward pass (None: `occlusion_maps`' memory budget).
+        tile_size: each panel is upscaled (nearest, integer factor) to about this many pixels.
+        every_n_epochs, probe_per_class, probe_seed: see VisualizationCallback.
+    """
+
+    name = "occlusion_sensitivity"
+    needs_layers = False
+    layer_kind = None
+
+    def __init__(self, every_n_epochs: int = 1, num_images: int | None = 4, patch: int | None = None,
+                 stride: int | None = None, target: str = "true", cmap: str = "jet",
+                 max_batch: int | None = None, tile_size: int = 112, probe_per_class: int = 1,
+                 probe_seed: int = 0):
+        super().__init__(layers=None, every_n_epochs=every_n_epochs, num_probe=num_images,
+                         probe_per_class=probe_per_class, probe_seed=probe_seed)
+        for arg, value in (("patch", patch), ("stride", stride)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise OcclusionError(f"{arg} must be an int >= 1 (pixels), or None to derive it from the "
+                                     f"image size; got {value!r}")
+        if target not in TARGETS:
+            raise ValueError(f"Unknown target {target!r}. Use one of {', '.join(TARGETS)}")
+        if max_batch is not None and (isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1):
+            raise ValueError(f"max_batch must be an int >= 1 or None, got {max_batch!r}")
+        if not isinstance(tile_size, int) or tile_size < 1:
+            raise ValueError(f"tile_size must be an int >= 1 (pixels), got {tile_size!r}")
+        import matplotlib
+
+        if cmap not in matplotlib.colormaps:
+            raise ValueError(f"Unknown matplotlib colormap {cmap!r}; e.g. jet, viridis, inferno, gray")
+        self.num_images, self.patch, self.stride, self.target = num_images, patch, stride, target
+        self.cmap, self.max_batch, self.tile_size = cmap, max_batch, tile_size
+
+    def patch_and_stride(self, height: int, width: int) -> tuple[int, int]:
+        """The patch and stride used on images of this size (the configured ones, else the defaults
+        from the shorter side); an OcclusionError when the patch does not fit."""
+        side = min(height, width)
+        patch = self.patch if self.patch is not None else default_patch(side)
+        if patch > side:
+            raise OcclusionError(f"{type(self).__name__}: patch={patch} is larger than the "
+                                 f"{height}x{width} images; use patch <= {side}, or patch=null for "
+                                 f"the default ({default_patch(side)} at this size)")
+        stride = self.stride if self.stride is not None else default_stride(side, patch)
+        return patch, stride
+
+    # -- validation against the image size -------------------------------------------------------
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        side = getattr(trainer.datamodule, "image_size", None) if trainer.datamodule is not None else None
+        if isinstance(side, int):
+            self.patch_and_stride(side, side)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_fit_start(trainer, pl_module)
+        if self.probe_images is not None:  # any datamodule: check the probe images' real size
+            self.patch_and_stride(*self.probe_images.shape[-2:])
+
+    # -- the callback ----------------------------------------------------------------------------
+    def targets(self, net: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The class whose probability is drawn, per image."""
+        if self.target == "true":
+            return labels
+        with torch.no_grad(), eval_mode(net):
+            return net(images).argmax(dim=1)
+
+    def render(self, image_pixels: torch.Tensor, prob: torch.Tensor, label: torch.Tensor,
+               patch: int, stride: int, num_classes: int, captions: Sequence[str]) -> torch.Tensor:
+        """One probe's panels: image [C, H, W] in [0, 1], prob and label maps [h, w] -> [3, H', W']
+        (without the legend)."""
+        size = tuple(image_pixels.shape[-2:])
+        prob_px = maps_to_pixels(prob[None].float().cpu(), size, patch, stride)
+        label_px = maps_to_pixels(label[None].cpu(), size, patch, stride)
+        panels = torch.cat([as_rgb(image_pixels[None].float().cpu()), heatmap(prob_px, self.cmap, 0.0, 1.0),
+                            label_colors(label_px, num_classes)])
+        width = panels.shape[-1] * max(1, round(self.tile_size / max(size)))
+        captions = [c if 6 * len(c) <= width else c[: max(1, width // 6 - 1)] + "~" for c in captions]
+        return captioned_grid(panels, nrow=3, captions=captions, tile_size=self.tile_size)
+
+    def visualize(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        net = self.net(pl_module)
+        images, labels = self.probe(pl_module)
+        patch, stride = self.patch_and_stride(*images.shape[-2:])
+        normalization = self.normalization(trainer)
+        targets = self.targets(net, images, labels)
+        prob, label = occlusion_maps(net, images, targets, patch=patch, stride=stride,
+                                     pixel_to_input=normalization, max_batch=self.max_batch)
+        names = self.class_names(trainer)
+        num_classes = max(len(names), int(label.max()) + 1)
+        names = list(names) + [str(c) for c in range(len(names), num_classes)]
+        pixels = to_pixels(images, normalization)
+        key = None
+        for i in range(len(images)):
+            captions = [names[int(labels[i])], f"p({names[int(targets[i])]})", "predicted label"]
+            panels = self.render(pixels[i], prob[i], label[i], patch, stride, num_classes, captions)
+            if key is None:  # the same legend under every probe
+                colors = label_colors(torch.arange(num_classes)[:, None, None], num_classes)[:, :, 0, 0]
+                key = legend(names, colors, panels.shape[-1])
+            self.log_image(trainer, f"occlusion/{i}", stack_vertical([panels, key]))
