@@ -9,14 +9,20 @@ import logging
 import math
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
 import hydra
 import lightning.pytorch as pl
 import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
+from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
+
+import sweep_summary as sweep
 
 log = logging.getLogger("convlens")
 
@@ -26,7 +32,7 @@ from models.module import NonFiniteLossError  # noqa: E402
 from models.vgg import WeightsError  # noqa: E402
 from viz.layers import LayerError  # noqa: E402
 
-USER_ERRORS = (DataError, WeightsError, NonFiniteLossError, LayerError)
+USER_ERRORS = (DataError, WeightsError, NonFiniteLossError, LayerError, sweep.JobConflictError)
 
 
 def instantiate_dict(group: DictConfig | None) -> list[Any]:
@@ -72,19 +78,122 @@ def train(cfg: DictConfig) -> dict[str, float]:
         for r in results:
             metrics.update({k: v for k, v in ((k, _scalar(v)) for k, v in r.items()) if v is not None})
 
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    log_hparams(trainer, flat_hparams(cfg, metrics), hparam_metrics(metrics))
+    # written last and atomically: its presence means "finished" to a rerun of the sweep
+    tmp = out / "metrics.json.tmp"
+    tmp.write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    tmp.replace(out / "metrics.json")
     return metrics
+
+
+def _short(target: str | None) -> str:
+    return target.rsplit(".", 1)[-1] if target else "none"
+
+
+def _scalars(node: Any) -> dict[str, Any]:
+    if not isinstance(node, DictConfig):
+        return {}
+    plain = OmegaConf.to_container(node, resolve=True)
+    return {k: v for k, v in plain.items()
+            if not k.startswith("_") and (v is None or isinstance(v, (bool, int, float, str)))}
+
+
+def flat_hparams(cfg: DictConfig, metrics: dict[str, float]) -> dict[str, Any]:
+    """The flat hyperparameters of a run, the same keys for every run of a sweep (TensorBoard's
+    HParams columns): the model's name and its scalar options and those of its net (e.g. c3, c4),
+    optimizer, lr, scheduler, datamodule, batch_size, max_epochs, epochs trained, params, seed.
+    None becomes the string "none" (TensorBoard has no null)."""
+    model = cfg.model
+    net = model.get("net")
+    hp: dict[str, Any] = {"model": model.get("name") or _short(net.get("_target_") if net else model.get("_target_"))}
+    skip = {"name", "num_classes", "scheduler_monitor"}
+    for key, value in {**_scalars(net), **_scalars(model)}.items():
+        if key not in skip:
+            hp[key] = value
+    optimizer, scheduler = model.get("optimizer"), model.get("scheduler")
+    hp["optimizer"] = _short(optimizer.get("_target_")) if optimizer else "none"
+    hp["lr"] = optimizer.get("lr") if optimizer else None
+    hp["scheduler"] = _short(scheduler.get("_target_")) if scheduler else "none"
+    hp["datamodule"] = _short(cfg.datamodule.get("_target_"))
+    hp["batch_size"] = cfg.datamodule.get("batch_size")
+    hp["max_epochs"] = cfg.trainer.get("max_epochs")
+    hp["epochs"] = int(metrics["epochs"])
+    hp["params"] = int(metrics["params"])
+    hp["seed"] = cfg.get("seed")
+    return {k: "none" if v is None else v for k, v in hp.items()}
+
+
+def hparam_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    """The HParams table's metric columns: best val accuracy, test accuracy (of the best
+    checkpoint), parameter count. A metric the run did not produce (test=false) is left out."""
+    pairs = {"hp/val_acc": metrics.get("val/acc_best"), "hp/test_acc": metrics.get("test/acc"),
+             "hp/params": metrics.get("params")}
+    return {k: float(v) for k, v in pairs.items() if v is not None}
+
+
+def log_hparams(trainer: pl.Trainer, hparams: dict[str, Any], metrics: dict[str, float]) -> None:
+    """One HParams session per run, written once the run's metrics are known (the logger's own
+    `hp_metric` placeholder is off: `default_hp_metric: false`)."""
+    for lg in trainer.loggers:
+        if isinstance(lg, TensorBoardLogger):
+            lg.log_hyperparams(hparams, metrics=metrics, step=trainer.global_step)
+        else:
+            lg.log_hyperparams(hparams)
+            lg.log_metrics(metrics, step=trainer.global_step)
+        lg.finalize("success")  # flush the events and save hparams.yaml
+
+
+def _job_overrides() -> list[str]:
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
+def run_job(cfg: DictConfig, multirun: bool = False) -> float | None:
+    """One job: `train(cfg)` with the sweep's bookkeeping in `<output_dir>/status.json`.
+
+    With `skip_finished`, a job whose `metrics.json` exists (from the same overrides) is not trained
+    again; a failed or interrupted earlier attempt is cleared and retried. In a multirun an
+    exception is recorded (`status: failed` + the error) and the job returns None, so one failed
+    job never stops the sweep; in a single run it propagates. Returns best val accuracy."""
+    out = Path(cfg.paths.output_dir)
+    overrides = _job_overrides()
+    try:
+        if cfg.get("skip_finished"):
+            finished = sweep.finished_metrics(out, overrides)
+            if finished is not None:
+                log.info("Skipping %s: finished earlier (metrics.json exists)", out)
+                return finished.get("val/acc_best")
+    except sweep.JobConflictError as e:
+        if not multirun:
+            raise
+        log.error("%s: %s", type(e).__name__, e)
+        print(f"\nconvlens: {type(e).__name__}: {e}", file=sys.stderr)
+        return None
+    if cfg.get("ckpt_path") is None and sweep.clear_previous_attempt(out):
+        log.info("Retrying %s: cleared the earlier attempt's event files and checkpoints", out)
+    sweep.write_status(out, "running", overrides)
+    try:
+        metrics = train(cfg)
+    except Exception as e:
+        sweep.write_status(out, "failed", overrides, error=sweep.describe_error(e),
+                           traceback=traceback.format_exc())
+        if not multirun:
+            raise
+        log.error("Job %s failed (recorded in status.json; the sweep goes on): %s: %s",
+                  out, type(e).__name__, e, exc_info=not isinstance(e, USER_ERRORS))
+        return None
+    sweep.write_status(out, "finished", overrides)
+    return metrics.get("val/acc_best")  # what a sweeper optimizes
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
-        metrics = train(cfg)
+        return run_job(cfg, multirun=multirun)
     except USER_ERRORS as e:
         log.error("%s: %s", type(e).__name__, e)
         print(f"\nconvlens: {type(e).__name__}: {e}", file=sys.stderr)
         sys.exit(1)
-    return metrics.get("val/acc_best")  # what a sweeper optimizes
 
 
 if __name__ == "__main__":

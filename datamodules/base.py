@@ -127,13 +127,16 @@ class TensorImageDataModule(pl.LightningDataModule):
             if not 0 < n_val < len(labels):
                 raise ValueError(f"val_size={self.val_size} leaves no train or no val images out of {len(labels)}")
             perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(self.split_seed))
-            val_idx, train_idx = perm[:n_val].sort().values, perm[n_val:]
+            # val keeps the permuted order: image folders are read class by class, and a first
+            # validation batch of one class would make "the maximum over a batch" meaningless
+            val_idx, train_idx = perm[:n_val], perm[n_val:]
             self.train_set = TensorBatches(images[train_idx], labels[train_idx])
             self.val_set = TensorBatches(images[val_idx], labels[val_idx])
             self.normalization = make_normalization(self.normalization_kind, self.train_set.images)
-        if self.test_set is None and stage in (None, "test", "fit", "validate", "predict"):
-            if stage in ("test", None) or stage == "fit":
-                self.test_set = TensorBatches(*self._checked(self.load("test"), "test"))
+        if self.test_set is None and stage in (None, "fit", "test"):
+            images, labels = self._checked(self.load("test"), "test")
+            order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(self.split_seed + 1))
+            self.test_set = TensorBatches(images[order], labels[order])  # mixed classes, as for val
 
     def _checked(self, data, split):
         images, labels = data

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from .base import DataError, TensorImageDataModule, TensorBatches, data_dir, make_normalization
 from .images import load_image_folder
 
@@ -34,6 +36,8 @@ class ImageFolderDataModule(TensorImageDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is None and (self.root / "val").is_dir():
             self.train_set = TensorBatches(*self._checked(self.load("train"), "train"))
-            self.val_set = TensorBatches(*self._checked(self.load("val"), "val"))
+            images, labels = self._checked(self.load("val"), "val")
+            order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(self.split_seed))
+            self.val_set = TensorBatches(images[order], labels[order])  # classes mixed, not folder order
             self.normalization = make_normalization(self.normalization_kind, self.train_set.images)
         super().setup(stage)

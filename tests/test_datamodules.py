@@ -51,6 +51,7 @@ def test_val_split_and_probe_are_deterministic():
     a.setup("fit"), b.setup("fit")
     assert torch.equal(a.val_set.images, b.val_set.images)
     assert not set(a.val_set.labels.tolist()) - set(range(10))
+    assert len(set(a.val_set.labels[:20].tolist())) > 3  # classes mixed, not in folder order
     pa, la = a.probe_batch()
     pb, lb = b.probe_batch()
     assert torch.equal(pa, pb) and la.tolist() == list(range(10))

@@ -1,0 +1,585 @@
+"""Sweep bookkeeping and the sweep summary of a Hydra multirun (`python train.py -m ...`).
+
+Follows deconvnet-occlusion-cifar10-grid-search.txt, section 3.4 and Figs. 6-8: a grid search over
+the filters of conv3 x conv4, compared by test accuracy against parameter count (Fig. 6) and by
+the deconvnet projection of each model's most activated conv3 (Fig. 7) and conv4 (Fig. 8) map on
+one fixed test image, laid out on the C3 x C4 grid.
+
+Job bookkeeping (used by `train.run_job`): each job dir holds `status.json`
+(`{"status": "running"|"failed"|"finished", "overrides": [...], "error": ..., "traceback": ...,
+"attempts": [earlier failed attempts]}`) besides the `metrics.json` that `train` writes last. A
+rerun of the sweep into the same sweep dir skips jobs whose `metrics.json` exists and retries the
+others.
+
+The summary (`summarize(sweep_dir)`; run by the Hydra callback `SweepSummary` when a multirun ends,
+or `python sweep_summary.py <sweep_dir>` for an existing sweep) writes into the sweep dir:
+- `summary.csv`, `summary.md`: one row per job (grid axes, params, best val acc, test acc, seconds
+  per epoch, epochs, status, error), accuracies as fractions in the CSV, percent in the markdown;
+- `test_acc_vs_params.png`: test accuracy against parameters (Fig. 6), one line per row value;
+- `deconv_<layer>.png`: for one fixed test image (`image_index` into the test split of the first
+  finished job's datamodule), each model's map of `layer` with the highest maximum activation
+  (the report's ranking), projected to pixel space by `viz.deconvnet` (biases ignored, unpooling
+  by switches), each projection min-max scaled on its own; tiles on the rows x cols grid
+  (captions: map index, test accuracy); a missing model is a gray tile captioned with its status;
+- `summary/`: a TensorBoard run with the plot and the panels as images (`sweep/...`) and the table
+  as text, so `tensorboard --logdir <sweep_dir>` shows it beside the jobs' runs.
+Each model is rebuilt from its job's `.hydra/config.yaml` (hydra.utils.instantiate) with the
+weights of its best checkpoint in `<job dir>/checkpoints/` (`last.ckpt` if there is no other).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import json
+import logging
+import os
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger("convlens.sweep")
+
+STATUS_FILE = "status.json"
+METRICS_FILE = "metrics.json"
+#: job overrides that do not change what a job computes (ignored when matching a finished job)
+_BOOKKEEPING_KEYS = ("skip_finished",)
+
+
+class SweepError(ValueError):
+    """A sweep dir that does not exist or holds no job."""
+
+
+class JobConflictError(ValueError):
+    """A job dir already holds a finished job trained with other overrides."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Job bookkeeping
+# ----------------------------------------------------------------------------------------------
+
+def _is_rank_zero() -> bool:
+    # the env vars Lightning reads (DDP children, SLURM tasks); one writer per job dir
+    for var in ("RANK", "LOCAL_RANK", "SLURM_PROCID"):
+        if var in os.environ:
+            return int(os.environ[var]) == 0
+    return True
+
+
+def read_status(job_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """The job's `status.json`, or None when there is none (or it cannot be read)."""
+    path = Path(job_dir) / STATUS_FILE
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def write_status(job_dir: str | os.PathLike, status: str, overrides: Sequence[str],
+                 error: str | None = None, traceback: str | None = None) -> None:
+    """Record the job's state in `status.json` (atomically, on rank zero only). A failed attempt
+    that is retried moves into `attempts`, so its error is kept."""
+    if not _is_rank_zero():
+        return
+    job_dir = Path(job_dir)
+    job_dir.mkdir(parents=True, exist_ok=True)
+    previous = read_status(job_dir) or {}
+    attempts = list(previous.get("attempts", []))
+    if status == "running" and previous.get("status") in ("failed", "running"):
+        attempts.append({k: previous.get(k) for k in ("status", "error", "started", "ended")})
+    now = dt.datetime.now().isoformat(timespec="seconds")
+    record = {"status": status, "overrides": list(overrides), "error": error, "traceback": traceback,
+              "started": now if status == "running" else previous.get("started"),
+              "ended": None if status == "running" else now, "attempts": attempts}
+    tmp = job_dir / (STATUS_FILE + ".tmp")
+    tmp.write_text(json.dumps(record, indent=2))
+    tmp.replace(job_dir / STATUS_FILE)
+
+
+def describe_error(error: BaseException) -> str:
+    """One line for the summary: the root cause (e.g. the ValueError inside Hydra's
+    InstantiationException), naming the wrapper it was raised as."""
+    root = error
+    while root.__cause__ is not None and root.__cause__ is not root:
+        root = root.__cause__
+    text = f"{type(root).__name__}: {root}"
+    if root is not error:
+        text += f" (raised as {type(error).__name__})"
+    return " ".join(text.split())
+
+
+def _comparable(overrides: Sequence[str]) -> list[str]:
+    return sorted(o for o in overrides if o.lstrip("+~").split("=", 1)[0] not in _BOOKKEEPING_KEYS)
+
+
+def finished_metrics(job_dir: str | os.PathLike, overrides: Sequence[str]) -> dict[str, float] | None:
+    """The metrics of a finished job in `job_dir` (its `metrics.json`), or None if it has not
+    finished. Raises JobConflictError when it finished with other overrides than `overrides`
+    (two sweep points mapped to one folder, or a sweep rerun with other settings)."""
+    job_dir = Path(job_dir)
+    path = job_dir / METRICS_FILE
+    if not path.is_file():
+        return None
+    recorded = (read_status(job_dir) or {}).get("overrides")
+    if recorded is not None and _comparable(recorded) != _comparable(overrides):
+        raise JobConflictError(
+            f"{job_dir} already holds a finished job trained with the overrides {_comparable(recorded)}, "
+            f"not this job's {_comparable(overrides)}. If a swept key is missing from the folder name, "
+            f"add it to hydra.sweep.subdir (e.g. 'hydra.sweep.subdir=c3=${{model.c3}},c4=${{model.c4}},"
+            f"lr=${{model.optimizer.lr}}'); to train again, delete that folder, use another "
+            f"hydra.sweep.dir, or pass skip_finished=false")
+    try:
+        return json.loads(path.read_text())
+    except ValueError:
+        return None  # a broken file: train again
+
+
+def clear_previous_attempt(job_dir: str | os.PathLike) -> bool:
+    """Before training again in a job dir that holds an earlier attempt (a `status.json`): delete
+    that attempt's TensorBoard event files, `checkpoints/` and `metrics.json`, so the new run's
+    curves and best checkpoint are not mixed with the old ones. Its error stays in `status.json`.
+    Returns whether there was an earlier attempt."""
+    job_dir = Path(job_dir)
+    if read_status(job_dir) is None or not _is_rank_zero():
+        return False
+    for f in job_dir.rglob("events.out.tfevents.*"):
+        f.unlink()
+    shutil.rmtree(job_dir / "checkpoints", ignore_errors=True)
+    (job_dir / METRICS_FILE).unlink(missing_ok=True)
+    return True
+
+
+# ----------------------------------------------------------------------------------------------
+# Collecting the jobs of a sweep
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class JobResult:
+    """One job of a sweep: where it is, its grid coordinates and what it produced."""
+    name: str                       # its folder, relative to the sweep dir (also its TensorBoard run)
+    dir: Path
+    config: DictConfig | None
+    row: Any = None                 # value of the grid's row key (e.g. model.c3)
+    col: Any = None                 # value of the grid's column key (e.g. model.c4)
+    status: str = "incomplete"      # finished | failed | incomplete (interrupted or still running)
+    error: str | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def params(self) -> int | None:
+        p = self.metrics.get("params")
+        return int(p) if p is not None else None
+
+    @property
+    def val_acc(self) -> float | None:
+        return self.metrics.get("val/acc_best")
+
+    @property
+    def test_acc(self) -> float | None:
+        return self.metrics.get("test/acc")
+
+
+def _select(cfg: DictConfig | None, key: str) -> Any:
+    if cfg is None:
+        return None
+    try:
+        return OmegaConf.select(cfg, key, default=None)
+    except Exception:  # an interpolation that needs Hydra's runtime
+        return None
+
+
+def collect(sweep_dir: str | os.PathLike, rows: str = "model.c3", cols: str = "model.c4") -> list[JobResult]:
+    """Every job of the sweep (each folder under `sweep_dir` with a `.hydra/config.yaml`), sorted by
+    (row, col) value, then name."""
+    sweep_dir = Path(sweep_dir)
+    if not sweep_dir.is_dir():
+        raise SweepError(f"Sweep dir {sweep_dir} does not exist; pass the hydra.sweep.dir of a multirun")
+    jobs = []
+    for cfg_file in sorted(sweep_dir.rglob(".hydra/config.yaml")):
+        job_dir = cfg_file.parent.parent
+        try:
+            cfg = OmegaConf.load(cfg_file)
+        except Exception as e:  # unreadable config: still list the job
+            log.warning("Cannot read %s: %s", cfg_file, e)
+            cfg = None
+        job = JobResult(name=job_dir.relative_to(sweep_dir).as_posix(), dir=job_dir, config=cfg,
+                        row=_select(cfg, rows), col=_select(cfg, cols))
+        status = read_status(job_dir) or {}
+        metrics_file = job_dir / METRICS_FILE
+        if metrics_file.is_file():
+            job.status, job.metrics = "finished", json.loads(metrics_file.read_text())
+        elif status.get("status") == "failed":
+            job.status, job.error = "failed", status.get("error")
+        else:
+            job.status = "incomplete"
+            job.error = "no metrics.json: interrupted, or still running"
+        jobs.append(job)
+    if not jobs:
+        raise SweepError(f"No job found under {sweep_dir} (no */.hydra/config.yaml); is it a multirun's sweep dir?")
+
+    def key(j: JobResult):
+        return (j.row is None, j.row if isinstance(j.row, (int, float)) else 0, str(j.row),
+                j.col is None, j.col if isinstance(j.col, (int, float)) else 0, str(j.col), j.name)
+    return sorted(jobs, key=key)
+
+
+# ----------------------------------------------------------------------------------------------
+# Tables
+# ----------------------------------------------------------------------------------------------
+
+def _axis_name(key: str) -> str:
+    return key.rsplit(".", 1)[-1]
+
+
+CSV_COLUMNS = ("params", "val_acc_best", "test_acc", "seconds_per_epoch", "epochs", "status", "error")
+
+
+def write_csv(jobs: Sequence[JobResult], path: Path, rows: str, cols: str) -> None:
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["run", _axis_name(rows), _axis_name(cols), *CSV_COLUMNS])
+        for j in jobs:
+            m = j.metrics
+            w.writerow([j.name, j.row, j.col, j.params if j.params is not None else "",
+                        _fmt(j.val_acc, "{:.4f}"), _fmt(j.test_acc, "{:.4f}"),
+                        _fmt(m.get("seconds_per_epoch"), "{:.2f}"), _fmt(m.get("epochs"), "{:.0f}"),
+                        j.status, (j.error or "").replace("\n", " ")])
+
+
+def _fmt(value, spec: str) -> str:
+    return "" if value is None else spec.format(value)
+
+
+def markdown_table(jobs: Sequence[JobResult], rows: str, cols: str) -> str:
+    head = (f"| {_axis_name(rows)} | {_axis_name(cols)} | params | best val acc | test acc "
+            f"| s/epoch | epochs | status |")
+    lines = [head, "|" + "---:|" * 7 + "---|"]
+    for j in jobs:
+        m = j.metrics
+        pct = lambda v: _fmt(None if v is None else 100 * v, "{:.1f}%")  # noqa: E731
+        lines.append(f"| {j.row if j.row is not None else j.name} | {j.col if j.col is not None else ''} "
+                     f"| {_fmt(j.params, '{:,}')} | {pct(j.val_acc)} | {pct(j.test_acc)} "
+                     f"| {_fmt(m.get('seconds_per_epoch'), '{:.1f}')} | {_fmt(m.get('epochs'), '{:.0f}')} "
+                     f"| {j.status} |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# Fig. 6: test accuracy against parameters
+# ----------------------------------------------------------------------------------------------
+
+def accuracy_plot(jobs: Sequence[JobResult], rows: str = "model.c3", cols: str = "model.c4"):
+    """Test accuracy (%) against parameters (thousands) of the finished jobs: one line per row value
+    (e.g. one per C3, through its C4 values), each point labelled with its column value. Returns an
+    RGB uint8 array [H, W, 3]."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    done = [j for j in jobs if j.params is not None and j.test_acc is not None]
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=100)
+    groups: dict[Any, list[JobResult]] = {}
+    for j in done:
+        groups.setdefault(j.row, []).append(j)
+    for row, members in groups.items():
+        members = sorted(members, key=lambda j: j.params)
+        x = [j.params / 1e3 for j in members]
+        y = [100 * j.test_acc for j in members]
+        label = f"{_axis_name(rows)}={row}" if row is not None else "runs"
+        ax.plot(x, y, "o-", label=label)
+        for j, xi, yi in zip(members, x, y):
+            text = f"{_axis_name(cols)}={j.col}" if j.col is not None else j.name
+            ax.annotate(text, (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    if not done:
+        ax.text(0.5, 0.5, "no finished job", ha="center", va="center", transform=ax.transAxes)
+    else:
+        ax.legend(fontsize=8)
+    ax.set_xlabel("parameters (thousands)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("Test accuracy against parameters (Fig. 6)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.canvas.draw()
+    rgb = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+    plt.close(fig)
+    return rgb
+
+
+# ----------------------------------------------------------------------------------------------
+# Figs. 7-8: the most activated map of each model, projected, on the grid
+# ----------------------------------------------------------------------------------------------
+
+def pick_checkpoint(folder: Path) -> Path:
+    """The best checkpoint in `folder` (the newest that is not `last*.ckpt`: ModelCheckpoint keeps
+    the best there), else `last.ckpt`."""
+    ckpts = sorted(folder.glob("*.ckpt"), key=lambda p: p.stat().st_mtime) if folder.is_dir() else []
+    best = [p for p in ckpts if not p.name.startswith("last")]
+    if best:
+        return best[-1]
+    if ckpts:
+        return ckpts[-1]
+    raise FileNotFoundError(f"no checkpoint in {folder}")
+
+
+def load_net(job: JobResult):
+    """The job's network (`module.net`) rebuilt from its config, with its checkpoint's weights, in
+    eval mode, on the CPU."""
+    import torch
+    from hydra.utils import instantiate
+
+    if job.config is None:
+        raise FileNotFoundError(f"no readable config in {job.dir / '.hydra'}")
+    module = instantiate(job.config.model)
+    state = torch.load(pick_checkpoint(job.dir / "checkpoints"), map_location="cpu", weights_only=False)
+    module.load_state_dict(state["state_dict"])
+    return getattr(module, "net", module).eval()
+
+
+def test_image(config: DictConfig, index: int):
+    """(image [1, C, H, W] in model input space, pixels [1, C, H, W] in [0, 1], class name) of
+    test image `index`, from the job's datamodule."""
+    from hydra.utils import instantiate
+
+    dm = instantiate(config.datamodule)
+    dm.setup("test")
+    test_set, normalization = getattr(dm, "test_set", None), getattr(dm, "normalization", None)
+    if test_set is None or normalization is None:
+        raise ValueError(f"{type(dm).__name__} has no in-memory test_set and normalization to take the image from")
+    n = len(test_set.labels)
+    if not 0 <= index < n:
+        raise ValueError(f"image_index={index} is out of range: the test split has {n} images (0..{n - 1})")
+    raw, label = test_set.images[index:index + 1], int(test_set.labels[index])
+    image = normalization(raw)
+    names = list(getattr(dm, "class_names", ()) or ())
+    name = names[label] if label < len(names) else str(label)
+    return image, normalization.inverse(image).clamp(0, 1), name
+
+
+def most_activated_projection(net, image, layer: str, unpool: str = "switches"):
+    """(projection [C, H, W], map index) for one image [1, C, H, W]: the map of `layer` with the
+    highest maximum activation (the report's ranking), projected to pixel space by the deconvnet."""
+    from viz.deconvnet import record
+
+    rec = record(net, image, layer)
+    _, top = rec.top_maps(1)
+    return rec.project(top[:, 0], unpool)[0], int(top[0, 0])
+
+
+def _text_image(text: str, width: int):
+    import numpy as np
+    import torch
+    from PIL import Image, ImageDraw, ImageFont
+
+    canvas = Image.new("RGB", (max(width, 6 * len(text) + 4), 14), "white")
+    ImageDraw.Draw(canvas).text((2, 1), text, fill="black", font=ImageFont.load_default())
+    return torch.from_numpy(np.asarray(canvas).copy()).permute(2, 0, 1).float() / 255
+
+
+def deconv_panels(jobs: Sequence[JobResult], layers: Sequence[str] = ("conv3", "conv4"),
+                  image_index: int = 0, rows: str = "model.c3", cols: str = "model.c4",
+                  tile_size: int = 96, unpool: str = "switches"):
+    """{layer: [3, H, W] image in [0, 1]} (Figs. 7-8) and a list of notes on what could not be
+    drawn. Each panel: the test image, then one tile per job on the rows x cols grid (one row of
+    all jobs when a job lacks a grid value)."""
+    import torch
+
+    from callbacks.render import captioned_grid, scale_each, stack_vertical
+
+    notes: list[str] = []
+    finished = [j for j in jobs if j.status == "finished"]
+    if not finished or not layers:
+        return {}, ["no finished job: no panels" if layers else "no layers asked for"]
+    try:
+        image, pixels, class_name = test_image(finished[0].config, image_index)
+    except Exception as e:  # data missing on this machine, a datamodule without a test split, ...
+        return {}, [f"panels skipped: cannot load test image {image_index}: {type(e).__name__}: {e}"]
+
+    # cells[job.name][layer] = (projection [C, H, W], map index) or the reason there is none
+    cells: dict[str, dict[str, Any]] = {}
+    for job in jobs:
+        if job.status != "finished":
+            cells[job.name] = {layer: job.status for layer in layers}
+            continue
+        try:
+            net = load_net(job)
+        except Exception as e:
+            notes.append(f"{job.name}: cannot load the model: {type(e).__name__}: {e}")
+            cells[job.name] = {layer: "no model" for layer in layers}
+            continue
+        cells[job.name] = {}
+        for layer in layers:
+            try:
+                cells[job.name][layer] = most_activated_projection(net, image, layer, unpool)
+            except ValueError as e:  # LayerError, DeconvnetError: this net has no such layer
+                notes.append(f"{job.name}: no projection of {layer}: {e}")
+                cells[job.name][layer] = f"no {layer}"
+
+    grid_shape = all(j.row is not None and j.col is not None for j in jobs)
+    if grid_shape:
+        row_values = sorted({j.row for j in jobs}, key=lambda v: (str(type(v)), v))
+        col_values = sorted({j.col for j in jobs}, key=lambda v: (str(type(v)), v))
+        by_cell = {(j.row, j.col): j for j in jobs}
+        layout = [by_cell.get((r, c)) for r in row_values for c in col_values]
+        nrow = len(col_values)
+        row_titles = [f"{_axis_name(rows)}={v}" for v in row_values]
+        col_titles = [f"{_axis_name(cols)}={v}" for v in col_values]
+    else:
+        layout, nrow, row_titles, col_titles = list(jobs), len(jobs), None, None
+
+    blank = torch.full(tuple(image.shape[1:]), 0.85)
+    panels = {}
+    for layer in layers:
+        tiles, captions = [], []
+        for job in layout:
+            cell = cells[job.name][layer] if job is not None else "not run"
+            if isinstance(cell, tuple):
+                projection, channel = cell
+                tiles.append(scale_each(projection[None])[0])
+                acc = f", {100 * job.test_acc:.1f}%" if job.test_acc is not None else ""
+                captions.append(f"map {channel}{acc}")
+            else:
+                tiles.append(blank)
+                captions.append(str(cell))
+            if not grid_shape:  # no grid titles: name the run instead (as many letters as fit)
+                captions[-1] = job.name[: max(tile_size // 6 - 1, 4)]
+        grid = captioned_grid(torch.stack(tiles), nrow=nrow, captions=captions, row_titles=row_titles,
+                              col_titles=col_titles, tile_size=tile_size)
+        header = captioned_grid(pixels, nrow=1, captions=[f"test #{image_index}: {class_name}"],
+                                tile_size=tile_size)
+        title = _text_image(f"{layer}: most activated map of each model, deconvnet projection", grid.shape[-1])
+        panels[layer] = stack_vertical([title, header, grid], gap=4)
+    return panels, notes
+
+
+# ----------------------------------------------------------------------------------------------
+# The summary
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class Summary:
+    jobs: list[JobResult]
+    files: dict[str, Path]
+    notes: list[str]
+
+
+def summarize(sweep_dir: str | os.PathLike, layers: Sequence[str] = ("conv3", "conv4"),
+              image_index: int = 0, rows: str = "model.c3", cols: str = "model.c4",
+              tile_size: int = 96, unpool: str = "switches", panels: bool = True) -> Summary:
+    """Write the summary files of the sweep in `sweep_dir` (see the module docstring)."""
+    import torch
+    from PIL import Image
+    from torch.utils.tensorboard import SummaryWriter
+    from torchvision.utils import save_image
+
+    sweep_dir = Path(sweep_dir)
+    jobs = collect(sweep_dir, rows, cols)
+    files = {"csv": sweep_dir / "summary.csv", "md": sweep_dir / "summary.md",
+             "plot": sweep_dir / "test_acc_vs_params.png", "tensorboard": sweep_dir / "summary"}
+    write_csv(jobs, files["csv"], rows, cols)
+
+    plot = accuracy_plot(jobs, rows, cols)
+    Image.fromarray(plot).save(files["plot"])
+    images = {"sweep/test_acc_vs_params": torch.from_numpy(plot).permute(2, 0, 1).float() / 255}
+    notes: list[str] = []
+    if panels:
+        drawn, notes = deconv_panels(jobs, layers, image_index, rows, cols, tile_size, unpool)
+        for layer, panel in drawn.items():
+            files[f"deconv_{layer}"] = sweep_dir / f"deconv_{layer}.png"
+            save_image(panel, files[f"deconv_{layer}"])
+            images[f"sweep/deconv_{layer}"] = panel
+
+    table = markdown_table(jobs, rows, cols)
+    counts = {s: sum(j.status == s for j in jobs) for s in ("finished", "failed", "incomplete")}
+    md = [f"# Sweep summary: {sweep_dir.name}", "",
+          f"{len(jobs)} jobs: {counts['finished']} finished, {counts['failed']} failed, "
+          f"{counts['incomplete']} incomplete."]
+    scored = [j for j in jobs if j.test_acc is not None]
+    if scored:
+        best = max(scored, key=lambda j: j.test_acc)
+        md.append(f"Best test accuracy: {100 * best.test_acc:.1f}% ({best.name}, "
+                  f"{_fmt(best.params, '{:,}')} parameters).")
+    md += ["", table, ""]
+    problems = [j for j in jobs if j.status != "finished"]
+    if problems:
+        md += ["## Not finished (retried when the sweep is run again)", ""]
+        md += [f"- `{j.name}`: {j.status}: {' '.join((j.error or '').split())}" for j in problems] + [""]
+    md += ["## Test accuracy against parameters (Fig. 6)", "", f"![]({files['plot'].name})", ""]
+    for layer in layers:
+        if f"deconv_{layer}" in files:
+            md += [f"## Most activated {layer} map of each model (test image {image_index})", "",
+                   f"![]({files[f'deconv_{layer}'].name})", ""]
+    if notes:
+        md += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
+    files["md"].write_text("\n".join(md))
+
+    # the summary run is regenerated: drop the events of an earlier summary of this sweep
+    files["tensorboard"].mkdir(exist_ok=True)
+    for f in files["tensorboard"].glob("events.out.tfevents.*"):
+        f.unlink()
+    writer = SummaryWriter(log_dir=str(files["tensorboard"]))
+    try:
+        for tag, img in images.items():
+            writer.add_image(tag, img.clamp(0, 1), global_step=0)
+        writer.add_text("sweep/summary", table, global_step=0)
+    finally:
+        writer.close()
+    for note in notes:
+        log.warning(note)
+    log.info("Sweep summary of %s (%d jobs):\n%s", sweep_dir, len(jobs), table)
+    return Summary(jobs=jobs, files=files, notes=notes)
+
+
+class SweepSummary(Callback):
+    """Hydra callback (`hydra.callbacks`): writes the sweep summary when the multirun ends. A
+    failure here is logged with the command to redo it, and does not fail the finished sweep."""
+
+    def __init__(self, layers: Sequence[str] = ("conv3", "conv4"), image_index: int = 0,
+                 rows: str = "model.c3", cols: str = "model.c4", tile_size: int = 96,
+                 unpool: str = "switches", panels: bool = True):
+        self.kwargs = dict(layers=list(layers), image_index=image_index, rows=rows, cols=cols,
+                           tile_size=tile_size, unpool=unpool, panels=panels)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(str(config.hydra.sweep.dir)).absolute()
+        try:
+            result = summarize(sweep_dir, **self.kwargs)
+        except Exception:
+            log.exception("The sweep summary failed; redo it with: python sweep_summary.py %s", sweep_dir)
+            return
+        print(f"Sweep summary: {result.files['md']}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description="Summarize a Hydra multirun of train.py: summary.csv/.md, test accuracy against "
+                    "parameters, and the deconvnet panels of each model's most activated maps.")
+    parser.add_argument("sweep_dir", help="the sweep's hydra.sweep.dir")
+    parser.add_argument("--layers", nargs="*", default=["conv3", "conv4"], help="layers of the panels")
+    parser.add_argument("--image-index", type=int, default=0, help="the fixed test image (test split index)")
+    parser.add_argument("--rows", default="model.c3", help="config key of the grid's rows")
+    parser.add_argument("--cols", default="model.c4", help="config key of the grid's columns")
+    parser.add_argument("--tile-size", type=int, default=96)
+    parser.add_argument("--unpool", default="switches", choices=["switches", "fill"])
+    parser.add_argument("--no-panels", action="store_true", help="skip the deconvnet panels")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        result = summarize(args.sweep_dir, layers=args.layers, image_index=args.image_index, rows=args.rows,
+                           cols=args.cols, tile_size=args.tile_size, unpool=args.unpool,
+                           panels=not args.no_panels)
+    except SweepError as e:
+        print(f"sweep_summary: {e}", file=sys.stderr)
+        return 1
+    for name, path in result.files.items():
+        print(f"{name}: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
