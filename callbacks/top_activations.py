@@ -1,0 +1,347 @@
+"""TopActivations: for selected filters, the validation images' receptive-field patches that
+activate them most.
+
+Follows lecture-understanding-cnns.txt ("Neuron Analysis": activation maximization, "find the images
+that maximally activate a neuron"; "Building the Receptive field of a neuron": run each image, take
+the filter's activation map, and cut out "the part of the image (with size of the receptive field)
+that triggered the maximum activation"), over the whole validation set rather than one batch (as
+deconvnet-cifar10-blog.txt's "maximum activations" over a batch). The algorithms are
+`viz.top_activations` (running top-k, per-map max and argmax) and `viz.receptive_field` (the box
+and the patch); this callback chooses the filters, collects, renders and logs.
+
+Collection: during the validation loop of each due epoch (not the sanity check). Forward hooks are
+added at validation epoch start (on the net, for its input images, and on each layer, for each
+selected filter's per-image max and argmax) and removed at its end; each batch updates a running
+top-k per layer in `on_validation_batch_end`, which crops only the patches of entries that enter
+the top k. Nothing else is stored: memory is filters x k patches per layer. Images are identified
+by their content (`viz.top_activations.content_ids`), so an image seen twice (DDP pads the ranks'
+shares with repeats) counts once. Under DDP every rank collects its share; the small states are
+gathered (`torch.distributed.all_gather_object`) at validation epoch end and merged on rank zero,
+which draws: the same result as one process over the whole validation set.
+
+Logged at the trainer's global step (after validation, in `on_train_epoch_end`):
+- `top_activations/<layer>`: rows = the selected filters (titled `#<index>`), columns = the k
+  patches, best first, each captioned with its activation value. Patches are the image's pixels
+  (the datamodule's normalization undone, true colors, no rescaling), all of the field's size: a
+  unit near the border sees a clipped box, the rest of its tile is light blue. A row with fewer
+  than k images (a tiny validation set) has blank tiles.
+- `viz_time/top_activations_collect`: seconds this rank spent collecting during the validation
+  loop (hooks and updates), beside the base's `viz_time/top_activations` (drawing).
+
+Filters per layer: `filters[layer]` when given, else `max_filters` chosen by `selection`: "first"
+(filters 0..max_filters-1, the same rows every epoch) or "most_active" (the highest mean over the
+probe images of each map's maximum, chosen at each due validation epoch start, most active first).
+With `every_n_epochs=0` (only at fit end), the last epoch's validation is collected (every epoch's,
+if `max_epochs` is unlimited).
+"""
+from __future__ import annotations
+
+import math
+import time
+from functools import partial
+from typing import Any, Mapping, Sequence
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import nn
+
+from callbacks.base import VisualizationCallback
+from callbacks.deconv import default_conv_layers
+from callbacks.render import as_rgb, captioned_grid
+from viz.layers import LayerError, eval_mode, get_layer
+from viz.receptive_field import ReceptiveField, crop_patches, receptive_field
+from viz.top_activations import RunningTopK, content_ids, spatial_max
+
+SELECTIONS = ("first", "most_active")
+#: the color of tile pixels outside a unit's receptive field (RGB in [0, 1])
+OUTSIDE_COLOR = (0.72, 0.82, 0.95)
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+def top_activations_grid(patches: torch.Tensor, values: torch.Tensor, filled: torch.Tensor,
+                         filters: Sequence[int], tile_size: int = 64) -> torch.Tensor:
+    """[3, H, W] grid: row r = filter `filters[r]`, column s = its s-th best patch.
+
+    `patches` [F, k, C, Ph, Pw] pixels in [0, 1], NaN outside the receptive field; `values` [F, k]
+    captions; `filled` [F, k] bool (False: an empty slot, drawn blank)."""
+    f, k = values.shape
+    tiles = as_rgb(patches.detach().float().cpu().flatten(0, 1))             # [F*k, 3, Ph, Pw]
+    outside = torch.isnan(tiles)
+    color = torch.tensor(OUTSIDE_COLOR).view(1, 3, 1, 1).expand_as(tiles)
+    tiles = torch.where(outside, color, tiles)
+    empty = ~filled.cpu().flatten()
+    tiles[empty] = 1.0
+    captions = ["" if not ok else f"{float(v):.3g}" for v, ok in zip(values.cpu().flatten(), filled.cpu().flatten())]
+    return captioned_grid(tiles, nrow=k, captions=captions, row_titles=[f"#{int(c)}" for c in filters],
+                          col_titles=[f"top {s + 1}" for s in range(k)], tile_size=tile_size)
+
+
+def _as_index(filters: Sequence[int], device) -> range | torch.Tensor:
+    """Consecutive ascending filters as a range (the maps are then sliced, not copied)."""
+    if list(filters) == list(range(filters[0], filters[0] + len(filters))):
+        return range(filters[0], filters[0] + len(filters))
+    return torch.tensor(list(filters), device=device)
+
+
+class TopActivations(VisualizationCallback):
+    """Top-k validation patches of selected filters, one grid per layer (`top_activations/<layer>`).
+
+    Args:
+        layers: Conv2d names of `pl_module.net` (None: `callbacks.deconv.default_conv_layers`,
+            every conv of our LeNet and CIFAR nets).
+        k: patches per filter (the k most activating validation images, best first).
+        max_filters: filters drawn per layer when `filters` does not name them (at most the layer's).
+        selection: "first" (filters 0..max_filters-1) or "most_active" (on the probe images, each
+            due epoch).
+        filters: explicit filter indices per layer, e.g. {conv3: [0, 7, 42]} (other layers use
+            `selection`).
+        tile_size: tiles are upscaled (nearest, integer factor) to about this many pixels.
+        every_n_epochs, num_probe, probe_per_class, probe_seed: see VisualizationCallback (the
+            probe images serve "most_active" and, one of them, the receptive-field geometry).
+    """
+
+    name = "top_activations"
+    layer_kind = nn.Conv2d
+
+    def __init__(self, layers: Sequence[str] | None = None, k: int = 4, max_filters: int = 8,
+                 selection: str = "first", filters: Mapping[str, Sequence[int]] | None = None,
+                 tile_size: int = 64, every_n_epochs: int = 1, num_probe: int | None = None,
+                 probe_per_class: int = 1, probe_seed: int = 0):
+        super().__init__(layers=layers, every_n_epochs=every_n_epochs, num_probe=num_probe,
+                         probe_per_class=probe_per_class, probe_seed=probe_seed)
+        _check_int("k (patches per filter)", k, 1)
+        _check_int("max_filters (filters per layer)", max_filters, 1)
+        _check_int("tile_size (pixels)", tile_size, 1)
+        if selection not in SELECTIONS:
+            raise ValueError(f"Unknown selection={selection!r}; use 'first' (filters 0..max_filters-1) or "
+                             "'most_active' (the filters most active on the probe images)")
+        if filters is not None:
+            if not isinstance(filters, Mapping):
+                raise ValueError(f"filters must map layer names to lists of filter indices, e.g. "
+                                 f"{{conv3: [0, 7]}}, got {type(filters).__name__}")
+            checked = {}
+            for layer, idx in filters.items():
+                idx = [idx] if isinstance(idx, int) else list(idx)
+                if not idx or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in idx):
+                    raise ValueError(f"filters[{layer!r}] must be a non-empty list of filter indices >= 0, "
+                                     f"got {filters[layer]!r}")
+                if len(set(idx)) != len(idx):
+                    raise ValueError(f"filters[{layer!r}] lists a filter twice: {idx}")
+                checked[str(layer)] = idx
+            filters = checked
+        self.k, self.max_filters, self.selection, self.tile_size = k, max_filters, selection, tile_size
+        self.filters: dict[str, list[int]] | None = filters
+        self.fields: dict[str, ReceptiveField] = {}
+        self.chosen: dict[str, list[int]] = {}          # the filters of the current/last collection
+        self.result: dict[str, RunningTopK] | None = None   # merged top-k of the last collection
+        self.result_epoch: int | None = None
+        self.collect_seconds = 0.0
+        self._tops: dict[str, RunningTopK] = {}
+        self._handles: list = []
+        self._records: list[dict] = []
+        self._normalization = None
+        self._warned_stale = False
+
+    def default_layers(self, net: nn.Module) -> list[str]:
+        return default_conv_layers(net)
+
+    # -- set up ----------------------------------------------------------------------------------
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        net = self.net(pl_module)
+        for layer, idx in (self.filters or {}).items():
+            if layer not in self.layers:
+                raise LayerError(f"filters names layer {layer!r}, which is not drawn; the layers are "
+                                 f"{', '.join(self.layers)} (add it to `layers`)")
+            count = get_layer(net, layer).out_channels
+            if max(idx) >= count:
+                raise ValueError(f"filters[{layer!r}] has index {max(idx)}, but {layer} has {count} "
+                                 f"filters (0..{count - 1})")
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_fit_start(trainer, pl_module)
+        if self.probe_images is not None:
+            # fails here, on every rank, for a layer without a receptive field (not after an epoch)
+            self._compute_fields(self.net(pl_module), self.probe_images[:1].to(pl_module.device))
+
+    def _compute_fields(self, net: nn.Module, image: torch.Tensor) -> None:
+        if set(self.fields) == set(self.layers) and \
+                all(f.input_size == tuple(image.shape[-2:]) for f in self.fields.values()):
+            return
+        self.fields = {layer: receptive_field(net, image, layer) for layer in self.layers}
+
+    # -- which epochs collect ----------------------------------------------------------------------
+    def _collects(self, trainer: pl.Trainer) -> bool:
+        if trainer.sanity_checking or trainer.fast_dev_run or self.probe_images is None:
+            return False
+        if trainer.state.fn != TrainerFn.FITTING:
+            return False
+        if self.every_n_epochs == 0:
+            last = trainer.max_epochs is None or trainer.max_epochs < 0 \
+                or trainer.current_epoch + 1 >= trainer.max_epochs
+            return last
+        return (trainer.current_epoch + 1) % self.every_n_epochs == 0
+
+    def _choose_filters(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, list[int]]:
+        net = self.net(pl_module)
+        chosen = {}
+        need_activity = [l for l in self.layers if l not in (self.filters or {}) and self.selection == "most_active"]
+        activity = self._probe_activity(net, pl_module, need_activity) if need_activity else {}
+        for layer in self.layers:
+            if self.filters and layer in self.filters:
+                chosen[layer] = list(self.filters[layer])
+            elif layer in activity:
+                order = activity[layer].argsort(descending=True, stable=True)
+                chosen[layer] = order[: self.max_filters].tolist()
+            else:
+                chosen[layer] = list(range(min(self.max_filters, get_layer(net, layer).out_channels)))
+        # every rank must track the same filters: rank zero's choice wins
+        return trainer.strategy.broadcast(chosen, src=0)
+
+    def _probe_activity(self, net: nn.Module, pl_module, layers: list[str]) -> dict[str, torch.Tensor]:
+        """Per layer, [K]: the mean over the probe images of each map's maximum (one forward)."""
+        maxima: dict[str, torch.Tensor] = {}
+
+        def keep(_module, _args, out, layer):
+            maxima.setdefault(layer, out.detach().amax(dim=(2, 3)).mean(0).cpu())  # returns None: output unchanged
+
+        hooks = [get_layer(net, layer).register_forward_hook(partial(keep, layer=layer)) for layer in layers]
+        try:
+            with torch.no_grad(), eval_mode(net):
+                net(self.probe_images.to(pl_module.device))
+        finally:
+            for h in hooks:
+                h.remove()
+        return maxima
+
+    # -- collecting during validation -----------------------------------------------------------
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._remove_hooks()
+        if not self._collects(trainer):
+            return
+        start = time.perf_counter()
+        net = self.net(pl_module)
+        self._compute_fields(net, self.probe_images[:1].to(pl_module.device))
+        self.chosen = self._choose_filters(trainer, pl_module)
+        self._tops = {layer: RunningTopK(self.k, len(self.chosen[layer])) for layer in self.layers}
+        self._normalization = self.normalization(trainer)
+        self._records = []
+        self.collect_seconds = 0.0
+        channels = {layer: _as_index(self.chosen[layer], pl_module.device) for layer in self.layers}
+
+        def net_input(_module, args):
+            t0 = time.perf_counter()
+            x = args[0] if args else None
+            if torch.is_tensor(x) and x.dim() == 4 and x.is_floating_point():
+                self._records.append({"images": x, "maps": {}})
+            self.collect_seconds += time.perf_counter() - t0
+
+        def layer_output(_module, _args, out, layer):
+            t0 = time.perf_counter()
+            if self._records and layer not in self._records[-1]["maps"] and torch.is_tensor(out) and out.dim() == 4:
+                # only what the top-k needs: each selected map's maximum and its position
+                self._records[-1]["maps"][layer] = spatial_max(out.detach(), channels[layer])
+            self.collect_seconds += time.perf_counter() - t0
+
+        self._handles = [net.register_forward_pre_hook(net_input)]
+        for layer in self.layers:
+            self._handles.append(get_layer(net, layer).register_forward_hook(partial(layer_output, layer=layer)))
+        self.collect_seconds += time.perf_counter() - start
+
+    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
+                                batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if not self._handles:
+            return
+        start = time.perf_counter()
+        records, self._records = self._records, []
+        for record in records:
+            images, maps = record["images"], record["maps"]
+            # ids (a hash of every pixel) only for the images that can enter some top k; the
+            # others are skipped by `update` whatever their id
+            candidates = torch.zeros(images.shape[0], dtype=torch.bool, device=images.device)
+            for layer, (values, _) in maps.items():
+                candidates |= self._tops[layer].may_enter(values)
+            if not candidates.any():
+                continue
+            ids = torch.zeros(images.shape[0], dtype=torch.long, device=images.device)
+            ids[candidates] = content_ids(images[candidates])
+            for layer, (values, positions) in maps.items():
+                field = self.fields[layer]
+
+                def patches(rows, pos, field=field, images=images):
+                    x = images[rows]
+                    if self._normalization is not None:
+                        x = self._normalization.inverse(x)
+                    return crop_patches(x.clamp(0, 1), field, pos[:, 0], pos[:, 1])
+
+                self._tops[layer].update(values, ids, positions, payload=patches)
+        self.collect_seconds += time.perf_counter() - start
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._handles:
+            return
+        self._remove_hooks()
+        start = time.perf_counter()
+        states = {layer: top.state_dict() for layer, top in self._tops.items()}
+        if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered: list = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, states)
+        else:
+            gathered = [states]
+        self._tops = {}
+        if trainer.is_global_zero:
+            merged = {layer: RunningTopK.from_state_dict(gathered[0][layer]) for layer in self.layers}
+            for other in gathered[1:]:
+                for layer in self.layers:
+                    merged[layer].merge(RunningTopK.from_state_dict(other[layer]))
+            self.result, self.result_epoch = merged, trainer.current_epoch
+        self.collect_seconds += time.perf_counter() - start
+
+    def _remove_hooks(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles, self._records = [], []
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._remove_hooks()
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._remove_hooks()
+
+    # -- drawing -------------------------------------------------------------------------------
+    def visualize(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # at fit end (every_n_epochs=0) the last collection is drawn; otherwise this epoch's only
+        fresh = self.result is not None and (self.every_n_epochs == 0 or self.result_epoch == trainer.current_epoch)
+        if not fresh:
+            if not self._warned_stale:
+                rank_zero_warn(f"{type(self).__name__}: no validation ran in epoch {trainer.current_epoch} "
+                               "(check_val_every_n_epoch, limit_val_batches=0?); top activations are drawn "
+                               "only after an epoch whose validation was collected")
+                self._warned_stale = True
+            return
+        for layer, top in self.result.items():
+            filled = top.image_ids >= 0
+            patches = top.payload
+            if patches is None:  # nothing was seen at all: blank tiles of the field's size
+                ph, pw = self.fields[layer].patch_size
+                patches = torch.full((top.num_channels, top.k, 1, ph, pw), math.nan)
+            self.log_image(trainer, f"{self.name}/{layer}",
+                           top_activations_grid(patches, top.values, filled, self.chosen[layer], self.tile_size))
+        self.log_scalars(trainer, {f"viz_time/{self.name}_collect": self.collect_seconds})
+
+    # -- checkpointing -----------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["filters"] = self.filters
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        if state_dict.get("filters") is not None:
+            self.filters = {k: list(v) for k, v in state_dict["filters"].items()}

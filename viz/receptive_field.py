@@ -1,0 +1,356 @@
+"""Receptive fields: the input region a unit of a layer sees, exact at padded borders and for strides.
+
+Follows lecture-understanding-cnns.txt, "Neuron Analysis / Receptive Field": the receptive field of a
+neuron is the "image patch that provokes a specific activation of a neuron", and "Computing the
+corresponding indexes from Layer L to Layer L-1" is
+
+    Region(i, j) = (stride_h (i - 1) : stride_h (i - 1) + kernel_h - 1,
+                    stride_w (j - 1) : stride_w (j - 1) + kernel_w - 1)
+
+(1-based output index, inclusive input range). Applied from the layer back to the image, one module
+at a time, it gives the unit's receptive field. Here, with 0-based indices, a window module (conv,
+max/avg/LP pool) connects output position ``o`` to input positions ``o * stride - pad + t * dilation``
+for ``t = 0 .. kernel - 1``; the taps that fall into the padding read no input pixel (zero padding,
+and pooling's implicit padding) and are dropped, or read the pixel the padding copies
+(``padding_mode`` reflect / replicate / circular). Adaptive pools use PyTorch's windows
+``[floor(o * in / out), ceil((o + 1) * in / out))``. Element-wise modules (ReLU and other
+activations, BatchNorm2d in eval mode, Dropout in eval mode, Identity) pass positions through.
+
+The connections are separable (a kernel tap links a row and a column independently), so the field
+is a set of rows times a set of columns, and both are computed exactly by composing 0/1 connection
+matrices per axis (`row_support`, `col_support`). This is the *structural* support: the pixels that
+can affect the unit for some weights. For one image, a max pool routes each output to one pixel
+of its window, so the pixels that do affect it can be fewer; biases, weights that happen to be zero
+and dead ReLUs are likewise ignored.
+
+Conventions: the box of unit (i, j) (0-based row i, column j of the layer's output) is
+``(y0, x0, y1, x1)`` with exclusive ends, in input pixel coordinates, ``image[..., y0:y1, x0:x1]``.
+It is clipped to the image: a window reaching into the padding yields a smaller box, and a position
+of an intermediate map that lies in the padding contributes nothing (so the box can also be smaller
+than a final clip of the unclipped window would give, e.g. for input rows no window of a strided
+layer ever reached). With dilation or with a stride larger than the kernel the support has holes;
+the box is then its bounding box (`support` gives the exact set). `size`, `jump` and `start` are
+the classic unclipped closed form: along each axis the window of output index ``o`` is
+``[start + o * jump, start + o * jump + size)`` (None past an adaptive pool, which has no constant
+stride); away from the borders it equals the box.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.utils import _pair
+
+from viz.layers import ChainStep, LayerError, trace_chain
+
+__all__ = ["ReceptiveField", "ReceptiveFieldError", "receptive_field", "crop_patches",
+           "WINDOW_MODULES", "ELEMENTWISE_MODULES"]
+
+#: modules with a sliding window (kernel, stride, padding, dilation)
+WINDOW_MODULES = (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d, nn.LPPool2d, nn.AdaptiveMaxPool2d,
+                  nn.AdaptiveAvgPool2d)
+#: modules that act on each position on its own (in eval mode), which the field passes through
+ELEMENTWISE_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU,
+                       nn.SiLU, nn.Mish, nn.Sigmoid, nn.Tanh, nn.Hardtanh, nn.Hardswish,
+                       nn.Hardsigmoid, nn.Softplus, nn.BatchNorm2d, nn.Dropout, nn.Dropout1d,
+                       nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout,
+                       nn.Identity)
+
+
+class ReceptiveFieldError(ValueError):
+    """Bad arguments, or a model whose receptive fields cannot be derived module by module."""
+
+
+@dataclass(frozen=True)
+class ReceptiveField:
+    """The receptive fields of every unit of `layer` (output `output_size` = (h, w)) on images of
+    `input_size` = (H, W). `row_support[i]` ([h, H] bool) says which input rows unit row i sees,
+    `col_support[j]` ([w, W] bool) which columns; unit (i, j) sees their product.
+
+    `size`, `jump`, `start`: per axis (rows, columns), the unclipped closed-form geometry (see the
+    module docstring); None when an adaptive pool is on the way.
+    """
+    layer: str
+    input_size: tuple[int, int]
+    output_size: tuple[int, int]
+    row_support: Tensor = field(repr=False)
+    col_support: Tensor = field(repr=False)
+    size: tuple[int, int] | None
+    jump: tuple[int, int] | None
+    start: tuple[int, int] | None
+    #: [h, 2] long: (y0, y1) of each output row, exclusive end (the bounding rows of its support)
+    row_bounds: Tensor = field(init=False, repr=False)
+    #: [w, 2] long: (x0, x1) of each output column, exclusive end
+    col_bounds: Tensor = field(init=False, repr=False)
+    #: (Ph, Pw): the largest box height and width over all units (the field's size, at most the
+    #: image's); the size of the tiles `crop_patches` returns
+    patch_size: tuple[int, int] = field(init=False)
+
+    def __post_init__(self):
+        rows, cols = _bounds(self.row_support), _bounds(self.col_support)
+        object.__setattr__(self, "row_bounds", rows)
+        object.__setattr__(self, "col_bounds", cols)
+        object.__setattr__(self, "patch_size", (int((rows[:, 1] - rows[:, 0]).max()),
+                                                int((cols[:, 1] - cols[:, 0]).max())))
+
+    def box(self, i: int, j: int) -> tuple[int, int, int, int]:
+        """(y0, x0, y1, x1), exclusive ends, clipped to the image: the input box unit (i, j) sees."""
+        self._check_index(i, j)
+        (y0, y1), (x0, x1) = self.row_bounds[i].tolist(), self.col_bounds[j].tolist()
+        return y0, x0, y1, x1
+
+    def boxes(self, i: Tensor | None = None, j: Tensor | None = None) -> Tensor:
+        """Long tensor [..., 4] of (y0, x0, y1, x1) for units (i[...], j[...]) (integer tensors of
+        the same shape); with no arguments, every unit: [h, w, 4]."""
+        rows, cols = self.row_bounds, self.col_bounds
+        if i is None and j is None:
+            h, w = self.output_size
+            i = torch.arange(h)[:, None].expand(h, w)
+            j = torch.arange(w)[None, :].expand(h, w)
+        elif i is None or j is None:
+            raise ReceptiveFieldError("boxes(i, j) needs both i and j (or neither, for every unit)")
+        i, j = torch.as_tensor(i).long().cpu(), torch.as_tensor(j).long().cpu()
+        if i.shape != j.shape:
+            raise ReceptiveFieldError(f"i and j must have the same shape, got {list(i.shape)} and {list(j.shape)}")
+        if i.numel():
+            self._check_index(int(i.min()), int(j.min()))
+            self._check_index(int(i.max()), int(j.max()))
+        return torch.stack([rows[i, 0], cols[j, 0], rows[i, 1], cols[j, 1]], dim=-1)
+
+    def support(self, i: int, j: int) -> Tensor:
+        """[H, W] bool: exactly the input pixels unit (i, j) is connected to."""
+        self._check_index(i, j)
+        return self.row_support[i][:, None] & self.col_support[j][None, :]
+
+    def _check_index(self, i: int, j: int) -> None:
+        h, w = self.output_size
+        if not (0 <= i < h and 0 <= j < w):
+            raise ReceptiveFieldError(f"Unit ({i}, {j}) is outside layer {self.layer!r}, whose output is "
+                                      f"{h}x{w}: valid rows 0..{h - 1}, columns 0..{w - 1}")
+
+
+def _bounds(support: Tensor) -> Tensor:
+    """[n, L] bool -> [n, 2] long (first True, last True + 1); rows with no True give (0, 0)."""
+    n, length = support.shape
+    pos = torch.arange(length)
+    first = torch.where(support, pos, length).amin(1)
+    last = torch.where(support, pos, -1).amax(1) + 1
+    empty = ~support.any(1)
+    return torch.stack([first.masked_fill(empty, 0), last.masked_fill(empty, 0)], dim=1)
+
+
+# --------------------------------------------------------------------------------------------
+# Per module, per axis: which input positions each output position reads
+# --------------------------------------------------------------------------------------------
+
+def _padded_source(q: Tensor, n: int, mode: str) -> Tensor:
+    """The input position a (padded) tap position reads, or -1 for zero padding."""
+    if mode == "zeros":
+        return torch.where((q >= 0) & (q < n), q, -1)
+    if mode == "replicate":
+        return q.clamp(0, n - 1)
+    if mode == "circular":
+        return q.remainder(n)
+    if mode == "reflect":  # -1 -> 1, n -> n - 2 (the edge is not repeated)
+        period = 2 * (n - 1) if n > 1 else 1
+        r = q.abs().remainder(period)
+        return torch.where(r < n, r, period - r)
+    raise ReceptiveFieldError(f"Unknown padding_mode {mode!r}")
+
+
+def _window_connections(n_in: int, n_out: int, kernel: int, stride: int, pad_before: int,
+                        dilation: int, padding_mode: str = "zeros") -> Tensor:
+    """[n_out, n_in] bool: output o reads input o*stride - pad_before + t*dilation, t < kernel."""
+    taps = (torch.arange(n_out)[:, None] * stride - pad_before
+            + torch.arange(kernel)[None, :] * dilation)                        # [n_out, kernel]
+    source = _padded_source(taps, n_in, padding_mode)
+    m = torch.zeros(n_out, n_in + 1, dtype=torch.bool)                      # last column: padding
+    m[torch.arange(n_out)[:, None].expand_as(source), torch.where(source >= 0, source, n_in)] = True
+    return m[:, :n_in]
+
+
+def _adaptive_connections(n_in: int, n_out: int) -> Tensor:
+    o = torch.arange(n_out)
+    start = (o * n_in) // n_out
+    end = ((o + 1) * n_in + n_out - 1) // n_out
+    i = torch.arange(n_in)
+    return (i[None, :] >= start[:, None]) & (i[None, :] < end[:, None])
+
+
+def _conv_pad_before(m: nn.Conv2d) -> tuple[int, int]:
+    if m.padding == "same":  # PyTorch pads total // 2 before, the odd pixel after
+        return tuple(m.dilation[a] * (m.kernel_size[a] - 1) // 2 for a in range(2))
+    if m.padding == "valid":
+        return 0, 0
+    return _pair(m.padding)
+
+
+def _geometry(m: nn.Module) -> tuple[tuple[int, int], ...] | None:
+    """((kernel), (stride), (pad_before), (dilation)) per axis of a fixed window module; None for
+    adaptive pools."""
+    if isinstance(m, nn.Conv2d):
+        return m.kernel_size, m.stride, _conv_pad_before(m), m.dilation
+    if isinstance(m, nn.MaxPool2d):
+        k = _pair(m.kernel_size)
+        return k, _pair(m.stride or m.kernel_size), _pair(m.padding), _pair(m.dilation)
+    if isinstance(m, nn.AvgPool2d):
+        k = _pair(m.kernel_size)
+        return k, _pair(m.stride if m.stride is not None else m.kernel_size), _pair(m.padding), (1, 1)
+    if isinstance(m, nn.LPPool2d):
+        k = _pair(m.kernel_size)
+        return k, _pair(m.stride if m.stride is not None else m.kernel_size), (0, 0), (1, 1)
+    return None
+
+
+def _connections(step: ChainStep, axis: int) -> Tensor | None:
+    """[n_out, n_in] bool connections of one module along `axis` (0 rows, 1 columns); None for an
+    element-wise module."""
+    m = step.module
+    n_in, n_out = step.in_shape[2 + axis], step.out_shape[2 + axis]
+    if isinstance(m, ELEMENTWISE_MODULES):
+        return None
+    if isinstance(m, (nn.AdaptiveMaxPool2d, nn.AdaptiveAvgPool2d)):
+        return _adaptive_connections(n_in, n_out)
+    k, s, p, d = _geometry(m)
+    mode = m.padding_mode if isinstance(m, nn.Conv2d) else "zeros"
+    return _window_connections(n_in, n_out, k[axis], s[axis], p[axis], d[axis], mode)
+
+
+# --------------------------------------------------------------------------------------------
+# Tracing the chain
+# --------------------------------------------------------------------------------------------
+
+def _check_images(images) -> None:
+    if not torch.is_tensor(images) or images.dim() != 4 or images.shape[0] == 0:
+        shape = list(images.shape) if torch.is_tensor(images) else type(images).__name__
+        raise ReceptiveFieldError(f"images must be a non-empty batch tensor [N, C, H, W], got {shape}; "
+                                  "for one image pass image.unsqueeze(0) (only its shape and one "
+                                  "forward pass are used)")
+    if not images.is_floating_point():
+        raise ReceptiveFieldError(f"images must be a floating point tensor, got dtype {images.dtype}")
+
+
+def _chain(model: nn.Module, images: Tensor, layer: str) -> list[ChainStep]:
+    with torch.no_grad():
+        trace = trace_chain(model, images[:1], layer, keep_tensors=True)
+    target = trace[-1]
+    if list(target.module.children()):  # a container: its leaves are the chain
+        trace = trace[:-1]
+        if not trace or trace[-1].output is None or not torch.equal(trace[-1].output, target.output):
+            raise ReceptiveFieldError(
+                f"Layer {layer!r} ({type(target.module).__name__}) computes its output with operations "
+                "that are not modules; name one of its leaf modules instead")
+    supported = ", ".join(t.__name__ for t in WINDOW_MODULES + ELEMENTWISE_MODULES)
+    previous_name, previous = "the input images", images[:1]
+    for index, step in enumerate(trace):
+        if len(step.out_shape) != 4 or len(step.in_shape) != 4:
+            spatial = [s.name for s in trace[:index]]
+            raise LayerError(
+                f"Layer {layer!r} has no receptive field on the image grid: {step.name!r} "
+                f"({type(step.module).__name__}) maps {list(step.in_shape)} to {list(step.out_shape)}. "
+                f"Name a layer with [N, C, H, W] maps before it: {', '.join(spatial) or '(none)'}")
+        if not isinstance(step.module, WINDOW_MODULES + ELEMENTWISE_MODULES):
+            raise ReceptiveFieldError(
+                f"Layer {step.name!r} is a {type(step.module).__name__}, whose spatial connections are "
+                f"unknown. Receptive fields are derived through {supported}")
+        if step.input is None or step.input.shape != previous.shape or not torch.equal(step.input, previous):
+            raise ReceptiveFieldError(
+                f"The model is not a plain chain of modules: the input of layer {step.name!r} is not the "
+                f"output of {previous_name} (an operation that is not a module, such as a residual "
+                "addition or a functional call, runs in between). Receptive fields are derived module "
+                "by module: make that operation a module, or name a layer before it")
+        previous_name, previous = repr(step.name), step.output
+    return trace
+
+
+def receptive_field(model: nn.Module, images: Tensor, layer: str) -> ReceptiveField:
+    """The receptive field of every unit of `layer` on images shaped like `images` [N, C, H, W].
+
+    One image is run through `model` (eval mode) up to `layer` to find the module chain and the map
+    sizes; the answer depends only on the geometry (kernel, stride, padding, dilation, ceil_mode,
+    padding_mode), not on the weights or the image's content. The model's modes, hooks and
+    `requires_grad` flags are left as they were. Raises LayerError for an unknown layer or one
+    without spatial maps, ReceptiveFieldError for a module the field cannot pass (e.g. a Linear,
+    an Upsample, a residual addition).
+    """
+    _check_images(images)
+    trace = _chain(model, images, layer)
+    h, w = trace[-1].out_shape[2:]
+    supports = []
+    for axis, n_out in ((0, h), (1, w)):
+        support = torch.eye(n_out, dtype=torch.bool)
+        for step in reversed(trace):
+            conn = _connections(step, axis)
+            if conn is not None:
+                # positions of the module's input connected to any position of the current support
+                support = (support.float() @ conn.float()) > 0
+        supports.append(support)
+    size, jump, start = _closed_form(trace)
+    return ReceptiveField(layer, tuple(images.shape[2:]), (h, w), supports[0], supports[1],
+                          size, jump, start)
+
+
+def _closed_form(trace: list[ChainStep]):
+    """size, jump, start per axis by the usual recursion (input side first):
+    size += (dilation * (kernel - 1)) * jump, start -= pad * jump, jump *= stride."""
+    size, jump, start = [1, 1], [1, 1], [0, 0]
+    for step in trace:
+        if isinstance(step.module, ELEMENTWISE_MODULES):
+            continue
+        geometry = _geometry(step.module)
+        if geometry is None:
+            return None, None, None
+        k, s, p, d = geometry
+        for a in range(2):
+            size[a] += d[a] * (k[a] - 1) * jump[a]
+            start[a] -= p[a] * jump[a]
+            jump[a] *= s[a]
+    return tuple(size), tuple(jump), tuple(start)
+
+
+# --------------------------------------------------------------------------------------------
+# Patches
+# --------------------------------------------------------------------------------------------
+
+def crop_patches(images: Tensor, field: ReceptiveField, i: Tensor, j: Tensor,
+                 fill: float = math.nan) -> Tensor:
+    """[M, C, Ph, Pw]: the receptive-field patch of unit (i[m], j[m]) in image `images[m]`
+    ([M, C, H, W]), all of size `field.patch_size`.
+
+    Each patch shows the unit's box at the place it has in a full window: when the box is clipped
+    at the top (left) image border it is aligned to the bottom (right) of the tile, otherwise to
+    the top (left); pixels of the tile outside the box, and pixels inside it the unit is not
+    connected to (holes from dilation), are `fill` (NaN by default, so a renderer can color them).
+    """
+    if not torch.is_tensor(images) or images.dim() != 4:
+        raise ReceptiveFieldError("images must be a batch tensor [M, C, H, W]")
+    if tuple(images.shape[2:]) != field.input_size:
+        raise ReceptiveFieldError(f"images are {tuple(images.shape[2:])} but the receptive field was "
+                                  f"computed for {field.input_size} inputs")
+    i, j = torch.as_tensor(i).long().flatten().cpu(), torch.as_tensor(j).long().flatten().cpu()
+    if not len(i) == len(j) == images.shape[0]:
+        raise ReceptiveFieldError(f"need one (i, j) per image: got {len(i)} i, {len(j)} j for "
+                                  f"{images.shape[0]} images")
+    boxes = field.boxes(i, j)                                                 # [M, 4]
+    ph, pw = field.patch_size
+    rows = _tile_positions(boxes[:, 0], boxes[:, 2], ph, field.row_support[i])    # [M, Ph]
+    cols = _tile_positions(boxes[:, 1], boxes[:, 3], pw, field.col_support[j])    # [M, Pw]
+    dev = images.device
+    rows, cols = rows.to(dev), cols.to(dev)
+    m = torch.arange(images.shape[0], device=dev)
+    out = images[m[:, None, None], :, rows.clamp_min(0)[:, :, None], cols.clamp_min(0)[:, None, :]]
+    out = out.permute(0, 3, 1, 2)                                             # [M, C, Ph, Pw]
+    valid = (rows >= 0)[:, :, None] & (cols >= 0)[:, None, :]
+    return out.masked_fill(~valid[:, None], fill)
+
+
+def _tile_positions(lo: Tensor, hi: Tensor, tile: int, support: Tensor) -> Tensor:
+    """[M, tile] input positions shown by each tile position, -1 where there is none."""
+    length = hi - lo
+    origin = torch.where((lo == 0) & (length < tile), hi - tile, lo)
+    pos = origin[:, None] + torch.arange(tile)[None, :]
+    inside = (pos >= lo[:, None]) & (pos < hi[:, None])
+    connected = support.gather(1, pos.clamp(0, support.shape[1] - 1)) & inside
+    return torch.where(connected, pos, -1)
