@@ -133,7 +133,7 @@ class VisualizationCallback(pl.Callback):
     # offline use (visualize.py): `trainer.validate(...)` draws once, after the validation loop
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.state.fn == "validate":
-            self._choose_probe(trainer)
+            self.on_fit_start(trainer, pl_module)  # what a subclass prepares at fit start, offline too
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.state.fn == "validate" and not trainer.sanity_checking and self.probe_images is not None:
@@ -172,7 +172,10 @@ class VisualizationCallback(pl.Callback):
     @rank_zero_only
     def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         start = time.perf_counter()
-        self.visualize(trainer, pl_module)
+        # offline runs (trainer.validate) call this inside inference mode; methods that need
+        # gradients (saliency, suppression) must see ordinary tensors
+        with torch.inference_mode(False):
+            self.visualize(trainer, pl_module)
         self.log_scalars(trainer, {f"viz_time/{self.name}": time.perf_counter() - start})
 
     # -- checkpointing ---------------------------------------------------------------------------

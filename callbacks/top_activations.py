@@ -180,6 +180,8 @@ class TopActivations(VisualizationCallback):
     def _collects(self, trainer: pl.Trainer) -> bool:
         if trainer.sanity_checking or trainer.fast_dev_run or self.probe_images is None:
             return False
+        if trainer.state.fn == TrainerFn.VALIDATING:
+            return True  # an offline run (visualize.py): collect over its validation pass
         if trainer.state.fn != TrainerFn.FITTING:
             return False
         if self.every_n_epochs == 0:
