@@ -18,7 +18,7 @@ import lightning.pytorch as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from models.vgg import WeightsError, load_state_checked, load_weight_file
+from models.vgg import load_state_checked, load_weight_file
 from train import USER_ERRORS, instantiate_dict
 
 log = logging.getLogger("convlens")

@@ -2,7 +2,6 @@
 torchvision's real download, into the cache directory (never into DATA_DIR)."""
 from __future__ import annotations
 
-import torch
 from torchvision.datasets import MNIST
 
 from .base import DataError, TensorImageDataModule, cache_dir, data_dir

@@ -35,7 +35,7 @@ class ClassifierModule(pl.LightningModule):
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.train_loss, self.val_loss, self.test_loss = MeanMetric(), MeanMetric(), MeanMetric()
+        self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
         self.val_acc_best = MaxMetric()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -58,9 +58,10 @@ class ClassifierModule(pl.LightningModule):
                 f"(model.optimizer.lr), check the input normalization, or add gradient clipping "
                 f"(++trainer.gradient_clip_val=1.0)."
             )
-        self.train_loss(loss.detach())
-        self.train_acc(preds, y)
-        self.log("train/loss", self.train_loss, on_step=True, on_epoch=True, prog_bar=True)
+        # per step only what is cheap: `update` (not the metric's forward, which also computes a
+        # per-batch value) and the loss tensor, which Lightning averages over the epoch itself
+        self.train_acc.update(preds, y)
+        self.log("train/loss", loss.detach(), on_step=True, on_epoch=True, prog_bar=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
         return loss
 

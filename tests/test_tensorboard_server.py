@@ -14,17 +14,9 @@ from omegaconf import OmegaConf
 
 import sweep_summary
 from conftest import compose_cfg
-from test_sweep import grid_net_params
+from test_sweep import SWEEP_ARGS, grid_net_params
 
-JOB = [
-    "experiment=cifar10_grid", "datamodule=shapes", "datamodule.channels=3", "datamodule.image_size=32",
-    "datamodule.n_train=48", "datamodule.val_size=16", "datamodule.n_test=16", "datamodule.batch_size=16",
-    "trainer.max_epochs=1", "trainer.accelerator=cpu", "callbacks=[model_checkpoint,deconv_projection]",
-    "callbacks.deconv_projection.every_n_epochs=0", "callbacks.deconv_projection.deconv_max=false",
-    "callbacks.deconv_projection.num_probe=1", "callbacks.deconv_projection.k=1",
-    "callbacks.deconv_projection.layers=[conv3]",
-    "++trainer.enable_progress_bar=false", "++trainer.enable_model_summary=false",
-]
+JOB = SWEEP_ARGS  # the same tiny 2-layer-grid job as the sweep test
 GRID = [(8, 4), (16, 4)]
 
 

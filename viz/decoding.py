@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from viz.layers import LayerError, eval_mode, get_layer, trace_chain
+from viz.layers import LayerError, get_layer, layer_output, trace_chain
 
 UNPOOL_MODES = ("nearest", "bilinear", "bicubic")
 
@@ -327,30 +327,9 @@ def _decode_bank(conv: nn.Conv2d, below: list[nn.Module], layer: str, unpool: st
     return out
 
 
-class _Stop(Exception):
-    pass
-
-
 def _layer_response(model: nn.Module, conv: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """The output of `conv` on `images` (the forward pass stops right after it), in eval mode."""
-    captured = []
-
-    def hook(module, args, out):
-        captured.append(out.detach().clone())  # clone: an in-place ReLU would overwrite it
-        raise _Stop
-
-    handle = conv.register_forward_hook(hook)
-    try:
-        with torch.no_grad(), eval_mode(model):
-            try:
-                model(images)
-            except _Stop:
-                pass
-    finally:
-        handle.remove()
-    if not captured:
-        raise LayerError(f"{conv} was not run by the model's forward pass")
-    return captured[0]
+    return layer_output(model, images, conv)
 
 
 def _contrast_normalize(x: torch.Tensor) -> torch.Tensor:

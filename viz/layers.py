@@ -125,3 +125,29 @@ def trace_chain(model: nn.Module, images: torch.Tensor, layer: str,
         for h in handles:
             h.remove()
     return steps
+
+
+def layer_output(model: nn.Module, images: torch.Tensor, layer: str | nn.Module) -> torch.Tensor:
+    """The output of `layer` (a dotted name or the module itself) for `images`, in eval mode without
+    gradients; the forward pass stops right after it. A copy (an in-place ReLU would overwrite it).
+    Modes and hooks are restored, also on error."""
+    module = get_layer(model, layer) if isinstance(layer, str) else layer
+    captured: list[torch.Tensor] = []
+
+    def hook(_module, _args, out):
+        captured.append(out.detach().clone())
+        raise _StopForward
+
+    handle = module.register_forward_hook(hook)
+    try:
+        with torch.no_grad(), eval_mode(model):
+            try:
+                model(images)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    if not captured:
+        raise LayerError(f"Layer {layer if isinstance(layer, str) else type(layer).__name__} "
+                         "was not run by the model's forward pass")
+    return captured[0]

@@ -29,7 +29,7 @@ the zero of the model's input space: with our datamodules' normalizations, the m
 mean image, for LeNet), so "removed" content fades to the dataset mean, not to black.
 
 Defaults (alpha = 0.5, beta = 0.25, Adam at lr 0.05, at most 300 steps): chosen on our nets (a small
-ReLU net on synthetic shapes, CifarConvNet on CIFAR-10; benchmarks/results-suppression.md). Because
+ReLU net on synthetic shapes, CifarConvNet on CIFAR-10; benchmarks/RESULTS.md, section 5). Because
 Lp is a norm (not squared), its pull does not fade near F̂_i = F_i: below some alpha the kernel's map is
 kept almost exactly (SSIM ~ 1) and the others are suppressed as far as that allows; above it the
 map is traded away quickly (on the shapes net, SSIM at conv1 fell from 0.99 at alpha = 0.5 to 0.72 at

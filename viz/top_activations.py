@@ -27,7 +27,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from viz.layers import eval_mode, get_layer
+from viz.layers import layer_output
 
 __all__ = ["TopActivationsError", "RunningTopK", "spatial_max", "max_activations", "content_ids"]
 
@@ -58,10 +58,6 @@ def spatial_max(maps: Tensor, channels: Tensor | range | None = None) -> tuple[T
     return values, torch.stack([flat // w, flat % w], dim=-1)
 
 
-class _Stop(Exception):
-    pass
-
-
 def max_activations(model: nn.Module, images: Tensor, layer: str,
                     channels: Tensor | range | None = None) -> tuple[Tensor, Tensor]:
     """(values [N, C], positions [N, C, 2]): for each image and channel of `layer` (all, or
@@ -69,25 +65,7 @@ def max_activations(model: nn.Module, images: Tensor, layer: str,
 
     The forward pass runs in eval mode without gradients and stops after `layer`; modes and hooks
     are restored, also on error. LayerError for an unknown layer."""
-    module = get_layer(model, layer)
-    captured: list[Tensor] = []
-
-    def hook(_module, _args, out):
-        captured.append(out)
-        raise _Stop
-
-    handle = module.register_forward_hook(hook)
-    try:
-        with eval_mode(model), torch.no_grad():
-            try:
-                model(images)
-            except _Stop:
-                pass
-    finally:
-        handle.remove()
-    if not captured:
-        raise TopActivationsError(f"Layer {layer!r} was not run by the model's forward pass")
-    return spatial_max(captured[0], channels)
+    return spatial_max(layer_output(model, images, layer), channels)
 
 
 # One random 64-bit weight per element, fixed by this seed: the same ids on every process.
