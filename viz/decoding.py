@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from viz.layers import LayerError, get_layer, layer_output, trace_chain
+from viz.layers import LayerError, check_chain, get_layer, layer_output, trace_chain
 
 UNPOOL_MODES = ("nearest", "bilinear", "bicubic")
 
@@ -112,18 +112,9 @@ def _decoding_chain(model: nn.Module, layer: str) -> tuple[nn.Conv2d, list[nn.Mo
             f"Could not run the model up to {layer!r} on a dummy input with "
             f"{first_conv.in_channels} channels at any of the sizes {_TRACE_SIZES}: " + "; ".join(failures)
         )
-    previous, previous_name = dummy, "the model's input"
-    for step in steps:
-        x = step.input
-        if not (x is not None and x.shape == previous.shape
-                and (torch.equal(x, previous) or torch.equal(x, previous.clamp_min(0)))):
-            raise DecodingError(
-                f"The modules below {layer!r} are not a plain chain: {step.name} does not receive "
-                f"the output of {previous_name} (a skip connection, a branch, or a functional op "
-                f"other than ReLU in forward, e.g. F.max_pool2d). Filter decoding needs a sequence "
-                f"of modules, each consuming the previous one's output."
-            )
-        previous, previous_name = step.output, step.name
+    check_chain(steps, dummy, DecodingError, "Filter decoding needs a sequence of modules, each "
+                "consuming the previous one's output (a functional ReLU is passed through).",
+                allow_functional_relu=True)
     return conv, [s.module for s in steps[:-1]]
 
 

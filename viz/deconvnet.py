@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
-from viz.layers import ChainStep, LayerError, trace_chain
+from viz.layers import ChainStep, LayerError, check_chain, trace_chain
 
 __all__ = [
     "DeconvnetError", "Recording", "record", "project", "project_many", "top_maps",
@@ -156,15 +156,8 @@ def _check_chain(trace: list[ChainStep], images: Tensor) -> None:
                 f"The model must be a chain of {supported} up to the projected layer")
         if isinstance(m, nn.MaxPool2d) and m.return_indices:
             raise DeconvnetError(f"Layer {step.name!r}: MaxPool2d(return_indices=True) is not supported")
-    previous_name, previous = "the input images", images
-    for step in trace:
-        if step.input is None or step.input.shape != previous.shape or not torch.equal(step.input, previous):
-            raise DeconvnetError(
-                f"The model is not a plain chain of modules: the input of layer {step.name!r} is not "
-                f"the output of {previous_name}. Its forward applies an operation that is not a module "
-                "in between (a residual addition, a functional call such as F.relu, a normalization...), "
-                "which a deconvnet cannot undo. Make that operation a module, or project a layer before it")
-        previous_name, previous = repr(step.name), step.output
+    check_chain(trace, images, DeconvnetError,
+                "A deconvnet cannot undo it: make that operation a module, or project a layer before it.")
 
 
 def _window_matrix(in_size: int, out_size: int, kernel: int, stride: int, padding: int,

@@ -151,3 +151,22 @@ def layer_output(model: nn.Module, images: torch.Tensor, layer: str | nn.Module)
         raise LayerError(f"Layer {layer if isinstance(layer, str) else type(layer).__name__} "
                          "was not run by the model's forward pass")
     return captured[0]
+
+
+def check_chain(steps: list[ChainStep], images: torch.Tensor, error: type[Exception], remedy: str,
+                allow_functional_relu: bool = False) -> None:
+    """Raise `error` unless every step of a `trace_chain(..., keep_tensors=True)` consumes exactly the
+    previous step's output (the first one: `images`), i.e. the model is a plain chain of modules up
+    to there. `allow_functional_relu` accepts a functional ReLU between two modules (methods that
+    pass ReLUs through). `remedy` ends the message: what the method needs and what to do."""
+    previous, previous_name = images, "the input images"
+    for step in steps:
+        x = step.input
+        ok = x is not None and x.shape == previous.shape and (
+            torch.equal(x, previous) or (allow_functional_relu and torch.equal(x, previous.clamp_min(0))))
+        if not ok:
+            raise error(
+                f"The model is not a plain chain of modules: the input of layer {step.name!r} is not the "
+                f"output of {previous_name}; an operation that is not a module (a residual addition, a "
+                f"branch, a functional call such as F.relu or F.max_pool2d) runs in between. {remedy}")
+        previous, previous_name = step.output, repr(step.name)

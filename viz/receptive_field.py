@@ -43,7 +43,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
-from viz.layers import ChainStep, LayerError, trace_chain
+from viz.layers import ChainStep, LayerError, check_chain, trace_chain
 
 __all__ = ["ReceptiveField", "ReceptiveFieldError", "receptive_field", "crop_patches",
            "WINDOW_MODULES", "ELEMENTWISE_MODULES"]
@@ -243,7 +243,6 @@ def _chain(model: nn.Module, images: Tensor, layer: str) -> list[ChainStep]:
                 f"Layer {layer!r} ({type(target.module).__name__}) computes its output with operations "
                 "that are not modules; name one of its leaf modules instead")
     supported = ", ".join(t.__name__ for t in WINDOW_MODULES + ELEMENTWISE_MODULES)
-    previous_name, previous = "the input images", images[:1]
     for index, step in enumerate(trace):
         if len(step.out_shape) != 4 or len(step.in_shape) != 4:
             spatial = [s.name for s in trace[:index]]
@@ -255,13 +254,8 @@ def _chain(model: nn.Module, images: Tensor, layer: str) -> list[ChainStep]:
             raise ReceptiveFieldError(
                 f"Layer {step.name!r} is a {type(step.module).__name__}, whose spatial connections are "
                 f"unknown. Receptive fields are derived through {supported}")
-        if step.input is None or step.input.shape != previous.shape or not torch.equal(step.input, previous):
-            raise ReceptiveFieldError(
-                f"The model is not a plain chain of modules: the input of layer {step.name!r} is not the "
-                f"output of {previous_name} (an operation that is not a module, such as a residual "
-                "addition or a functional call, runs in between). Receptive fields are derived module "
-                "by module: make that operation a module, or name a layer before it")
-        previous_name, previous = repr(step.name), step.output
+    check_chain(trace, images[:1], ReceptiveFieldError, "Receptive fields are derived module by module: "
+                "make that operation a module, or name a layer before it.")
     return trace
 
 
