@@ -89,8 +89,22 @@ def bench_vgg(filters: int, chunk_size: int | None, threads: int | None) -> dict
     return result
 
 
-def table1(checkpoint: str, count: int) -> None:
+def _run_normalization(checkpoint: str) -> str:
+    """The datamodule normalization of the train.py run that wrote `checkpoint` (its
+    .hydra/config.yaml), or mean_image when the checkpoint is not in a run dir."""
+    from omegaconf import OmegaConf
+
+    for parent in Path(checkpoint).resolve().parents:
+        config = parent / ".hydra" / "config.yaml"
+        if config.is_file():
+            return OmegaConf.load(config).datamodule.get("normalization", "mean_image")
+    return "mean_image"
+
+
+def table1(checkpoint: str, count: int, normalization: str | None = None) -> None:
     from torchvision.datasets import MNIST
+
+    from datamodules.base import make_normalization
 
     from models.vgg import load_weight_file
     from viz.decoding import class_max_responses, reconstruction_error
@@ -99,19 +113,22 @@ def table1(checkpoint: str, count: int) -> None:
     net = LeNet()
     net.load_state_dict(state)
     root = os.environ.get("DATA_DIR", str(Path(__file__).resolve().parents[2] / "shared" / "datasets"))
-    mean = MNIST(root, train=True).data.float().mean(0) / 255
+    normalization = normalization or _run_normalization(checkpoint)
+    # the datamodule's preprocessing: the mean training image subtracted (from 0..1 or 0..255 pixels)
+    normalize = make_normalization(normalization, MNIST(root, train=True).data[:, None])
     test = MNIST(root, train=False)
-    images = (test.data[:count].float() / 255 - mean)[:, None]
+    images = normalize(test.data[:count, None])
     labels = test.targets[:count]
     with torch.no_grad():
         accuracy = (net.eval()(images).argmax(1) == labels).float().mean().item()
-    print(f"{checkpoint}: accuracy {accuracy:.4f} on the first {count} MNIST test images\n")
+    print(f"{checkpoint}: accuracy {accuracy:.4f} on the first {count} MNIST test images "
+          f"(normalization {normalization})\n")
     modes = ("bicubic", "nearest", "bilinear")  # the paper's column order
     print("| layer | " + " | ".join(modes) + " |")
     print("|---|---|---|---|")
     for layer, name in (("conv2", "L3"), ("conv3", "L5"), ("conv4", "L7")):
         cells = [reconstruction_error(net, layer, images, unpool=mode) for mode in modes]
-        print(f"| {name} ({layer}) | " + " | ".join(f"{m:.4f} +- {s:.4f}" for m, s in cells) + " |")
+        print(f"| {name} ({layer}) | " + " | ".join(f"{m:.5f} +- {s:.4f}" for m, s in cells) + " |")
     values, _ = class_max_responses(decode_filters(net, "conv4"), images, labels, 10)
     best = values.argmax(dim=1).tolist()
     print(f"\nFig. 1: class of the highest response per decoded conv4 filter: {best} "
@@ -127,11 +144,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--lenet-checkpoint", default=None, help="print Table 1 for this trained LeNet instead")
     parser.add_argument("--mnist-images", type=int, default=2000, help="test images for --lenet-checkpoint")
+    parser.add_argument("--normalization", default=None, choices=["mean_image", "mean_image_255"],
+                        help="the checkpoint's input preprocessing (default: read from its run's "
+                             ".hydra/config.yaml, else mean_image)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.lenet_checkpoint:
-        table1(args.lenet_checkpoint, args.mnist_images)
+        table1(args.lenet_checkpoint, args.mnist_images, args.normalization)
         return
 
     lenet = bench_lenet(args.repeats)

@@ -6,6 +6,11 @@ Targets: the whole task within 3x the time of one forward+backward of the 16 ima
 step without the optimizer: train mode, cross-entropy, backward); and a speed-up over projecting one
 map at a time (one `project` call per image and map).
 
+The reverse pass is timed in float32 and in bfloat16 (`project_many(..., dtype=torch.bfloat16)`,
+what DeconvProjection's precision="auto" picks where `viz.deconvnet.fast_dtype` finds native bf16:
+AMX CPUs, recent GPUs); the reference forward+backward is float32 training, and is also timed under
+bf16 autocast for comparison.
+
 Prints a markdown table. Options: --repeats R (best of R runs), --threads T (torch threads).
 """
 from __future__ import annotations
@@ -22,7 +27,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.cifar import CifarConvNet  # noqa: E402
-from viz.deconvnet import project, record  # noqa: E402
+from viz.deconvnet import fast_dtype, project, record  # noqa: E402
 
 LAYERS = ["conv1", "conv2", "conv3", "conv4"]
 N_IMAGES, TOP_K = 16, 9
@@ -58,13 +63,17 @@ def main() -> None:
         model.zero_grad(set_to_none=True)
         F.cross_entropy(model(images), labels).backward()
 
-    def deconv_one_record():
+    def forward_backward_bf16_autocast():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            forward_backward()
+
+    def deconv_one_record(dtype=None):
         # one forward up to the deepest layer serves ranking and projection at every layer
         deepest = record(model, images, LAYERS[-1])
         for layer in LAYERS:
             rec = deepest.at(layer)
             _, top = rec.top_maps(TOP_K)
-            rec.project_many(top)
+            rec.project_many(top, dtype=dtype)
 
     def deconv_record_per_layer():
         for layer in LAYERS:
@@ -77,7 +86,8 @@ def main() -> None:
     for layer in LAYERS:
         rec = deepest.at(layer)
         _, top = rec.top_maps(TOP_K)
-        per_layer[layer] = (timed(lambda: rec.project_many(top), args.repeats), top)
+        per_layer[layer] = (timed(lambda: rec.project_many(top), args.repeats), top,
+                            timed(lambda: rec.project_many(top, dtype=torch.bfloat16), args.repeats))
 
     def one_map_at_a_time():
         # the first SINGLE_IMAGES images only (each call costs the same); scaled up below
@@ -88,21 +98,31 @@ def main() -> None:
                     project(model, images[n:n + 1], layer, int(top[n, j]))
 
     base = timed(forward_backward, args.repeats)
+    base_bf16 = timed(forward_backward_bf16_autocast, args.repeats)
     one_rec = timed(deconv_one_record, args.repeats)
+    one_rec_bf16 = timed(lambda: deconv_one_record(torch.bfloat16), args.repeats)
     per_rec = timed(deconv_record_per_layer, args.repeats)
     single = timed(one_map_at_a_time, max(1, args.repeats // 2)) * N_IMAGES / SINGLE_IMAGES
 
     print(f"CifarConvNet(256, 64), {N_IMAGES} images 32x32, top-{TOP_K} maps at {', '.join(LAYERS)}; "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average "
-          f"{os.getloadavg()[0]:.1f}, best of {args.repeats}\n")
+          f"{os.getloadavg()[0]:.1f}, best of {args.repeats}; fast_dtype(cpu) = {fast_dtype('cpu')}\n")
     print("| what | time (ms) | x fwd+bwd | target |")
     print("|---|---:|---:|---|")
-    print(f"| one forward+backward, 16 images (reference) | {base * 1e3:.1f} | 1.00 | |")
+    print(f"| one forward+backward, 16 images (reference: float32 training) | {base * 1e3:.1f} | 1.00 | |")
+    print(f"| one forward+backward under bf16 autocast (for comparison) | {base_bf16 * 1e3:.1f} | "
+          f"{base_bf16 / base:.2f} | |")
     for layer in LAYERS:
-        t = per_layer[layer][0]
-        print(f"| project_many {layer}: {N_IMAGES * TOP_K} maps, reverse pass only | {t * 1e3:.1f} | {t / base:.2f} | |")
+        t, _, t16 = per_layer[layer]
+        print(f"| project_many {layer}: {N_IMAGES * TOP_K} maps, reverse pass only, float32 / bfloat16 | "
+              f"{t * 1e3:.1f} / {t16 * 1e3:.1f} | {t / base:.2f} / {t16 / base:.2f} | |")
     met = "met" if one_rec <= 3 * base else "MISSED"
-    print(f"| all 4 layers: 1 record + rank + project_many per layer | {one_rec * 1e3:.1f} | {one_rec / base:.2f} | <= 3x: {met} |")
+    print(f"| all 4 layers: 1 record + rank + project_many per layer, float32 | {one_rec * 1e3:.1f} | {one_rec / base:.2f} | <= 3x: {met} |")
+    met = "met" if one_rec_bf16 <= 3 * base else "MISSED"
+    print(f"| all 4 layers: 1 record + rank + project_many per layer, bfloat16 reverse pass | "
+          f"{one_rec_bf16 * 1e3:.1f} | {one_rec_bf16 / base:.2f} | <= 3x: {met} |")
+    print(f"| the same, bfloat16, against the bf16-autocast forward+backward | {one_rec_bf16 * 1e3:.1f} | "
+          f"{one_rec_bf16 / base_bf16:.2f} (x autocast fwd+bwd) | |")
     met = "met" if per_rec <= 3 * base else "MISSED"
     print(f"| all 4 layers: record + rank + project_many per layer | {per_rec * 1e3:.1f} | {per_rec / base:.2f} | <= 3x: {met} |")
     print(f"| all 4 layers: one `project` call per map ({len(LAYERS) * N_IMAGES * TOP_K} calls; timed on "

@@ -54,12 +54,14 @@ class Normalization(nn.Module):
 
 
 def make_normalization(kind: str, train_images: torch.Tensor) -> Normalization:
-    """`mean_image` (subtract the training set's mean image), `channel` (per-channel mean/std of the
-    training set), `imagenet` (torchvision's ImageNet statistics), or `none`."""
+    """`mean_image` (subtract the training set's mean image), `mean_image_255` (the same on pixels
+    in 0..255, MatConvNet's MNIST preprocessing), `channel` (per-channel mean/std of the training
+    set), `imagenet` (torchvision's ImageNet statistics), or `none`."""
     c = train_images.shape[1]
-    if kind == "mean_image":
+    if kind in ("mean_image", "mean_image_255"):
         mean = train_images.float().mean(0) / 255
-        return Normalization(mean, torch.ones(c, 1, 1))
+        # a std of 1/255 maps [0, 1] back to 0..255, so inverse() still renders in [0, 1]
+        return Normalization(mean, torch.full((c, 1, 1), 1 / 255 if kind == "mean_image_255" else 1.0))
     if kind == "channel":
         x = train_images.float() / 255
         mean = x.mean((0, 2, 3)).view(c, 1, 1)
@@ -72,7 +74,7 @@ def make_normalization(kind: str, train_images: torch.Tensor) -> Normalization:
                              torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1))
     if kind == "none":
         return Normalization(torch.zeros(c, 1, 1), torch.ones(c, 1, 1))
-    raise ValueError(f"Unknown normalization {kind!r}; use one of mean_image, channel, imagenet, none")
+    raise ValueError(f"Unknown normalization {kind!r}; use one of mean_image, mean_image_255, channel, imagenet, none")
 
 
 class TensorBatches(Dataset):

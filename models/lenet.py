@@ -11,12 +11,18 @@ from torch import nn
 
 
 class LeNet(nn.Sequential):
-    def __init__(self, in_channels: int = 1, num_classes: int = 10, pool: str = "max", input_size: int = 28):
+    """`init="matconvnet"` draws every weight from N(0, 0.01^2) and zeroes the biases, as
+    MatConvNet's `cnn_mnist_init` (f = 1/100); `"pytorch"` keeps torch's default initialization."""
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, pool: str = "max", input_size: int = 28,
+                 init: str = "pytorch"):
         if input_size != 28:
             raise ValueError(f"LeNet is defined for 28x28 inputs (its conv4 is a 1x1 classifier over a 1x1 map), "
                              f"got input_size={input_size}; use model=cifar_convnet or resize the data to 28")
         if pool not in ("max", "avg"):
             raise ValueError(f"LeNet pool must be 'max' or 'avg', got {pool!r}")
+        if init not in ("pytorch", "matconvnet"):
+            raise ValueError(f"LeNet init must be 'pytorch' or 'matconvnet', got {init!r}")
         Pool = nn.MaxPool2d if pool == "max" else nn.AvgPool2d
         super().__init__(
             OrderedDict(
@@ -30,3 +36,8 @@ class LeNet(nn.Sequential):
                 flatten=nn.Flatten(),
             )
         )
+        if init == "matconvnet":
+            for module in self.modules():
+                if isinstance(module, nn.Conv2d):
+                    nn.init.normal_(module.weight, std=0.01)
+                    nn.init.zeros_(module.bias)

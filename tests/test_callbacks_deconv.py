@@ -27,6 +27,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 from torchvision.models.vgg import cfgs as vgg_cfgs, make_layers
 
+import callbacks.deconv
 from callbacks.deconv import DeconvProjection, default_conv_layers
 from callbacks.evolution import FilterEvolution
 from callbacks.render import scale_each, scale_symmetric, to_pixels, upscale
@@ -36,7 +37,7 @@ from models.cifar import CifarConvNet
 from models.lenet import LeNet
 from models.module import ClassifierModule
 from train import train
-from viz.deconvnet import DeconvnetError, project
+from viz.deconvnet import DeconvnetError, Recording, project
 from viz.layers import LayerError, eval_mode
 
 LENET_CONVS = ["conv1", "conv2", "conv3", "conv4"]
@@ -136,7 +137,7 @@ def test_deconv_grid_tiles_are_the_projections_of_the_top_maps(shapes_probe):
     dm, images, labels = shapes_probe
     torch.manual_seed(0)
     net = LeNet()
-    cb = DeconvProjection(k=3, deconv_max=False, tile_size=56)
+    cb = DeconvProjection(k=3, deconv_max=False, tile_size=56, precision="float32")
     cb.setup(None, fake_module(net), "fit")
     cb.probe_images, cb.probe_labels = images, labels
     logged = capture_images(cb)
@@ -166,7 +167,8 @@ def test_deconv_max_tiles_are_each_maps_most_activating_image(shapes_probe):
     torch.manual_seed(1)
     net = LeNet()
     images, labels = dm.normalization(dm.val_set.images[:40]), dm.val_set.labels[:40]
-    cb = DeconvProjection(layers=["conv2"], deconv_max=True, max_maps=6, val_images=32, tile_size=56)
+    cb = DeconvProjection(layers=["conv2"], deconv_max=True, max_maps=6, val_images=32, tile_size=56,
+                          precision="float32")
     cb.setup(None, fake_module(net), "fit")
     cb.probe_images, cb.probe_labels = images[:2], labels[:2]
     # validation batches arrive through the hook: only batch `val_batch_index` (0) is kept, cut to 32
@@ -186,6 +188,37 @@ def test_deconv_max_tiles_are_each_maps_most_activating_image(shapes_probe):
         assert_tile(tile(grid, 2 * j, 12, (56, 56)), as_drawn(pixels[i], 56))
         expected = scale_each(project(net, batch[i:i + 1], "conv2", c))[0]
         assert_tile(tile(grid, 2 * j + 1, 12, (56, 56)), as_drawn(expected, 56))
+
+
+def test_precision_auto_runs_the_fast_dtype_and_draws_what_float32_draws(shapes_probe, monkeypatch):
+    # "auto" asks viz.deconvnet.fast_dtype for the device (bfloat16 here, as on an AMX CPU or a
+    # recent GPU); both drawings (deconv and deconv_max) must match float32's to a few gray levels
+    dm, images, labels = shapes_probe
+    monkeypatch.setattr(callbacks.deconv, "fast_dtype", lambda device: torch.bfloat16)
+    dtypes = []
+    reverse = Recording._reverse
+
+    def spy(self, sample, channel, unpool, dtype=None):
+        dtypes.append(dtype)
+        return reverse(self, sample, channel, unpool, dtype)
+
+    monkeypatch.setattr(Recording, "_reverse", spy)
+    torch.manual_seed(0)
+    net = LeNet()
+    drawn = {}
+    for precision in ("auto", "float32"):
+        cb = DeconvProjection(k=3, max_maps=6, val_images=32, tile_size=28, precision=precision)
+        cb.setup(None, fake_module(net), "fit")
+        cb.probe_images, cb.probe_labels = images, labels
+        cb.on_validation_batch_end(None, None, None, (images, labels), 0)
+        drawn[precision] = capture_images(cb)
+        cb.visualize(fake_trainer(dm), fake_module(net))
+    assert dtypes == [torch.bfloat16] * 8 + [None] * 8  # 4 layers x (deconv, deconv_max)
+    assert set(drawn["auto"]) == set(drawn["float32"]) and len(drawn["auto"]) == 8
+    for tag, grid in drawn["auto"].items():
+        diff = (grid - drawn["float32"][tag]).abs()
+        assert diff.max() <= 4 / 255 + 1e-6, tag
+        assert diff.mean() < 0.5 / 255, tag
 
 
 def test_evolution_tiles_weights_and_summary(shapes_probe):
@@ -351,6 +384,7 @@ def test_fast_dev_run_logs_nothing(tmp_path):
     (DeconvProjection, {"val_batch_index": -1}, "val_batch_index"),
     (DeconvProjection, {"val_images": 0}, "val_images"),
     (DeconvProjection, {"deconv_max": "yes"}, "deconv_max"),
+    (DeconvProjection, {"precision": "fp16"}, "precision.*auto, float32, bfloat16"),
     (DeconvProjection, {"every_n_epochs": -1}, "every_n_epochs"),
     (FilterEvolution, {"filters": [3]}, "filters must map"),
     (FilterEvolution, {"filters": {"conv1": -2}}, "filters\\['conv1'\\]"),

@@ -61,10 +61,14 @@ def test_val_split_and_probe_are_deterministic():
 
 def test_normalizations_invert():
     imgs = torch.randint(0, 256, (20, 3, 8, 8), dtype=torch.uint8)
-    for kind in ("mean_image", "channel", "imagenet", "none"):
+    for kind in ("mean_image", "mean_image_255", "channel", "imagenet", "none"):
         n = make_normalization(kind, imgs)
         torch.testing.assert_close(n.inverse(n(imgs)), imgs.float() / 255)
-    with pytest.raises(ValueError, match="mean_image, channel"):
+    # MatConvNet's MNIST preprocessing: 0..255 pixels minus the mean 0..255 image
+    raw = imgs.double()
+    torch.testing.assert_close(make_normalization("mean_image_255", imgs)(imgs).double(), raw - raw.mean(0),
+                               rtol=0, atol=1e-3)
+    with pytest.raises(ValueError, match="mean_image, mean_image_255, channel"):
         make_normalization("zscore", imgs)
 
 

@@ -19,7 +19,8 @@ from torch import nn
 from models.cifar import BlogConvNet, CifarConvNet
 from models.lenet import LeNet
 from models.vgg import VGG16
-from viz.deconvnet import (DeconvnetError, max_activating_images, project, project_many, record,
+from viz import deconvnet
+from viz.deconvnet import (DeconvnetError, fast_dtype, max_activating_images, project, project_many, record,
                            top_maps)
 from viz.layers import LayerError, eval_mode, get_layer
 
@@ -208,6 +209,9 @@ MODULE_VARIANTS = [
     ("overlapping maxpool padding dilation ceil",
      lambda: [nn.Conv2d(2, 4, 3), nn.ReLU(), nn.MaxPool2d(3, 2, padding=1, dilation=2, ceil_mode=True),
               nn.Conv2d(4, 3, 2)]),
+    ("non-overlapping maxpools: gaps, padding, ceil_mode",  # max_unpool2d places the values
+     lambda: [nn.Conv2d(2, 4, 3), nn.ReLU(), nn.MaxPool2d(2, 3, padding=1), nn.Conv2d(4, 4, 1),
+              nn.MaxPool2d(2, ceil_mode=True), nn.Conv2d(4, 3, 1)]),
     ("overlapping maxpool, grouped conv after",  # the signal reaches the pool not in channels_last
      lambda: [nn.Conv2d(2, 4, 3), nn.ReLU(), nn.MaxPool2d(3, 2, padding=1), nn.Conv2d(4, 4, 2, groups=2)]),
     ("strided dilated conv with leftover",
@@ -451,6 +455,41 @@ def test_project_many_equals_one_map_at_a_time(cifar_net, layer, unpool):
         for j in range(3):
             one = project(cifar_net, images[n:n + 1], layer, int(channels[n, j]), unpool=unpool)
             assert torch.allclose(many[n, j], one[0], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("net_name,layers", [("lenet", ["conv2", "conv4"]),
+                                              ("cifar_net", ["conv2", "conv3", "conv4"])])
+def test_bfloat16_reverse_pass_within_a_gray_level_of_the_oracle(net_name, layers, request):
+    # the reduced-precision pass against the float32 autograd oracle: off by at most ~1 gray level
+    # of the rendered image (1/255 of each projection's range), in the oracle's dtype
+    net = copy.deepcopy(request.getfixturevalue(net_name)).float()
+    images = torch.randn(4, *((1, 28, 28) if net_name == "lenet" else (3, 32, 32)))
+    for layer in layers:
+        rec = record(net, images, layer)
+        _, top = rec.top_maps(3)
+        fast = rec.project_many(top, dtype=torch.bfloat16)
+        assert fast.dtype == torch.float32
+        for j in range(3):
+            expected = oracle(net, images, layer, top[:, j]).flatten(1)
+            span = expected.amax(1) - expected.amin(1)
+            assert (span > 0).all()
+            err = ((fast[:, j].flatten(1) - expected).abs().amax(1) / span).max().item()
+            assert err < 2 / 255, f"{layer} map rank {j}: bfloat16 off by {err:.4f} of the range"
+
+
+def test_dtype_is_checked(lenet):
+    with pytest.raises(DeconvnetError, match="floating point torch.dtype"):
+        project(lenet, torch.randn(1, 1, 28, 28, dtype=torch.float64), "conv2", 0, dtype=torch.int8)
+
+
+def test_fast_dtype_follows_the_hardware(monkeypatch):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert fast_dtype("cpu") is torch.bfloat16
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert fast_dtype("cpu") is None
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")  # a torch without the probe: float32
+    assert fast_dtype(torch.device("cpu")) is None
+    assert deconvnet.fast_dtype("meta") is None
 
 
 def test_max_batch_splits_the_pass_without_changing_the_result(cifar_net):

@@ -24,6 +24,17 @@ def test_lenet_is_matconvnets_mnist_lenet():
     assert not any(isinstance(m, nn.ReLU) and m.inplace for m in net.modules())
 
 
+def test_lenet_matconvnet_init():
+    torch.manual_seed(0)
+    net = LeNet(init="matconvnet")
+    convs = [m for m in net if isinstance(m, nn.Conv2d)]
+    assert all(torch.count_nonzero(m.bias) == 0 for m in convs)
+    weights = torch.cat([m.weight.flatten() for m in convs])  # 430,500 draws of f * randn, f = 1/100
+    assert abs(weights.std().item() - 0.01) < 1e-4 and abs(weights.mean().item()) < 1e-4
+    with pytest.raises(ValueError, match="'pytorch' or 'matconvnet'"):
+        LeNet(init="xavier")
+
+
 @pytest.mark.parametrize("c3,c4,params", [(64, 32, 217_258), (256, 64, 588_170)])
 def test_cifar_grid_net_parameter_counts(c3, c4, params):
     assert trainable(CifarConvNet(c3, c4)) == params

@@ -1,3 +1,5 @@
+import pytest
+
 from conftest import FAST_SHAPES, compose_cfg, read_events
 
 from train import train
@@ -12,3 +14,33 @@ def test_shapes_demo_two_epochs_logs_scalars(tmp_path):
     assert len(events["scalars"]["val/acc"]) == 2  # one per epoch
     assert (tmp_path / "metrics.json").is_file()
     assert 0.0 <= metrics["test/acc"] <= 1.0 and metrics["params"] == 431_080
+
+
+def test_training_loss_logged_at_the_logging_interval_and_as_the_epoch_mean(tmp_path):
+    # the loss is logged only at the steps the logger writes; its epoch value must be the mean of
+    # every step's loss (the oracle: the losses training_step returned, collected by a callback)
+    import lightning.pytorch as pl
+    from hydra.utils import instantiate
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = compose_cfg(FAST_SHAPES + ["callbacks=none"], tmp_path)
+    losses = []
+
+    class Collect(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            losses.append(float(outputs["loss"]))
+
+    module = instantiate(cfg.model)
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", limit_train_batches=7, limit_val_batches=0,
+                         log_every_n_steps=3, enable_progress_bar=False, enable_checkpointing=False,
+                         logger=TensorBoardLogger(tmp_path, name="tb"), callbacks=[Collect()])
+    trainer.fit(module, datamodule=instantiate(cfg.datamodule))
+    acc = EventAccumulator(str(next((tmp_path / "tb").rglob("events.out.tfevents.*"))), size_guidance={"scalars": 0})
+    acc.Reload()
+    step_events = acc.Scalars("train/loss_step")
+    assert [e.step for e in step_events] == [2, 5]  # global steps 3 and 6 (0-based 2, 5)
+    assert [e.value for e in step_events] == pytest.approx([losses[2], losses[5]], rel=1e-6)
+    (epoch_loss,) = acc.Scalars("train/loss_epoch")
+    assert epoch_loss.value == pytest.approx(sum(losses) / len(losses), rel=1e-6)
+    assert len(losses) == 7

@@ -40,7 +40,7 @@ from viz.layers import ChainStep, LayerError, check_chain, trace_chain
 
 __all__ = [
     "DeconvnetError", "Recording", "record", "project", "project_many", "top_maps",
-    "max_activating_images", "UNPOOL_MODES", "SUPPORTED_MODULES",
+    "max_activating_images", "fast_dtype", "UNPOOL_MODES", "SUPPORTED_MODULES",
 ]
 
 UNPOOL_MODES = ("switches", "fill")
@@ -251,7 +251,7 @@ def _conv_pads(m: nn.Conv2d) -> tuple[tuple[int, int], tuple[int, int]]:
 def _reverse_conv(step: _Step, g: Tensor, channel: Tensor | None) -> Tensor:
     """Transposed convolution with the forward weights (no bias), back onto the unpadded input."""
     m = step.module
-    w = m.weight.detach()
+    w = m.weight.detach().to(g.dtype)
     n = g.shape[0]
     one_map = channel is not None and m.groups == 1
     if one_map:
@@ -303,7 +303,7 @@ def _densify(g: Tensor, channel: Tensor, channels: int) -> Tensor:
 
 def _separable(g: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
     """rows.T @ g @ cols: the adjoint of x -> rows @ x @ cols.T, per map."""
-    return torch.matmul(torch.matmul(rows.t(), g), cols)
+    return torch.matmul(torch.matmul(rows.t().to(g.dtype), g), cols.to(g.dtype))
 
 
 def _unpool(step: _Step, g: Tensor, channel: Tensor | None, sample: Tensor) -> Tensor:
@@ -313,6 +313,13 @@ def _unpool(step: _Step, g: Tensor, channel: Tensor | None, sample: Tensor) -> T
     if channel is not None:
         index = step.switches[sample, channel].reshape(n, -1)
         return g.new_zeros(n, h * w).scatter_add_(1, index, g.reshape(n, -1)).reshape(n, 1, h, w)
+    m = step.module
+    if isinstance(m, nn.MaxPool2d):
+        k, st, d = _pair(m.kernel_size), _pair(m.stride or m.kernel_size), _pair(m.dilation)
+        if all(st[a] >= d[a] * (k[a] - 1) + 1 for a in range(2)):
+            # windows do not overlap, so no position receives two values: max_unpool2d places them
+            # (in bfloat16 4x faster than a scatter_add, which accumulates in float32)
+            return F.max_unpool2d(g, step.switches[sample], k, st, _pair(m.padding), output_size=(h, w))
     if c > 1 and g.is_contiguous(memory_format=torch.channels_last) and not g.is_contiguous():
         # keep channels_last (the transposed convolutions are faster on it): scatter in [h, w, C] order
         index = step.switches[sample] * c + torch.arange(c, device=g.device).reshape(1, c, 1, 1)
@@ -330,7 +337,8 @@ def _reverse_step(step: _Step, g: Tensor, channel: Tensor | None, sample: Tensor
     of sample i (its switches). Returns the signal at the module's input, and the new `channel`."""
     m = step.module
     if isinstance(m, nn.ReLU):
-        return g.relu_(), channel  # in place: g is always this pass's own tensor
+        # in place (g is always this pass's own tensor); clamp_min_, as relu_ is ~5x slower in bfloat16
+        return g.clamp_min_(0), channel
     if isinstance(m, nn.Conv2d):
         return _reverse_conv(step, g, channel), None
     if isinstance(m, _MAX_POOLS):
@@ -341,7 +349,7 @@ def _reverse_step(step: _Step, g: Tensor, channel: Tensor | None, sample: Tensor
         return _separable(g, step.pool_rows, step.pool_cols), channel
     if isinstance(m, _BATCH_NORMS):
         scale = step.scale.reshape(1, -1, 1, 1) if channel is None else step.scale[channel].reshape(-1, 1, 1, 1)
-        return g * scale, channel
+        return g * scale.to(g.dtype), channel
     return g, channel  # Dropout, Identity: identity in eval mode
 
 
@@ -349,7 +357,10 @@ def _reverse_step(step: _Step, g: Tensor, channel: Tensor | None, sample: Tensor
 # The recording and its uses
 # --------------------------------------------------------------------------------------------
 
-def _check_options(unpool, max_batch) -> None:
+def _check_options(unpool, max_batch, dtype=None) -> None:
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise DeconvnetError(f"dtype must be a floating point torch.dtype (e.g. torch.bfloat16) or None, "
+                             f"got {dtype!r}")
     if max_batch is not None and (isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1):
         raise DeconvnetError(f"max_batch must be a positive int or None (one pass), got {max_batch!r}")
     if unpool not in UNPOOL_MODES:
@@ -424,44 +435,49 @@ class Recording:
         batch and the image it comes from."""
         return self.map_maxima().max(dim=0)
 
-    def project(self, channel: int | Tensor, unpool: str = "switches", max_batch: int | None = None) -> Tensor:
+    def project(self, channel: int | Tensor, unpool: str = "switches", max_batch: int | None = None,
+                dtype: torch.dtype | None = None) -> Tensor:
         """[N, C, H, W] like the images: for each image, the projection of map `channel` (an int for
         all images, or an integer tensor [N], one map per image). See `project_many`."""
         channel = _as_channels(channel, self.maps.shape[0], self.num_maps, self.layer, matrix=False)
-        return self.project_many(channel[:, None], unpool, max_batch)[:, 0]
+        return self.project_many(channel[:, None], unpool, max_batch, dtype)[:, 0]
 
-    def project_many(self, channels: Tensor, unpool: str = "switches", max_batch: int | None = None) -> Tensor:
+    def project_many(self, channels: Tensor, unpool: str = "switches", max_batch: int | None = None,
+                     dtype: torch.dtype | None = None) -> Tensor:
         """[N, k, C, H, W]: the projection of map `channels[n, j]` of image n, for all n, j.
 
         All N*k projections run as one reverse pass over an N*k pseudo-batch, each sample reusing
         its image's switches. Memory: about three N*k-sample copies of the largest feature map on
         the way; `max_batch` caps the pseudo-batch (more, smaller passes; same result).
+        `dtype` (e.g. `torch.bfloat16`): run the reverse pass in that precision (the forward pass,
+        switches and ranking stay as recorded); the result is returned in the maps' dtype. See
+        `fast_dtype` for when that pays off.
         """
-        _check_options(unpool, max_batch)
+        _check_options(unpool, max_batch, dtype)
         n = self.maps.shape[0]
         channels = _as_channels(channels, n, self.num_maps, self.layer, matrix=True).to(self.maps.device)
         k = channels.shape[1]
         samples = torch.arange(n, device=self.maps.device).repeat_interleave(k)
         chunk = max_batch or samples.numel()
-        parts = [self._reverse(samples[i:i + chunk], channels.reshape(-1)[i:i + chunk], unpool)
+        parts = [self._reverse(samples[i:i + chunk], channels.reshape(-1)[i:i + chunk], unpool, dtype)
                  for i in range(0, samples.numel(), chunk)]
         out = parts[0] if len(parts) == 1 else torch.cat(parts)
         return out.reshape(n, k, *out.shape[1:])
 
-    def _reverse(self, sample: Tensor, channel: Tensor, unpool: str) -> Tensor:
+    def _reverse(self, sample: Tensor, channel: Tensor, unpool: str, dtype: torch.dtype | None = None) -> Tensor:
         """The deconvnet pass for the pseudo-batch of (image `sample[i]`, map `channel[i]`) pairs."""
         with torch.no_grad():
             # the deconvnet's input: the map itself, every other map of the layer zero
-            g = self.maps[sample, channel].unsqueeze(1)
+            g = self.maps[sample, channel].unsqueeze(1).to(dtype or self.maps.dtype)
             for step in reversed(self._steps):
                 g, channel = _reverse_step(step, g, channel, sample, unpool)
             if channel is not None:  # no convolution on the way: the input channel is the map's own
                 g = _densify(g, channel, self.image_shape[1])
-        return g.contiguous()
+        return g.to(self.maps.dtype).contiguous()
 
 
 def project(model: nn.Module, images: Tensor, layer: str, channel: int | Tensor,
-            unpool: str = "switches", max_batch: int | None = None) -> Tensor:
+            unpool: str = "switches", max_batch: int | None = None, dtype: torch.dtype | None = None) -> Tensor:
     """Deconvnet projection of feature map `channel` of `layer`, for each image: a tensor shaped
     like `images` [N, C, H, W].
 
@@ -469,21 +485,38 @@ def project(model: nn.Module, images: Tensor, layer: str, channel: int | Tensor,
     The map keeps its activation values; every other map of the layer is zero. Biases are ignored
     on the way back; BatchNorm2d and Dropout act as in eval mode, BatchNorm's affine scale is
     applied. `unpool`: "switches" (default, Zeiler & Fergus) or "fill" (the blog's cheaper variant:
-    each value fills its whole pooling window). `max_batch`: see `Recording.project_many`.
+    each value fills its whole pooling window). `max_batch`, `dtype`: see `Recording.project_many`.
     The model's train/eval modes, `requires_grad` flags and hooks are restored; works under
     `torch.no_grad()` and `torch.inference_mode()`. The result is detached.
     """
-    _check_options(unpool, max_batch)
-    return record(model, images, layer).project(channel, unpool, max_batch)
+    _check_options(unpool, max_batch, dtype)
+    return record(model, images, layer).project(channel, unpool, max_batch, dtype)
 
 
 def project_many(model: nn.Module, images: Tensor, layer: str, channels: Tensor,
-                 unpool: str = "switches", max_batch: int | None = None) -> Tensor:
+                 unpool: str = "switches", max_batch: int | None = None, dtype: torch.dtype | None = None) -> Tensor:
     """[N, k, C, H, W]: the projection of map `channels[n, j]` of `layer` for image n (`channels` an
     integer tensor [N, k], e.g. the indices of `top_maps`), in one reverse pass over an N*k
     pseudo-batch (passes of at most `max_batch` pairs when given). See `project`."""
-    _check_options(unpool, max_batch)
-    return record(model, images, layer).project_many(channels, unpool, max_batch)
+    _check_options(unpool, max_batch, dtype)
+    return record(model, images, layer).project_many(channels, unpool, max_batch, dtype)
+
+
+def fast_dtype(device: torch.device | str) -> torch.dtype | None:
+    """The reduced precision in which a reverse pass on `device` runs much faster than in float32,
+    or None where there is none: `torch.bfloat16` on CUDA GPUs with native bf16 (Ampere and later)
+    and on CPUs with AMX tiles (Intel Sapphire Rapids and later: bf16 convolutions ~7x faster than
+    float32 there, see benchmarks/RESULTS.md); elsewhere bf16 is emulated and slower.
+
+    bfloat16 keeps about 3 significant digits: a projection differs from the float32 one by ~1%
+    of its range, far below the 1/255 step of the rendered image."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else None
+    if device.type == "cpu":
+        amx = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private, hence the guard
+        return torch.bfloat16 if amx is not None and amx() else None
+    return None
 
 
 def top_maps(model: nn.Module, images: Tensor, layer: str, k: int) -> tuple[Tensor, Tensor]:
