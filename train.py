@@ -70,8 +70,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     metrics["seconds_per_epoch"] = fit_seconds / max(trainer.current_epoch, 1)
 
     if cfg.get("test"):
-        ckpt = trainer.checkpoint_callback
-        best = ckpt.best_model_path if ckpt is not None and ckpt.best_model_path else None
+        # the checkpoint of the best epoch: from the ModelCheckpoint that monitors a metric
+        monitoring = [c for c in trainer.checkpoint_callbacks if getattr(c, "monitor", None)]
+        best = monitoring[0].best_model_path if monitoring and monitoring[0].best_model_path else None
         results = trainer.test(model, datamodule=datamodule, ckpt_path=best, weights_only=False) if best \
             else trainer.test(model, datamodule=datamodule)
         for r in results:

@@ -16,6 +16,25 @@ def test_shapes_demo_two_epochs_logs_scalars(tmp_path):
     assert 0.0 <= metrics["test/acc"] <= 1.0 and metrics["params"] == 431_080
 
 
+def test_last_ckpt_is_the_last_epoch_beside_the_best(tmp_path):
+    # the best epoch is made epoch 0 (monitor "epoch", mode min), so "last" and "best" differ: with
+    # Lightning 2.6's save_last, last.ckpt would stay at epoch 0
+    import torch
+
+    cfg = compose_cfg(FAST_SHAPES + ["callbacks=none", "trainer.max_epochs=3",
+                                     "callbacks.model_checkpoint.monitor=epoch",
+                                     "callbacks.model_checkpoint.mode=min",
+                                     "callbacks.model_checkpoint.filename='best-epoch{epoch}'"], tmp_path)
+    train(cfg)
+    folder = tmp_path / "checkpoints"
+    last = torch.load(folder / "last.ckpt", weights_only=False, map_location="cpu")
+    assert last["epoch"] == 2
+    (best,) = [p for p in folder.glob("*.ckpt") if p.name != "last.ckpt"]
+    assert best.name == "best-epoch0.ckpt"
+    assert torch.load(best, weights_only=False, map_location="cpu")["epoch"] == 0
+    assert sorted(p.name for p in folder.iterdir()) == ["best-epoch0.ckpt", "last.ckpt"]
+
+
 def test_training_loss_logged_at_the_logging_interval_and_as_the_epoch_mean(tmp_path):
     # the loss is logged only at the steps the logger writes; its epoch value must be the mean of
     # every step's loss (the oracle: the losses training_step returned, collected by a callback)
