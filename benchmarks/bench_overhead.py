@@ -2,9 +2,11 @@
 plain PyTorch loop over the same uint8 tensors, model, batch size, optimizer and normalization.
 
 Runs interleave (plain, framework, plain, framework, ...) so machine load affects both alike; the
-ratio is plain time / framework time of the training epoch (target >= 0.95).
+ratio is plain time / framework time of the training epoch (target >= 0.95), reported as the ratio
+of the median times and as the median of the per-pair ratios (on a VM whose neighbours come and
+go, the pairs' ratios are the steadier figure).
 
-    DATA_DIR=../shared/datasets python benchmarks/bench_overhead.py [--batches N] [--repeats R]
+    DATA_DIR=../shared/datasets python benchmarks/bench_overhead.py [--batches N] [--repeats R] [--threads T]
 """
 from __future__ import annotations
 
@@ -83,7 +85,10 @@ def main():
     p.add_argument("--batches", type=int, default=None, help="batches per epoch (default: the full epoch)")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--progress-bar", action="store_true", help="keep the rich progress bar on")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     a = p.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
     plain, frame = [], []
     with tempfile.TemporaryDirectory() as tmp:
         plain_epoch(20)  # warm-up (thread pools, allocator)
@@ -91,11 +96,16 @@ def main():
             plain.append(plain_epoch(a.batches))
             frame.append(framework_epoch(a.batches, Path(tmp) / f"r{r}", a.progress_bar))
     pm, fm = statistics.median(plain), statistics.median(frame)
+    pairs = [p_ / f_ for p_, f_ in zip(plain, frame)]
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{a.batches or 'all'} batches per epoch\n")
     print("| pipeline | epoch seconds (median of %d) |" % a.repeats)
     print("|---|---|")
     print(f"| plain PyTorch loop | {pm:.2f} |")
     print(f"| train.py (callbacks=none{', progress bar' if a.progress_bar else ''}) | {fm:.2f} |")
-    print(f"\nratio plain/framework = {pm / fm:.3f} (target >= 0.95); all runs: plain {plain}, framework {frame}")
+    print(f"\nratio plain/framework = {pm / fm:.3f} (ratio of medians), median pair ratio "
+          f"{statistics.median(pairs):.3f} (target >= 0.95)")
+    print("pairs: " + ", ".join(f"{p_:.2f}/{f_:.2f}={r:.3f}" for p_, f_, r in zip(plain, frame, pairs)))
 
 
 if __name__ == "__main__":

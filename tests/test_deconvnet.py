@@ -630,7 +630,34 @@ class _FunctionalRelu(nn.Module):
         return self.conv2(torch.nn.functional.relu(self.conv1(x)))
 
 
-@pytest.mark.parametrize("model", [_Residual(), _FunctionalRelu()])
+class _InPlaceBetween(nn.Module):
+    """The very tensor conv1 returned reaches conv2, but written to in place in between: only the
+    version counter tells it apart from a plain chain."""
+
+    def __init__(self, inplace_relu: bool = False):
+        super().__init__()
+        self.conv1 = nn.Conv2d(2, 2, 3)
+        self.relu = nn.ReLU(inplace=inplace_relu)
+        self.conv2 = nn.Conv2d(2, 2, 3)
+
+    def forward(self, x):
+        x = self.relu(self.conv1(x))
+        x.mul_(2)
+        return self.conv2(x)
+
+
+def test_in_place_module_keeps_the_chain():
+    # an in-place ReLU module writes to conv1's output: still a chain, and conv1's recorded output
+    # must be the value before the ReLU
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(inplace=True), nn.Conv2d(3, 2, 3))
+    images = torch.randn(2, 2, 9, 9)
+    rec = record(model, images, "0")
+    torch.testing.assert_close(rec.maps, model[0](images))
+    assert (rec.maps < 0).any()
+    assert project(model, images, "2", 1).shape == images.shape
+
+
+@pytest.mark.parametrize("model", [_Residual(), _FunctionalRelu(), _InPlaceBetween(), _InPlaceBetween(True)])
 def test_not_a_chain_is_refused(model):
     with pytest.raises(DeconvnetError, match="not a plain chain.*input of layer 'conv2'"):
         project(model, torch.randn(1, 2, 8, 8), "conv2", 0)

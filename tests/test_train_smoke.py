@@ -35,7 +35,7 @@ def test_last_ckpt_is_the_last_epoch_beside_the_best(tmp_path):
     assert sorted(p.name for p in folder.iterdir()) == ["best-epoch0.ckpt", "last.ckpt"]
 
 
-def test_training_loss_logged_at_the_logging_interval_and_as_the_epoch_mean(tmp_path):
+def test_training_loss_and_accuracy_logged_at_the_interval_and_per_epoch(tmp_path):
     # the loss is logged only at the steps the logger writes; its epoch value must be the mean of
     # every step's loss (the oracle: the losses training_step returned, collected by a callback)
     import lightning.pytorch as pl
@@ -51,6 +51,15 @@ def test_training_loss_logged_at_the_logging_interval_and_as_the_epoch_mean(tmp_
             losses.append(float(outputs["loss"]))
 
     module = instantiate(cfg.model)
+    step, scored = module._step, []
+
+    def spy(batch):  # the training predictions, the oracle of train/acc
+        loss, preds, y = step(batch)
+        if module.training:
+            scored.append((int((preds == y).sum()), len(y)))
+        return loss, preds, y
+
+    module._step = spy
     trainer = pl.Trainer(max_epochs=1, accelerator="cpu", limit_train_batches=7, limit_val_batches=0,
                          log_every_n_steps=3, enable_progress_bar=False, enable_checkpointing=False,
                          logger=TensorBoardLogger(tmp_path, name="tb"), callbacks=[Collect()])
@@ -62,4 +71,7 @@ def test_training_loss_logged_at_the_logging_interval_and_as_the_epoch_mean(tmp_
     assert [e.value for e in step_events] == pytest.approx([losses[2], losses[5]], rel=1e-6)
     (epoch_loss,) = acc.Scalars("train/loss_epoch")
     assert epoch_loss.value == pytest.approx(sum(losses) / len(losses), rel=1e-6)
-    assert len(losses) == 7
+    assert len(losses) == 7 and len(scored) == 7
+    # accuracy over every step's predictions, including the 7th, after the last logging interval
+    (epoch_acc,) = acc.Scalars("train/acc")
+    assert epoch_acc.value == pytest.approx(sum(c for c, _ in scored) / sum(n for _, n in scored), rel=1e-6)

@@ -64,6 +64,18 @@ class ChainStep:
     out_shape: tuple[int, ...]
     input: torch.Tensor | None = field(default=None, repr=False)
     output: torch.Tensor | None = field(default=None, repr=False)
+    #: which tensor the module received / returned, as it was then (see `_identity`)
+    input_id: tuple | None = field(default=None, repr=False)
+    output_id: tuple | None = field(default=None, repr=False)
+
+
+def _identity(x) -> tuple | None:
+    """Memory, layout and in-place version counter of a tensor: equal identities mean the same
+    tensor, not written to in between (every in-place op bumps `_version`)."""
+    if not torch.is_tensor(x) or x.is_inference():  # inference tensors have no version counter
+        return None
+    return (x.untyped_storage().data_ptr(), x.storage_offset(), tuple(x.shape), x.stride(), x.dtype,
+            x._version)
 
 
 class _StopForward(Exception):
@@ -76,8 +88,9 @@ def trace_chain(model: nn.Module, images: torch.Tensor, layer: str,
     module executed, in order. The forward pass stops right after `layer` (nothing past it runs).
 
     With `keep_tensors`, each step keeps a copy of its input and output (copies, because an
-    in-place ReLU would otherwise overwrite them). Hooks are removed and every submodule's mode is
-    restored, also on error. Raises LayerError when `layer` is unknown or is never reached.
+    in-place ReLU would otherwise overwrite them); an input that is the previous step's output,
+    unchanged, shares that copy. Hooks are removed and every submodule's mode is restored, also on
+    error. Raises LayerError when `layer` is unknown or is never reached.
     """
     target = get_layer(model, layer)
     steps: list[ChainStep] = []
@@ -90,10 +103,13 @@ def trace_chain(model: nn.Module, images: torch.Tensor, layer: str,
         if module is target and list(module.children()):
             return  # a container target: its leaves record themselves
         x = args[0] if args else None
-        steps.append(ChainStep(names[module], module,
-                               tuple(x.shape) if torch.is_tensor(x) else (),
-                               (),
-                               x.detach().clone() if keep_tensors and torch.is_tensor(x) else None))
+        x_id = _identity(x)
+        kept = None
+        if keep_tensors and torch.is_tensor(x):
+            same = steps and x_id is not None and steps[-1].output_id == x_id
+            kept = steps[-1].output if same else x.detach().clone()
+        steps.append(ChainStep(names[module], module, tuple(x.shape) if torch.is_tensor(x) else (), (),
+                               kept, input_id=x_id))
 
     def post_hook(module, args, out):
         if module is target and list(module.children()):
@@ -104,6 +120,7 @@ def trace_chain(model: nn.Module, images: torch.Tensor, layer: str,
             raise _StopForward
         step = steps[-1]
         step.out_shape = tuple(out.shape) if torch.is_tensor(out) else ()
+        step.output_id = _identity(out)
         if keep_tensors and torch.is_tensor(out):
             step.output = out.detach().clone()
         if module is target:
@@ -159,14 +176,16 @@ def check_chain(steps: list[ChainStep], images: torch.Tensor, error: type[Except
     previous step's output (the first one: `images`), i.e. the model is a plain chain of modules up
     to there. `allow_functional_relu` accepts a functional ReLU between two modules (methods that
     pass ReLUs through). `remedy` ends the message: what the method needs and what to do."""
-    previous, previous_name = images, "the input images"
+    previous, previous_id, previous_name = images, _identity(images), "the input images"
     for step in steps:
         x = step.input
-        ok = x is not None and x.shape == previous.shape and (
+        # the very tensor the previous module returned, untouched: no need to compare values
+        same = step.input_id is not None and step.input_id == previous_id
+        ok = same or x is not None and x.shape == previous.shape and (
             torch.equal(x, previous) or (allow_functional_relu and torch.equal(x, previous.clamp_min(0))))
         if not ok:
             raise error(
                 f"The model is not a plain chain of modules: the input of layer {step.name!r} is not the "
                 f"output of {previous_name}; an operation that is not a module (a residual addition, a "
                 f"branch, a functional call such as F.relu or F.max_pool2d) runs in between. {remedy}")
-        previous, previous_name = step.output, repr(step.name)
+        previous, previous_id, previous_name = step.output, step.output_id, repr(step.name)
