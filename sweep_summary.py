@@ -374,10 +374,12 @@ def most_activated_projection(net, image, layer: str, unpool: str = "switches"):
 def _text_image(text: str, width: int):
     import numpy as np
     import torch
-    from PIL import Image, ImageDraw, ImageFont
+    from PIL import Image, ImageDraw
+
+    from callbacks.render import caption_font
 
     canvas = Image.new("RGB", (max(width, 6 * len(text) + 4), 14), "white")
-    ImageDraw.Draw(canvas).text((2, 1), text, fill="black", font=ImageFont.load_default())
+    ImageDraw.Draw(canvas).text((2, 1), text, fill="black", font=caption_font())
     return torch.from_numpy(np.asarray(canvas).copy()).permute(2, 0, 1).float() / 255
 
 

@@ -38,7 +38,7 @@ from torch import nn
 
 from callbacks.base import VisualizationCallback
 from callbacks.render import captioned_grid, scale_each, to_pixels
-from viz.deconvnet import UNPOOL_MODES, Recording, fast_dtype, project, record
+from viz.deconvnet import UNPOOL_MODES, Recording, fast_dtype, record
 from viz.layers import LayerError, layer_names
 
 #: nets with at most this many Conv2d show every one by default
@@ -233,26 +233,36 @@ class DeconvProjection(VisualizationCallback):
         pixels = to_pixels(images, normalization)
         captions = [names[int(y)] if int(y) < len(names) else str(int(y)) for y in labels]
         dtype = reverse_dtype(self.precision, pl_module.device)
+        # all tensor work first, then all rendering: on CPU, torch's worker threads fall asleep
+        # during the (single-threaded) drawing and each first op after it pays for waking them
+        drawn = []
         for layer, rec in record_layers(net, images, self.layers).items():
             _, indices = rec.top_maps(min(self.k, rec.num_maps))
-            projections = rec.project_many(indices, self.unpool, dtype=dtype)
+            drawn.append((layer, indices.cpu(), rec.project_many(indices, self.unpool, dtype=dtype).cpu()))
+        maxima = self._max_activating(net, pl_module.device, dtype) if self.deconv_max else []
+        for layer, indices, projections in drawn:
             self.log_image(trainer, f"deconv/{layer}",
-                           top_maps_grid(pixels, projections, indices.cpu(), captions, self.tile_size))
-        if self.deconv_max:
-            self._draw_max_activating(trainer, net, normalization, names, pl_module.device)
+                           top_maps_grid(pixels, projections, indices, captions, self.tile_size))
+        for layer, images_of_maps, labels_of_maps, maps, projections in maxima:
+            captions_of_maps = [names[int(y)] if y is not None and int(y) < len(names) else f"val {int(i)}"
+                                for i, y in zip(images_of_maps[0], labels_of_maps)]
+            self.log_image(trainer, f"deconv_max/{layer}",
+                           max_images_grid(to_pixels(images_of_maps[1], normalization), projections, maps,
+                                           captions_of_maps, tile_size=self.tile_size))
 
-    def _draw_max_activating(self, trainer: pl.Trainer, net: nn.Module, normalization,
-                             names: Sequence[str], device: torch.device) -> None:
+    def _max_activating(self, net: nn.Module, device: torch.device, dtype: torch.dtype | None) -> list[tuple]:
+        """Per layer, for `deconv_max/<layer>`: ((indices, images) of the chosen validation images,
+        their labels, the maps, the projections), all on the CPU."""
         if self.val_batch is None:
             if not self._warned_no_val:
                 rank_zero_warn(f"{type(self).__name__}: no validation batch #{self.val_batch_index} was "
                                "seen (validation did not run, or its loader has fewer batches); "
                                "deconv_max images are skipped. Lower val_batch_index or set deconv_max=false")
                 self._warned_no_val = True
-            return
-        images = self.val_batch[0].to(device)
-        labels = self.val_batch[1]
-        for layer, rec in record_layers(net, images, self.layers).items():
+            return []
+        images, labels = self.val_batch
+        out = []
+        for layer, rec in record_layers(net, images.to(device), self.layers).items():
             values, which = rec.max_activating_images()
             count = min(self.max_maps, rec.num_maps)
             if self.max_maps_by == "activation":
@@ -260,12 +270,9 @@ class DeconvProjection(VisualizationCallback):
             else:
                 maps = torch.arange(count, device=values.device)
             chosen = which[maps]
-            # each pair (image, map) projected in one batched call over the chosen images
-            projections = project(net, images[chosen], layer, maps, self.unpool,
-                                  dtype=reverse_dtype(self.precision, device))
+            # each pair (image, map) projected in one reverse pass over the batch's recording
+            projections = rec.project_pairs(chosen, maps, self.unpool, dtype=dtype).cpu()
             chosen = chosen.cpu()
-            captions = [(names[int(labels[i])] if labels is not None and int(labels[i]) < len(names)
-                         else f"val {int(i)}") for i in chosen]
-            self.log_image(trainer, f"deconv_max/{layer}",
-                           max_images_grid(to_pixels(images[chosen.to(device)], normalization),
-                                           projections, maps.cpu(), captions, tile_size=self.tile_size))
+            chosen_labels = [labels[i] for i in chosen] if labels is not None else [None] * len(chosen)
+            out.append((layer, (chosen, images[chosen]), chosen_labels, maps.cpu(), projections))
+        return out

@@ -203,3 +203,26 @@ def test_clear_errors(tmp_path):
         DecodedFilters(filters={"conv2": [50]}).setup(trainer, module, "fit")
     with pytest.raises(LayerError, match="not among the drawn layers"):
         DecodedFilters(layers=["conv1"], filters={"conv2": [0]}).setup(trainer, module, "fit")
+
+
+def test_image_summary_decodes_to_what_add_image_writes(tmp_path):
+    # the callbacks' own PNG encoding (faster compression) against SummaryWriter.add_image:
+    # the same pixels come back from the event file, gray and color
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from callbacks.base import image_summary
+
+    torch.manual_seed(0)
+    images = {"color": torch.rand(3, 37, 50), "gray": torch.rand(1, 20, 31)}
+    ours = TensorBoardLogger(tmp_path, name="ours")
+    theirs = TensorBoardLogger(tmp_path, name="theirs")
+    for tag, image in images.items():
+        ours.experiment._get_file_writer().add_summary(image_summary(tag, image), 7)
+        theirs.experiment.add_image(tag, image, global_step=7)
+    ours.experiment.flush()
+    theirs.experiment.flush()
+    decoded_ours, decoded_theirs = event_images(tmp_path / "ours"), event_images(tmp_path / "theirs")
+    for tag, image in images.items():
+        assert torch.equal(decoded_ours[tag][7], decoded_theirs[tag][7])
+        expected = (image * 255).to(torch.uint8).expand(3, -1, -1)  # truncated, like add_image
+        assert torch.equal(decoded_ours[tag][7], expected)

@@ -492,6 +492,25 @@ def test_fast_dtype_follows_the_hardware(monkeypatch):
     assert deconvnet.fast_dtype("meta") is None
 
 
+def test_project_pairs_equals_projecting_each_pair_alone(cifar_net):
+    images = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    rec = record(cifar_net, images, "conv3")
+    which = torch.tensor([2, 0, 2, 3, 1])
+    maps = torch.tensor([5, 7, 100, 5, 0])
+    pairs = rec.project_pairs(which, maps, max_batch=2)
+    assert pairs.shape == (5, 3, 32, 32)
+    for i in range(5):
+        alone = project(cifar_net, images[int(which[i])][None], "conv3", int(maps[i]))[0]
+        assert torch.allclose(pairs[i], alone, rtol=1e-12, atol=1e-12)
+    assert rec.project_pairs(which[:0], maps[:0]).shape == (0, 3, 32, 32)
+    with pytest.raises(DeconvnetError, match="recording holds 4 images"):
+        rec.project_pairs(torch.tensor([4]), torch.tensor([0]))
+    with pytest.raises(DeconvnetError, match="integer tensor"):
+        rec.project_pairs(torch.tensor([0.0]), torch.tensor([0]))
+    with pytest.raises(DeconvnetError, match="out of range"):
+        rec.project_pairs(torch.tensor([0]), torch.tensor([256]))
+
+
 def test_max_batch_splits_the_pass_without_changing_the_result(cifar_net):
     images = torch.randn(3, 3, 32, 32, dtype=torch.float64)
     rec = record(cifar_net, images, "pool3")

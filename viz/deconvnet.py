@@ -458,11 +458,34 @@ class Recording:
         channels = _as_channels(channels, n, self.num_maps, self.layer, matrix=True).to(self.maps.device)
         k = channels.shape[1]
         samples = torch.arange(n, device=self.maps.device).repeat_interleave(k)
-        chunk = max_batch or samples.numel()
-        parts = [self._reverse(samples[i:i + chunk], channels.reshape(-1)[i:i + chunk], unpool, dtype)
-                 for i in range(0, samples.numel(), chunk)]
-        out = parts[0] if len(parts) == 1 else torch.cat(parts)
+        out = self._reverse_pairs(samples, channels.reshape(-1), unpool, max_batch, dtype)
         return out.reshape(n, k, *out.shape[1:])
+
+    def project_pairs(self, images: Tensor, channels: Tensor, unpool: str = "switches",
+                      max_batch: int | None = None, dtype: torch.dtype | None = None) -> Tensor:
+        """[M, C, H, W]: the projection of map `channels[i]` of recorded image `images[i]`, for M
+        (image index, map) pairs given as two integer tensors [M], e.g. each map's most activating
+        image of the batch (`max_activating_images`). One reverse pass, as `project_many`."""
+        _check_options(unpool, max_batch, dtype)
+        n = self.maps.shape[0]
+        if not torch.is_tensor(images) or images.dim() != 1 or images.is_floating_point() \
+                or images.dtype == torch.bool:
+            raise DeconvnetError(f"images must be an integer tensor [M] of recorded image indices, got "
+                                 f"{tuple(images.shape) if torch.is_tensor(images) else type(images).__name__}")
+        if images.numel() and (images.min() < 0 or images.max() >= n):
+            raise DeconvnetError(f"image index out of range: the recording holds {n} images (0..{n - 1})")
+        channels = _as_channels(channels, images.numel(), self.num_maps, self.layer, matrix=False)
+        device = self.maps.device
+        return self._reverse_pairs(images.long().to(device), channels.to(device), unpool, max_batch, dtype)
+
+    def _reverse_pairs(self, samples: Tensor, channels: Tensor, unpool: str, max_batch: int | None,
+                       dtype: torch.dtype | None) -> Tensor:
+        if samples.numel() == 0:
+            return self.maps.new_zeros((0, *self.image_shape[1:]))
+        chunk = max_batch or samples.numel()
+        parts = [self._reverse(samples[i:i + chunk], channels[i:i + chunk], unpool, dtype)
+                 for i in range(0, samples.numel(), chunk)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def _reverse(self, sample: Tensor, channel: Tensor, unpool: str, dtype: torch.dtype | None = None) -> Tensor:
         """The deconvnet pass for the pseudo-batch of (image `sample[i]`, map `channel[i]`) pairs."""
