@@ -20,8 +20,10 @@ value evenly over its window; Dropout and Identity pass the signal unchanged (ev
 The result equals the gradient of ``sum(F_c * F_c.detach())`` with respect to the input, with every
 ReLU's backward replaced by a ReLU of the incoming signal, for the model in eval mode.
 
-This is an explicit reverse pass (``F.conv_transpose2d``, ``scatter_add`` for unpooling, ...), not
-autograd, so it also runs inside ``torch.no_grad()`` and ``torch.inference_mode()``.
+This is an explicit reverse pass (``F.conv_transpose2d``, ``max_unpool2d``/``scatter_add`` for
+unpooling, ...), not autograd, so it also runs inside ``torch.no_grad()`` and ``torch.inference_mode()``.
+It can run in reduced precision (``dtype=torch.bfloat16``): several times faster where the hardware
+has native bf16 (``fast_dtype``), within about 0.5% of each projection's range.
 
 Conventions: images are ``[N, C, H, W]``; a layer is a dotted name from ``model.named_modules()``
 and its feature maps are that module's output ``[N, K, h, w]``; map ``c`` is channel ``c``.
