@@ -96,7 +96,7 @@ def plain_epoch(batches: int | None) -> tuple[float, int]:
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--batches", type=int, default=None, help="batches per epoch (default: the full epoch)")
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=5, help="interleaved pairs (the VM is noisy: use 5 or more)")
     p.add_argument("--progress-bar", action="store_true", help="keep the rich progress bar on")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--near-free-model", action="store_true",
