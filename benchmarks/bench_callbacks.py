@@ -5,8 +5,8 @@ CifarConvNet(256, 64) at 32x32 (batch 64, 45,000 images: 704 batches), with each
 datamodule (real probe images from DATA_DIR when present), optimizer and normalization:
 
 - one Lightning fit of `--epochs` short epochs (`--batches` training batches each, 2 validation
-  batches) with every default visualization callback that exists (`deconv_projection`,
-  `filter_evolution`, `decoded_filters`, `occlusion_sensitivity`, each built from its
+  batches) with every default visualization callback that exists (`deconv`,
+  `evolution`, `decoded`, `occlusion`, each built from its
   conf/callbacks/<name>.yaml) and a TensorBoard logger, so rendering, PNG encoding and event
   writing are included;
 - a full epoch's training time = median time of a training batch (forward, backward, optimizer
@@ -14,7 +14,7 @@ datamodule (real probe images from DATA_DIR when present), optimizer and normali
   left out, which makes the fraction an upper bound;
 - each callback's cost per epoch = the median of its `visualize` times after the first epoch (the
   first also pays one-time choices, e.g. which filters to draw: shown separately);
-  `filter_evolution`'s summary at fit end is a one-time cost, shown apart.
+  `evolution`'s summary at fit end is a one-time cost, shown apart.
 
 Batches and callbacks run in the same process, interleaved epoch by epoch, so machine load affects
 both alike. On a machine shared with other jobs, two torch threads per process oversubscribe the
@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -39,16 +38,15 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-import lightning.pytorch as pl  # noqa: E402
-from hydra.utils import instantiate  # noqa: E402
-from lightning.pytorch.loggers import TensorBoardLogger  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
+import lightning.pytorch as pl
+from hydra.utils import instantiate
+from lightning.pytorch.loggers import TensorBoardLogger
 
-from conftest import compose_cfg  # noqa: E402
+from convlens.config import callback_config, compose_config as compose_cfg
+from convlens.methods import METHODS
 
-DEFAULT_CALLBACKS = ["deconv_projection", "filter_evolution", "decoded_filters", "occlusion_sensitivity"]
+DEFAULT_CALLBACKS = [m.name for m in METHODS.values() if m.default]
 SETUPS = {  # name: (experiment overrides, training images per epoch)
     "LeNet / MNIST": (["experiment=lenet_mnist"], 55_000),
     "CifarConvNet(256,64) / CIFAR-10 32x32": (["experiment=cifar10_convnet", "model.c3=256", "model.c4=64"], 45_000),
@@ -95,10 +93,9 @@ def measure(overrides: list[str], batches: int, epochs: int, out: Path):
     pl.seed_everything(0, verbose=False)
     dm = instantiate(cfg.datamodule)
     model = instantiate(cfg.model)
-    present = [n for n in DEFAULT_CALLBACKS if (ROOT / "conf" / "callbacks" / f"{n}.yaml").is_file()]
+    present = DEFAULT_CALLBACKS
     times: dict[str, list[float]] = {}
-    callbacks = [timed(instantiate(OmegaConf.load(ROOT / "conf" / "callbacks" / f"{n}.yaml")[n]), times, n)
-                 for n in present]
+    callbacks = [timed(instantiate(callback_config(n)), times, n) for n in present]
     timer = BatchTimer()
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=epochs, limit_train_batches=batches,
                          limit_val_batches=2, num_sanity_val_steps=0, logger=TensorBoardLogger(str(out), name="tb"),

@@ -25,17 +25,15 @@ import multiprocessing as mp
 import os
 import resource
 import statistics
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from models.lenet import LeNet  # noqa: E402
-from models.vgg import VGG16  # noqa: E402
-from viz.decoding import CHUNK_BUDGET_BYTES, decode_filters  # noqa: E402
+from convlens.models.lenet import LeNet
+from convlens.models.vgg import VGG16
+from convlens.viz.decoding import CHUNK_BUDGET_BYTES, decode_filters
 
 LENET_TARGET_S = 0.2
 VGG_MEMORY_TARGET_BYTES = 4 * 2**30
@@ -104,10 +102,10 @@ def _run_normalization(checkpoint: str) -> str:
 def table1(checkpoint: str, count: int, normalization: str | None = None) -> None:
     from torchvision.datasets import MNIST
 
-    from datamodules.base import make_normalization
+    from convlens.datamodules.base import make_normalization
 
-    from models.vgg import load_weight_file
-    from viz.decoding import class_max_responses, reconstruction_error
+    from convlens.checkpoints import load_weight_file
+    from convlens.viz.decoding import class_max_responses, reconstruction_error
 
     state = load_weight_file(checkpoint)  # strips a "net."/"model." prefix
     net = LeNet()

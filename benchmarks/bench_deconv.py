@@ -17,17 +17,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models.cifar import CifarConvNet  # noqa: E402
-from viz.deconvnet import fast_dtype, project, record  # noqa: E402
+from convlens.models.cifar import CifarConvNet
+from convlens.viz.deconvnet import fast_dtype, project, record
 
 LAYERS = ["conv1", "conv2", "conv3", "conv4"]
 N_IMAGES, TOP_K = 16, 9

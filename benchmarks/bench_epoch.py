@@ -6,18 +6,16 @@ from the first `--batches` batches, scaled to the full epoch.
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-import lightning.pytorch as pl  # noqa: E402
-from hydra.utils import instantiate  # noqa: E402
+import lightning.pytorch as pl
+from hydra.utils import instantiate
 
-from conftest import compose_cfg  # noqa: E402
+from convlens.config import compose_config as compose_cfg
 
 
 class BatchTimer(pl.Callback):

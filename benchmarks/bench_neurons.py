@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 from functools import partial
@@ -31,17 +30,16 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT)]
 
-import lightning.pytorch as pl  # noqa: E402
-from lightning.pytorch.loggers import TensorBoardLogger  # noqa: E402
+import lightning.pytorch as pl
+from lightning.pytorch.loggers import TensorBoardLogger
 
-from callbacks.saliency import Saliency  # noqa: E402
-from callbacks.top_activations import TopActivations  # noqa: E402
-from datamodules.shapes import ShapesDataModule  # noqa: E402
-from models.cifar import CifarConvNet  # noqa: E402
-from models.lenet import LeNet  # noqa: E402
-from models.module import ClassifierModule  # noqa: E402
+from convlens.callbacks.saliency import Saliency
+from convlens.callbacks.top_activations import TopActivations
+from convlens.datamodules.shapes import ShapesDataModule
+from convlens.models.cifar import CifarConvNet
+from convlens.models.lenet import LeNet
+from convlens.models.module import ClassifierModule
 
 TRAIN_STEPS = 20
 TARGET_FRACTION = 0.01
@@ -70,11 +68,11 @@ def datamodule(kind: str):
     data = Path(os.environ.get("DATA_DIR", ROOT.parent / "shared" / "datasets"))
     if kind == "mnist":
         if (data / "MNIST" / "raw").is_dir():
-            from datamodules.mnist import MNISTDataModule
+            from convlens.datamodules.mnist import MNISTDataModule
             return MNISTDataModule(root=str(data), download=False), "MNIST", 55000, 100
         return ShapesDataModule(n_train=10000, val_size=5000, batch_size=100), "shapes 28x28 (synthetic)", 55000, 100
     if (data / "cifar10-jpg").is_dir():
-        from datamodules.cifar10 import CIFAR10DataModule
+        from convlens.datamodules.cifar10 import CIFAR10DataModule
         return CIFAR10DataModule(root=str(data), download=False, batch_size=64), "CIFAR-10", 45000, 64
     return (ShapesDataModule(n_train=10000, val_size=5000, batch_size=64, channels=3, image_size=32,
                              normalization="channel"), "shapes 32x32x3 (synthetic)", 45000, 64)

@@ -25,17 +25,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-from captum.attr import Occlusion  # noqa: E402
+import torch
+from captum.attr import Occlusion
 
-from models.cifar import CifarConvNet  # noqa: E402
-from viz.occlusion import default_max_batch, occlusion_maps  # noqa: E402
+from convlens.models.cifar import CifarConvNet
+from convlens.viz.occlusion import default_max_batch, occlusion_maps
 
 RATIO_TARGET = 0.9
 

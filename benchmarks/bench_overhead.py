@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,13 +24,12 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-import lightning.pytorch as pl  # noqa: E402
-from hydra.utils import instantiate  # noqa: E402
+import lightning.pytorch as pl
+from hydra.utils import instantiate
 
-from conftest import compose_cfg  # noqa: E402
-from train import instantiate_dict  # noqa: E402
+from convlens.config import compose_config as compose_cfg
+from convlens.config import instantiate_dict
 
 
 class NearFreeNet(torch.nn.Sequential):
@@ -103,9 +101,9 @@ def main():
                    help="replace LeNet by Flatten + Linear: measures the framework's cost per step")
     a = p.parse_args()
     if a.near_free_model:
-        import models.lenet
+        import convlens.models.lenet as lenet
 
-        models.lenet.LeNet = NearFreeNet  # what conf/model/lenet.yaml's _target_ resolves to
+        lenet.LeNet = NearFreeNet  # what conf/model/lenet.yaml's _target_ resolves to
     if a.threads:
         torch.set_num_threads(a.threads)
     plain, frame = [], []

@@ -27,20 +27,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch
+import torch.nn.functional as F
 
-from models.cifar import CifarConvNet  # noqa: E402
-from models.lenet import LeNet  # noqa: E402
-from models.vgg import load_weight_file  # noqa: E402
-from viz.baselines import baseline_inputs  # noqa: E402
-from viz.suppression import evaluate, feature_maps, interpret_kernel  # noqa: E402
+from convlens.models.cifar import CifarConvNet
+from convlens.models.lenet import LeNet
+from convlens.checkpoints import load_weight_file
+from convlens.viz.baselines import baseline_inputs
+from convlens.viz.suppression import evaluate, feature_maps, interpret_kernel
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "benchmarks" / "artifacts" / "suppression"
@@ -65,7 +63,7 @@ PAPER = {
 # -- nets and data ------------------------------------------------------------------------------
 
 def cifar_data():
-    from datamodules.cifar10 import CIFAR10DataModule
+    from convlens.datamodules.cifar10 import CIFAR10DataModule
 
     dm = CIFAR10DataModule(root=os.environ.get("DATA_DIR", str(ROOT.parent / "shared" / "datasets")),
                            download=False, val_size=5000)
@@ -133,7 +131,7 @@ def pick(net, images: torch.Tensor, layer: str, kernels: int, per_kernel: int, g
     """(images [M, C, H, W], kernel index [M], rectified): `kernels` random kernels of the layer among
     those active on at least `per_kernel` images, each with `per_kernel` random such images (any
     images for unrectified maps, whose values are signed)."""
-    from viz.suppression import follows_relu
+    from convlens.viz.suppression import follows_relu
 
     rectified = follows_relu(net, images, layer)
     maps = feature_maps(net, images, layer, rectified)
@@ -230,7 +228,7 @@ def main() -> None:
     images = dm.normalization(dm.val_set.images[:args.pool])
     print_net("CifarConvNet(256, 64) on CIFAR-10", net, images, CIFAR_LAYERS, args, generator)
     if args.lenet:
-        from datamodules.mnist import MNISTDataModule
+        from convlens.datamodules.mnist import MNISTDataModule
 
         mnist = MNISTDataModule(root=os.environ.get("DATA_DIR", str(ROOT.parent / "shared" / "datasets")),
                                 download=False)

@@ -8,6 +8,8 @@ This base does the rest, as Lightning's own callbacks do:
 - a fixed probe set chosen at fit start (the datamodule's `probe_batch`, then a seeded subset),
   kept in `state_dict` so a resumed run shows the same images;
 - layer names validated in `setup`, with the valid names in the error;
+- a per-instance `state_key` (the class and the options that decide its state, as Lightning's
+  `ModelCheckpoint` does), so two instances of one class keep separate state in a checkpoint;
 - its own wall time logged as the scalar `viz_time/<name>`;
 - images logged with the trainer's `global_step` to TensorBoard, or as PNG files under
   `<run dir>/viz/<tag>/` when the logger is not TensorBoard (or there is none).
@@ -15,36 +17,66 @@ This base does the rest, as Lightning's own callbacks do:
 from __future__ import annotations
 
 import csv
-import io
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import lightning.pytorch as pl
-import numpy as np
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
-from PIL import Image
-from tensorboard.compat.proto.summary_pb2 import Summary
 from torch import nn
 from torchvision.utils import save_image
 
-from viz.layers import LayerError, get_layer, layer_names
+from convlens.errors import ConfigError
+from convlens.events import image_summary
+from convlens.render import class_caption
+from convlens.viz.layers import LayerError, get_layer, layer_names
+
+#: target values every callback that explains a class accepts
+TARGETS = ("true", "predicted")
 
 
-def image_summary(tag: str, image: torch.Tensor) -> Summary:
-    """A TensorBoard image summary of a [1|3, H, W] image in [0, 1], as `SummaryWriter.add_image`
-    writes it (values truncated to uint8) but PNG-compressed at level 1: about 3x faster to
-    encode than add_image's default level 6, for ~15% larger files. PNG encoding was the largest
-    single cost of the callbacks on LeNet (benchmarks/RESULTS.md, section 3)."""
-    pixels = (image.permute(1, 2, 0).numpy() * 255).clip(0, 255).astype(np.uint8)
-    channels = pixels.shape[2]
-    buffer = io.BytesIO()
-    Image.fromarray(pixels[:, :, 0] if channels == 1 else pixels).save(buffer, format="PNG", compress_level=1)
-    encoded = Summary.Image(height=pixels.shape[0], width=pixels.shape[1], colorspace=channels,
-                            encoded_image_string=buffer.getvalue())
-    return Summary(value=[Summary.Value(tag=tag, image=encoded)])
+def check_int(name: str, value: Any, minimum: int, what: str = "") -> int:
+    """A callback option that must be an int >= `minimum`: a ConfigError naming it otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{name} must be an int >= {minimum}{what}, got {value!r}")
+    return value
+
+
+def check_choice(name: str, value: Any, choices: Sequence[str], what: str = "") -> str:
+    if value not in choices:
+        raise ConfigError(f"Unknown {name}={value!r}; use one of {', '.join(choices)}{what}")
+    return value
+
+
+def check_filters(filters: Any, one_per_layer: bool = False) -> dict[str, list[int]]:
+    """Filter choices, the same type in every callback: a mapping layer name -> list of filter
+    indices (an int stands for a one-element list), e.g. {conv3: [0, 7, 42]}; None is {}.
+    `one_per_layer`: exactly one index per layer (a tracked map)."""
+    if filters is None:
+        return {}
+    example = "{conv3: 17}" if one_per_layer else "{conv3: [0, 7, 42]}"
+    if not isinstance(filters, Mapping):
+        raise ConfigError(f"filters must map layer names to lists of filter indices, e.g. {example}, "
+                          f"got {type(filters).__name__}")
+    out: dict[str, list[int]] = {}
+    for layer, indices in filters.items():
+        if not isinstance(layer, str):
+            raise ConfigError(f"filters keys must be layer names (str), got {layer!r}")
+        if isinstance(indices, int) and not isinstance(indices, bool):
+            indices = [indices]
+        if isinstance(indices, (str, bytes)) or not isinstance(indices, Sequence) or not len(indices):
+            raise ConfigError(f"filters[{layer!r}] must be a non-empty list of filter indices, got {indices!r}")
+        bad = [i for i in indices if isinstance(i, bool) or not isinstance(i, int) or i < 0]
+        if bad:
+            raise ConfigError(f"filters[{layer!r}] must hold filter indices (ints >= 0), got {bad}")
+        if len(set(indices)) != len(indices):
+            raise ConfigError(f"filters[{layer!r}] lists a filter twice: {list(indices)}")
+        if one_per_layer and len(indices) != 1:
+            raise ConfigError(f"filters[{layer!r}] must name one map to track, e.g. {example}, got {list(indices)}")
+        out[layer] = [int(i) for i in indices]
+    return out
 
 
 class VisualizationCallback(pl.Callback):
@@ -55,22 +87,34 @@ class VisualizationCallback(pl.Callback):
     #: False for a callback that works on the whole model (e.g. occlusion): `setup` then skips
     #: choosing and validating layers
     needs_layers: bool = True
+    #: the options (attributes, as set by the constructor) that tell two instances of a class
+    #: apart in a checkpoint: they make up its `state_key`. Not the probe options: a resumed run
+    #: keeps its probe images even when those change.
+    state_key_options: tuple[str, ...] = ("layers",)
 
     def __init__(self, layers: Sequence[str] | None = None, every_n_epochs: int = 1,
                  num_probe: int | None = None, probe_per_class: int = 1, probe_seed: int = 0):
-        if not isinstance(every_n_epochs, int) or every_n_epochs < 0:
-            raise ValueError(f"every_n_epochs must be an int >= 0 (0: only at fit end), got {every_n_epochs!r}")
-        if num_probe is not None and num_probe < 1:
-            raise ValueError(f"num_probe must be >= 1 or None (all probe images), got {num_probe}")
-        if probe_per_class < 1:
-            raise ValueError(f"probe_per_class must be >= 1, got {probe_per_class}")
+        check_int("every_n_epochs", every_n_epochs, 0, " (0: only at fit end)")
+        if num_probe is not None:
+            check_int("num_probe", num_probe, 1, " (or null: all probe images)")
+        check_int("probe_per_class", probe_per_class, 1)
+        check_int("probe_seed", probe_seed, 0)
         if isinstance(layers, str):
             layers = [layers]
+        if layers is not None and (not all(isinstance(x, str) and x for x in layers)):
+            raise ConfigError(f"layers must be a list of layer names (or null for the defaults), got {layers!r}")
         self.layers: list[str] | None = list(layers) if layers is not None else None
+        self._configured_layers = None if layers is None else tuple(layers)
         self.every_n_epochs, self.num_probe = every_n_epochs, num_probe
         self.probe_per_class, self.probe_seed = probe_per_class, probe_seed
         self.probe_images: torch.Tensor | None = None
         self.probe_labels: torch.Tensor | None = None
+
+    @property
+    def state_key(self) -> str:
+        options = {k: getattr(self, k, None) for k in self.state_key_options}
+        options["layers"] = self._configured_layers  # as configured, not as chosen at setup
+        return self._generate_state_key(**options)
 
     # -- what subclasses implement -------------------------------------------------------------
     def default_layers(self, net: nn.Module) -> list[str]:
@@ -99,6 +143,11 @@ class VisualizationCallback(pl.Callback):
         dm = trainer.datamodule
         names = getattr(dm, "class_names", None) if dm is not None else None
         return list(names) if names else [str(i) for i in range(getattr(dm, "num_classes", 10))]
+
+    def captions(self, trainer: pl.Trainer, labels) -> list[str]:
+        """The class name of each label (its index where there is no name)."""
+        names = self.class_names(trainer)
+        return [class_caption(y, names) for y in labels]
 
     def log_image(self, trainer: pl.Trainer, tag: str, image: torch.Tensor) -> None:
         """Log a [3|1, H, W] image in [0, 1] under `tag` at the trainer's global step."""

@@ -1,6 +1,7 @@
 """DecodedFilters: every n epochs, the conv filters decoded to image space by substitution.
 
-Follows filter-decoding-by-substitution.txt (Rafegas & Vanrell): `viz.decoding.decode_filters`
+Follows Rafegas & Vanrell, "Understanding learned CNN features through Filter Decoding with
+Substitution" (2015, arXiv:1511.05084): `viz.decoding.decode_filters`
 brings each filter of a conv layer down to the input (Fig. 4), `threshold_decoded` gives the
 paper's thresholded version that "enhances the positive and negative basic patterns" (Fig. 1,
 Fig. 4a,e), and `reconstruction_error` is its Eq. 3 (Table 1), measured on the probe images.
@@ -29,11 +30,12 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
-from callbacks.base import VisualizationCallback
-from callbacks.render import captioned_grid, scale_symmetric
-from viz.decoding import (UNPOOL_MODES, decode_filters, decoded_geometry, reconstruction_error,
+from convlens.callbacks.base import VisualizationCallback, check_filters
+from convlens.errors import ConfigError
+from convlens.render import captioned_grid, scale_symmetric
+from convlens.viz.decoding import (UNPOOL_MODES, decode_filters, decoded_geometry, reconstruction_error,
                           threshold_decoded)
-from viz.layers import LayerError, get_layer, trace_chain
+from convlens.viz.layers import LayerError, get_layer, layer_maxima, rank_filters
 
 SELECTIONS = ("most_active", "first")
 
@@ -57,7 +59,7 @@ class DecodedFilters(VisualizationCallback):
             probe images are what `most_active` and the Eq. 3 error are measured on.
     """
 
-    name = "decoded_filters"
+    name = "decoded"
     layer_kind = nn.Conv2d
 
     def __init__(self, layers: Sequence[str] | None = None, every_n_epochs: int = 1,
@@ -68,39 +70,22 @@ class DecodedFilters(VisualizationCallback):
         super().__init__(layers=layers, every_n_epochs=every_n_epochs, num_probe=num_probe,
                          probe_per_class=probe_per_class, probe_seed=probe_seed)
         if unpool not in UNPOOL_MODES:
-            raise ValueError(f"Unknown unpool mode {unpool!r}. Valid modes: {', '.join(UNPOOL_MODES)}")
+            raise ConfigError(f"Unknown unpool mode {unpool!r}. Valid modes: {', '.join(UNPOOL_MODES)}")
         if max_filters is not None and (isinstance(max_filters, bool) or not isinstance(max_filters, int)
                                         or max_filters < 1):
-            raise ValueError(f"max_filters must be an int >= 1 or None (all filters), got {max_filters!r}")
+            raise ConfigError(f"max_filters must be an int >= 1 or None (all filters), got {max_filters!r}")
         if selection not in SELECTIONS:
-            raise ValueError(f"Unknown selection {selection!r}. Use one of {', '.join(SELECTIONS)}, "
+            raise ConfigError(f"Unknown selection {selection!r}. Use one of {', '.join(SELECTIONS)}, "
                              f"or give explicit indices per layer with filters={{layer: [indices]}}")
         if not 0 < threshold <= 1:
-            raise ValueError(f"threshold must be a fraction of the largest magnitude in (0, 1], got {threshold}")
+            raise ConfigError(f"threshold must be a fraction of the largest magnitude in (0, 1], got {threshold}")
         if not isinstance(tile_size, int) or tile_size < 1:
-            raise ValueError(f"tile_size must be an int >= 1 (pixels), got {tile_size!r}")
+            raise ConfigError(f"tile_size must be an int >= 1 (pixels), got {tile_size!r}")
         self.unpool, self.max_filters, self.selection = unpool, max_filters, selection
         self.threshold, self.compute_error, self.tile_size = threshold, compute_error, tile_size
-        self.explicit_filters = self._checked_filters(filters)
+        self.explicit_filters = check_filters(filters)
         #: the filter indices drawn per layer (None: all), fixed the first time the callback draws
         self.chosen_filters: dict[str, list[int] | None] = {}
-
-    @staticmethod
-    def _checked_filters(filters) -> dict[str, list[int]]:
-        if filters is None:
-            return {}
-        if not isinstance(filters, Mapping):
-            raise ValueError(f"filters must map layer names to lists of filter indices, "
-                             f"e.g. {{'conv3': [0, 7]}}, got {type(filters).__name__}")
-        out = {}
-        for layer, indices in filters.items():
-            if isinstance(indices, (str, bytes)) or not isinstance(indices, Sequence) or not len(indices):
-                raise ValueError(f"filters[{layer!r}] must be a non-empty list of filter indices, got {indices!r}")
-            bad = [i for i in indices if isinstance(i, bool) or not isinstance(i, int) or i < 0]
-            if bad:
-                raise ValueError(f"filters[{layer!r}] must hold non-negative int indices, got {bad}")
-            out[str(layer)] = [int(i) for i in indices]
-        return out
 
     # -- setup: every layer must be a decodable conv ---------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -113,24 +98,12 @@ class DecodedFilters(VisualizationCallback):
                                  f"{self.layers}; add it to `layers` or remove it from `filters`")
             out_of_range = [i for i in indices if i >= conv.out_channels]
             if out_of_range:
-                raise ValueError(f"filters[{layer!r}]: {layer} has {conv.out_channels} filters, so indices "
+                raise ConfigError(f"filters[{layer!r}]: {layer} has {conv.out_channels} filters, so indices "
                                  f"must be < {conv.out_channels}; got {out_of_range}")
         for layer in self.layers:
             decoded_geometry(net, layer)  # DecodingError now, not epochs later, for a non-chain model
 
     # -- choosing filters ------------------------------------------------------------------------
-    def mean_max_activation(self, net: nn.Module, layer: str, images: torch.Tensor) -> torch.Tensor:
-        """[K]: per filter of conv `layer`, its output's spatial maximum averaged over `images`."""
-        conv = get_layer(net, layer, nn.Conv2d)
-        maxima = []
-        handle = conv.register_forward_hook(lambda m, args, out: maxima.append(out.detach().amax(dim=(2, 3))))
-        try:
-            with torch.no_grad():
-                trace_chain(net, images, layer)  # eval mode, stops right after `layer`
-        finally:
-            handle.remove()
-        return maxima[0].float().mean(0).cpu()
-
     def filters_for(self, net: nn.Module, layer: str, images: torch.Tensor) -> list[int] | None:
         """The filter indices drawn for `layer` (None: all), chosen on first use and then kept."""
         if layer not in self.chosen_filters:
@@ -142,8 +115,7 @@ class DecodedFilters(VisualizationCallback):
             elif self.selection == "first":
                 chosen = list(range(self.max_filters))
             else:
-                activity = self.mean_max_activation(net, layer, images)
-                chosen = activity.argsort(descending=True, stable=True)[: self.max_filters].tolist()
+                chosen = rank_filters(layer_maxima(net, images, [layer])[layer], self.max_filters).tolist()
             self.chosen_filters[layer] = chosen
         return self.chosen_filters[layer]
 

@@ -1,9 +1,11 @@
 """DeconvProjection: every n epochs, Zeiler & Fergus deconvnet projections of the top feature maps.
 
-Follows deconvnet-occlusion-cifar10-grid-search.txt (section 2.2 and Fig. 1: the maps of a layer
-ranked by their maximum activation, a few of the highest projected back to pixel space) and
-deconvnet-cifar10-blog.txt ("I passed in a whole batch of images and saved the maximum activations":
-for each map, the image of the batch that activates it most, and its projection). The algorithm is
+Follows Zeiler & Fergus, "Visualizing and Understanding Convolutional Networks" (ECCV 2014,
+arXiv:1311.2901) as Berthier & Mantoux's RecVis 2018 report applies it (section 2.2 and Fig. 1: the
+maps of a layer ranked by their maximum activation, a few of the highest projected back to pixel
+space), and Kevin Frans's blog post "Visualizing features in a convnet" (2016: "I passed in a whole
+batch of images and saved the maximum activations": for each map, the image of the batch that
+activates it most, and its projection). The algorithm is
 `viz.deconvnet`; this callback only chooses inputs, renders and logs.
 
 Logged per layer, at the trainer's global step:
@@ -22,10 +24,8 @@ its pattern matters, and a color projection keeps its hue. Conventions of the pr
 ignored, BatchNorm/Dropout as in eval mode, unpooling by switches or "fill") are those of
 `viz.deconvnet.project`.
 
-Default layers (`default_conv_layers`): every Conv2d when the net has at most
-`ALL_CONVS_UP_TO` = 6 of them (our LeNet and CIFAR nets: conv1..conv4); for deeper nets, each
-conv block's last convolution (the last Conv2d before each pooling layer) plus the net's last
-Conv2d (VGG16: features.2, 7, 14, 21, 28).
+Default layers: `viz.layers.default_conv_layers` (every Conv2d of a net with at most six, else each
+conv block's last convolution).
 """
 from __future__ import annotations
 
@@ -36,14 +36,12 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
-from callbacks.base import VisualizationCallback
-from callbacks.render import captioned_grid, scale_each, to_pixels
-from viz.deconvnet import UNPOOL_MODES, Recording, fast_dtype, record
-from viz.layers import LayerError, layer_names
+from convlens.callbacks.base import VisualizationCallback, check_int
+from convlens.errors import ConfigError
+from convlens.render import captioned_grid, class_caption, fit_caption, scale_each, tile_width, to_pixels
+from convlens.viz.deconvnet import UNPOOL_MODES, fast_dtype, record_layers
+from convlens.viz.layers import default_conv_layers
 
-#: nets with at most this many Conv2d show every one by default
-ALL_CONVS_UP_TO = 6
-_POOLS = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveMaxPool2d, nn.AdaptiveAvgPool2d, nn.LPPool2d)
 MAX_MAPS_BY = ("activation", "index")
 PRECISIONS = ("auto", "float32", "bfloat16")
 
@@ -56,56 +54,6 @@ def reverse_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if precision == "bfloat16" else None
 
 
-def default_conv_layers(net: nn.Module, all_up_to: int = ALL_CONVS_UP_TO) -> list[str]:
-    """Conv layers that stand for the net's conv blocks, in definition order (the execution order of
-    a sequential net): every Conv2d if there are at most `all_up_to`; otherwise the last Conv2d
-    before each pooling layer, plus the last Conv2d."""
-    convs = layer_names(net, nn.Conv2d)
-    if len(convs) <= all_up_to:
-        return convs
-    picked: list[str] = []
-    last_conv = None
-    for name, module in net.named_modules():
-        if isinstance(module, nn.Conv2d):
-            last_conv = name
-        elif isinstance(module, _POOLS) and last_conv is not None and last_conv not in picked:
-            picked.append(last_conv)
-    if convs[-1] not in picked:
-        picked.append(convs[-1])
-    return picked
-
-
-def record_layers(net: nn.Module, images: torch.Tensor, layers: Sequence[str]) -> dict[str, Recording]:
-    """One deconvnet `Recording` per layer, from as few forward passes as possible: one pass up to
-    the layer defined last serves every layer it runs through (`Recording.at`); a layer it does not
-    run through (a net whose execution order differs from its definition order) gets its own."""
-    order = {name: i for i, name in enumerate(layer_names(net))}
-    deepest = max(layers, key=lambda name: order.get(name, -1))
-    full = record(net, images, deepest)
-    recordings: dict[str, Recording] = {}
-    for layer in layers:
-        try:
-            recordings[layer] = full.at(layer)
-        except LayerError:  # not on the recorded chain
-            recordings[layer] = record(net, images, layer)
-    return recordings
-
-
-def check_projectable(callback: VisualizationCallback, pl_module: pl.LightningModule) -> None:
-    """Fail at fit start, on every rank, rather than after the first epoch: one probe image is
-    recorded up to every layer, which raises viz.deconvnet's error (naming the module it cannot
-    undo, or the layers with spatial maps) for a model the deconvnet cannot walk back."""
-    if callback.probe_images is None:
-        return
-    record_layers(callback.net(pl_module), callback.probe_images[:1].to(pl_module.device), callback.layers)
-
-
-def _fit(text: str, width_px: int) -> str:
-    """Truncate a caption to what fits under a tile (PIL's default font is ~6 px per character)."""
-    chars = max(1, width_px // 6)
-    return text if len(text) <= chars else text[: chars - 1] + "~"
-
-
 def top_maps_grid(pixels: torch.Tensor, projections: torch.Tensor, indices: torch.Tensor,
                   image_captions: Sequence[str], tile_size: int = 64) -> torch.Tensor:
     """One row per image: the image ([N, C, H, W] pixels in [0, 1]) then its k projections
@@ -113,11 +61,11 @@ def top_maps_grid(pixels: torch.Tensor, projections: torch.Tensor, indices: torc
     n, k = indices.shape
     scaled = scale_each(projections.flatten(0, 1)).view(n, k, *projections.shape[2:])
     tiles = torch.cat([pixels.float().cpu().unsqueeze(1), scaled], dim=1).flatten(0, 1)
-    width = _tile_width(pixels, tile_size)
+    width = tile_width(pixels, tile_size)
     captions = []
     for i in range(n):
-        captions.append(_fit(image_captions[i], width))
-        captions.extend(_fit(f"#{int(c)}", width) for c in indices[i])
+        captions.append(fit_caption(image_captions[i], width))
+        captions.extend(fit_caption(f"#{int(c)}", width) for c in indices[i])
     return captioned_grid(tiles, nrow=k + 1, captions=captions, tile_size=tile_size)
 
 
@@ -127,22 +75,12 @@ def max_images_grid(pixels: torch.Tensor, projections: torch.Tensor, maps: torch
     """Pairs (image, its projection of map `maps[j]`), `pairs_per_row` pairs a row: `pixels` and
     `projections` [M, C, H, W], the projections min-max scaled each on its own."""
     tiles = torch.stack([pixels.float().cpu(), scale_each(projections)], dim=1).flatten(0, 1)
-    width = _tile_width(pixels, tile_size)
+    width = tile_width(pixels, tile_size)
     captions = []
     for j in range(len(maps)):
-        captions += [_fit(image_captions[j], width), _fit(f"#{int(maps[j])}", width)]
+        captions += [fit_caption(image_captions[j], width), fit_caption(f"#{int(maps[j])}", width)]
     return captioned_grid(tiles, nrow=2 * min(pairs_per_row, len(maps)), captions=captions,
                           tile_size=tile_size)
-
-
-def _tile_width(images: torch.Tensor, tile_size: int) -> int:
-    h, w = images.shape[-2:]
-    return w * max(1, round(tile_size / max(h, w)))
-
-
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
 
 
 class DeconvProjection(VisualizationCallback):
@@ -165,7 +103,7 @@ class DeconvProjection(VisualizationCallback):
         every_n_epochs, num_probe, probe_per_class, probe_seed: see VisualizationCallback.
     """
 
-    name = "deconv_projection"
+    name = "deconv"
     layer_kind = nn.Conv2d
 
     def __init__(self, layers: Sequence[str] | None = None, k: int = 4, unpool: str = "switches",
@@ -175,21 +113,21 @@ class DeconvProjection(VisualizationCallback):
                  probe_per_class: int = 1, probe_seed: int = 0):
         super().__init__(layers=layers, every_n_epochs=every_n_epochs, num_probe=num_probe,
                          probe_per_class=probe_per_class, probe_seed=probe_seed)
-        _check_int("k (maps per probe image)", k, 1)
+        check_int("k (maps per probe image)", k, 1)
         if unpool not in UNPOOL_MODES:
-            raise ValueError(f"Unknown unpool={unpool!r}; use one of {', '.join(UNPOOL_MODES)} "
+            raise ConfigError(f"Unknown unpool={unpool!r}; use one of {', '.join(UNPOOL_MODES)} "
                              "('switches': Zeiler & Fergus, 'fill': the blog's cheaper unpooling)")
         if not isinstance(deconv_max, bool):
-            raise ValueError(f"deconv_max must be true or false, got {deconv_max!r}")
-        _check_int("max_maps (maps drawn in deconv_max)", max_maps, 1)
+            raise ConfigError(f"deconv_max must be true or false, got {deconv_max!r}")
+        check_int("max_maps (maps drawn in deconv_max)", max_maps, 1)
         if max_maps_by not in MAX_MAPS_BY:
-            raise ValueError(f"Unknown max_maps_by={max_maps_by!r}; use 'activation' (the most active "
+            raise ConfigError(f"Unknown max_maps_by={max_maps_by!r}; use 'activation' (the most active "
                              "maps over the batch) or 'index' (maps 0..max_maps-1)")
-        _check_int("val_batch_index (0: the first validation batch)", val_batch_index, 0)
-        _check_int("val_images (images of the validation batch searched)", val_images, 1)
-        _check_int("tile_size (pixels)", tile_size, 1)
+        check_int("val_batch_index (0: the first validation batch)", val_batch_index, 0)
+        check_int("val_images (images of the validation batch searched)", val_images, 1)
+        check_int("tile_size (pixels)", tile_size, 1)
         if precision not in PRECISIONS:
-            raise ValueError(f"Unknown precision={precision!r} for the deconvnet's reverse pass; use one of "
+            raise ConfigError(f"Unknown precision={precision!r} for the deconvnet's reverse pass; use one of "
                              f"{', '.join(PRECISIONS)} ('auto': bfloat16 where the hardware runs it natively)")
         self.precision = precision
         self.k, self.unpool, self.deconv_max = k, unpool, deconv_max
@@ -203,7 +141,8 @@ class DeconvProjection(VisualizationCallback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
-        check_projectable(self, pl_module)
+        if self.probe_images is not None:  # fail now, on every rank, not after the first epoch
+            record_layers(self.net(pl_module), self.probe_images[:1].to(pl_module.device), self.layers)
 
     # -- the validation batch searched by deconv_max ----------------------------------------------
     def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
@@ -231,7 +170,7 @@ class DeconvProjection(VisualizationCallback):
         images, labels = self.probe(pl_module)
         normalization, names = self.normalization(trainer), self.class_names(trainer)
         pixels = to_pixels(images, normalization)
-        captions = [names[int(y)] if int(y) < len(names) else str(int(y)) for y in labels]
+        captions = self.captions(trainer, labels)
         dtype = reverse_dtype(self.precision, pl_module.device)
         # all tensor work first, then all rendering: on CPU, torch's worker threads fall asleep
         # during the (single-threaded) drawing and each first op after it pays for waking them
@@ -244,7 +183,7 @@ class DeconvProjection(VisualizationCallback):
             self.log_image(trainer, f"deconv/{layer}",
                            top_maps_grid(pixels, projections, indices, captions, self.tile_size))
         for layer, images_of_maps, labels_of_maps, maps, projections in maxima:
-            captions_of_maps = [names[int(y)] if y is not None and int(y) < len(names) else f"val {int(i)}"
+            captions_of_maps = [class_caption(y, names) if y is not None else f"val {int(i)}"
                                 for i, y in zip(images_of_maps[0], labels_of_maps)]
             self.log_image(trainer, f"deconv_max/{layer}",
                            max_images_grid(to_pixels(images_of_maps[1], normalization), projections, maps,

@@ -1,8 +1,9 @@
 """FilterEvolution: one fixed filter per layer, tracked through training (Fig. 4 of the report).
 
-Follows deconvnet-occlusion-cifar10-grid-search.txt, section 3.4 and Fig. 4 ("we display the
-evolution of one fixed chosen filter at each layer, for a fixed input image, during training ...
-On top is the accuracy achieved after a given number of epochs"), itself after Zeiler & Fergus.
+Follows Berthier & Mantoux's RecVis 2018 report, section 3.4 and Fig. 4 ("we display the evolution
+of one fixed chosen filter at each layer, for a fixed input image, during training ... On top is the
+accuracy achieved after a given number of epochs"), itself after Zeiler & Fergus (ECCV 2014,
+arXiv:1311.2901).
 The projection is `viz.deconvnet` (biases ignored, BatchNorm/Dropout as in eval mode).
 
 Logged every `every_n_epochs` epochs, at the trainer's global step (so TensorBoard's step slider
@@ -12,7 +13,7 @@ is the time axis of each tag):
 - `evolution/weights_<layer>`: the filters of `weights_layer` (default: the net's first Conv2d),
   each tile scaled symmetrically on its own (0 is mid-gray, its largest magnitude white/black; the
   channels of a color filter share the scale);
-- `weight_change/<layer>` (scalar): the relative L2 change of the layer's weight (bias ignored)
+- `evolution_weight_change/<layer>` (scalar): the relative L2 change of the layer's weight (bias ignored)
   since the previous time the callback ran: ||W_t - W_{t-1}|| / ||W_{t-1}||; the weights are
   recorded at fit start, so the first epoch has a value too (after a resume: since the checkpoint).
 At fit end, `evolution/summary`: rows = layers (titled with the map index), columns = the probe
@@ -34,11 +35,12 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
 
-from callbacks.base import VisualizationCallback
-from callbacks.deconv import _check_int, _fit, check_projectable, default_conv_layers, record_layers
-from callbacks.render import as_rgb, captioned_grid, scale_each, scale_symmetric, to_pixels
-from viz.deconvnet import UNPOOL_MODES
-from viz.layers import LayerError, get_layer, layer_names
+from convlens.callbacks.base import VisualizationCallback, check_filters, check_int
+from convlens.errors import ConfigError
+from convlens.render import (as_rgb, captioned_grid, class_caption, fit_caption, scale_each, scale_symmetric,
+                             tile_width, to_pixels)
+from convlens.viz.deconvnet import UNPOOL_MODES, record_layers
+from convlens.viz.layers import LayerError, default_conv_layers, get_layer, layer_names, rank_filters
 
 
 def relative_change(current: torch.Tensor, previous: torch.Tensor) -> float:
@@ -56,7 +58,7 @@ def weights_grid(weight: torch.Tensor, tile_size: int = 40) -> torch.Tensor:
     if cin in (1, 3):
         tiles, nrow = w, math.ceil(math.sqrt(out))
         width = w.shape[-1] * max(1, round(tile_size / max(w.shape[-2:])))
-        captions = [_fit(f"#{i}", width) for i in range(out)]
+        captions = [fit_caption(f"#{i}", width) for i in range(out)]
     else:
         tiles, nrow, captions = w.reshape(out * cin, 1, *w.shape[-2:]), cin, None
     return captioned_grid(scale_symmetric(tiles), nrow=nrow, captions=captions, tile_size=tile_size)
@@ -67,9 +69,9 @@ class FilterEvolution(VisualizationCallback):
     weights, the relative weight change per layer, and a layers x epochs summary at fit end.
 
     Args:
-        layers: Conv2d names of `pl_module.net` (None: `callbacks.deconv.default_conv_layers`).
-        filters: the map to track per layer, e.g. {"conv3": 17}; layers left out get the map most
-            activated by the probe image at the first run.
+        layers: Conv2d names of the net (None: `viz.layers.default_conv_layers`).
+        filters: the map to track per layer, e.g. {"conv3": [17]} (or {"conv3": 17}); layers left
+            out get the map most activated by the probe image at the first run.
         probe_index: which probe image is projected (0: the first).
         unpool: "switches" (Zeiler & Fergus) or "fill" (the blog's cheaper unpooling).
         weights_layer: the Conv2d whose weights are drawn (None: the net's first Conv2d).
@@ -79,35 +81,27 @@ class FilterEvolution(VisualizationCallback):
         every_n_epochs, num_probe, probe_per_class, probe_seed: see VisualizationCallback.
     """
 
-    name = "filter_evolution"
+    name = "evolution"
     layer_kind = nn.Conv2d
 
-    def __init__(self, layers: Sequence[str] | None = None, filters: Mapping[str, int] | None = None,
+    def __init__(self, layers: Sequence[str] | None = None, filters: Mapping[str, Sequence[int] | int] | None = None,
                  probe_index: int = 0, unpool: str = "switches", weights_layer: str | None = None,
                  summary: bool = True, summary_max_epochs: int = 20, tile_size: int = 64,
                  every_n_epochs: int = 1, num_probe: int | None = None, probe_per_class: int = 1,
                  probe_seed: int = 0):
         super().__init__(layers=layers, every_n_epochs=every_n_epochs, num_probe=num_probe,
                          probe_per_class=probe_per_class, probe_seed=probe_seed)
-        if filters is None:
-            filters = {}
-        if not isinstance(filters, Mapping):
-            raise ValueError(f"filters must map layer names to one map index each, e.g. {{conv3: 17}}, "
-                             f"got {filters!r}")
-        for layer, index in filters.items():
-            if not isinstance(layer, str):
-                raise ValueError(f"filters keys must be layer names (str), got {layer!r}")
-            _check_int(f"filters[{layer!r}] (a map index)", index, 0)
-        _check_int("probe_index (0: the first probe image)", probe_index, 0)
+        filters = {layer: indices[0] for layer, indices in check_filters(filters, one_per_layer=True).items()}
+        check_int("probe_index (0: the first probe image)", probe_index, 0)
         if unpool not in UNPOOL_MODES:
-            raise ValueError(f"Unknown unpool={unpool!r}; use one of {', '.join(UNPOOL_MODES)} "
+            raise ConfigError(f"Unknown unpool={unpool!r}; use one of {', '.join(UNPOOL_MODES)} "
                              "('switches': Zeiler & Fergus, 'fill': the blog's cheaper unpooling)")
         if weights_layer is not None and not isinstance(weights_layer, str):
-            raise ValueError(f"weights_layer must be a Conv2d name or None (the first one), got {weights_layer!r}")
+            raise ConfigError(f"weights_layer must be a Conv2d name or None (the first one), got {weights_layer!r}")
         if not isinstance(summary, bool):
-            raise ValueError(f"summary must be true or false, got {summary!r}")
-        _check_int("summary_max_epochs", summary_max_epochs, 1)
-        _check_int("tile_size (pixels)", tile_size, 1)
+            raise ConfigError(f"summary must be true or false, got {summary!r}")
+        check_int("summary_max_epochs", summary_max_epochs, 1)
+        check_int("tile_size (pixels)", tile_size, 1)
         self.filters: dict[str, int] = {str(k): int(v) for k, v in filters.items()}
         self.probe_index, self.unpool, self.weights_layer = probe_index, unpool, weights_layer
         self.summary, self.summary_max_epochs, self.tile_size = summary, summary_max_epochs, tile_size
@@ -130,7 +124,7 @@ class FilterEvolution(VisualizationCallback):
                                  f"{', '.join(self.layers)} (add it to `layers`, or fix the name)")
             maps = get_layer(net, layer, nn.Conv2d).out_channels
             if index >= maps:
-                raise ValueError(f"filters[{layer!r}] = {index} is out of range: {layer} has {maps} maps "
+                raise ConfigError(f"filters[{layer!r}] = {index} is out of range: {layer} has {maps} maps "
                                  f"(valid: 0..{maps - 1})")
         if self.weights_layer is None:
             self.weights_layer = layer_names(net, nn.Conv2d)[0]
@@ -139,10 +133,11 @@ class FilterEvolution(VisualizationCallback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
         if self.probe_images is not None and self.probe_index >= len(self.probe_images):
-            raise ValueError(f"probe_index={self.probe_index}, but there are only {len(self.probe_images)} "
+            raise ConfigError(f"probe_index={self.probe_index}, but there are only {len(self.probe_images)} "
                              f"probe images (num_probe={self.num_probe}, probe_per_class="
                              f"{self.probe_per_class}); use a probe_index below {len(self.probe_images)}")
-        check_projectable(self, pl_module)
+        if self.probe_images is not None:  # fail now, on every rank, not after the first epoch
+            record_layers(self.net(pl_module), self.probe_images[:1].to(pl_module.device), self.layers)
         # weights as training starts (or as restored from a checkpoint): the first change's reference
         net = self.net(pl_module)
         self._previous_weights = {layer: get_layer(net, layer).weight.detach().clone()
@@ -168,21 +163,19 @@ class FilterEvolution(VisualizationCallback):
         images, labels = self.probe(pl_module)
         image = images[self.probe_index:self.probe_index + 1]
         pixels = to_pixels(image, self.normalization(trainer))
-        names = self.class_names(trainer)
-        label = int(labels[self.probe_index])
-        caption = names[label] if label < len(names) else str(label)
-        width = image.shape[-1] * max(1, round(self.tile_size / max(image.shape[-2:])))
+        caption = class_caption(labels[self.probe_index], self.class_names(trainer))
+        width = tile_width(image, self.tile_size)
         tiles: dict[str, torch.Tensor] = {}
         for layer, rec in record_layers(net, image, self.layers).items():
             channel = self.tracked_map(layer)
             if channel is None:  # first run: the map the probe image activates most
-                channel = int(rec.map_maxima()[0].argmax())
+                channel = int(rank_filters(rec.map_maxima(), 1)[0])
             self.chosen[layer] = channel
             tile = scale_each(rec.project(channel, self.unpool))
             tiles[layer] = (tile[0] * 255).round().to(torch.uint8)
             self.log_image(trainer, f"evolution/{layer}",
                            captioned_grid(torch.cat([pixels, tile]), nrow=2, tile_size=self.tile_size,
-                                          captions=[_fit(caption, width), _fit(f"#{channel}", width)]))
+                                          captions=[fit_caption(caption, width), fit_caption(f"#{channel}", width)]))
         self.log_image(trainer, f"evolution/weights_{self.weights_layer}",
                        weights_grid(get_layer(net, self.weights_layer).weight))
         self.log_scalars(trainer, self._weight_changes(net))
@@ -196,7 +189,7 @@ class FilterEvolution(VisualizationCallback):
             weight = get_layer(net, layer).weight.detach()
             previous = self._previous_weights.get(layer)
             if previous is not None and previous.shape == weight.shape:
-                changes[f"weight_change/{layer}"] = relative_change(weight, previous.to(weight.device))
+                changes[f"evolution_weight_change/{layer}"] = relative_change(weight, previous.to(weight.device))
             self._previous_weights[layer] = weight.clone()
         return changes
 

@@ -1,7 +1,7 @@
 """OcclusionSensitivity: every n epochs, what a gray square hides from the classifier.
 
-Follows section 3.5 and Fig. 5 of deconvnet-occlusion-cifar10-grid-search.txt (after Zeiler &
-Fergus): a gray patch slides across the image, the model predicts on every occluded copy, and the
+Follows section 3.5 and Fig. 5 of Berthier & Mantoux's RecVis 2018 report, after Zeiler & Fergus
+(ECCV 2014, arXiv:1311.2901, section 4.2): a gray patch slides across the image, the model predicts on every occluded copy, and the
 score of the class of interest and the predicted label are drawn at each patch position. The maps
 come from `viz.occlusion.occlusion_maps`.
 
@@ -22,94 +22,59 @@ The patch is mid-gray in pixel space, mapped through the datamodule's normalizat
 """
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import lightning.pytorch as pl
 import torch
 
-from callbacks.base import VisualizationCallback
-from callbacks.render import (as_rgb, captioned_grid, heatmap, label_colors, legend, stack_vertical,
-                              to_pixels)
-from viz.layers import eval_mode
-from viz.occlusion import OcclusionError, occlusion_maps
-
-TARGETS = ("true", "predicted")
-
-
-def default_patch(side: int) -> int:
-    """The largest odd integer <= side ** 0.6 (at least 1): 7 at 28 and 32, 25 at 224.
-
-    Sub-linear on purpose: small images need a patch big enough to hide a part (the report's 7x7
-    covers 5% of a 32x32 image), large ones a patch still small enough to localize. Odd, so the
-    patch has a center pixel."""
-    size = math.floor(side ** 0.6 + 1e-9)
-    return max(1, size if size % 2 else size - 1)
-
-
-def default_stride(side: int, patch: int) -> int:
-    """(side - patch + 1) // 8, at least 1: 2 at 28/7, 3 at 32/7, 25 at 224/25.
-
-    side - patch + 1 is the number of patch positions along a side at stride 1; dividing by 8
-    keeps 8 to 15 positions per side whenever there are at least 8, so a map costs at most 225
-    forward passes per image whatever the image size."""
-    return max(1, (side - patch + 1) // 8)
-
-
-def maps_to_pixels(maps: torch.Tensor, size: tuple[int, int], patch: int, stride: int) -> torch.Tensor:
-    """[N, h, w] maps over patch positions -> [N, H, W] over the image's pixels: pixel (y, x) takes
-    the value of the position whose patch center, (i * stride + (patch - 1) / 2, same for j), is
-    nearest to it (ties to the lower position), clamped to the valid positions."""
-    def nearest(length: int, count: int) -> torch.Tensor:
-        offset = torch.arange(length, dtype=torch.float64) - (patch - 1) / 2
-        return torch.ceil(offset / stride - 0.5).long().clamp(0, count - 1)
-    rows = nearest(size[0], maps.shape[-2]).to(maps.device)
-    cols = nearest(size[1], maps.shape[-1]).to(maps.device)
-    return maps[:, rows][:, :, cols]
+from convlens.callbacks.base import TARGETS, VisualizationCallback, check_choice, check_int
+from convlens.errors import ConfigError
+from convlens.render import (as_rgb, captioned_grid, class_caption, fit_caption, heatmap, label_colors, legend,
+                             stack_vertical, tile_width, to_pixels)
+from convlens.viz.layers import eval_mode
+from convlens.viz.occlusion import OcclusionError, default_patch, default_stride, maps_to_pixels, occlusion_maps
 
 
 class OcclusionSensitivity(VisualizationCallback):
     """Occlusion maps (probability of the target class, predicted label) of the first
-    `num_images` probe images, every `every_n_epochs` epochs, as `occlusion/<i>`.
+    `num_probe` probe images, every `every_n_epochs` epochs, as `occlusion/<i>`.
 
     Args:
-        num_images: how many probe images (a seeded subset of the one-per-class probe batch;
+        num_probe: how many probe images (a seeded subset of the one-per-class probe batch;
             None: all of them). Each costs about (side/stride)^2 forward passes.
         patch: side of the gray square in pixels (None: `default_patch` of the image side).
         stride: step between patch positions in pixels (None: `default_stride`).
-        target: the class whose probability is drawn: "true" (the label) or "predicted" (the
-            model's prediction on the unoccluded image).
+        target: the class whose probability is drawn: "true" (each image's label, the default in
+            every callback) or "predicted" (the model's prediction on the unoccluded image).
         cmap: matplotlib colormap of the probability heat map.
         max_batch: occluded copies per forward pass (None: `occlusion_maps`' memory budget).
         tile_size: each panel is upscaled (nearest, integer factor) to about this many pixels.
         every_n_epochs, probe_per_class, probe_seed: see VisualizationCallback.
     """
 
-    name = "occlusion_sensitivity"
+    name = "occlusion"
     needs_layers = False
     layer_kind = None
 
-    def __init__(self, every_n_epochs: int = 1, num_images: int | None = 4, patch: int | None = None,
+    def __init__(self, every_n_epochs: int = 1, num_probe: int | None = 4, patch: int | None = None,
                  stride: int | None = None, target: str = "true", cmap: str = "jet",
                  max_batch: int | None = None, tile_size: int = 112, probe_per_class: int = 1,
                  probe_seed: int = 0):
-        super().__init__(layers=None, every_n_epochs=every_n_epochs, num_probe=num_images,
+        super().__init__(layers=None, every_n_epochs=every_n_epochs, num_probe=num_probe,
                          probe_per_class=probe_per_class, probe_seed=probe_seed)
         for arg, value in (("patch", patch), ("stride", stride)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise OcclusionError(f"{arg} must be an int >= 1 (pixels), or None to derive it from the "
                                      f"image size; got {value!r}")
-        if target not in TARGETS:
-            raise ValueError(f"Unknown target {target!r}. Use one of {', '.join(TARGETS)}")
-        if max_batch is not None and (isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1):
-            raise ValueError(f"max_batch must be an int >= 1 or None, got {max_batch!r}")
-        if not isinstance(tile_size, int) or tile_size < 1:
-            raise ValueError(f"tile_size must be an int >= 1 (pixels), got {tile_size!r}")
+        check_choice("target", target, TARGETS)
+        if max_batch is not None:
+            check_int("max_batch", max_batch, 1, " (or null: a memory budget)")
+        check_int("tile_size", tile_size, 1, " (pixels)")
         import matplotlib
 
         if cmap not in matplotlib.colormaps:
-            raise ValueError(f"Unknown matplotlib colormap {cmap!r}; e.g. jet, viridis, inferno, gray")
-        self.num_images, self.patch, self.stride, self.target = num_images, patch, stride, target
+            raise ConfigError(f"Unknown matplotlib colormap {cmap!r}; e.g. jet, viridis, inferno, gray")
+        self.patch, self.stride, self.target = patch, stride, target
         self.cmap, self.max_batch, self.tile_size = cmap, max_batch, tile_size
 
     def patch_and_stride(self, height: int, width: int) -> tuple[int, int]:
@@ -153,8 +118,8 @@ class OcclusionSensitivity(VisualizationCallback):
         label_px = maps_to_pixels(label[None].cpu(), size, patch, stride)
         panels = torch.cat([as_rgb(image_pixels[None].float().cpu()), heatmap(prob_px, self.cmap, 0.0, 1.0),
                             label_colors(label_px, num_classes)])
-        width = panels.shape[-1] * max(1, round(self.tile_size / max(size)))
-        captions = [c if 6 * len(c) <= width else c[: max(1, width // 6 - 1)] + "~" for c in captions]
+        width = tile_width(image_pixels, self.tile_size)
+        captions = [fit_caption(c, width) for c in captions]
         return captioned_grid(panels, nrow=3, captions=captions, tile_size=self.tile_size)
 
     def visualize(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -171,7 +136,8 @@ class OcclusionSensitivity(VisualizationCallback):
         pixels = to_pixels(images, normalization)
         key = None
         for i in range(len(images)):
-            captions = [names[int(labels[i])], f"p({names[int(targets[i])]})", "predicted label"]
+            captions = [class_caption(labels[i], names), f"p({class_caption(targets[i], names)})",
+                        "predicted label"]
             panels = self.render(pixels[i], prob[i], label[i], patch, stride, num_classes, captions)
             if key is None:  # the same legend under every probe
                 colors = label_colors(torch.arange(num_classes)[:, None, None], num_classes)[:, :, 0, 0]

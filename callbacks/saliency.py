@@ -1,9 +1,11 @@
 """Saliency: every n epochs, where the probe images' class evidence is (Grad-CAM) and which pixels
 drive it (guided backpropagation, guided Grad-CAM).
 
-Follows lecture-understanding-cnns.txt, "Saliency based" (class activation maps: "for each possible
-class prediction, highlights the regions of the image that contributed the most", after Selvaraju
-et al.'s Grad-CAM). The algorithms are `viz.saliency` (`grad_cam`, `guided_backprop`); this callback
+Follows Vanrell & Arias's lecture "Understanding and visualizing CNNs" (Master in Computer Vision,
+Barcelona), "Saliency based" (class activation maps: "for each possible class prediction,
+highlights the regions of the image that contributed the most"), after Selvaraju et al.'s Grad-CAM
+(ICCV 2017, arXiv:1610.02391) and Springenberg et al.'s guided backpropagation (2015,
+arXiv:1412.6806). The algorithms are `viz.saliency` (`grad_cam`, `guided_backprop`); this callback
 chooses the images, renders and logs.
 
 Logged at the trainer's global step, one column per probe image:
@@ -11,7 +13,7 @@ Logged at the trainer's global step, one column per probe image:
   captioned with its true class; row 2 the Grad-CAM map of `layer` for the target class, upsampled
   bilinearly to the image (as in Grad-CAM), divided by its own maximum (so each map spans the
   colormap; the map of an image with no positive evidence is all 0) and blended over the image
-  (`alpha`), captioned with the target class (the predicted one by default).
+  (`alpha`), captioned with the target class (the true one by default, as in every callback).
 - `saliency/guided_backprop`: row 1 the image; row 2 guided backpropagation of the target class
   score; row 3 (`guided_gradcam=True`) guided Grad-CAM, i.e. row 2 times the upsampled Grad-CAM
   map. Gradients are drawn with 0 as mid-gray and +-max|value| of each tile as white/black
@@ -28,30 +30,12 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
-from callbacks.base import VisualizationCallback
-from callbacks.render import as_rgb, captioned_grid, heatmap, scale_symmetric, to_pixels
-from viz.layers import LayerError, eval_mode, layer_names, trace_chain
-from viz.saliency import grad_cam, guided_backprop, upsample
-
-TARGETS = ("predicted", "true")
-
-
-def default_saliency_layer(net: nn.Module, image: torch.Tensor) -> str:
-    """The last Conv2d (in execution order) whose output maps are larger than 1x1 for `image`
-    [1, C, H, W]; the last Conv2d run if none is."""
-    convs = layer_names(net, nn.Conv2d)
-    if not convs:
-        raise LayerError(f"Saliency: the model has no Conv2d layer for Grad-CAM; name a layer with spatial "
-                         f"maps (valid layers: {', '.join(layer_names(net))})")
-    steps = [s for s in trace_chain(net, image, convs[-1]) if isinstance(s.module, nn.Conv2d)]
-    spatial = [s for s in steps if len(s.out_shape) == 4 and s.out_shape[2] * s.out_shape[3] > 1]
-    return (spatial or steps)[-1].name
-
-
-def _fit(text: str, width_px: int) -> str:
-    chars = max(1, width_px // 6)  # PIL's default font: ~6 px per character
-    return text if len(text) <= chars else text[: chars - 1] + "~"
-
+from convlens.callbacks.base import TARGETS, VisualizationCallback, check_choice, check_int
+from convlens.errors import ConfigError
+from convlens.render import (as_rgb, captioned_grid, class_caption, fit_caption, heatmap, scale_symmetric, tile_width,
+                             to_pixels)
+from convlens.viz.layers import LayerError, eval_mode, layer_names, trace_chain
+from convlens.viz.saliency import default_saliency_layer, grad_cam, guided_backprop, upsample
 
 class Saliency(VisualizationCallback):
     """Grad-CAM overlays (`saliency/gradcam`) and guided backpropagation / guided Grad-CAM
@@ -60,7 +44,8 @@ class Saliency(VisualizationCallback):
     Args:
         layer: the Grad-CAM layer of `pl_module.net`, any module with [N, K, h, w] output (None:
             `default_saliency_layer`).
-        target: the class explained: "predicted" (each image's prediction) or "true" (its label).
+        target: the class explained: "true" (each image's label, the default in every callback)
+            or "predicted" (its prediction).
         guided_gradcam: also draw guided Grad-CAM (no extra forward pass).
         alpha: opacity of the heat map over the image, in [0, 1].
         cmap: matplotlib colormap of the Grad-CAM heat map.
@@ -71,27 +56,24 @@ class Saliency(VisualizationCallback):
     name = "saliency"
     layer_kind = None  # Grad-CAM works on any layer with spatial maps (a conv, its ReLU, a pool)
 
-    def __init__(self, layer: str | None = None, target: str = "predicted", guided_gradcam: bool = True,
+    def __init__(self, layer: str | None = None, target: str = "true", guided_gradcam: bool = True,
                  alpha: float = 0.5, cmap: str = "jet", tile_size: int = 64, every_n_epochs: int = 1,
                  num_probe: int | None = None, probe_per_class: int = 1, probe_seed: int = 0):
         if layer is not None and (not isinstance(layer, str) or not layer):
-            raise ValueError(f"layer must be one layer name (a string) or None, got {layer!r}")
+            raise ConfigError(f"layer must be one layer name (a string) or None, got {layer!r}")
         super().__init__(layers=[layer] if layer is not None else None, every_n_epochs=every_n_epochs,
                          num_probe=num_probe, probe_per_class=probe_per_class, probe_seed=probe_seed)
-        if target not in TARGETS:
-            raise ValueError(f"Unknown target={target!r}; use 'predicted' (explain each image's prediction) "
-                             "or 'true' (explain its label)")
+        check_choice("target", target, TARGETS, " ('true': explain each image's label, 'predicted': its prediction)")
         if not isinstance(guided_gradcam, bool):
-            raise ValueError(f"guided_gradcam must be true or false, got {guided_gradcam!r}")
+            raise ConfigError(f"guided_gradcam must be true or false, got {guided_gradcam!r}")
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
-            raise ValueError(f"alpha (heat map opacity) must be a number in [0, 1], got {alpha!r}")
+            raise ConfigError(f"alpha (heat map opacity) must be a number in [0, 1], got {alpha!r}")
         import matplotlib
 
         if cmap not in matplotlib.colormaps:
-            raise ValueError(f"Unknown colormap cmap={cmap!r}; use a matplotlib colormap name such as "
+            raise ConfigError(f"Unknown colormap cmap={cmap!r}; use a matplotlib colormap name such as "
                              "jet, viridis, inferno")
-        if isinstance(tile_size, bool) or not isinstance(tile_size, int) or tile_size < 1:
-            raise ValueError(f"tile_size must be an int >= 1 (pixels), got {tile_size!r}")
+        check_int("tile_size", tile_size, 1, " (pixels)")
         self.layer_given = layer
         self.target, self.guided_gradcam = target, guided_gradcam
         self.alpha, self.cmap, self.tile_size = float(alpha), cmap, tile_size
@@ -123,21 +105,20 @@ class Saliency(VisualizationCallback):
         net = self.net(pl_module)
         images, labels = self.probe(pl_module)
         names = self.class_names(trainer)
-        with torch.no_grad(), eval_mode(net):
-            predicted = net(images).argmax(1)
-        target = predicted if self.target == "predicted" else labels
+        if self.target == "predicted":
+            with torch.no_grad(), eval_mode(net):
+                target = net(images).argmax(1)
+        else:
+            target = labels
         cam = grad_cam(net, images, self.layer, target)                       # [N, h, w]
         guided = guided_backprop(net, images, target)                         # [N, C, H, W]
         cam = upsample(cam, images.shape[-2:], "bilinear")
         pixels = as_rgb(to_pixels(images, self.normalization(trainer)))
         n = images.shape[0]
 
-        def label(i) -> str:
-            return names[int(i)] if int(i) < len(names) else str(int(i))
-
-        width = pixels.shape[-1] * max(1, round(self.tile_size / max(pixels.shape[-2:])))
-        true_captions = [_fit(label(y), width) for y in labels.cpu()]
-        target_captions = [_fit(label(t), width) for t in target.cpu()]
+        width = tile_width(pixels, self.tile_size)
+        true_captions = [fit_caption(class_caption(y, names), width) for y in labels.cpu()]
+        target_captions = [fit_caption(class_caption(t, names), width) for t in target.cpu()]
 
         peak = cam.flatten(1).amax(1).clamp_min(1e-12).view(-1, 1, 1)
         colors = heatmap((cam / peak).cpu(), self.cmap)

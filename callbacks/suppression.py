@@ -1,11 +1,12 @@
 """KernelSuppression: what in a probe image a kernel responds to, by suppressing every other kernel.
 
-Follows kernel-interpretation-by-suppression.txt (Zhuang et al.; section 3, and Figs. 2 and 5 for the
+Follows Zhuang et al., "Understanding of Kernels in CNN Models by Suppressing Irrelevant Visual
+Features in Images" (2021, arXiv:2108.11054; section 3, and Figs. 2 and 5 for the
 layout: the original input beside the optimized input, and the kernel's feature map for each). The
 algorithm is `viz.suppression.interpret_kernel`; this callback only chooses inputs, renders and logs.
 
 For each layer, for each probe image, its `top_k` most active kernels (highest maximum activation;
-or the configured `kernels`) are chosen at the first run and kept for the rest of the fit (and in
+or the layer's configured `filters`) are chosen at the first run and kept for the rest of the fit (and in
 the checkpoint), so that later runs show the same kernels. Each (image, kernel) pair gets its X̂, all
 pairs of a layer in one batched call. Logged per layer at the trainer's global step:
 - `suppression/<layer>`: one row per (image, kernel): X (captioned with its class), X̂ (captioned
@@ -26,7 +27,7 @@ seconds for the defaults), so the default is to run once, at fit end (`every_n_e
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import lightning.pytorch as pl
 import torch
@@ -34,17 +35,10 @@ import torch.nn.functional as F
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 
-from callbacks.base import VisualizationCallback
-from callbacks.deconv import default_conv_layers
-from callbacks.render import captioned_grid, heatmap, to_pixels
-from viz.layers import LayerError, get_layer
-from viz.suppression import check_arguments, feature_maps, follows_relu, interpret_kernel, kernel_maps
-
-
-def _fit(text: str, width_px: int) -> str:
-    """Truncate a caption to what fits under a tile (PIL's default font is ~6 px per character)."""
-    chars = max(1, width_px // 6)
-    return text if len(text) <= chars else text[: chars - 1] + "~"
+from convlens.callbacks.base import VisualizationCallback, check_filters, check_int
+from convlens.render import captioned_grid, class_caption, fit_caption, heatmap, tile_width, to_pixels
+from convlens.viz.layers import LayerError, default_conv_layers, get_layer, rank_filters
+from convlens.viz.suppression import check_arguments, feature_maps, follows_relu, interpret_kernel, kernel_maps
 
 
 def suppression_grid(pixels: torch.Tensor, pixels_hat: torch.Tensor, maps: torch.Tensor,
@@ -71,11 +65,10 @@ class KernelSuppression(VisualizationCallback):
     """Suppression-based kernel interpretation (`suppression/<layer>` and its metrics as scalars).
 
     Args:
-        layers: Conv2d names of `pl_module.net` (None: every conv of a net with at most 6, else each
-            block's last conv; see `callbacks.deconv.default_conv_layers`).
-        kernels: kernel indices interpreted for every probe image (None: each image's `top_k` most
-            active kernels, chosen at the first run).
-        top_k: kernels per probe image when `kernels` is None.
+        layers: Conv2d names of the net (None: `viz.layers.default_conv_layers`).
+        filters: kernel indices per layer interpreted for every probe image, e.g. {conv3: [0, 7]}
+            (layers left out: each image's `top_k` most active kernels, chosen at the first run).
+        top_k: kernels per probe image for the layers `filters` does not name.
         alpha, beta, steps, lr: `viz.suppression.interpret_kernel`'s options (weights of the
             suppression and regularization terms, the step budget, Adam's initial learning rate).
         rectify: None (auto: the maps after the ReLU that follows the layer, if any), True or False.
@@ -84,29 +77,21 @@ class KernelSuppression(VisualizationCallback):
         num_probe, probe_per_class, probe_seed: see VisualizationCallback (default: 2 probe images).
     """
 
-    name = "kernel_suppression"
+    name = "suppression"
     layer_kind = nn.Conv2d
 
-    def __init__(self, layers: Sequence[str] | None = None, kernels: Sequence[int] | None = None,
+    def __init__(self, layers: Sequence[str] | None = None, filters: Mapping[str, Sequence[int]] | None = None,
                  top_k: int = 1, alpha: float = 0.5, beta: float = 0.25, steps: int = 300,
                  lr: float = 0.05, rectify: bool | None = None, tile_size: int = 64,
                  every_n_epochs: int = 0, num_probe: int | None = 2, probe_per_class: int = 1,
                  probe_seed: int = 0):
         super().__init__(layers=layers, every_n_epochs=every_n_epochs, num_probe=num_probe,
                          probe_per_class=probe_per_class, probe_seed=probe_seed)
-        if kernels is not None:
-            if isinstance(kernels, int) and not isinstance(kernels, bool):
-                kernels = [kernels]
-            kernels = list(kernels)
-            if not kernels or any(isinstance(k, bool) or not isinstance(k, int) or k < 0 for k in kernels):
-                raise ValueError(f"kernels must be a non-empty list of kernel indices (ints >= 0), or null "
-                                 f"for each probe image's most active kernels; got {kernels!r}")
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-            raise ValueError(f"top_k must be an int >= 1 (kernels per probe image), got {top_k!r}")
-        if isinstance(tile_size, bool) or not isinstance(tile_size, int) or tile_size < 1:
-            raise ValueError(f"tile_size must be an int >= 1 (pixels), got {tile_size!r}")
-        check_arguments(alpha=alpha, beta=beta, steps=steps, lr=lr, rectify=rectify)  # ValueError
-        self.kernels, self.top_k = kernels, top_k
+        self.filters = check_filters(filters)
+        check_int("top_k", top_k, 1, " (kernels per probe image)")
+        check_int("tile_size", tile_size, 1, " (pixels)")
+        check_arguments(alpha=alpha, beta=beta, steps=steps, lr=lr, rectify=rectify)  # a VizError
+        self.top_k = top_k
         self.alpha, self.beta, self.steps, self.lr, self.rectify = alpha, beta, steps, lr, rectify
         self.tile_size = tile_size
         #: layer -> [num_probe, k] kernel indices, chosen at the first run
@@ -117,25 +102,25 @@ class KernelSuppression(VisualizationCallback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
-        if self.kernels is None:
-            return
         net = self.net(pl_module)
-        for layer in self.layers:
+        for layer, kernels in self.filters.items():
+            if layer not in self.layers:
+                raise LayerError(f"filters names layer {layer!r}, which is not drawn; the layers are "
+                                 f"{', '.join(self.layers)} (add it to `layers`)")
             count = get_layer(net, layer).out_channels
-            bad = [k for k in self.kernels if k >= count]
+            bad = [k for k in kernels if k >= count]
             if bad:
-                raise LayerError(f"{type(self).__name__}: kernels {bad} are out of range for layer {layer!r}, "
-                                 f"which has {count} kernels (valid: 0..{count - 1}); fix `kernels` or `layers`")
+                raise LayerError(f"{type(self).__name__}: filters {bad} are out of range for layer {layer!r}, "
+                                 f"which has {count} kernels (valid: 0..{count - 1}); fix `filters` or `layers`")
 
     # -- drawing -------------------------------------------------------------------------------
     def _kernels_for(self, layer: str, maps: torch.Tensor) -> torch.Tensor:
         """[P, k] kernel indices for the P probe images: as chosen at the first run."""
         if layer not in self.chosen:
-            if self.kernels is not None:
-                chosen = torch.tensor(self.kernels, dtype=torch.long).expand(maps.shape[0], -1)
+            if layer in self.filters:
+                chosen = torch.tensor(self.filters[layer], dtype=torch.long).expand(maps.shape[0], -1)
             else:
-                k = min(self.top_k, maps.shape[1])
-                chosen = maps.amax(dim=(2, 3)).topk(k, dim=1).indices
+                chosen = rank_filters(maps.amax(dim=(2, 3)), self.top_k, per_image=True)
             self.chosen[layer] = chosen.detach().cpu().clone()
         return self.chosen[layer]
 
@@ -155,14 +140,13 @@ class KernelSuppression(VisualizationCallback):
                                               steps=self.steps, lr=self.lr, rectify=rectified)
             f = maps[which, channel]
             f_hat = kernel_maps(net, x_hat, layer, channel, rectified)
-            width = x.shape[-1] * max(1, round(self.tile_size / max(x.shape[-2:])))
+            width = tile_width(x, self.tile_size)
             captions = []
             for j in range(len(which)):
-                label = int(labels[which[j]])
-                captions += [_fit(names[label] if label < len(names) else str(label), width),
-                             _fit(f"R={metrics['mse_relative'][j].item():.2f}", width),
-                             _fit(f"#{int(channel[j])}", width),
-                             _fit(f"S={metrics['ssim'][j].item():.2f}", width)]
+                captions += [fit_caption(class_caption(labels[which[j]], names), width),
+                             fit_caption(f"R={metrics['mse_relative'][j].item():.2f}", width),
+                             fit_caption(f"#{int(channel[j])}", width),
+                             fit_caption(f"S={metrics['ssim'][j].item():.2f}", width)]
             grid = suppression_grid(to_pixels(x, normalization), to_pixels(x_hat, normalization), f, f_hat,
                                     rectified, captions, self.tile_size)
             self.log_image(trainer, f"suppression/{layer}", grid)

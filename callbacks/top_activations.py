@@ -1,11 +1,11 @@
 """TopActivations: for selected filters, the validation images' receptive-field patches that
 activate them most.
 
-Follows lecture-understanding-cnns.txt ("Neuron Analysis": activation maximization, "find the images
+Follows Vanrell & Arias's lecture "Understanding and visualizing CNNs" ("Neuron Analysis": activation maximization, "find the images
 that maximally activate a neuron"; "Building the Receptive field of a neuron": run each image, take
 the filter's activation map, and cut out "the part of the image (with size of the receptive field)
 that triggered the maximum activation"), over the whole validation set rather than one batch (as
-deconvnet-cifar10-blog.txt's "maximum activations" over a batch). The algorithms are
+Kevin Frans's 2016 blog post's "maximum activations" over a batch). The algorithms are
 `viz.top_activations` (running top-k, per-map max and argmax) and `viz.receptive_field` (the box
 and the patch); this callback chooses the filters, collects, renders and logs.
 
@@ -47,21 +47,16 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
-from callbacks.base import VisualizationCallback
-from callbacks.deconv import default_conv_layers
-from callbacks.render import as_rgb, captioned_grid
-from viz.layers import LayerError, eval_mode, get_layer
-from viz.receptive_field import ReceptiveField, crop_patches, receptive_field
-from viz.top_activations import RunningTopK, content_ids, spatial_max
+from convlens.callbacks.base import VisualizationCallback, check_choice, check_filters, check_int
+from convlens.errors import ConfigError
+from convlens.render import as_rgb, captioned_grid
+from convlens.viz.layers import LayerError, default_conv_layers, get_layer, layer_maxima, rank_filters
+from convlens.viz.receptive_field import ReceptiveField, crop_patches, receptive_field
+from convlens.viz.top_activations import RunningTopK, content_ids, spatial_max
 
 SELECTIONS = ("first", "most_active")
 #: the color of tile pixels outside a unit's receptive field (RGB in [0, 1])
 OUTSIDE_COLOR = (0.72, 0.82, 0.95)
-
-
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
 
 
 def top_activations_grid(patches: torch.Tensor, values: torch.Tensor, filled: torch.Tensor,
@@ -115,28 +110,13 @@ class TopActivations(VisualizationCallback):
                  probe_per_class: int = 1, probe_seed: int = 0):
         super().__init__(layers=layers, every_n_epochs=every_n_epochs, num_probe=num_probe,
                          probe_per_class=probe_per_class, probe_seed=probe_seed)
-        _check_int("k (patches per filter)", k, 1)
-        _check_int("max_filters (filters per layer)", max_filters, 1)
-        _check_int("tile_size (pixels)", tile_size, 1)
-        if selection not in SELECTIONS:
-            raise ValueError(f"Unknown selection={selection!r}; use 'first' (filters 0..max_filters-1) or "
-                             "'most_active' (the filters most active on the probe images)")
-        if filters is not None:
-            if not isinstance(filters, Mapping):
-                raise ValueError(f"filters must map layer names to lists of filter indices, e.g. "
-                                 f"{{conv3: [0, 7]}}, got {type(filters).__name__}")
-            checked = {}
-            for layer, idx in filters.items():
-                idx = [idx] if isinstance(idx, int) else list(idx)
-                if not idx or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in idx):
-                    raise ValueError(f"filters[{layer!r}] must be a non-empty list of filter indices >= 0, "
-                                     f"got {filters[layer]!r}")
-                if len(set(idx)) != len(idx):
-                    raise ValueError(f"filters[{layer!r}] lists a filter twice: {idx}")
-                checked[str(layer)] = idx
-            filters = checked
+        check_int("k (patches per filter)", k, 1)
+        check_int("max_filters (filters per layer)", max_filters, 1)
+        check_int("tile_size (pixels)", tile_size, 1)
+        check_choice("selection", selection, SELECTIONS,
+                     " ('first': filters 0..max_filters-1, 'most_active': the most active on the probe images)")
         self.k, self.max_filters, self.selection, self.tile_size = k, max_filters, selection, tile_size
-        self.filters: dict[str, list[int]] | None = filters
+        self.filters: dict[str, list[int]] = check_filters(filters)
         self.fields: dict[str, ReceptiveField] = {}
         self.chosen: dict[str, list[int]] = {}          # the filters of the current/last collection
         self.result: dict[str, RunningTopK] | None = None   # merged top-k of the last collection
@@ -155,13 +135,13 @@ class TopActivations(VisualizationCallback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         net = self.net(pl_module)
-        for layer, idx in (self.filters or {}).items():
+        for layer, idx in self.filters.items():
             if layer not in self.layers:
                 raise LayerError(f"filters names layer {layer!r}, which is not drawn; the layers are "
                                  f"{', '.join(self.layers)} (add it to `layers`)")
             count = get_layer(net, layer).out_channels
             if max(idx) >= count:
-                raise ValueError(f"filters[{layer!r}] has index {max(idx)}, but {layer} has {count} "
+                raise ConfigError(f"filters[{layer!r}] has index {max(idx)}, but {layer} has {count} "
                                  f"filters (0..{count - 1})")
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -193,34 +173,17 @@ class TopActivations(VisualizationCallback):
     def _choose_filters(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, list[int]]:
         net = self.net(pl_module)
         chosen = {}
-        need_activity = [l for l in self.layers if l not in (self.filters or {}) and self.selection == "most_active"]
-        activity = self._probe_activity(net, pl_module, need_activity) if need_activity else {}
+        need_activity = [layer for layer in self.layers if layer not in self.filters and self.selection == "most_active"]
+        activity = layer_maxima(net, self.probe_images.to(pl_module.device), need_activity) if need_activity else {}
         for layer in self.layers:
-            if self.filters and layer in self.filters:
+            if layer in self.filters:
                 chosen[layer] = list(self.filters[layer])
             elif layer in activity:
-                order = activity[layer].argsort(descending=True, stable=True)
-                chosen[layer] = order[: self.max_filters].tolist()
+                chosen[layer] = rank_filters(activity[layer], self.max_filters).tolist()
             else:
                 chosen[layer] = list(range(min(self.max_filters, get_layer(net, layer).out_channels)))
         # every rank must track the same filters: rank zero's choice wins
         return trainer.strategy.broadcast(chosen, src=0)
-
-    def _probe_activity(self, net: nn.Module, pl_module, layers: list[str]) -> dict[str, torch.Tensor]:
-        """Per layer, [K]: the mean over the probe images of each map's maximum (one forward)."""
-        maxima: dict[str, torch.Tensor] = {}
-
-        def keep(_module, _args, out, layer):
-            maxima.setdefault(layer, out.detach().amax(dim=(2, 3)).mean(0).cpu())  # returns None: output unchanged
-
-        hooks = [get_layer(net, layer).register_forward_hook(partial(keep, layer=layer)) for layer in layers]
-        try:
-            with torch.no_grad(), eval_mode(net):
-                net(self.probe_images.to(pl_module.device))
-        finally:
-            for h in hooks:
-                h.remove()
-        return maxima
 
     # -- collecting during validation -----------------------------------------------------------
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

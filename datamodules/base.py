@@ -15,8 +15,10 @@ import torch
 from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 
+from convlens.errors import ConvlensError
 
-class DataError(RuntimeError):
+
+class DataError(ConvlensError, RuntimeError):
     """Data that cannot be found or read; the message says where we looked and what to do."""
 
 

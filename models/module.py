@@ -11,8 +11,10 @@ from torch import nn
 from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from convlens.errors import ConvlensError
 
-class NonFiniteLossError(RuntimeError):
+
+class NonFiniteLossError(ConvlensError, RuntimeError):
     """The training loss became NaN or infinite."""
 
 

@@ -1,67 +1,11 @@
 """torchvision's VGG16 with a new head, for fine-tuning and for the report's VGG16 visualizations."""
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import torch
 from torch import nn
 from torchvision.models import VGG16_Weights, vgg16 as tv_vgg16
 
-
-class WeightsError(RuntimeError):
-    """A weight file or source that cannot be used for this architecture."""
-
-
-def _strip_prefix(state: dict, prefixes=("net.", "model.", "module.")) -> dict:
-    for p in prefixes:
-        if state and all(k.startswith(p) for k in state):
-            return {k[len(p):]: v for k, v in state.items()}
-    return state
-
-
-def load_state_checked(model: nn.Module, state: dict, source: str) -> None:
-    """Load `state` into `model`; every missing, unexpected or wrongly shaped key is named in the error."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    mismatched = sorted(
-        f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in set(own) & set(state) if own[k].shape != state[k].shape
-    )
-    if missing or unexpected or mismatched:
-        def show(xs):
-            return ", ".join(xs[:12]) + (f" ... (+{len(xs) - 12} more)" if len(xs) > 12 else "")
-        parts = []
-        if missing:
-            parts.append(f"missing keys: {show(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys: {show(unexpected)}")
-        if mismatched:
-            parts.append(f"shape mismatches: {show(mismatched)}")
-        raise WeightsError(
-            f"The weights in {source} do not fit {type(model).__name__}: " + "; ".join(parts)
-            + ". Check that the file was saved from the same architecture (and num_classes)."
-        )
-    model.load_state_dict(state)
-
-
-def load_weight_file(path: str | os.PathLike) -> dict:
-    """A state dict from a .pt/.pth/.ckpt file, read with weights_only=True (no arbitrary pickle)."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise WeightsError(f"Weight file {path} does not exist. Pass an existing .pth/.ckpt path.")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle that is not plain tensors, or a corrupt file
-        raise WeightsError(
-            f"Could not read {path} as plain weights (torch.load weights_only=True): {e}"
-        ) from e
-    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
-        obj = obj["state_dict"]  # a Lightning checkpoint
-    if not isinstance(obj, dict):
-        raise WeightsError(f"{path} holds a {type(obj).__name__}, not a state dict")
-    return _strip_prefix(obj)
+from convlens.checkpoints import WeightsError, load_state_checked, load_weight_file
 
 
 class VGG16(nn.Module):

@@ -7,10 +7,10 @@ from typing import Sequence
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
+
+from convlens.config import compose_config
+from convlens.events import read_events  # noqa: F401  (re-exported for the tests)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "datasets"
@@ -30,32 +30,8 @@ FAST_SHAPES = [
 
 
 def compose_cfg(overrides: Sequence[str], output_dir: str | os.PathLike, config_name: str = "train") -> DictConfig:
-    """The config `python <config_name>.py <overrides>` would see, with its run dir at `output_dir`."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(config_name, overrides=list(overrides), return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        cfg.paths.root_dir = str(ROOT)
-        cfg.paths.output_dir = str(output_dir)
-        cfg.paths.log_dir = str(output_dir)
-    return cfg
-
-
-def read_events(logdir: str | os.PathLike) -> dict[str, dict[str, list[int]]]:
-    """{"images": {tag: [steps]}, "scalars": {tag: [steps]}} of every event file under `logdir`."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    out: dict[str, dict[str, list[int]]] = {"images": {}, "scalars": {}}
-    files = sorted(Path(logdir).rglob("events.out.tfevents.*"))
-    for f in files:
-        acc = EventAccumulator(str(f), size_guidance={"images": 0, "scalars": 0})
-        acc.Reload()
-        for tag in acc.Tags()["images"]:
-            out["images"].setdefault(tag, []).extend(e.step for e in acc.Images(tag))
-        for tag in acc.Tags()["scalars"]:
-            out["scalars"].setdefault(tag, []).extend(e.step for e in acc.Scalars(tag))
-    return out
+    """The config `convlens-<config_name> <overrides>` would see, with its run dir at `output_dir`."""
+    return compose_config(overrides, output_dir, config_name)
 
 
 @pytest.fixture

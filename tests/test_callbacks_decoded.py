@@ -18,14 +18,14 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from PIL import Image
 
-from callbacks.decoded import DecodedFilters
-from callbacks.render import captioned_grid, scale_symmetric
+from convlens.callbacks.decoded import DecodedFilters
+from convlens.render import captioned_grid, scale_symmetric
 from conftest import FAST_SHAPES, compose_cfg, read_events
-from models.lenet import LeNet
-from models.module import ClassifierModule
-from viz.decoding import decode_filters, reconstruction_error, threshold_decoded
-from train import train
-from viz.layers import LayerError
+from convlens.models.lenet import LeNet
+from convlens.models.module import ClassifierModule
+from convlens.viz.decoding import decode_filters, reconstruction_error, threshold_decoded
+from convlens.train import train
+from convlens.viz.layers import LayerError
 
 CONVS = ["conv1", "conv2", "conv3", "conv4"]
 
@@ -107,7 +107,7 @@ def ready(cb: DecodedFilters, trainer: pl.Trainer, module: ClassifierModule, n: 
 
 def test_shapes_demo_logs_decoded_images_and_errors_every_epoch(tmp_path):
     cfg = compose_cfg([a for a in FAST_SHAPES if "rich_progress_bar" not in a]
-                      + ["callbacks=[model_checkpoint,decoded_filters]"], tmp_path)
+                      + ["callbacks=[model_checkpoint,decoded]"], tmp_path)
     train(cfg)
     events = read_events(tmp_path / "tensorboard")
     steps = events["images"]["decoded/conv1"]
@@ -116,7 +116,7 @@ def test_shapes_demo_logs_decoded_images_and_errors_every_epoch(tmp_path):
         assert events["images"][f"decoded/{layer}"] == steps
         assert events["images"][f"decoded_threshold/{layer}"] == steps
         assert events["scalars"][f"decoded_error/{layer}"] == steps
-    assert events["scalars"]["viz_time/decoded_filters"] == steps
+    assert events["scalars"]["viz_time/decoded"] == steps
     images = event_images(tmp_path / "tensorboard")["decoded/conv1"]
     assert not torch.equal(images[steps[0]], images[steps[1]])  # the filters were trained in between
 
@@ -210,7 +210,7 @@ def test_image_summary_decodes_to_what_add_image_writes(tmp_path):
     # the same pixels come back from the event file, gray and color
     from lightning.pytorch.loggers import TensorBoardLogger
 
-    from callbacks.base import image_summary
+    from convlens.callbacks.base import image_summary
 
     torch.manual_seed(0)
     images = {"color": torch.rand(3, 37, 50), "gray": torch.rand(1, 20, 31)}

@@ -27,18 +27,19 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 from torchvision.models.vgg import cfgs as vgg_cfgs, make_layers
 
-import callbacks.deconv
-from callbacks.deconv import DeconvProjection, default_conv_layers
-from callbacks.evolution import FilterEvolution
-from callbacks.render import scale_each, scale_symmetric, to_pixels, upscale
-from conftest import FAST_SHAPES, ROOT, compose_cfg, read_events
-from datamodules.shapes import ShapesDataModule
-from models.cifar import CifarConvNet
-from models.lenet import LeNet
-from models.module import ClassifierModule
-from train import train
-from viz.deconvnet import DeconvnetError, Recording, project
-from viz.layers import LayerError, eval_mode
+import convlens.callbacks.deconv
+from convlens.callbacks.deconv import DeconvProjection
+from convlens.viz.layers import default_conv_layers
+from convlens.callbacks.evolution import FilterEvolution
+from convlens.render import scale_each, scale_symmetric, to_pixels, upscale
+from conftest import FAST_SHAPES, compose_cfg, read_events
+from convlens.datamodules.shapes import ShapesDataModule
+from convlens.models.cifar import CifarConvNet
+from convlens.models.lenet import LeNet
+from convlens.models.module import ClassifierModule
+from convlens.train import train
+from convlens.viz.deconvnet import DeconvnetError, Recording, project
+from convlens.viz.layers import LayerError, eval_mode
 
 LENET_CONVS = ["conv1", "conv2", "conv3", "conv4"]
 PAD, CAPTION_H = 2, 12  # captioned_grid's default padding and caption band
@@ -194,7 +195,7 @@ def test_precision_auto_runs_the_fast_dtype_and_draws_what_float32_draws(shapes_
     # "auto" asks viz.deconvnet.fast_dtype for the device (bfloat16 here, as on an AMX CPU or a
     # recent GPU); both drawings (deconv and deconv_max) must match float32's to a few gray levels
     dm, images, labels = shapes_probe
-    monkeypatch.setattr(callbacks.deconv, "fast_dtype", lambda device: torch.bfloat16)
+    monkeypatch.setattr(convlens.callbacks.deconv, "fast_dtype", lambda device: torch.bfloat16)
     dtypes = []
     reverse = Recording._reverse
 
@@ -236,8 +237,8 @@ def test_evolution_tiles_weights_and_summary(shapes_probe):
     cb.log_scalars = lambda trainer, values: scalars.update(values)
     cb.visualize(fake_trainer(dm, step=5, val_acc=0.5), fake_module(net))
     expected_change = ((net.conv2.weight.detach().double() - before.double()).norm() / before.double().norm()).item()
-    assert scalars == {"weight_change/conv1": 0.0, "weight_change/conv2": pytest.approx(expected_change, rel=1e-12),
-                       "weight_change/conv3": 0.0, "weight_change/conv4": 0.0}
+    assert scalars == {"evolution_weight_change/conv1": 0.0, "evolution_weight_change/conv2": pytest.approx(expected_change, rel=1e-12),
+                       "evolution_weight_change/conv3": 0.0, "evolution_weight_change/conv4": 0.0}
     assert expected_change > 1e-3
     image = images[2:3]
     maxima = conv_maps(net, image, "conv1").amax(dim=(2, 3))[0]
@@ -267,8 +268,8 @@ def test_two_epoch_shapes_run_logs_every_tag_each_epoch(tmp_path):
     smaller = {"datamodule.n_train": 320, "datamodule.val_size": 64, "datamodule.n_test": 64}
     overrides = [o for o in FAST_SHAPES if "rich_progress_bar" not in o and o.split("=")[0] not in smaller]
     cfg = compose_cfg(overrides + [f"{k}={v}" for k, v in smaller.items()] + [
-        "callbacks=[model_checkpoint,deconv_projection,filter_evolution]", "test=false",
-        "callbacks.deconv_projection.val_images=16", "callbacks.deconv_projection.max_maps=8"], tmp_path)
+        "callbacks=[model_checkpoint,deconv,evolution]", "test=false",
+        "callbacks.deconv.val_images=16", "callbacks.deconv.max_maps=8"], tmp_path)
     train(cfg)
     events = read_events(tmp_path / "tensorboard")
     dm = cfg.datamodule
@@ -277,8 +278,8 @@ def test_two_epoch_shapes_run_logs_every_tag_each_epoch(tmp_path):
     expected = [f"{kind}/{layer}" for kind in ("deconv", "deconv_max", "evolution") for layer in LENET_CONVS]
     for tag in expected + ["evolution/weights_conv1"]:
         assert sorted(events["images"].get(tag, [])) == sorted(steps), f"{tag}: {events['images'].get(tag)}"
-    for tag in [f"weight_change/{layer}" for layer in LENET_CONVS] + ["viz_time/deconv_projection",
-                                                                      "viz_time/filter_evolution"]:
+    for tag in [f"evolution_weight_change/{layer}" for layer in LENET_CONVS] + ["viz_time/deconv",
+                                                                      "viz_time/evolution"]:
         assert sorted(events["scalars"].get(tag, [])) == sorted(steps), tag
     assert events["images"]["evolution/summary"] == [max(steps)]
 
@@ -310,7 +311,7 @@ def test_png_fallback_without_tensorboard(png_run):
 def test_weight_change_equals_change_between_checkpoints(png_run):
     root, initial, _ = png_run
     with (root / "viz" / "scalars.csv").open() as f:
-        rows = [r for r in csv.DictReader(f) if r["tag"].startswith("weight_change/")]
+        rows = [r for r in csv.DictReader(f) if r["tag"].startswith("evolution_weight_change/")]
     logged = {(r["tag"].split("/")[1], int(r["step"])): float(r["value"]) for r in rows}
     states = [initial] + [{k[len("net."):]: v for k, v in
                            torch.load(root / "ckpt" / f"epoch={e}.ckpt", weights_only=False)["state_dict"].items()
@@ -338,7 +339,7 @@ def test_resume_keeps_probe_images_filter_choice_and_history(tmp_path):
     # Tamper with one stored choice: conv1's map becomes the one the probe image activates LEAST, which
     # a fresh choice at epoch 2 would not pick; the resumed run must track it anyway.
     ckpt = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
-    state = ckpt["callbacks"]["FilterEvolution"]
+    state = ckpt["callbacks"][evo1.state_key]
     net = LeNet()
     net.load_state_dict({k[4:]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")})
     least = int(conv_maps(net, evo1.probe_images[:1], "conv1").amax(dim=(2, 3))[0].argmin())
@@ -446,18 +447,17 @@ def test_no_validation_batch_warns_and_skips_deconv_max(tmp_path):
 
 DDP_SCRIPT = textwrap.dedent("""
     import sys
-    sys.path[:0] = [{root!r}, {tests!r}]
     from functools import partial
 
     import lightning.pytorch as pl
     import torch
     from lightning.pytorch.loggers import TensorBoardLogger
 
-    from callbacks.deconv import DeconvProjection
-    from callbacks.evolution import FilterEvolution
-    from datamodules.shapes import ShapesDataModule
-    from models.lenet import LeNet
-    from models.module import ClassifierModule
+    from convlens.callbacks.deconv import DeconvProjection
+    from convlens.callbacks.evolution import FilterEvolution
+    from convlens.datamodules.shapes import ShapesDataModule
+    from convlens.models.lenet import LeNet
+    from convlens.models.module import ClassifierModule
 
     if __name__ == "__main__":
         out = sys.argv[1]
@@ -480,7 +480,7 @@ DDP_SCRIPT = textwrap.dedent("""
 
 def test_ddp_two_cpu_processes_log_each_image_once_per_epoch(tmp_path):
     script = tmp_path / "ddp_run.py"
-    script.write_text(DDP_SCRIPT.format(root=str(ROOT), tests=str(ROOT / "tests")))
+    script.write_text(DDP_SCRIPT)
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, str(script), str(out)], cwd=tmp_path, capture_output=True,
                           text=True, timeout=240)
@@ -497,5 +497,5 @@ def test_ddp_two_cpu_processes_log_each_image_once_per_epoch(tmp_path):
         expected = [6] if tag == "evolution/summary" else [3, 6]
         assert sorted(steps) == expected, f"{tag}: {steps}"
     for layer in LENET_CONVS:
-        assert sorted(events["scalars"][f"weight_change/{layer}"]) == [3, 6]
+        assert sorted(events["scalars"][f"evolution_weight_change/{layer}"]) == [3, 6]
     assert not (out / "viz").exists()  # no PNG fallback written by the other rank

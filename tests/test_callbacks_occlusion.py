@@ -15,16 +15,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import callbacks.occlusion as occlusion_module
-from callbacks.occlusion import OcclusionSensitivity, default_patch, default_stride, maps_to_pixels
-from callbacks.render import captioned_grid, heatmap, label_colors, legend, stack_vertical
+import convlens.callbacks.occlusion as occlusion_module
+from convlens.callbacks.occlusion import OcclusionSensitivity
+from convlens.viz.occlusion import default_patch, default_stride, maps_to_pixels
+from convlens.render import captioned_grid, heatmap, label_colors, legend, stack_vertical
 from conftest import FAST_SHAPES, compose_cfg, read_events
-from datamodules.base import make_normalization
-from datamodules.shapes_data import CLASSES, make_shapes
-from models.lenet import LeNet
-from models.module import ClassifierModule
-from train import train
-from viz.occlusion import OcclusionError, occlusion_maps
+from convlens.datamodules.base import make_normalization
+from convlens.datamodules.shapes_data import CLASSES, make_shapes
+from convlens.models.lenet import LeNet
+from convlens.models.module import ClassifierModule
+from convlens.train import train
+from convlens.viz.occlusion import OcclusionError, occlusion_maps
 
 
 def stub_trainer(normalization, image_size: int = 28, tmp_path=None):
@@ -69,15 +70,15 @@ def naive_maps_to_pixels(maps: torch.Tensor, height: int, width: int, patch: int
 
 def test_shapes_demo_logs_one_occlusion_image_per_probe_every_epoch(tmp_path):
     cfg = compose_cfg([a for a in FAST_SHAPES if "rich_progress_bar" not in a]
-                      + ["callbacks=[model_checkpoint,occlusion_sensitivity]"], tmp_path)
+                      + ["callbacks=[model_checkpoint,occlusion]"], tmp_path)
     train(cfg)
     events = read_events(tmp_path / "tensorboard")
     tags = sorted(t for t in events["images"] if t.startswith("occlusion/"))
-    assert tags == [f"occlusion/{i}" for i in range(4)]  # num_images=4 by default
+    assert tags == [f"occlusion/{i}" for i in range(4)]  # num_probe=4 by default
     steps = events["images"]["occlusion/0"]
     assert len(steps) == 2 and steps[0] < steps[1], steps  # one per epoch, at the global step
     assert all(events["images"][t] == steps for t in tags)
-    assert events["scalars"]["viz_time/occlusion_sensitivity"] == steps
+    assert events["scalars"]["viz_time/occlusion"] == steps
 
 
 def test_defaults_from_the_image_size():
@@ -108,7 +109,7 @@ def test_panels_are_the_rendered_occlusion_maps(tmp_path, monkeypatch):
     norm = make_normalization("channel", (pixels * 255).to(torch.uint8))  # gray is not 0 in input space
     module = ClassifierModule(net, optimizer=partial(torch.optim.SGD, lr=0.1))
     trainer = stub_trainer(norm, tmp_path=tmp_path)
-    cb = OcclusionSensitivity(num_images=3, patch=9, stride=4)
+    cb = OcclusionSensitivity(num_probe=3, patch=9, stride=4)
     cb.setup(trainer, module, "fit")
     cb.probe_images, cb.probe_labels = norm(pixels[:3]), torch.tensor([4, 0, 9])
     logged, calls = capture(cb), record_occlusion_calls(monkeypatch)
@@ -149,7 +150,7 @@ def test_predicted_target(tmp_path, monkeypatch):
     norm = make_normalization("none", torch.zeros(1, 1, 28, 28, dtype=torch.uint8))
     module = ClassifierModule(net, optimizer=partial(torch.optim.SGD, lr=0.1))
     trainer = stub_trainer(norm, tmp_path=tmp_path)
-    cb = OcclusionSensitivity(num_images=None, target="predicted")
+    cb = OcclusionSensitivity(num_probe=None, target="predicted")
     cb.probe_images, cb.probe_labels = torch.randn(5, 1, 28, 28), torch.zeros(5, dtype=torch.long)
     capture(cb)
     calls = record_occlusion_calls(monkeypatch)
@@ -226,7 +227,7 @@ def test_minimum_of_the_probability_map_lies_on_the_object(tmp_path, monkeypatch
 
     module = ClassifierModule(net, optimizer=partial(torch.optim.SGD, lr=0.1))
     trainer = stub_trainer(norm, tmp_path=tmp_path)
-    cb = OcclusionSensitivity(num_images=None)
+    cb = OcclusionSensitivity(num_probe=None)
     cb.probe_images, cb.probe_labels = norm(test_set.images), test_set.labels
     capture(cb)
     calls = record_occlusion_calls(monkeypatch)

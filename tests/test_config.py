@@ -4,7 +4,6 @@ from pathlib import Path
 import pytest
 import torch
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
 from conftest import ROOT, compose_cfg
 
@@ -67,7 +66,7 @@ def test_trainer_options_compose(trainer, tmp_path):
 
 @pytest.mark.parametrize("callbacks", options("callbacks"))
 def test_callback_options_instantiate(callbacks, tmp_path):
-    from train import instantiate_dict
+    from convlens.train import instantiate_dict
 
     cfg = compose_cfg([f"callbacks={callbacks}"], tmp_path)
     cbs = instantiate_dict(cfg.callbacks)
@@ -81,13 +80,13 @@ def test_callback_options_instantiate(callbacks, tmp_path):
         return
     assert "ModelCheckpoint" in names
     if callbacks == "none":
-        from callbacks.base import VisualizationCallback
+        from convlens.callbacks.base import VisualizationCallback
         assert not any(isinstance(c, VisualizationCallback) for c in cbs)
 
 
 @pytest.mark.parametrize("logger", options("logger"))
 def test_logger_options(logger, tmp_path):
-    from train import instantiate_dict
+    from convlens.train import instantiate_dict
 
     cfg = compose_cfg([f"logger={logger}"], tmp_path)
     loggers = instantiate_dict(cfg.get("logger"))

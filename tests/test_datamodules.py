@@ -4,7 +4,6 @@ import os
 import subprocess
 import sys
 import urllib.error
-import warnings
 
 import numpy as np
 import pytest
@@ -12,12 +11,12 @@ import torch
 from PIL import Image
 
 from conftest import ROOT
-from datamodules.base import DataError, make_normalization
-from datamodules.cifar10 import CIFAR10DataModule
-from datamodules.imagefolder import ImageFolderDataModule
-from datamodules.images import load_image_folder
-from datamodules.mnist import MNISTDataModule
-from datamodules.shapes import ShapesDataModule
+from convlens.datamodules.base import DataError, make_normalization
+from convlens.datamodules.cifar10 import CIFAR10DataModule
+from convlens.datamodules.imagefolder import ImageFolderDataModule
+from convlens.datamodules.images import load_image_folder
+from convlens.datamodules.mnist import MNISTDataModule
+from convlens.datamodules.shapes import ShapesDataModule
 
 
 def write_folder(root, classes=("cat", "dog"), per_class=3, size=16, seed=0):
@@ -79,7 +78,7 @@ def test_image_folder_decoded_once_cached_outside_data_dir(tmp_path, monkeypatch
     assert images.shape == (6, 3, 8, 8) and images.dtype == torch.uint8 and classes == ["cat", "dog"]
     assert labels.tolist() == [0, 0, 0, 1, 1, 1]
     assert snapshot(tmp_path / "data") == before  # nothing written into the data root
-    import datamodules.images as mod
+    import convlens.datamodules.images as mod
     monkeypatch.setattr(mod, "_decode", lambda *a: pytest.fail("decoded again despite the cache"))
     again, _, _ = load_image_folder(root, size=8)
     assert torch.equal(again, images)

@@ -13,14 +13,14 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from models.lenet import LeNet
-from models.cifar import BlogConvNet, CifarConvNet
-from models.vgg import VGG16
-from viz.decoding import (
+from convlens.models.lenet import LeNet
+from convlens.models.cifar import BlogConvNet, CifarConvNet
+from convlens.models.vgg import VGG16
+from convlens.viz.decoding import (
     UNPOOL_MODES, DecodingError, class_max_responses, decode_filters, decoded_geometry,
     decoded_stride, reconstruction_error, threshold_decoded,
 )
-from viz.layers import LayerError
+from convlens.viz.layers import LayerError
 
 
 def linear_lenet(seed=0):

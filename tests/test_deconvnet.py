@@ -16,13 +16,13 @@ import torch
 import torchvision
 from torch import nn
 
-from models.cifar import BlogConvNet, CifarConvNet
-from models.lenet import LeNet
-from models.vgg import VGG16
-from viz import deconvnet
-from viz.deconvnet import (DeconvnetError, fast_dtype, max_activating_images, project, project_many, record,
+from convlens.models.cifar import BlogConvNet, CifarConvNet
+from convlens.models.lenet import LeNet
+from convlens.models.vgg import VGG16
+from convlens.viz import deconvnet
+from convlens.viz.deconvnet import (DeconvnetError, fast_dtype, max_activating_images, project, project_many, record,
                            top_maps)
-from viz.layers import LayerError, eval_mode, get_layer
+from convlens.viz.layers import LayerError, eval_mode, get_layer
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -3,9 +3,10 @@ import pytest
 import torch
 from torch import nn
 
-from models.cifar import BlogConvNet, CifarConvNet
-from models.lenet import LeNet
-from models.vgg import VGG16, WeightsError
+from convlens.models.cifar import BlogConvNet, CifarConvNet
+from convlens.models.lenet import LeNet
+from convlens.checkpoints import WeightsError
+from convlens.models.vgg import VGG16
 
 
 def trainable(net):

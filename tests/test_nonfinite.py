@@ -5,9 +5,9 @@ import pytest
 import torch
 from functools import partial
 
-from datamodules.shapes import ShapesDataModule
-from models.lenet import LeNet
-from models.module import ClassifierModule, NonFiniteLossError
+from convlens.datamodules.shapes import ShapesDataModule
+from convlens.models.lenet import LeNet
+from convlens.models.module import ClassifierModule, NonFiniteLossError
 
 
 def test_nan_loss_stops_naming_epoch_and_step(tmp_path):

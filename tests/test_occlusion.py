@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from viz.occlusion import OcclusionError, occlusion_maps
+from convlens.viz.occlusion import OcclusionError, occlusion_maps
 
 
 def small_net(in_channels=3, num_classes=5, seed=0):

@@ -19,11 +19,11 @@ import pytest
 import torch
 from torch import nn
 
-from models.cifar import CifarConvNet
-from models.lenet import LeNet
-from models.vgg import VGG16
-from viz.layers import LayerError
-from viz.receptive_field import ReceptiveFieldError, crop_patches, receptive_field
+from convlens.models.cifar import CifarConvNet
+from convlens.models.lenet import LeNet
+from convlens.models.vgg import VGG16
+from convlens.viz.layers import LayerError
+from convlens.viz.receptive_field import ReceptiveFieldError, crop_patches, receptive_field
 
 
 # -- the oracle ---------------------------------------------------------------------------------

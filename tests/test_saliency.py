@@ -21,15 +21,16 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 from torchvision.models.vgg import make_layers
 
-from callbacks.render import as_rgb, heatmap, scale_symmetric, to_pixels, upscale
-from callbacks.saliency import Saliency, default_saliency_layer
+from convlens.render import as_rgb, heatmap, scale_symmetric, to_pixels, upscale
+from convlens.callbacks.saliency import Saliency
+from convlens.viz.saliency import default_saliency_layer
 from conftest import read_events
-from datamodules.shapes import ShapesDataModule
-from models.cifar import CifarConvNet
-from models.lenet import LeNet
-from models.module import ClassifierModule
-from viz.layers import LayerError
-from viz.saliency import SaliencyError, grad_cam, guided_backprop, guided_grad_cam, upsample
+from convlens.datamodules.shapes import ShapesDataModule
+from convlens.models.cifar import CifarConvNet
+from convlens.models.lenet import LeNet
+from convlens.models.module import ClassifierModule
+from convlens.viz.layers import LayerError
+from convlens.viz.saliency import SaliencyError, grad_cam, guided_backprop, guided_grad_cam, upsample
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # captum's notes on hooks and grads
 
@@ -232,7 +233,7 @@ def grid_tile(grid, row, col, n, hw, left, caption_h=12, pad=2):
 def test_callback_tiles_are_captums_maps_rendered(shapes):
     torch.manual_seed(0)
     net = CifarConvNet(c3=16, c4=8)
-    cb = Saliency(num_probe=4, alpha=0.4, tile_size=64)
+    cb = Saliency(num_probe=4, alpha=0.4, tile_size=64, target="predicted")
     pl_module = SimpleNamespace(net=net, device=torch.device("cpu"))
     trainer = SimpleNamespace(datamodule=shapes, global_step=3, loggers=[], sanity_checking=False)
     cb.setup(trainer, pl_module, "fit")
@@ -241,7 +242,7 @@ def test_callback_tiles_are_captums_maps_rendered(shapes):
     logged = {}
     cb.log_image = lambda trainer, tag, image: logged.__setitem__(tag, image)
     cb.visualize(trainer, pl_module)
-    x, labels = cb.probe_images, cb.probe_labels
+    x = cb.probe_images
     net.eval()
     predicted = net(x).argmax(1)
     cam = LayerGradCam(net, net.conv4).attribute(x, target=predicted, relu_attributions=True)

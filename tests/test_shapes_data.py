@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from datamodules.shapes_data import (CLASSES, MIN_CONTRAST_LEVELS, MIN_SIZE, ShapesData,
+from convlens.datamodules.shapes_data import (CLASSES, MIN_CONTRAST_LEVELS, MIN_SIZE, ShapesData,
                                      _render_background, _sample_geometry, _render_masks,
                                      make_shapes)
 
@@ -211,7 +211,7 @@ def test_invalid_arguments_raise_clear_errors(kwargs, match):
 
 @pytest.mark.slow
 def test_lenet_learns_shapes_in_one_epoch():
-    from models.lenet import LeNet
+    from convlens.models.lenet import LeNet
 
     torch.manual_seed(0)
     train, test = make_shapes(10000, seed=0), make_shapes(2000, seed=1)

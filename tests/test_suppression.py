@@ -31,19 +31,19 @@ import torch.nn.functional as F
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 
-from callbacks.render import to_pixels, upscale
-from callbacks.suppression import KernelSuppression
+from convlens.render import to_pixels, upscale
+from convlens.callbacks.suppression import KernelSuppression
 from conftest import FAST_SHAPES, compose_cfg, read_events
-from datamodules.shapes import ShapesDataModule
-from datamodules.shapes_data import make_shapes
-from models.cifar import CifarConvNet
-from models.lenet import LeNet
-from models.module import ClassifierModule
-from train import train
-from viz.baselines import BaselineError, as_input, baseline_inputs, kernel_attribution
-from viz.deconvnet import project
-from viz.layers import LayerError
-from viz.suppression import SuppressionError, evaluate, follows_relu, interpret_kernel, ssim
+from convlens.datamodules.shapes import ShapesDataModule
+from convlens.datamodules.shapes_data import make_shapes
+from convlens.models.cifar import CifarConvNet
+from convlens.models.lenet import LeNet
+from convlens.models.module import ClassifierModule
+from convlens.train import train
+from convlens.viz.baselines import BaselineError, as_input, baseline_inputs, kernel_attribution
+from convlens.viz.deconvnet import project
+from convlens.viz.layers import LayerError
+from convlens.viz.suppression import SuppressionError, evaluate, follows_relu, interpret_kernel, ssim
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -502,7 +502,7 @@ def test_as_input_scalings():
 # -- the callback ----------------------------------------------------------------------------------
 
 def test_callback_validates_its_arguments():
-    for kwargs, pattern in [({"kernels": [0, -1]}, "kernels must be"), ({"kernels": []}, "kernels must be"),
+    for kwargs, pattern in [({"filters": {"conv1": [0, -1]}}, "filters"), ({"filters": {"conv1": []}}, "filters"),
                             ({"top_k": 0}, "top_k must be an int >= 1"), ({"alpha": -2}, "alpha"),
                             ({"steps": 0}, "steps"), ({"lr": -1}, "lr"), ({"tile_size": 0}, "tile_size"),
                             ({"every_n_epochs": -1}, "every_n_epochs")]:
@@ -510,7 +510,7 @@ def test_callback_validates_its_arguments():
             KernelSuppression(**kwargs)
     module = SimpleNamespace(net=LeNet())
     with pytest.raises(LayerError, match=r"out of range for layer 'conv1'.*0\.\.19"):
-        KernelSuppression(layers=["conv1"], kernels=[3, 25]).setup(None, module, "fit")
+        KernelSuppression(layers=["conv1"], filters={"conv1": [3, 25]}).setup(None, module, "fit")
     with pytest.raises(LayerError, match="Unknown layer 'conv7'"):
         KernelSuppression(layers=["conv7"]).setup(None, module, "fit")
     cb = KernelSuppression()
@@ -566,9 +566,9 @@ def test_callback_draws_the_method_output_and_keeps_its_kernels(tmp_path):
 
 def test_callback_logs_at_fit_end_in_a_shapes_run(tmp_path):
     cfg = compose_cfg([o for o in FAST_SHAPES if "rich_progress_bar" not in o]
-                      + ["callbacks=[model_checkpoint,kernel_suppression]",
-                         "callbacks.kernel_suppression.layers=[conv1,conv3]",
-                         "callbacks.kernel_suppression.steps=20", "test=false"], tmp_path)
+                      + ["callbacks=[model_checkpoint,suppression]",
+                         "callbacks.suppression.layers=[conv1,conv3]",
+                         "callbacks.suppression.steps=20", "test=false"], tmp_path)
     train(cfg)
     events = read_events(tmp_path / "tensorboard")
     dm = cfg.datamodule

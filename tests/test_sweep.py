@@ -16,7 +16,7 @@ import torch
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.utils import get_class, instantiate
 
-import sweep_summary
+from convlens import checkpoints, jobs, sweep_summary
 from conftest import ROOT, compose_cfg
 
 C3, C4 = (64, 128, 256), (32, 64, 128, 256)
@@ -110,11 +110,11 @@ TINY_GRID_JOB = [
 
 
 def test_failed_job_is_recorded_in_a_multirun_and_raised_in_a_single_run(tmp_path):
-    from train import run_job
+    from convlens.train import run_job
 
     cfg = compose_cfg(TINY_GRID_JOB + ["model.c3=0", "model.c4=8"], tmp_path)
     assert run_job(cfg, multirun=True) is None  # the sweep goes on
-    status = sweep_summary.read_status(tmp_path)
+    status = jobs.read_status(tmp_path)
     assert status["status"] == "failed"
     assert status["error"].startswith("ValueError: c3 and c4 must be positive filter counts")
     assert "model.c3=0" in status["overrides"] and "Traceback" in status["traceback"]
@@ -124,13 +124,13 @@ def test_failed_job_is_recorded_in_a_multirun_and_raised_in_a_single_run(tmp_pat
 
 
 def test_failed_job_is_retried_and_its_old_outputs_cleared(tmp_path):
-    from train import run_job
+    from convlens.train import run_job
 
     overrides = TINY_GRID_JOB + ["model.c3=8", "model.c4=4"]
     cfg = compose_cfg(overrides, tmp_path)
     # an earlier attempt that failed after writing events and a checkpoint
-    sweep_summary.write_status(tmp_path, "running", overrides)
-    sweep_summary.write_status(tmp_path, "failed", overrides, error="RuntimeError: out of memory")
+    jobs.write_status(tmp_path, "running", overrides)
+    jobs.write_status(tmp_path, "failed", overrides, error="RuntimeError: out of memory")
     stale_events = tmp_path / "tensorboard" / "events.out.tfevents.0.stale"
     stale_events.parent.mkdir()
     stale_events.write_bytes(b"old")
@@ -138,7 +138,7 @@ def test_failed_job_is_retried_and_its_old_outputs_cleared(tmp_path):
     (tmp_path / "checkpoints" / "epoch007-val_acc0.9000.ckpt").write_bytes(b"old")
 
     best = run_job(cfg, multirun=True)
-    status = sweep_summary.read_status(tmp_path)
+    status = jobs.read_status(tmp_path)
     assert status["status"] == "finished" and status["error"] is None
     assert status["attempts"][-1]["error"] == "RuntimeError: out of memory"
     metrics = json.loads((tmp_path / "metrics.json").read_text())
@@ -153,27 +153,27 @@ def test_failed_job_is_retried_and_its_old_outputs_cleared(tmp_path):
 
 
 def test_finished_job_with_other_overrides_is_a_conflict_not_a_skip(tmp_path):
-    from train import run_job
+    from convlens.train import run_job
 
-    sweep_summary.write_status(tmp_path, "finished", ["model.c3=64", "model.c4=32"])
+    jobs.write_status(tmp_path, "finished", ["model.c3=64", "model.c4=32"])
     (tmp_path / "metrics.json").write_text(json.dumps({"val/acc_best": 0.5}))
     cfg = compose_cfg(TINY_GRID_JOB + ["model.c3=64", "model.c4=32", "model.optimizer.lr=0.01"], tmp_path)
     assert run_job(cfg, multirun=True) is None  # reported; the finished job is left as it is
-    assert sweep_summary.read_status(tmp_path)["overrides"] == ["model.c3=64", "model.c4=32"]
-    with pytest.raises(sweep_summary.JobConflictError, match="hydra.sweep.subdir"):
+    assert jobs.read_status(tmp_path)["overrides"] == ["model.c3=64", "model.c4=32"]
+    with pytest.raises(jobs.JobConflictError, match="hydra.sweep.subdir"):
         run_job(cfg, multirun=False)
     # the same overrides (in any order, skip_finished aside) are the same job
-    assert sweep_summary.finished_metrics(tmp_path, ["skip_finished=true", "model.c4=32", "model.c3=64"]) \
+    assert jobs.finished_metrics(tmp_path, ["skip_finished=true", "model.c4=32", "model.c3=64"]) \
         == {"val/acc_best": 0.5}
 
 
 def test_pick_checkpoint_prefers_the_best_over_last(tmp_path):
     with pytest.raises(FileNotFoundError):
-        sweep_summary.pick_checkpoint(tmp_path)
+        checkpoints.pick_checkpoint(tmp_path)
     (tmp_path / "last.ckpt").write_bytes(b"")
-    assert sweep_summary.pick_checkpoint(tmp_path).name == "last.ckpt"
+    assert checkpoints.pick_checkpoint(tmp_path).name == "last.ckpt"
     (tmp_path / "epoch003-val_acc0.8000.ckpt").write_bytes(b"")
-    assert sweep_summary.pick_checkpoint(tmp_path).name == "epoch003-val_acc0.8000.ckpt"
+    assert checkpoints.pick_checkpoint(tmp_path).name == "epoch003-val_acc0.8000.ckpt"
 
 
 def test_summary_command_reports_a_missing_sweep_dir(tmp_path):
@@ -189,10 +189,10 @@ def test_summary_command_reports_a_missing_sweep_dir(tmp_path):
 SWEEP_ARGS = [
     "experiment=cifar10_grid", "datamodule=shapes", "datamodule.channels=3", "datamodule.image_size=32",
     "datamodule.n_train=48", "datamodule.val_size=16", "datamodule.n_test=16", "datamodule.batch_size=16",
-    "trainer.max_epochs=1", "trainer.accelerator=cpu", "callbacks=[model_checkpoint,deconv_projection]",
-    "callbacks.deconv_projection.every_n_epochs=0", "callbacks.deconv_projection.deconv_max=false",
-    "callbacks.deconv_projection.num_probe=1", "callbacks.deconv_projection.k=1",
-    "callbacks.deconv_projection.layers=[conv3]",
+    "trainer.max_epochs=1", "trainer.accelerator=cpu", "callbacks=[model_checkpoint,deconv]",
+    "callbacks.deconv.every_n_epochs=0", "callbacks.deconv.deconv_max=false",
+    "callbacks.deconv.num_probe=1", "callbacks.deconv.k=1",
+    "callbacks.deconv.layers=[conv3]",
     "++trainer.enable_progress_bar=false", "++trainer.enable_model_summary=false",
 ]
 GRID = {(8, 4), (8, 8), (16, 4), (16, 8)}
@@ -279,7 +279,7 @@ def test_rerun_skips_finished_jobs_and_records_the_failed_ones(sweep):
     for name in ("c3=0,c4=4", "c3=0,c4=8"):
         assert rows[name]["status"] == "failed"
         assert "ValueError: c3 and c4 must be positive filter counts" in rows[name]["error"]
-        assert sweep_summary.read_status(sweep_dir / name)["status"] == "failed"
+        assert jobs.read_status(sweep_dir / name)["status"] == "failed"
     for name, (_, metrics) in first.items():  # the others' results are kept
         assert rows[name]["status"] == "finished"
         assert float(rows[name]["test_acc"]) == pytest.approx(metrics["test/acc"], abs=1e-4)
@@ -307,9 +307,9 @@ def test_summary_plot_panels_and_tensorboard_run(sweep):
 def test_panel_cells_are_each_models_most_activated_map_projected(sweep):
     """Oracle: each checkpoint loaded by hand into a CifarConvNet, the most activated map found by
     a forward hook (highest maximum over positions), projected by viz.deconvnet.project."""
-    from datamodules.shapes import ShapesDataModule
-    from models.cifar import CifarConvNet
-    from viz.deconvnet import project
+    from convlens.datamodules.shapes import ShapesDataModule
+    from convlens.models.cifar import CifarConvNet
+    from convlens.viz.deconvnet import project
 
     sweep_dir = sweep[0]
     dm = ShapesDataModule(n_train=48, val_size=16, n_test=16, channels=3, image_size=32)

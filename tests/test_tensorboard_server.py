@@ -12,7 +12,7 @@ import urllib.request
 
 from omegaconf import OmegaConf
 
-import sweep_summary
+from convlens import sweep_summary
 from conftest import compose_cfg
 from test_sweep import SWEEP_ARGS, grid_net_params
 
@@ -23,7 +23,7 @@ GRID = [(8, 4), (16, 4)]
 def _make_sweep(sweep_dir):
     """Two grid jobs run by `train.run_job` into `<sweep>/c3=..,c4=..` (as the multirun would,
     with the job's config saved in `.hydra/`), then the sweep summary."""
-    from train import run_job
+    from convlens.train import run_job
 
     for c3, c4 in GRID:
         job_dir = sweep_dir / f"c3={c3},c4={c4}"

@@ -22,17 +22,17 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 
-from callbacks.render import upscale
-from callbacks.top_activations import OUTSIDE_COLOR, TopActivations, top_activations_grid
-from conftest import FAST_SHAPES, ROOT, compose_cfg, read_events
-from datamodules.shapes import ShapesDataModule
-from models.cifar import CifarConvNet
-from models.lenet import LeNet
-from models.module import ClassifierModule
-from train import train
-from viz.layers import LayerError
-from viz.receptive_field import crop_patches, receptive_field
-from viz.top_activations import (RunningTopK, TopActivationsError, content_ids, max_activations,
+from convlens.render import upscale
+from convlens.callbacks.top_activations import OUTSIDE_COLOR, TopActivations, top_activations_grid
+from conftest import FAST_SHAPES, compose_cfg, read_events
+from convlens.datamodules.shapes import ShapesDataModule
+from convlens.models.cifar import CifarConvNet
+from convlens.models.lenet import LeNet
+from convlens.models.module import ClassifierModule
+from convlens.train import train
+from convlens.viz.layers import LayerError
+from convlens.viz.receptive_field import crop_patches, receptive_field
+from convlens.viz.top_activations import (RunningTopK, TopActivationsError, content_ids, max_activations,
                                  spatial_max)
 
 LENET_CONVS = ["conv1", "conv2", "conv3", "conv4"]
@@ -413,16 +413,15 @@ def test_train_logs_top_activations_and_saliency_each_epoch(tmp_path):
 
 DDP_SCRIPT = textwrap.dedent("""
     import sys
-    sys.path[:0] = [{root!r}, {tests!r}]
     from functools import partial
 
     import lightning.pytorch as pl
     import torch
 
-    from callbacks.top_activations import TopActivations
-    from datamodules.shapes import ShapesDataModule
-    from models.lenet import LeNet
-    from models.module import ClassifierModule
+    from convlens.callbacks.top_activations import TopActivations
+    from convlens.datamodules.shapes import ShapesDataModule
+    from convlens.models.lenet import LeNet
+    from convlens.models.module import ClassifierModule
 
     class CountImages(pl.Callback):
         seen = 0
@@ -455,7 +454,7 @@ DDP_SCRIPT = textwrap.dedent("""
 @pytest.mark.slow  # three interpreters (2 DDP ranks, then 1 process): ~15-30 s
 def test_ddp_two_processes_equal_one_process(tmp_path):
     script = tmp_path / "ddp_top.py"
-    script.write_text(DDP_SCRIPT.format(root=str(ROOT), tests=str(ROOT / "tests")))
+    script.write_text(DDP_SCRIPT.format())
     results = {}
     for devices in (2, 1):
         proc = subprocess.run([sys.executable, str(script), str(tmp_path), str(devices)], cwd=tmp_path,

@@ -2,7 +2,7 @@ import pytest
 
 from conftest import FAST_SHAPES, compose_cfg, read_events
 
-from train import train
+from convlens.train import train
 
 
 def test_shapes_demo_two_epochs_logs_scalars(tmp_path):

@@ -41,9 +41,9 @@ from typing import Iterator
 import torch
 from torch import Tensor, nn
 
-from viz.layers import eval_mode, get_layer, trace_chain
-from viz.suppression import (SuppressionError, _as_channel, _check_images, _frozen, _grad_context,
-                             _resolve_rectify, feature_maps)
+from convlens.viz.layers import eval_mode, get_layer, trace_chain
+from convlens.viz.common import frozen, gradients
+from convlens.viz.suppression import SuppressionError, _as_channel, _check_images, _resolve_rectify, feature_maps
 
 __all__ = ["BASELINES", "SCALINGS", "BaselineError", "kernel_attribution", "as_input", "baseline_inputs"]
 
@@ -144,18 +144,18 @@ def kernel_attribution(model: nn.Module, images: Tensor, layer: str, channel: in
     check_method(method)
     _check_images(images)
     get_layer(model, layer)  # LayerError naming the valid layers
-    with _grad_context():
+    with gradients():
         x = images.detach().clone()  # a normal tensor, also under inference_mode
         x.requires_grad_(method != "deconv")
         rectify = _resolve_rectify(model, x, layer, rectify)
-        with eval_mode(model), _frozen(model), warnings.catch_warnings():
+        with eval_mode(model), frozen(model), warnings.catch_warnings():
             # captum announces the hooks it sets and removes on ReLUs: expected here
             warnings.filterwarnings("ignore", message="Setting backward hooks on ReLU", category=UserWarning)
             chain = _chain(model, x, layer, rectify)
             k = feature_maps(model, x[:1], layer, rectify).shape[1]
             c = _as_channel(channel, x.shape[0], k, layer, x.device)
             if method == "deconv":
-                from viz.deconvnet import project
+                from convlens.viz.deconvnet import project
 
                 out = project(chain, x, str(len(chain) - 1), c)
             elif method == "guided_backprop":

@@ -45,7 +45,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from viz.layers import LayerError, check_chain, get_layer, layer_output, trace_chain
+from convlens.viz.common import VizError, window
+from convlens.viz.layers import LayerError, check_chain, get_layer, layer_output, trace_chain
 
 UNPOOL_MODES = ("nearest", "bilinear", "bicubic")
 
@@ -67,7 +68,7 @@ CHUNK_BUDGET_BYTES = 256 * 2**20
 _TRACE_SIZES = (32, 64, 128, 256, 512)
 
 
-class DecodingError(ValueError):
+class DecodingError(VizError):
     """A model, argument or input that filter decoding cannot use; the message says what to do."""
 
 
@@ -149,7 +150,7 @@ def _geometry(conv: nn.Conv2d, below: list[nn.Module]) -> DecodedGeometry:
     stride, padding = [1, 1], [0, 0]
     for m in below + [conv]:
         if isinstance(m, (nn.Conv2d,) + POOLS):
-            s, p = _pair(m.stride), _pair(m.padding)
+            s, p = window(m).stride, window(m).pad_before
             for d in range(2):
                 padding[d] += p[d] * stride[d]
                 stride[d] *= s[d]

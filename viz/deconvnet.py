@@ -38,11 +38,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
-from viz.layers import ChainStep, LayerError, check_chain, trace_chain
+from convlens.viz.common import (VizError, adaptive_window_matrix, check_channels, check_images, window,
+                                 window_matrix)
+from convlens.viz.layers import ChainStep, LayerError, check_chain, layer_names, trace_chain
 
 __all__ = [
     "DeconvnetError", "Recording", "record", "project", "project_many", "top_maps",
-    "max_activating_images", "fast_dtype", "UNPOOL_MODES", "SUPPORTED_MODULES",
+    "max_activating_images", "fast_dtype", "record_layers", "UNPOOL_MODES", "SUPPORTED_MODULES",
 ]
 
 UNPOOL_MODES = ("switches", "fill")
@@ -58,7 +60,7 @@ SUPPORTED_MODULES = (nn.Conv2d, nn.ReLU, *_MAX_POOLS, *_AVG_POOLS, *_BATCH_NORMS
                      nn.Identity)
 
 
-class DeconvnetError(ValueError):
+class DeconvnetError(VizError):
     """Bad arguments (channel, k, unpool mode, images) or a model the deconvnet cannot walk back."""
 
 
@@ -85,17 +87,6 @@ class _Step:
     scale: Tensor | None = None         # BatchNorm2d: [K] = weight / sqrt(var + eps)
 
 
-def _check_images(images) -> None:
-    if not torch.is_tensor(images) or images.dim() != 4:
-        shape = tuple(images.shape) if torch.is_tensor(images) else type(images).__name__
-        raise DeconvnetError(f"images must be a batch tensor [N, C, H, W], got {shape}; "
-                             "for a single image pass image.unsqueeze(0)")
-    if images.shape[0] == 0:
-        raise DeconvnetError("images is an empty batch (N = 0); pass at least one image")
-    if not images.is_floating_point():
-        raise DeconvnetError(f"images must be a floating point tensor, got dtype {images.dtype}")
-
-
 def record(model: nn.Module, images: Tensor, layer: str) -> "Recording":
     """Run `images` through `model` (in eval mode) up to `layer` and keep what the deconvnet needs:
     the layer's feature maps and the pooling switches of every max pool on the way.
@@ -106,7 +97,7 @@ def record(model: nn.Module, images: Tensor, layer: str) -> "Recording":
     are left as they were. A module that runs several times (a shared ReLU) is taken at its first run;
     a container `layer` stands for its leaf modules.
     """
-    _check_images(images)
+    check_images(images, DeconvnetError)
     with torch.no_grad():
         trace = trace_chain(model, images, layer, keep_tensors=True)
     target = trace[-1]
@@ -162,27 +153,6 @@ def _check_chain(trace: list[ChainStep], images: Tensor) -> None:
                 "A deconvnet cannot undo it: make that operation a module, or project a layer before it.")
 
 
-def _window_matrix(in_size: int, out_size: int, kernel: int, stride: int, padding: int,
-                   dilation: int, device, dtype) -> Tensor:
-    """[out_size, in_size] 0/1 matrix: which input positions each pooling window covers along one axis."""
-    starts = torch.arange(out_size, device=device)[:, None] * stride - padding
-    pos = starts + torch.arange(kernel, device=device)[None, :] * dilation      # [out, kernel]
-    inside = (pos >= 0) & (pos < in_size)
-    m = torch.zeros(out_size, in_size, device=device, dtype=dtype)
-    rows = torch.arange(out_size, device=device)[:, None].expand_as(pos)
-    m[rows[inside], pos[inside]] = 1
-    return m
-
-
-def _adaptive_window_matrix(in_size: int, out_size: int, device, dtype) -> Tensor:
-    """[out_size, in_size] 0/1 matrix of adaptive pooling windows: [floor(o*in/out), ceil((o+1)*in/out))."""
-    o = torch.arange(out_size, device=device)
-    start = (o * in_size) // out_size
-    end = ((o + 1) * in_size + out_size - 1) // out_size
-    i = torch.arange(in_size, device=device)
-    return ((i[None, :] >= start[:, None]) & (i[None, :] < end[:, None])).to(dtype)
-
-
 def _avg_pool_matrices(m: nn.AvgPool2d, in_hw, out_hw, device, dtype) -> tuple[Tensor, Tensor]:
     """Row and column matrices A, B with avg_pool2d(x) == A @ x @ B.T, as PyTorch divides:
     by the window clipped to the padded input (count_include_pad), to the input, or by
@@ -190,7 +160,7 @@ def _avg_pool_matrices(m: nn.AvgPool2d, in_hw, out_hw, device, dtype) -> tuple[T
     k, s, p = _pair(m.kernel_size), _pair(m.stride if m.stride is not None else m.kernel_size), _pair(m.padding)
     mats = []
     for axis in range(2):
-        a = _window_matrix(in_hw[axis], out_hw[axis], k[axis], s[axis], p[axis], 1, device, dtype)
+        a = window_matrix(in_hw[axis], out_hw[axis], k[axis], s[axis], p[axis], 1, device=device, dtype=dtype)
         if m.divisor_override is None:
             if m.count_include_pad:
                 start = torch.arange(out_hw[axis], device=device) * s[axis] - p[axis]
@@ -211,20 +181,20 @@ def _prepare(step: ChainStep) -> _Step:
     dev, dt = y.device, y.dtype
     extra = {}
     if isinstance(m, nn.MaxPool2d):
-        k, s, p, d = _pair(m.kernel_size), _pair(m.stride or m.kernel_size), _pair(m.padding), _pair(m.dilation)
+        k, s, p, d = window(m)
         # channels_last: same switches (same window scan order, first maximum wins), much faster on CPU
         _, extra["switches"] = F.max_pool2d(x.contiguous(memory_format=torch.channels_last), k, s, p, d,
                                             m.ceil_mode, return_indices=True)
         extra["fill_rows"], extra["fill_cols"] = (
-            _window_matrix(in_hw[a], out_hw[a], k[a], s[a], p[a], d[a], dev, dt) for a in range(2))
+            window_matrix(in_hw[a], out_hw[a], k[a], s[a], p[a], d[a], device=dev, dtype=dt) for a in range(2))
     elif isinstance(m, nn.AdaptiveMaxPool2d):
         _, extra["switches"] = F.adaptive_max_pool2d(x, out_hw, return_indices=True)
         extra["fill_rows"], extra["fill_cols"] = (
-            _adaptive_window_matrix(in_hw[a], out_hw[a], dev, dt) for a in range(2))
+            adaptive_window_matrix(in_hw[a], out_hw[a], device=dev, dtype=dt) for a in range(2))
     elif isinstance(m, nn.AvgPool2d):
         extra["pool_rows"], extra["pool_cols"] = _avg_pool_matrices(m, in_hw, out_hw, dev, dt)
     elif isinstance(m, nn.AdaptiveAvgPool2d):
-        rows, cols = (_adaptive_window_matrix(in_hw[a], out_hw[a], dev, dt) for a in range(2))
+        rows, cols = (adaptive_window_matrix(in_hw[a], out_hw[a], device=dev, dtype=dt) for a in range(2))
         extra["pool_rows"], extra["pool_cols"] = rows / rows.sum(1, keepdim=True), cols / cols.sum(1, keepdim=True)
     elif isinstance(m, _BATCH_NORMS):
         if m.running_var is not None:
@@ -372,28 +342,7 @@ def _check_options(unpool, max_batch, dtype=None) -> None:
 
 
 def _as_channels(channels, n: int, k_maps: int, layer: str, matrix: bool) -> Tensor:
-    """Validated LongTensor [n] (matrix=False; an int or 0-d tensor is broadcast) or [n, k] (matrix=True)."""
-    want = f"[N, k] = [{n}, k]" if matrix else f"[N] = [{n}]"
-    if isinstance(channels, bool) or not (isinstance(channels, numbers.Integral) or torch.is_tensor(channels)):
-        raise DeconvnetError(f"channel must be an int or an integer tensor {want}, got {type(channels).__name__}")
-    if isinstance(channels, numbers.Integral):
-        if matrix:
-            raise DeconvnetError(f"channels must be an integer tensor {want}, got an int")
-        t = torch.full((n,), int(channels), dtype=torch.long)
-    else:
-        if channels.is_floating_point() or channels.is_complex() or channels.dtype == torch.bool:
-            raise DeconvnetError(f"channel indices must be an integer tensor, got dtype {channels.dtype}")
-        if channels.dim() == 0 and not matrix:
-            channels = channels.expand(n)
-        if (channels.dim() != (2 if matrix else 1)) or channels.shape[0] != n:
-            raise DeconvnetError(f"channel tensor must have shape {want} (one row per image), "
-                                 f"got {list(channels.shape)}")
-        t = channels.long()
-    if t.numel() and (t.min() < 0 or t.max() >= k_maps):
-        bad = t[(t < 0) | (t >= k_maps)][0].item()
-        raise DeconvnetError(f"channel {bad} is out of range for layer {layer!r}, which has {k_maps} "
-                             f"feature maps: valid channels are 0..{k_maps - 1}")
-    return t
+    return check_channels(channels, n, k_maps, layer, DeconvnetError, matrix=matrix)
 
 
 @dataclass(frozen=True, eq=False)
@@ -554,3 +503,19 @@ def max_activating_images(model: nn.Module, images: Tensor, layer: str) -> tuple
     """(values [K], image_index [K]): for each map of `layer`, the image of the batch that activates
     it most (highest maximum activation) and that activation (the blog's "maximum activations")."""
     return record(model, images, layer).max_activating_images()
+
+
+def record_layers(model: nn.Module, images: Tensor, layers) -> dict[str, "Recording"]:
+    """One `Recording` per layer, from as few forward passes as possible: one pass up to the layer
+    defined last serves every layer it runs through (`Recording.at`); a layer it does not run
+    through (a net whose execution order differs from its definition order) gets its own."""
+    order = {name: i for i, name in enumerate(layer_names(model))}
+    deepest = max(layers, key=lambda name: order.get(name, -1))
+    full = record(model, images, deepest)
+    recordings: dict[str, Recording] = {}
+    for layer in layers:
+        try:
+            recordings[layer] = full.at(layer)
+        except LayerError:  # not on the recorded chain
+            recordings[layer] = record(model, images, layer)
+    return recordings

@@ -6,15 +6,19 @@ which is what deconvnet projection and filter decoding walk back along.
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Sequence
 
 import torch
 from torch import nn
 
+from convlens.viz.common import VizError, eval_mode, forward_until
 
-class LayerError(ValueError):
+__all__ = ["LayerError", "layer_names", "get_layer", "eval_mode", "trace_chain", "layer_output",
+           "check_chain", "default_conv_layers", "layer_maxima", "rank_filters", "ALL_CONVS_UP_TO"]
+
+
+class LayerError(VizError):
     """An unknown layer name, or a layer a method cannot use; the message lists what can be used."""
 
 
@@ -42,18 +46,6 @@ def get_layer(model: nn.Module, name: str, kind: type | tuple[type, ...] | None 
             f"Valid choices: {_show(layer_names(model, kind))}"
         )
     return module
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Put every submodule in eval mode for the block, then restore each one's own flag."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for m, flag in flags:
-            m.training = flag
 
 
 @dataclass
@@ -149,25 +141,9 @@ def layer_output(model: nn.Module, images: torch.Tensor, layer: str | nn.Module)
     gradients; the forward pass stops right after it. A copy (an in-place ReLU would overwrite it).
     Modes and hooks are restored, also on error."""
     module = get_layer(model, layer) if isinstance(layer, str) else layer
-    captured: list[torch.Tensor] = []
-
-    def hook(_module, _args, out):
-        captured.append(out.detach().clone())
-        raise _StopForward
-
-    handle = module.register_forward_hook(hook)
-    try:
-        with torch.no_grad(), eval_mode(model):
-            try:
-                model(images)
-            except _StopForward:
-                pass
-    finally:
-        handle.remove()
-    if not captured:
-        raise LayerError(f"Layer {layer if isinstance(layer, str) else type(layer).__name__} "
-                         "was not run by the model's forward pass")
-    return captured[0]
+    name = repr(layer) if isinstance(layer, str) else type(layer).__name__
+    with torch.no_grad(), eval_mode(model):
+        return forward_until(model, images, module, name, hook=lambda out: out.detach().clone())
 
 
 def check_chain(steps: list[ChainStep], images: torch.Tensor, error: type[Exception], remedy: str,
@@ -189,3 +165,78 @@ def check_chain(steps: list[ChainStep], images: torch.Tensor, error: type[Except
                 f"output of {previous_name}; an operation that is not a module (a residual addition, a "
                 f"branch, a functional call such as F.relu or F.max_pool2d) runs in between. {remedy}")
         previous, previous_id, previous_name = step.output, step.output_id, repr(step.name)
+
+
+#: nets with at most this many Conv2d show every one by default
+ALL_CONVS_UP_TO = 6
+_POOLS = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveMaxPool2d, nn.AdaptiveAvgPool2d, nn.LPPool2d)
+
+
+def default_conv_layers(net: nn.Module, all_up_to: int = ALL_CONVS_UP_TO) -> list[str]:
+    """Conv layers that stand for the net's conv blocks, in definition order (the execution order of
+    a sequential net): every Conv2d if there are at most `all_up_to`; otherwise the last Conv2d
+    before each pooling layer, plus the last Conv2d (VGG16: features.2, 7, 14, 21, 28)."""
+    convs = layer_names(net, nn.Conv2d)
+    if len(convs) <= all_up_to:
+        return convs
+    picked: list[str] = []
+    last_conv = None
+    for name, module in net.named_modules():
+        if isinstance(module, nn.Conv2d):
+            last_conv = name
+        elif isinstance(module, _POOLS) and last_conv is not None and last_conv not in picked:
+            picked.append(last_conv)
+    if convs[-1] not in picked:
+        picked.append(convs[-1])
+    return picked
+
+
+def layer_maxima(model: nn.Module, images: torch.Tensor, layers: Sequence[str]) -> dict[str, torch.Tensor]:
+    """{layer: [N, K]}: each map's spatial maximum (the activity by which maps are ranked) for every
+    layer of `layers` (modules with [N, K, h, w] output), from one forward pass in eval mode
+    without gradients, stopped once every layer has run. Modes and hooks are restored."""
+    modules = {layer: get_layer(model, layer) for layer in layers}
+    maxima: dict[str, torch.Tensor] = {}
+
+    def keep(layer):
+        def hook(_module, _args, out):
+            if layer not in maxima and torch.is_tensor(out):
+                if out.dim() != 4:
+                    raise LayerError(f"Layer {layer!r} outputs {list(out.shape)}, not feature maps [N, K, h, w]")
+                maxima[layer] = out.detach().amax(dim=(2, 3)).float()
+                if len(maxima) == len(modules):
+                    raise _AllSeen
+        return hook
+
+    handles = [m.register_forward_hook(keep(layer)) for layer, m in modules.items()]
+    try:
+        with torch.no_grad(), eval_mode(model):
+            try:
+                model(images)
+            except _AllSeen:
+                pass
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [layer for layer in layers if layer not in maxima]
+    if missing:
+        raise LayerError(f"Layer(s) {', '.join(map(repr, missing))} were not run by the model's forward pass")
+    return maxima
+
+
+class _AllSeen(Exception):
+    pass
+
+
+def rank_filters(activity: torch.Tensor, k: int | None = None, per_image: bool = False) -> torch.Tensor:
+    """The most active filters, most active first, from `activity` [N, K] (`layer_maxima`, or a
+    deconvnet recording's `map_maxima`): with `per_image`, each image's own top k ([N, k]);
+    otherwise the top k of the mean over the images ([k]). Ties keep the lower index. `k=None`:
+    every filter."""
+    if not torch.is_tensor(activity) or activity.dim() != 2:
+        raise LayerError(f"activity must be [N, K] (per image, per filter), got "
+                         f"{list(activity.shape) if torch.is_tensor(activity) else type(activity).__name__}")
+    count = activity.shape[1] if k is None else min(int(k), activity.shape[1])
+    if per_image:
+        return activity.argsort(dim=1, descending=True, stable=True)[:, :count]
+    return activity.float().mean(0).argsort(descending=True, stable=True)[:count]

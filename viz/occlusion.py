@@ -9,12 +9,13 @@ the copies of all images and positions are forwarded in batches of at most `max_
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
-from viz.layers import eval_mode
+from convlens.viz.common import VizError, eval_mode
 
 # With max_batch=None, a batch holds at most this many input elements, and at most
 # MAX_BATCH_DEFAULT copies: the activations of a forward pass grow with the batch, so large images
@@ -24,7 +25,7 @@ BATCH_BUDGET_ELEMENTS = 2**22
 MAX_BATCH_DEFAULT = 1024
 
 
-class OcclusionError(ValueError):
+class OcclusionError(VizError):
     """An argument occlusion_maps cannot use; the message says what to pass instead."""
 
 
@@ -140,3 +141,38 @@ def occlusion_maps(model: nn.Module, images: torch.Tensor, targets: torch.Tensor
             label[flat] = out.argmax(dim=1)
     # clones made outside inference mode are ordinary tensors, usable with autograd afterwards
     return prob.view(N, rows_out, cols_out).clone(), label.view(N, rows_out, cols_out).clone()
+
+
+# --------------------------------------------------------------------------------------------
+# Geometry: default patch and stride, and maps drawn on the image grid
+# --------------------------------------------------------------------------------------------
+
+def default_patch(side: int) -> int:
+    """The largest odd integer <= side ** 0.6 (at least 1): 7 at 28 and 32, 25 at 224.
+
+    Sub-linear on purpose: small images need a patch big enough to hide a part (the report's 7x7
+    covers 5% of a 32x32 image), large ones a patch still small enough to localize. Odd, so the
+    patch has a center pixel."""
+    size = math.floor(side ** 0.6 + 1e-9)
+    return max(1, size if size % 2 else size - 1)
+
+
+def default_stride(side: int, patch: int) -> int:
+    """(side - patch + 1) // 8, at least 1: 2 at 28/7, 3 at 32/7, 25 at 224/25.
+
+    side - patch + 1 is the number of patch positions along a side at stride 1; dividing by 8
+    keeps 8 to 15 positions per side whenever there are at least 8, so a map costs at most 225
+    forward passes per image whatever the image size."""
+    return max(1, (side - patch + 1) // 8)
+
+
+def maps_to_pixels(maps: torch.Tensor, size: tuple[int, int], patch: int, stride: int) -> torch.Tensor:
+    """[N, h, w] maps over patch positions -> [N, H, W] over the image's pixels: pixel (y, x) takes
+    the value of the position whose patch center, (i * stride + (patch - 1) / 2, same for j), is
+    nearest to it (ties to the lower position), clamped to the valid positions."""
+    def nearest(length: int, count: int) -> torch.Tensor:
+        offset = torch.arange(length, dtype=torch.float64) - (patch - 1) / 2
+        return torch.ceil(offset / stride - 0.5).long().clamp(0, count - 1)
+    rows = nearest(size[0], maps.shape[-2]).to(maps.device)
+    cols = nearest(size[1], maps.shape[-1]).to(maps.device)
+    return maps[:, rows][:, :, cols]

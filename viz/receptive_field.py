@@ -41,9 +41,9 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules.utils import _pair
 
-from viz.layers import ChainStep, LayerError, check_chain, trace_chain
+from convlens.viz.common import VizError, adaptive_window_matrix, check_images, window, window_matrix
+from convlens.viz.layers import ChainStep, LayerError, check_chain, trace_chain
 
 __all__ = ["ReceptiveField", "ReceptiveFieldError", "receptive_field", "crop_patches",
            "WINDOW_MODULES", "ELEMENTWISE_MODULES"]
@@ -59,7 +59,7 @@ ELEMENTWISE_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SEL
                        nn.Identity)
 
 
-class ReceptiveFieldError(ValueError):
+class ReceptiveFieldError(VizError):
     """Bad arguments, or a model whose receptive fields cannot be derived module by module."""
 
 
@@ -145,65 +145,6 @@ def _bounds(support: Tensor) -> Tensor:
 # Per module, per axis: which input positions each output position reads
 # --------------------------------------------------------------------------------------------
 
-def _padded_source(q: Tensor, n: int, mode: str) -> Tensor:
-    """The input position a (padded) tap position reads, or -1 for zero padding."""
-    if mode == "zeros":
-        return torch.where((q >= 0) & (q < n), q, -1)
-    if mode == "replicate":
-        return q.clamp(0, n - 1)
-    if mode == "circular":
-        return q.remainder(n)
-    if mode == "reflect":  # -1 -> 1, n -> n - 2 (the edge is not repeated)
-        period = 2 * (n - 1) if n > 1 else 1
-        r = q.abs().remainder(period)
-        return torch.where(r < n, r, period - r)
-    raise ReceptiveFieldError(f"Unknown padding_mode {mode!r}")
-
-
-def _window_connections(n_in: int, n_out: int, kernel: int, stride: int, pad_before: int,
-                        dilation: int, padding_mode: str = "zeros") -> Tensor:
-    """[n_out, n_in] bool: output o reads input o*stride - pad_before + t*dilation, t < kernel."""
-    taps = (torch.arange(n_out)[:, None] * stride - pad_before
-            + torch.arange(kernel)[None, :] * dilation)                        # [n_out, kernel]
-    source = _padded_source(taps, n_in, padding_mode)
-    m = torch.zeros(n_out, n_in + 1, dtype=torch.bool)                      # last column: padding
-    m[torch.arange(n_out)[:, None].expand_as(source), torch.where(source >= 0, source, n_in)] = True
-    return m[:, :n_in]
-
-
-def _adaptive_connections(n_in: int, n_out: int) -> Tensor:
-    o = torch.arange(n_out)
-    start = (o * n_in) // n_out
-    end = ((o + 1) * n_in + n_out - 1) // n_out
-    i = torch.arange(n_in)
-    return (i[None, :] >= start[:, None]) & (i[None, :] < end[:, None])
-
-
-def _conv_pad_before(m: nn.Conv2d) -> tuple[int, int]:
-    if m.padding == "same":  # PyTorch pads total // 2 before, the odd pixel after
-        return tuple(m.dilation[a] * (m.kernel_size[a] - 1) // 2 for a in range(2))
-    if m.padding == "valid":
-        return 0, 0
-    return _pair(m.padding)
-
-
-def _geometry(m: nn.Module) -> tuple[tuple[int, int], ...] | None:
-    """((kernel), (stride), (pad_before), (dilation)) per axis of a fixed window module; None for
-    adaptive pools."""
-    if isinstance(m, nn.Conv2d):
-        return m.kernel_size, m.stride, _conv_pad_before(m), m.dilation
-    if isinstance(m, nn.MaxPool2d):
-        k = _pair(m.kernel_size)
-        return k, _pair(m.stride or m.kernel_size), _pair(m.padding), _pair(m.dilation)
-    if isinstance(m, nn.AvgPool2d):
-        k = _pair(m.kernel_size)
-        return k, _pair(m.stride if m.stride is not None else m.kernel_size), _pair(m.padding), (1, 1)
-    if isinstance(m, nn.LPPool2d):
-        k = _pair(m.kernel_size)
-        return k, _pair(m.stride if m.stride is not None else m.kernel_size), (0, 0), (1, 1)
-    return None
-
-
 def _connections(step: ChainStep, axis: int) -> Tensor | None:
     """[n_out, n_in] bool connections of one module along `axis` (0 rows, 1 columns); None for an
     element-wise module."""
@@ -212,10 +153,10 @@ def _connections(step: ChainStep, axis: int) -> Tensor | None:
     if isinstance(m, ELEMENTWISE_MODULES):
         return None
     if isinstance(m, (nn.AdaptiveMaxPool2d, nn.AdaptiveAvgPool2d)):
-        return _adaptive_connections(n_in, n_out)
-    k, s, p, d = _geometry(m)
+        return adaptive_window_matrix(n_in, n_out)
+    k, s, p, d = window(m)
     mode = m.padding_mode if isinstance(m, nn.Conv2d) else "zeros"
-    return _window_connections(n_in, n_out, k[axis], s[axis], p[axis], d[axis], mode)
+    return window_matrix(n_in, n_out, k[axis], s[axis], p[axis], d[axis], mode)
 
 
 # --------------------------------------------------------------------------------------------
@@ -223,13 +164,7 @@ def _connections(step: ChainStep, axis: int) -> Tensor | None:
 # --------------------------------------------------------------------------------------------
 
 def _check_images(images) -> None:
-    if not torch.is_tensor(images) or images.dim() != 4 or images.shape[0] == 0:
-        shape = list(images.shape) if torch.is_tensor(images) else type(images).__name__
-        raise ReceptiveFieldError(f"images must be a non-empty batch tensor [N, C, H, W], got {shape}; "
-                                  "for one image pass image.unsqueeze(0) (only its shape and one "
-                                  "forward pass are used)")
-    if not images.is_floating_point():
-        raise ReceptiveFieldError(f"images must be a floating point tensor, got dtype {images.dtype}")
+    check_images(images, ReceptiveFieldError)
 
 
 def _chain(model: nn.Module, images: Tensor, layer: str) -> list[ChainStep]:
@@ -293,7 +228,7 @@ def _closed_form(trace: list[ChainStep]):
     for step in trace:
         if isinstance(step.module, ELEMENTWISE_MODULES):
             continue
-        geometry = _geometry(step.module)
+        geometry = window(step.module)
         if geometry is None:
             return None, None, None
         k, s, p, d = geometry

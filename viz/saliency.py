@@ -29,64 +29,36 @@ of the model as they were, also on error.
 """
 from __future__ import annotations
 
-import contextlib
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from viz.layers import LayerError, eval_mode, get_layer
+from convlens.viz.common import VizError, check_images, class_targets, eval_mode, gradients
+from convlens.viz.layers import LayerError, get_layer, layer_names, trace_chain
 
 __all__ = ["SaliencyError", "grad_cam", "guided_backprop", "guided_grad_cam", "upsample",
-           "resolve_targets"]
+           "resolve_targets", "default_saliency_layer"]
 
 
-class SaliencyError(ValueError):
+class SaliencyError(VizError):
     """Bad images, targets or model output for a saliency method."""
 
 
-@contextlib.contextmanager
-def _gradients(model: nn.Module) -> Iterator[None]:
+def _gradients(model: nn.Module):
     """Gradients on (also inside inference_mode / no_grad), model in eval mode."""
-    with torch.inference_mode(False), torch.enable_grad(), eval_mode(model):
-        yield
+    return gradients(model)
 
 
 def _input(images: Tensor) -> Tensor:
-    if not torch.is_tensor(images) or images.dim() != 4 or images.shape[0] == 0:
-        shape = list(images.shape) if torch.is_tensor(images) else type(images).__name__
-        raise SaliencyError(f"images must be a non-empty batch tensor [N, C, H, W], got {shape}; "
-                            "for one image pass image.unsqueeze(0)")
-    if not images.is_floating_point():
-        raise SaliencyError(f"images must be a floating point tensor, got dtype {images.dtype}")
+    check_images(images, SaliencyError)
     # a clone made here is an ordinary tensor even if `images` is an inference tensor
     return images.detach().clone().requires_grad_(True)
 
 
 def resolve_targets(target, scores: Tensor) -> Tensor:
     """[N] long class indices from `target` (None: argmax of `scores` [N, num_classes])."""
-    if not torch.is_tensor(scores) or scores.dim() != 2:
-        raise SaliencyError(f"the model must return class scores [N, num_classes], got "
-                            f"{list(scores.shape) if torch.is_tensor(scores) else type(scores).__name__}")
-    n, num_classes = scores.shape
-    if target is None:
-        return scores.detach().argmax(1)
-    if isinstance(target, bool) or not isinstance(target, (int, Tensor)):
-        raise SaliencyError(f"target must be None (predicted class), an int or an integer tensor [N], "
-                            f"got {type(target).__name__}")
-    if isinstance(target, int):
-        t = torch.full((n,), target, dtype=torch.long, device=scores.device)
-    else:
-        if target.is_floating_point() or target.dtype == torch.bool or target.shape != (n,):
-            raise SaliencyError(f"a target tensor must hold one integer class per image, shape [{n}], "
-                                f"got {target.dtype} {list(target.shape)}")
-        t = target.to(device=scores.device, dtype=torch.long)
-    if t.numel() and (t.min() < 0 or t.max() >= num_classes):
-        bad = int(t[(t < 0) | (t >= num_classes)][0])
-        raise SaliencyError(f"target class {bad} is out of range: the model has {num_classes} classes "
-                            f"(0..{num_classes - 1})")
-    return t
+    return class_targets(target, scores, SaliencyError)
 
 
 def _class_score(scores: Tensor, target) -> tuple[Tensor, Tensor]:
@@ -189,3 +161,15 @@ def guided_grad_cam(model: nn.Module, images: Tensor, layer: str, target: int | 
             target = resolve_targets(None, model(images.detach().clone()))
     cam = grad_cam(model, images, layer, target)
     return guided_backprop(model, images, target) * upsample(cam, images.shape[-2:], interpolate_mode)[:, None]
+
+
+def default_saliency_layer(model: nn.Module, image: Tensor) -> str:
+    """The last Conv2d (in execution order) whose output maps are larger than 1x1 for `image`
+    [1, C, H, W] (Grad-CAM needs a spatial map); the last Conv2d run if none is."""
+    convs = layer_names(model, nn.Conv2d)
+    if not convs:
+        raise LayerError(f"The model has no Conv2d layer for Grad-CAM; name a layer with spatial maps "
+                         f"(valid layers: {', '.join(layer_names(model))})")
+    steps = [s for s in trace_chain(model, image, convs[-1]) if isinstance(s.module, nn.Conv2d)]
+    spatial = [s for s in steps if len(s.out_shape) == 4 and s.out_shape[2] * s.out_shape[3] > 1]
+    return (spatial or steps)[-1].name

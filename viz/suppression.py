@@ -74,15 +74,15 @@ only up to `layer`. Biases are part of the model and kept (nothing is ignored).
 """
 from __future__ import annotations
 
-import contextlib
 import math
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from viz.layers import LayerError, eval_mode, get_layer
+from convlens.viz.common import (VizError, check_channels, check_images, check_int, check_number, eval_mode,
+                                 forward_until, frozen, gradients)
+from convlens.viz.layers import LayerError, get_layer
 
 __all__ = [
     "SuppressionError", "interpret_kernel", "check_arguments", "feature_maps", "kernel_maps", "follows_relu",
@@ -98,7 +98,7 @@ SSIM_K1, SSIM_K2 = 0.01, 0.03
 PLATEAU_THRESHOLD = 1e-4
 
 
-class SuppressionError(ValueError):
+class SuppressionError(VizError):
     """Bad arguments to the suppression method (images, channel, alpha, beta, steps, ...)."""
 
 
@@ -107,28 +107,15 @@ class SuppressionError(ValueError):
 # --------------------------------------------------------------------------------------------
 
 def _check_images(images, name: str = "images") -> None:
-    if not torch.is_tensor(images) or images.dim() != 4:
-        shape = tuple(images.shape) if torch.is_tensor(images) else type(images).__name__
-        raise SuppressionError(f"{name} must be a batch tensor [N, C, H, W], got {shape}; "
-                               "for a single image pass image.unsqueeze(0)")
-    if images.shape[0] == 0:
-        raise SuppressionError(f"{name} is an empty batch (N = 0); pass at least one image")
-    if not images.is_floating_point():
-        raise SuppressionError(f"{name} must be a floating point tensor (model input space), got dtype {images.dtype}")
+    check_images(images, SuppressionError, name)
 
 
 def _check_number(name: str, value, minimum: float, strict: bool = False, what: str = "") -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or value < minimum or (strict and value == minimum):
-        bound = f"> {minimum}" if strict else f">= {minimum}"
-        raise SuppressionError(f"{name} must be a finite number {bound}{what}, got {value!r}")
-    return float(value)
+    return check_number(name, value, minimum, strict, SuppressionError, what)
 
 
 def _check_int(name: str, value, minimum: int, what: str = "") -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise SuppressionError(f"{name} must be an int >= {minimum}{what}, got {value!r}")
-    return value
+    return check_int(name, value, minimum, SuppressionError, what)
 
 
 def _check_rectify(rectify) -> None:
@@ -161,26 +148,7 @@ def check_arguments(alpha: float = 0.5, beta: float = 0.25, steps: int = 300, lr
 
 def _as_channel(channel, n: int, k_maps: int, layer: str, device) -> Tensor:
     """A validated LongTensor [n] of kernel indices (an int is broadcast)."""
-    if isinstance(channel, bool) or not (isinstance(channel, int) or torch.is_tensor(channel)):
-        raise SuppressionError(f"channel must be an int or an integer tensor [N] = [{n}], "
-                               f"got {type(channel).__name__}")
-    if isinstance(channel, int):
-        t = torch.full((n,), channel, dtype=torch.long)
-    else:
-        if channel.is_floating_point() or channel.is_complex() or channel.dtype == torch.bool:
-            raise SuppressionError(f"channel indices must be an integer tensor, got dtype {channel.dtype}")
-        if channel.dim() == 0:
-            channel = channel.expand(n)
-        if channel.dim() != 1 or channel.shape[0] != n:
-            raise SuppressionError(f"channel tensor must have shape [N] = [{n}] (one kernel per image; "
-                                   f"repeat the images to interpret several kernels of one image), "
-                                   f"got {list(channel.shape)}")
-        t = channel.long().clone()  # a normal tensor, also when the caller's is an inference tensor
-    if t.min() < 0 or t.max() >= k_maps:
-        bad = t[(t < 0) | (t >= k_maps)][0].item()
-        raise SuppressionError(f"channel {bad} is out of range for layer {layer!r}, which has {k_maps} "
-                               f"kernels (feature maps): valid channels are 0..{k_maps - 1}")
-    return t.to(device)
+    return check_channels(channel, n, k_maps, layer, SuppressionError, what="kernels (feature maps)").to(device)
 
 
 # --------------------------------------------------------------------------------------------
@@ -191,45 +159,11 @@ class _Stop(Exception):
     pass
 
 
-@contextlib.contextmanager
-def _frozen(model: nn.Module) -> Iterator[None]:
-    """Parameters with requires_grad=False for the block (no parameter gradients are computed or
-    accumulated), each flag restored afterwards, also on error."""
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    try:
-        for p, _ in flags:
-            p.requires_grad_(False)
-        yield
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
-
-
-@contextlib.contextmanager
-def _stop_at(module: nn.Module, store: dict) -> Iterator[None]:
-    """While active, a forward pass stops right after `module` runs (its first run), its output kept
-    in `store["out"]`: nothing past the layer is computed."""
-    def hook(_module, _args, out):
-        store["out"] = out
-        raise _Stop
-
-    handle = module.register_forward_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
-def _run_to(model: nn.Module, x: Tensor, layer: str, store: dict) -> Tensor:
-    store.pop("out", None)
-    try:
-        model(x)
-    except _Stop:
-        pass
-    out = store.get("out")
+def _run_to(model: nn.Module, x: Tensor, layer: str, target: nn.Module) -> Tensor:
+    """The output of `target` (the module called `layer`) for `x`; nothing past it is computed."""
+    out = forward_until(model, x, target, repr(layer))
     if not torch.is_tensor(out):
-        raise LayerError(f"Layer {layer!r} was not run by the model's forward pass" if out is None
-                         else f"Layer {layer!r} returns a {type(out).__name__}, not a tensor")
+        raise LayerError(f"Layer {layer!r} returns a {type(out).__name__}, not a tensor")
     if out.dim() != 4:
         raise LayerError(f"Layer {layer!r} has output shape {list(out.shape)}; the suppression method "
                          "needs spatial feature maps [N, K, h, w] (a convolutional layer or one of its "
@@ -274,13 +208,6 @@ def _resolve_rectify(model: nn.Module, images: Tensor, layer: str, rectify: bool
     return follows_relu(model, images, layer) if rectify is None else bool(rectify)
 
 
-@contextlib.contextmanager
-def _grad_context() -> Iterator[None]:
-    """Gradients on, also when the caller is under no_grad() or inference_mode()."""
-    with torch.inference_mode(False), torch.enable_grad():
-        yield
-
-
 def feature_maps(model: nn.Module, images: Tensor, layer: str, rectify: bool | None = None) -> Tensor:
     """[N, K, h, w]: the feature maps of `layer` for `images` (rectified as `rectify` says; see the
     module docstring), in eval mode, without gradients. The model's modes, flags and hooks are left
@@ -288,9 +215,8 @@ def feature_maps(model: nn.Module, images: Tensor, layer: str, rectify: bool | N
     _check_images(images)
     target = get_layer(model, layer)
     rectify = _resolve_rectify(model, images, layer, rectify)
-    store: dict = {}
-    with torch.no_grad(), eval_mode(model), _stop_at(target, store):
-        maps = _run_to(model, images, layer, store)
+    with torch.no_grad(), eval_mode(model):
+        maps = _run_to(model, images, layer, target)
     maps = maps.detach().clone()
     return maps.relu() if rectify else maps
 
@@ -449,13 +375,12 @@ def interpret_kernel(model: nn.Module, images: Tensor, layer: str, channel: int 
     check_arguments(alpha=alpha, beta=beta, steps=steps, lr=lr, optimizer=optimizer, patience=patience,
                     max_decays=max_decays, decay=decay, loss_scale=loss_scale, rectify=rectify)
 
-    with _grad_context():
+    with gradients():
         x0 = images.detach().clone()  # a normal tensor, also when `images` is an inference tensor
         rectify = follows_relu(model, x0, layer) if rectify is None else rectify
-        store: dict = {}
-        with eval_mode(model), _frozen(model), _stop_at(target, store):
+        with eval_mode(model), frozen(model):
             with torch.no_grad():
-                maps0 = _run_to(model, x0, layer, store).detach().clone()
+                maps0 = _run_to(model, x0, layer, target).detach().clone()
             maps0 = maps0.relu() if rectify else maps0
             n, k, h, w = maps0.shape
             rows = torch.arange(n, device=maps0.device)
@@ -466,7 +391,7 @@ def interpret_kernel(model: nn.Module, images: Tensor, layer: str, channel: int 
             denominators = _denominators(maps0, f_i, others, x0, loss_scale)
 
             def loss_at(x):
-                maps = _run_to(model, x, layer, store)
+                maps = _run_to(model, x, layer, target)
                 maps = maps.relu() if rectify else maps
                 terms = _loss_terms(maps, f_i, rows, channel, others, x, denominators)
                 return terms[0] + alpha * terms[1] + beta * terms[2], terms, maps

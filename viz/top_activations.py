@@ -27,18 +27,18 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from viz.layers import layer_output
+from convlens.viz.common import VizError, check_int
+from convlens.viz.layers import layer_output
 
 __all__ = ["TopActivationsError", "RunningTopK", "spatial_max", "max_activations", "content_ids"]
 
 
-class TopActivationsError(ValueError):
+class TopActivationsError(VizError):
     """Bad arguments to a top-activation function or state."""
 
 
 def _check_k(k) -> None:
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise TopActivationsError(f"k must be an int >= 1 (entries kept per channel), got {k!r}")
+    check_int("k", k, 1, TopActivationsError, " (entries kept per channel)")
 
 
 def spatial_max(maps: Tensor, channels: Tensor | range | None = None) -> tuple[Tensor, Tensor]:

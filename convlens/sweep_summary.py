@@ -1,18 +1,14 @@
-"""Sweep bookkeeping and the sweep summary of a Hydra multirun (`python train.py -m ...`).
+"""The sweep summary of a Hydra multirun (`convlens-train -m ...`): tables, Fig. 6 and Figs. 7-8.
 
-Follows deconvnet-occlusion-cifar10-grid-search.txt, section 3.4 and Figs. 6-8: a grid search over
-the filters of conv3 x conv4, compared by test accuracy against parameter count (Fig. 6) and by
-the deconvnet projection of each model's most activated conv3 (Fig. 7) and conv4 (Fig. 8) map on
-one fixed test image, laid out on the C3 x C4 grid.
-
-Job bookkeeping (used by `train.run_job`): each job dir holds `status.json`
-(`{"status": "running"|"failed"|"finished", "overrides": [...], "error": ..., "traceback": ...,
-"attempts": [earlier failed attempts]}`) besides the `metrics.json` that `train` writes last. A
-rerun of the sweep into the same sweep dir skips jobs whose `metrics.json` exists and retries the
-others.
+Follows Berthier & Mantoux, "Visualizing and Understanding Convolutional Neural Networks"
+(RecVis 2018 report), section 3.4 and Figs. 6-8: a grid search over the filters of conv3 x conv4,
+compared by test accuracy against parameter count (Fig. 6) and by the deconvnet projection of each
+model's most activated conv3 (Fig. 7) and conv4 (Fig. 8) map on one fixed test image, laid out on
+the C3 x C4 grid. Training does not import this module; the job bookkeeping it reads
+(`status.json`, `metrics.json`) is `convlens.jobs`.
 
 The summary (`summarize(sweep_dir)`; run by the Hydra callback `SweepSummary` when a multirun ends,
-or `python sweep_summary.py <sweep_dir>` for an existing sweep) writes into the sweep dir:
+or `convlens-sweep-summary <sweep_dir>` for an existing sweep) writes into the sweep dir:
 - `summary.csv`, `summary.md`: one row per job (grid axes, params, best val acc, test acc, seconds
   per epoch, epochs, status, error), accuracies as fractions in the CSV, percent in the markdown;
 - `test_acc_vs_params.png`: test accuracy against parameters (Fig. 6), one line per row value;
@@ -24,17 +20,16 @@ or `python sweep_summary.py <sweep_dir>` for an existing sweep) writes into the 
 - `summary/`: a TensorBoard run with the plot and the panels as images (`sweep/...`) and the table
   as text, so `tensorboard --logdir <sweep_dir>` shows it beside the jobs' runs.
 Each model is rebuilt from its job's `.hydra/config.yaml` (hydra.utils.instantiate) with the
-weights of its best checkpoint in `<job dir>/checkpoints/` (`last.ckpt` if there is no other).
+weights of its best checkpoint in `<job dir>/checkpoints/` (`last.ckpt` if there is no other),
+read with `torch.load(weights_only=True)` (`convlens.checkpoints`).
 """
 from __future__ import annotations
 
 import argparse
 import csv
-import datetime as dt
 import json
 import logging
 import os
-import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,116 +38,15 @@ from typing import Any, Sequence
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from convlens.errors import ConvlensError
+from convlens.checkpoints import load_file, load_state_checked, pick_checkpoint
+from convlens.jobs import METRICS_FILE, read_status
+
 log = logging.getLogger("convlens.sweep")
 
-STATUS_FILE = "status.json"
-METRICS_FILE = "metrics.json"
-#: job overrides that do not change what a job computes (ignored when matching a finished job)
-_BOOKKEEPING_KEYS = ("skip_finished",)
 
-
-class SweepError(ValueError):
+class SweepError(ConvlensError, ValueError):
     """A sweep dir that does not exist or holds no job."""
-
-
-class JobConflictError(ValueError):
-    """A job dir already holds a finished job trained with other overrides."""
-
-
-# ----------------------------------------------------------------------------------------------
-# Job bookkeeping
-# ----------------------------------------------------------------------------------------------
-
-def _is_rank_zero() -> bool:
-    # the env vars Lightning reads (DDP children, SLURM tasks); one writer per job dir
-    for var in ("RANK", "LOCAL_RANK", "SLURM_PROCID"):
-        if var in os.environ:
-            return int(os.environ[var]) == 0
-    return True
-
-
-def read_status(job_dir: str | os.PathLike) -> dict[str, Any] | None:
-    """The job's `status.json`, or None when there is none (or it cannot be read)."""
-    path = Path(job_dir) / STATUS_FILE
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def write_status(job_dir: str | os.PathLike, status: str, overrides: Sequence[str],
-                 error: str | None = None, traceback: str | None = None) -> None:
-    """Record the job's state in `status.json` (atomically, on rank zero only). A failed attempt
-    that is retried moves into `attempts`, so its error is kept."""
-    if not _is_rank_zero():
-        return
-    job_dir = Path(job_dir)
-    job_dir.mkdir(parents=True, exist_ok=True)
-    previous = read_status(job_dir) or {}
-    attempts = list(previous.get("attempts", []))
-    if status == "running" and previous.get("status") in ("failed", "running"):
-        attempts.append({k: previous.get(k) for k in ("status", "error", "started", "ended")})
-    now = dt.datetime.now().isoformat(timespec="seconds")
-    record = {"status": status, "overrides": list(overrides), "error": error, "traceback": traceback,
-              "started": now if status == "running" else previous.get("started"),
-              "ended": None if status == "running" else now, "attempts": attempts}
-    tmp = job_dir / (STATUS_FILE + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2))
-    tmp.replace(job_dir / STATUS_FILE)
-
-
-def describe_error(error: BaseException) -> str:
-    """One line for the summary: the root cause (e.g. the ValueError inside Hydra's
-    InstantiationException), naming the wrapper it was raised as."""
-    root = error
-    while root.__cause__ is not None and root.__cause__ is not root:
-        root = root.__cause__
-    text = f"{type(root).__name__}: {root}"
-    if root is not error:
-        text += f" (raised as {type(error).__name__})"
-    return " ".join(text.split())
-
-
-def _comparable(overrides: Sequence[str]) -> list[str]:
-    return sorted(o for o in overrides if o.lstrip("+~").split("=", 1)[0] not in _BOOKKEEPING_KEYS)
-
-
-def finished_metrics(job_dir: str | os.PathLike, overrides: Sequence[str]) -> dict[str, float] | None:
-    """The metrics of a finished job in `job_dir` (its `metrics.json`), or None if it has not
-    finished. Raises JobConflictError when it finished with other overrides than `overrides`
-    (two sweep points mapped to one folder, or a sweep rerun with other settings)."""
-    job_dir = Path(job_dir)
-    path = job_dir / METRICS_FILE
-    if not path.is_file():
-        return None
-    recorded = (read_status(job_dir) or {}).get("overrides")
-    if recorded is not None and _comparable(recorded) != _comparable(overrides):
-        raise JobConflictError(
-            f"{job_dir} already holds a finished job trained with the overrides {_comparable(recorded)}, "
-            f"not this job's {_comparable(overrides)}. If a swept key is missing from the folder name, "
-            f"add it to hydra.sweep.subdir (e.g. 'hydra.sweep.subdir=c3=${{model.c3}},c4=${{model.c4}},"
-            f"lr=${{model.optimizer.lr}}'); to train again, delete that folder, use another "
-            f"hydra.sweep.dir, or pass skip_finished=false")
-    try:
-        return json.loads(path.read_text())
-    except ValueError:
-        return None  # a broken file: train again
-
-
-def clear_previous_attempt(job_dir: str | os.PathLike) -> bool:
-    """Before training again in a job dir that holds an earlier attempt (a `status.json`): delete
-    that attempt's TensorBoard event files, `checkpoints/` and `metrics.json`, so the new run's
-    curves and best checkpoint are not mixed with the old ones. Its error stays in `status.json`.
-    Returns whether there was an earlier attempt."""
-    job_dir = Path(job_dir)
-    if read_status(job_dir) is None or not _is_rank_zero():
-        return False
-    for f in job_dir.rglob("events.out.tfevents.*"):
-        f.unlink()
-    shutil.rmtree(job_dir / "checkpoints", ignore_errors=True)
-    (job_dir / METRICS_FILE).unlink(missing_ok=True)
-    return True
-
 
 # ----------------------------------------------------------------------------------------------
 # Collecting the jobs of a sweep
@@ -315,29 +209,16 @@ def accuracy_plot(jobs: Sequence[JobResult], rows: str = "model.c3", cols: str =
 # Figs. 7-8: the most activated map of each model, projected, on the grid
 # ----------------------------------------------------------------------------------------------
 
-def pick_checkpoint(folder: Path) -> Path:
-    """The best checkpoint in `folder` (the newest that is not `last*.ckpt`: ModelCheckpoint keeps
-    the best there), else `last.ckpt`."""
-    ckpts = sorted(folder.glob("*.ckpt"), key=lambda p: p.stat().st_mtime) if folder.is_dir() else []
-    best = [p for p in ckpts if not p.name.startswith("last")]
-    if best:
-        return best[-1]
-    if ckpts:
-        return ckpts[-1]
-    raise FileNotFoundError(f"no checkpoint in {folder}")
-
-
 def load_net(job: JobResult):
     """The job's network (`module.net`) rebuilt from its config, with its checkpoint's weights, in
     eval mode, on the CPU."""
-    import torch
     from hydra.utils import instantiate
 
     if job.config is None:
         raise FileNotFoundError(f"no readable config in {job.dir / '.hydra'}")
     module = instantiate(job.config.model)
-    state = torch.load(pick_checkpoint(job.dir / "checkpoints"), map_location="cpu", weights_only=False)
-    module.load_state_dict(state["state_dict"])
+    path = pick_checkpoint(job.dir / "checkpoints")
+    load_state_checked(module, load_file(path, "checkpoint")["state_dict"], str(path))
     return getattr(module, "net", module).eval()
 
 
@@ -364,7 +245,7 @@ def test_image(config: DictConfig, index: int):
 def most_activated_projection(net, image, layer: str, unpool: str = "switches"):
     """(projection [C, H, W], map index) for one image [1, C, H, W]: the map of `layer` with the
     highest maximum activation (the report's ranking), projected to pixel space by the deconvnet."""
-    from viz.deconvnet import record
+    from convlens.viz.deconvnet import record
 
     rec = record(net, image, layer)
     _, top = rec.top_maps(1)
@@ -376,7 +257,7 @@ def _text_image(text: str, width: int):
     import torch
     from PIL import Image, ImageDraw
 
-    from callbacks.render import caption_font
+    from convlens.render import caption_font
 
     canvas = Image.new("RGB", (max(width, 6 * len(text) + 4), 14), "white")
     ImageDraw.Draw(canvas).text((2, 1), text, fill="black", font=caption_font())
@@ -391,7 +272,7 @@ def deconv_panels(jobs: Sequence[JobResult], layers: Sequence[str] = ("conv3", "
     all jobs when a job lacks a grid value)."""
     import torch
 
-    from callbacks.render import captioned_grid, scale_each, stack_vertical
+    from convlens.render import captioned_grid, scale_each, stack_vertical
 
     notes: list[str] = []
     finished = [j for j in jobs if j.status == "finished"]
@@ -552,7 +433,7 @@ class SweepSummary(Callback):
         try:
             result = summarize(sweep_dir, **self.kwargs)
         except Exception:
-            log.exception("The sweep summary failed; redo it with: python sweep_summary.py %s", sweep_dir)
+            log.exception("The sweep summary failed; redo it with: convlens-sweep-summary %s", sweep_dir)
             return
         print(f"Sweep summary: {result.files['md']}")
 
@@ -576,7 +457,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                            cols=args.cols, tile_size=args.tile_size, unpool=args.unpool,
                            panels=not args.no_panels)
     except SweepError as e:
-        print(f"sweep_summary: {e}", file=sys.stderr)
+        print(f"convlens-sweep-summary: {e}", file=sys.stderr)
         return 1
     for name, path in result.files.items():
         print(f"{name}: {path}")

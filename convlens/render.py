@@ -4,7 +4,9 @@
 - `scale_each`: per-tile min-max to [0, 1] (deconv projections: only the pattern matters).
 - `scale_symmetric`: per-tile, 0 -> mid-gray and +-max|x| -> white/black (filters, whose sign matters).
 - `heatmap`: a [0, 1] map through a matplotlib colormap.
-Grids are [3, H, W] float tensors in [0, 1]; captions are drawn with PIL's built-in font.
+Grids are [3, H, W] float tensors in [0, 1]; captions are drawn with PIL's built-in bitmap font,
+`CHAR_WIDTH` pixels a character (`fit_caption` cuts a caption to a tile's width, `tile_width` is a
+tile's width once upscaled, `class_caption` names a label).
 """
 from __future__ import annotations
 
@@ -73,11 +75,37 @@ def caption_font() -> ImageFont.ImageFont:
     return bitmap() if bitmap is not None else ImageFont.load_default()
 
 
+#: pixels a character of `caption_font` takes
+CHAR_WIDTH = 6
+
+
+def upscale_factor(h: int, w: int, size: int) -> int:
+    """The integer nearest-neighbour factor that brings the longer side of an h x w tile to about `size`."""
+    return max(1, round(size / max(h, w)))
+
+
 def upscale(x: torch.Tensor, size: int) -> torch.Tensor:
     """Nearest-neighbour upscaling of [N, C, h, w] so the longer side is about `size` (pixels stay crisp)."""
-    h, w = x.shape[-2:]
-    f = max(1, round(size / max(h, w)))
+    f = upscale_factor(*x.shape[-2:], size)
     return F.interpolate(x, scale_factor=f, mode="nearest") if f > 1 else x
+
+
+def tile_width(images: torch.Tensor, tile_size: int) -> int:
+    """The width in pixels of a tile of `images` ([..., h, w]) once `upscale`d to `tile_size`."""
+    h, w = images.shape[-2:]
+    return w * upscale_factor(h, w, tile_size)
+
+
+def fit_caption(text: str, width_px: int) -> str:
+    """`text` cut to what fits under a tile `width_px` wide (a trailing ~ marks a cut)."""
+    chars = max(1, width_px // CHAR_WIDTH)
+    return text if len(text) <= chars else text[: chars - 1] + "~"
+
+
+def class_caption(label, names: Sequence[str]) -> str:
+    """The class name of `label` (an int or a 0-d tensor), or its index when `names` has none for it."""
+    label = int(label)
+    return names[label] if 0 <= label < len(names) else str(label)
 
 
 def captioned_grid(tiles: torch.Tensor, nrow: int, captions: Sequence[str] | None = None,

@@ -1,0 +1,33 @@
+"""The one error base of convlens.
+
+Every error whose message already says what was wrong and what to do derives from
+`ConvlensError`; the entry points (`convlens-train`, `convlens-visualize`, `convlens-sweep-summary`)
+print such an error as one line, without a traceback. Anything else is a bug and keeps its
+traceback.
+"""
+from __future__ import annotations
+
+
+class ConvlensError(Exception):
+    """An error the user can fix; its message names the problem and the remedy."""
+
+
+class ConfigError(ConvlensError, ValueError):
+    """A configuration value that cannot be used (a callback option, a model argument)."""
+
+
+def one_line(error: BaseException) -> str:
+    """`<ErrorType>: <message>` on one line, for the terminal and for status files."""
+    return f"{type(error).__name__}: {' '.join(str(error).split())}"
+
+
+def user_error(error: BaseException) -> ConvlensError | None:
+    """The ConvlensError behind `error` (itself, or the cause it wraps, e.g. inside Hydra's
+    InstantiationException when a constructor refused its config), or None for anything else."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, ConvlensError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None

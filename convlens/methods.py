@@ -1,0 +1,55 @@
+"""The registry of visualization methods: one name per method.
+
+A method's name is, everywhere: its callback file (`callbacks/<name>.py`), its config
+(`conf/callbacks/<name>.yaml`, key `callbacks.<name>`), its callback's `name` (the
+`viz_time/<name>` scalar), the prefix of every TensorBoard tag it logs (`<name>/...` or
+`<name>_<kind>/...`), and `convlens-visualize method=<name>`. `tests/test_methods.py` checks
+that all of these agree with this table.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    #: the callback class, in `convlens.callbacks`
+    callback: str
+    #: the pure algorithm it draws, in `convlens.viz`
+    algorithm: str
+    #: in the default callback set (`callbacks=default`)
+    default: bool
+    summary: str
+
+    def callback_class(self) -> type:
+        return getattr(importlib.import_module(f"convlens.callbacks.{self.name}"), self.callback)
+
+
+METHODS: dict[str, Method] = {m.name: m for m in (
+    Method("deconv", "DeconvProjection", "deconvnet", True,
+           "Zeiler & Fergus deconvnet projections of each probe image's top maps, and each map's most "
+           "activating validation image"),
+    Method("decoded", "DecodedFilters", "decoding", True,
+           "filters decoded to image space by substitution (Rafegas & Vanrell) and their Eq. 3 error"),
+    Method("occlusion", "OcclusionSensitivity", "occlusion", True,
+           "a gray patch slid over each probe image: p(target) and the predicted label per position"),
+    Method("suppression", "KernelSuppression", "suppression", False,
+           "an input that keeps one kernel's map and suppresses the layer's others (Zhuang et al.)"),
+    Method("top_activations", "TopActivations", "top_activations", False,
+           "for selected filters, the validation patches that activate them most"),
+    Method("saliency", "Saliency", "saliency", False,
+           "Grad-CAM, guided backpropagation and guided Grad-CAM of the probe images"),
+    Method("evolution", "FilterEvolution", "deconvnet", True,
+           "one fixed map per layer projected every epoch, the first layer's weights, weight change"),
+)}
+
+
+def method(name: str) -> Method:
+    """The method called `name`; a ConfigError listing the valid names otherwise."""
+    from convlens.errors import ConfigError
+
+    if name not in METHODS:
+        raise ConfigError(f"Unknown method {name!r}; use one of {', '.join(METHODS)}")
+    return METHODS[name]

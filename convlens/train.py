@@ -1,0 +1,158 @@
+"""Train a CNN and watch its filters in TensorBoard: `convlens-train [experiment=...] [overrides]`
+(or `python train.py ...` in a checkout).
+
+`train(cfg)` is the plain, testable function; `run_job` is it with the sweep bookkeeping of
+`convlens.jobs`; `main` is the thin Hydra entry point around that.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning.pytorch as pl
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from hydra.utils import instantiate
+from lightning.pytorch.loggers import TensorBoardLogger
+from omegaconf import DictConfig, OmegaConf
+
+from convlens import jobs
+from convlens.config import CONFIG_PATH, instantiate_dict
+from convlens.errors import one_line, user_error
+
+log = logging.getLogger("convlens")
+
+
+def _scalar(v) -> float | None:
+    try:
+        v = float(v)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Fit (and test) the configured model; returns the final metrics, also written to
+    `<output_dir>/metrics.json`."""
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    out = Path(cfg.paths.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    datamodule = instantiate(cfg.datamodule)
+    model = instantiate(cfg.model)
+    callbacks = instantiate_dict(cfg.get("callbacks"))
+    loggers = instantiate_dict(cfg.get("logger"))
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+
+    start = time.perf_counter()
+    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    fit_seconds = time.perf_counter() - start
+    metrics = {k: v for k, v in ((k, _scalar(v)) for k, v in trainer.callback_metrics.items()) if v is not None}
+    metrics["params"] = model.num_parameters()
+    metrics["epochs"] = trainer.current_epoch
+    metrics["seconds_per_epoch"] = fit_seconds / max(trainer.current_epoch, 1)
+
+    if cfg.get("test"):
+        # the checkpoint of the best epoch: from the ModelCheckpoint that monitors a metric
+        monitoring = [c for c in trainer.checkpoint_callbacks if getattr(c, "monitor", None)]
+        best = monitoring[0].best_model_path if monitoring and monitoring[0].best_model_path else None
+        results = trainer.test(model, datamodule=datamodule, ckpt_path=best, weights_only=False) if best \
+            else trainer.test(model, datamodule=datamodule)
+        for r in results:
+            metrics.update({k: v for k, v in ((k, _scalar(v)) for k, v in r.items()) if v is not None})
+
+    log_hparams(trainer, flat_hparams(cfg, metrics), hparam_metrics(metrics))
+    # written last and atomically: its presence means "finished" to a rerun of the sweep
+    tmp = out / "metrics.json.tmp"
+    tmp.write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    tmp.replace(out / "metrics.json")
+    return metrics
+
+
+def _short(target: str | None) -> str:
+    return target.rsplit(".", 1)[-1] if target else "none"
+
+
+def _scalars(node: Any) -> dict[str, Any]:
+    if not isinstance(node, DictConfig):
+        return {}
+    plain = OmegaConf.to_container(node, resolve=True)
+    return {k: v for k, v in plain.items()
+            if not k.startswith("_") and (v is None or isinstance(v, (bool, int, float, str)))}
+
+
+def flat_hparams(cfg: DictConfig, metrics: dict[str, float]) -> dict[str, Any]:
+    """The flat hyperparameters of a run, the same keys for every run of a sweep (TensorBoard's
+    HParams columns): the model's name and its scalar options and those of its net (e.g. c3, c4),
+    optimizer, lr, scheduler, datamodule, batch_size, max_epochs, epochs trained, params, seed.
+    None becomes the string "none" (TensorBoard has no null)."""
+    model = cfg.model
+    net = model.get("net")
+    hp: dict[str, Any] = {"model": model.get("name") or _short(net.get("_target_") if net else model.get("_target_"))}
+    skip = {"name", "num_classes", "scheduler_monitor"}
+    for key, value in {**_scalars(net), **_scalars(model)}.items():
+        if key not in skip:
+            hp[key] = value
+    optimizer, scheduler = model.get("optimizer"), model.get("scheduler")
+    hp["optimizer"] = _short(optimizer.get("_target_")) if optimizer else "none"
+    hp["lr"] = optimizer.get("lr") if optimizer else None
+    hp["scheduler"] = _short(scheduler.get("_target_")) if scheduler else "none"
+    hp["datamodule"] = _short(cfg.datamodule.get("_target_"))
+    hp["batch_size"] = cfg.datamodule.get("batch_size")
+    hp["max_epochs"] = cfg.trainer.get("max_epochs")
+    hp["epochs"] = int(metrics["epochs"])
+    hp["params"] = int(metrics["params"])
+    hp["seed"] = cfg.get("seed")
+    return {k: "none" if v is None else v for k, v in hp.items()}
+
+
+def hparam_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    """The HParams table's metric columns: best val accuracy, test accuracy (of the best
+    checkpoint), parameter count. A metric the run did not produce (test=false) is left out."""
+    pairs = {"hp/val_acc": metrics.get("val/acc_best"), "hp/test_acc": metrics.get("test/acc"),
+             "hp/params": metrics.get("params")}
+    return {k: float(v) for k, v in pairs.items() if v is not None}
+
+
+def log_hparams(trainer: pl.Trainer, hparams: dict[str, Any], metrics: dict[str, float]) -> None:
+    """One HParams session per run, written once the run's metrics are known (the logger's own
+    `hp_metric` placeholder is off: `default_hp_metric: false`)."""
+    for lg in trainer.loggers:
+        if isinstance(lg, TensorBoardLogger):
+            lg.log_hyperparams(hparams, metrics=metrics, step=trainer.global_step)
+        else:
+            lg.log_hyperparams(hparams)
+            lg.log_metrics(metrics, step=trainer.global_step)
+        lg.finalize("success")  # flush the events and save hparams.yaml
+
+
+#: `train` with the sweep bookkeeping (status.json, skip finished, retry, clashes)
+run_job = jobs.job(train)
+
+
+def exit_on_user_error(error: BaseException) -> None:
+    """Print a user error (a ConvlensError, also wrapped) as one line and exit 1; else re-raise."""
+    known = user_error(error)
+    if known is None:
+        raise error
+    log.error("%s", one_line(known))
+    print(f"\nconvlens: {one_line(known)}", file=sys.stderr)
+    sys.exit(1)
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+    try:
+        return run_job(cfg, multirun=multirun)
+    except Exception as e:
+        exit_on_user_error(e)
+
+
+if __name__ == "__main__":
+    main()
