@@ -37,7 +37,6 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
 
 import lightning.pytorch as pl
 from hydra.utils import instantiate
@@ -45,6 +44,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from convlens.config import callback_config, compose_config as compose_cfg
 from convlens.methods import METHODS
+
+ROOT = Path(__file__).resolve().parents[1]
 
 DEFAULT_CALLBACKS = [m.name for m in METHODS.values() if m.default]
 SETUPS = {  # name: (experiment overrides, training images per epoch)

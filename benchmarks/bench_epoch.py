@@ -10,12 +10,13 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
 
 import lightning.pytorch as pl
 from hydra.utils import instantiate
 
 from convlens.config import compose_config as compose_cfg
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 class BatchTimer(pl.Callback):

@@ -29,7 +29,6 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
 
 import lightning.pytorch as pl
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -40,6 +39,8 @@ from convlens.datamodules.shapes import ShapesDataModule
 from convlens.models.cifar import CifarConvNet
 from convlens.models.lenet import LeNet
 from convlens.models.module import ClassifierModule
+
+ROOT = Path(__file__).resolve().parents[1]
 
 TRAIN_STEPS = 20
 TARGET_FRACTION = 0.01

@@ -23,13 +23,14 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
 
 import lightning.pytorch as pl
 from hydra.utils import instantiate
 
 from convlens.config import compose_config as compose_cfg
 from convlens.config import instantiate_dict
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 class NearFreeNet(torch.nn.Sequential):

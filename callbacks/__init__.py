@@ -1,0 +1,18 @@
+"""Lightning callbacks that draw each visualization method into TensorBoard as training goes.
+
+    from convlens.callbacks import DeconvProjection, FilterEvolution, OcclusionSensitivity
+    trainer = Trainer(callbacks=[DeconvProjection(), FilterEvolution(), OcclusionSensitivity()])
+
+One callback per method of `convlens.methods.METHODS`; `VisualizationCallback` is their shared base.
+"""
+from convlens.callbacks.base import VisualizationCallback
+from convlens.callbacks.decoded import DecodedFilters
+from convlens.callbacks.deconv import DeconvProjection
+from convlens.callbacks.evolution import FilterEvolution
+from convlens.callbacks.occlusion import OcclusionSensitivity
+from convlens.callbacks.saliency import Saliency
+from convlens.callbacks.suppression import KernelSuppression
+from convlens.callbacks.top_activations import TopActivations
+
+__all__ = ["VisualizationCallback", "DeconvProjection", "FilterEvolution", "DecodedFilters", "OcclusionSensitivity",
+           "Saliency", "TopActivations", "KernelSuppression"]

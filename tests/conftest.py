@@ -18,14 +18,11 @@ SHARED_DATA = ROOT.parent / "shared" / "datasets"
 # a tiny, fast shapes run: what most end-to-end tests start from
 FAST_SHAPES = [
     "experiment=shapes_demo",
+    "debug=default",          # CPU, no progress bar, no model summary
     "trainer.max_epochs=2",
-    "trainer.accelerator=cpu",
     "datamodule.n_train=640",
     "datamodule.val_size=128",
     "datamodule.n_test=128",
-    "~callbacks.rich_progress_bar",
-    "++trainer.enable_model_summary=false",
-    "++trainer.enable_progress_bar=false",
 ]
 
 

@@ -4,10 +4,11 @@ from pathlib import Path
 import pytest
 import torch
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from conftest import ROOT, compose_cfg
 
-GROUPS = ["model", "datamodule", "callbacks", "trainer", "logger", "experiment"]
+GROUPS = ["model", "datamodule", "callbacks", "trainer", "logger", "experiment", "debug"]
 
 
 def options(group):
@@ -111,3 +112,61 @@ def test_lenet_on_color_32px_data_is_a_clear_error(tmp_path):
 def test_overrides_reach_the_trainer(tmp_path):
     cfg = compose_cfg(["++trainer.limit_train_batches=3", "trainer.max_epochs=7"], tmp_path)
     assert cfg.trainer.limit_train_batches == 3 and cfg.trainer.max_epochs == 7
+
+
+# -- config hygiene: the default experiment does not leak into other runs --------------------------
+
+def test_default_run_is_lenet_mnist_with_its_reference_recipe(tmp_path):
+    cfg = compose_cfg([], tmp_path)
+    assert cfg.model.net._target_ == "convlens.models.lenet.LeNet"
+    assert cfg.datamodule._target_ == "convlens.datamodules.mnist.MNISTDataModule"
+    assert cfg.model.optimizer._target_ == "torch.optim.SGD" and cfg.model.optimizer.lr == 0.01
+    assert cfg.model.scheduler._target_ == "torch.optim.lr_scheduler.CosineAnnealingLR"
+    assert cfg.model.scheduler.T_max == cfg.trainer.max_epochs == 10
+    assert cfg.task_name == "lenet"
+
+
+def test_overriding_model_and_data_takes_nothing_from_lenet(tmp_path):
+    cfg = compose_cfg(["model=cifar_convnet", "datamodule=cifar10"], tmp_path)
+    assert cfg.model.scheduler is None                       # cifar_convnet's own: none
+    assert cfg.model.optimizer._target_ == "torch.optim.Adam" and cfg.model.optimizer.lr == 1e-4
+    assert cfg.task_name == "cifar_convnet"                  # not logs/lenet_mnist/
+    assert cfg.datamodule.batch_size == 64 and cfg.datamodule.normalization == "channel"
+
+
+def test_experiments_set_only_what_they_name(tmp_path):
+    # the same model with and without a recipe: identical but for what the recipe sets
+    plain = OmegaConf.to_container(compose_cfg(["model=lenet"], tmp_path).model, resolve=True)
+    recipe = OmegaConf.to_container(compose_cfg(["experiment=lenet_mnist"], tmp_path).model, resolve=True)
+    assert plain == recipe
+    matconvnet = compose_cfg(["experiment=lenet_mnist_matconvnet"], tmp_path)
+    assert matconvnet.model.scheduler is None and matconvnet.model.optimizer.lr == 0.001
+    assert compose_cfg(["experiment=shapes_demo"], tmp_path).task_name == "shapes_demo"
+
+
+@pytest.mark.parametrize("debug", options("debug"))
+def test_debug_group(debug, tmp_path):
+    from convlens.config import instantiate_dict
+
+    cfg = compose_cfg([f"debug={debug}", "experiment=shapes_demo"], tmp_path)
+    assert cfg.trainer.accelerator == "cpu" and cfg.trainer.max_epochs == 1
+    assert cfg.task_name == "debug"
+    names = {type(c).__name__ for c in instantiate_dict(cfg.callbacks)}
+    assert "RichProgressBar" not in names and "DeconvProjection" in names
+    if debug == "limit":
+        assert (cfg.trainer.limit_train_batches, cfg.trainer.limit_val_batches) == (2, 1)
+    trainer = instantiate(cfg.trainer, logger=False, callbacks=instantiate_dict(cfg.callbacks))
+    assert not trainer.progress_bar_callback
+
+
+def test_debug_limit_run_logs_every_default_callback(tmp_path):
+    from convlens.events import read_events
+    from convlens.methods import METHODS
+    from convlens.train import train
+
+    train(compose_cfg(["experiment=shapes_demo", "debug=limit", "datamodule.n_train=256", "datamodule.val_size=64",
+                       "datamodule.n_test=64"], tmp_path))
+    events = read_events(tmp_path / "tensorboard")
+    for method in (m for m in METHODS.values() if m.default):
+        assert f"viz_time/{method.name}" in events["scalars"], method.name
+        assert any(tag.startswith(method.name) for tag in events["images"]), method.name

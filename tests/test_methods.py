@@ -1,0 +1,58 @@
+"""One name per method (convlens.methods.METHODS): its callback file, config file and key, callback
+`name`, the prefix of every TensorBoard tag it logs, and `convlens-visualize method=<name>` agree."""
+from __future__ import annotations
+
+from importlib.resources import files
+
+import pytest
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from conftest import ROOT, compose_cfg
+from convlens.config import CONFIG_MODULE, callback_config, instantiate_dict
+from convlens.errors import ConfigError
+from convlens.events import read_events
+from convlens.methods import METHODS, method
+from convlens.train import train
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_file_config_and_callback_share_the_name(name):
+    m = METHODS[name]
+    assert (ROOT / "callbacks" / f"{name}.py").is_file()
+    node = OmegaConf.create(files(CONFIG_MODULE).joinpath("callbacks", f"{name}.yaml").read_text())
+    assert list(node) == [name]                                    # callbacks.<name>
+    assert node[name]._target_ == f"convlens.callbacks.{name}.{m.callback}"
+    callback = instantiate(callback_config(name))
+    assert type(callback) is m.callback_class() and callback.name == name
+    assert (ROOT / "viz" / f"{m.algorithm}.py").is_file()
+
+
+def test_default_set_is_the_registrys(tmp_path):
+    cfg = compose_cfg(["callbacks=default"], tmp_path)
+    names = {getattr(c, "name", None) for c in instantiate_dict(cfg.callbacks)}
+    assert names - {None} == {m.name for m in METHODS.values() if m.default}
+
+
+def test_unknown_method_lists_the_valid_names():
+    with pytest.raises(ConfigError, match=", ".join(METHODS)):
+        method("gradcam")
+
+
+def test_every_logged_tag_starts_with_its_methods_name(tmp_path):
+    # all seven callbacks in one short run: each one's tags are <name>/... or <name>_<kind>/...
+    train(compose_cfg(["experiment=shapes_demo", "debug=limit", "datamodule.n_train=256", "datamodule.val_size=64",
+                       "datamodule.n_test=64", "callbacks=[default,saliency,top_activations,suppression]",
+                       "callbacks.suppression.steps=5", "test=false"], tmp_path))
+    events = read_events(tmp_path / "tensorboard")
+    lightning = ("train/", "val/", "test/", "epoch", "hp/", "hparams")
+    tags = [t for kind in ("images", "scalars") for t in events[kind] if not t.startswith(lightning)]
+    for tag in tags:
+        prefix = tag.split("/", 1)[0]
+        if prefix == "viz_time":
+            assert tag.split("/", 1)[1].split("_collect")[0] in METHODS, tag
+            continue
+        assert any(prefix == n or prefix.startswith(n + "_") for n in METHODS), tag
+    for name in METHODS:
+        assert f"viz_time/{name}" in events["scalars"], name
+        assert any(t.startswith(f"{name}/") for t in events["images"]), name
