@@ -3,7 +3,7 @@
     DATA_DIR=/work/shared/datasets python benchmarks/bench_suppression.py [--ckpt PATH] [--kernels 4]
         [--images 4] [--budgets 100,300] [--train-steps 800] [--lenet] [--lenet-ckpt PATH] [--threads 1]
 
-Follows kernel-interpretation-by-suppression.txt, section 4.2 and Table 1: for each layer, a few
+Follows Zhuang et al. (2021, arXiv:2108.11054), section 4.2 and Table 1: for each layer, a few
 kernels picked at random, for each kernel a few images; the metrics per (kernel, image): SSIM of the
 kernel's map for X̂ against X ("S.", higher is better) and the mean square of every other kernel's map
 for X̂ ("R.", the MSE against the zero map, lower is better); mean +- std over kernels and images.

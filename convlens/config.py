@@ -8,13 +8,43 @@ from __future__ import annotations
 import os
 from typing import Any, Sequence
 
+import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 #: the Python package that holds the YAML config groups
 CONFIG_MODULE = "convlens.conf"
 #: what `@hydra.main(config_path=...)` and `hydra.searchpath` take
 CONFIG_PATH = f"pkg://{CONFIG_MODULE}"
+
+
+def native_bf16(accelerator: str = "auto") -> bool:
+    """Whether `accelerator` ("cpu", "gpu"/"cuda", or "auto": a GPU if there is one) computes in
+    bfloat16 natively: CUDA GPUs from Ampere on; CPUs with AMX tiles or AVX-512 BF16
+    instructions (elsewhere bfloat16 is emulated, and slower than float32)."""
+    accelerator = str(accelerator).lower()
+    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+    if accelerator in ("cpu", "auto"):
+        checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")  # private, hence the guard
+        return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+    return False
+
+
+def fast_precision(accelerator: str = "auto") -> str:
+    """Lightning's `precision` for training on `accelerator`: "bf16-mixed" where bfloat16 is native
+    (`native_bf16`), "16-mixed" on older CUDA GPUs, else "32-true". The config's default
+    (`trainer.precision`); override it, e.g. `trainer.precision=32-true`, to train in float32."""
+    if native_bf16(accelerator):
+        return "bf16-mixed"
+    accelerator = str(accelerator).lower()
+    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
+        return "16-mixed"
+    return "32-true"
+
+
+# `${convlens_precision:${trainer.accelerator}}` in conf/trainer/default.yaml
+OmegaConf.register_new_resolver("convlens_precision", fast_precision, replace=True)
 
 
 def compose_config(overrides: Sequence[str] = (), output_dir: str | os.PathLike | None = None,

@@ -55,10 +55,15 @@ class Normalization(nn.Module):
         return x * self.std.to(x.device) + self.mean.to(x.device)
 
 
+NORMALIZATIONS = ("mean_image", "mean_image_255", "channel", "imagenet", "raw_255", "none")
+
+
 def make_normalization(kind: str, train_images: torch.Tensor) -> Normalization:
     """`mean_image` (subtract the training set's mean image), `mean_image_255` (the same on pixels
     in 0..255, MatConvNet's MNIST preprocessing), `channel` (per-channel mean/std of the training
-    set), `imagenet` (torchvision's ImageNet statistics), or `none`."""
+    set), `imagenet` (torchvision's ImageNet statistics), `raw_255` (the pixels as they are, 0..255:
+    what the Keras code of Berthier & Mantoux's CIFAR-10 report fed its net), or `none` (pixels
+    in [0, 1])."""
     c = train_images.shape[1]
     if kind in ("mean_image", "mean_image_255"):
         mean = train_images.float().mean(0) / 255
@@ -74,9 +79,9 @@ def make_normalization(kind: str, train_images: torch.Tensor) -> Normalization:
             raise ValueError(f"normalization=imagenet needs 3-channel images, got {c}")
         return Normalization(torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1),
                              torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1))
-    if kind == "none":
-        return Normalization(torch.zeros(c, 1, 1), torch.ones(c, 1, 1))
-    raise ValueError(f"Unknown normalization {kind!r}; use one of mean_image, mean_image_255, channel, imagenet, none")
+    if kind in ("none", "raw_255"):
+        return Normalization(torch.zeros(c, 1, 1), torch.full((c, 1, 1), 1 / 255 if kind == "raw_255" else 1.0))
+    raise ValueError(f"Unknown normalization {kind!r}; use one of {', '.join(NORMALIZATIONS)}")
 
 
 class TensorBatches(Dataset):

@@ -1,6 +1,6 @@
 """Synthetic `shapes` images: ten simple stroke shapes on textured backgrounds.
 
-Follows the supplementary part of filter-decoding-by-substitution.txt ("6. Filter Decoding on a
+Follows the supplementary part of Rafegas & Vanrell (2015, arXiv:1511.05084; "6. Filter Decoding on a
 simpler case"), which decodes filters of a small hand-built net on simple synthetic characters made
 of bars, corners and arcs (its C and D share a bottom-left corner sub-shape). Here the same kind of
 shapes are drawn at random position, size, stroke width and colour so that a CNN can be trained on

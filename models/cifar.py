@@ -5,17 +5,24 @@ from torch import nn
 
 
 class CifarConvNet(nn.Sequential):
-    """Grid net of deconvnet-occlusion-cifar10-grid-search.txt (section 3, Fig. 6).
+    """Grid net of Berthier & Mantoux, "Visualizing and Understanding Convolutional Neural Networks"
+    (RecVis 2018 report; section 3, Fig. 6).
 
     conv1 32 3x3 same, ReLU, conv2 64 3x3 valid, ReLU, maxpool 2, BatchNorm, dropout .25,
     conv3 C3 3x3, ReLU, maxpool 2, dropout .25, conv4 C4 3x3, ReLU, maxpool 2, dropout .25,
     dense 1024, ReLU, dropout .5, dense 10. `c3` and `c4` are the grid axes.
+
+    `init="keras"` initializes as the report's Keras code did by default: Glorot-uniform weights,
+    zero biases, and BatchNorm with Keras's momentum 0.99 (0.01 in PyTorch's convention) and
+    epsilon 1e-3; `"pytorch"` keeps torch's defaults.
     """
 
     def __init__(self, c3: int = 256, c4: int = 64, in_channels: int = 3, num_classes: int = 10,
-                 input_size: int = 32, hidden: int = 1024):
+                 input_size: int = 32, hidden: int = 1024, init: str = "pytorch"):
         if c3 < 1 or c4 < 1:
             raise ValueError(f"c3 and c4 must be positive filter counts, got c3={c3}, c4={c4}")
+        if init not in ("pytorch", "keras"):
+            raise ValueError(f"CifarConvNet init must be 'pytorch' or 'keras', got {init!r}")
         s = input_size            # conv1 keeps the size (same padding)
         s = (s - 2) // 2          # conv2 valid, pool
         s = (s - 2) // 2          # conv3 valid, pool
@@ -46,10 +53,17 @@ class CifarConvNet(nn.Sequential):
                 fc2=nn.Linear(hidden, num_classes),
             )
         )
+        if init == "keras":
+            for m in self.modules():
+                if isinstance(m, (nn.Conv2d, nn.Linear)):
+                    nn.init.xavier_uniform_(m.weight)
+                    nn.init.zeros_(m.bias)
+            self.bn2.momentum, self.bn2.eps = 0.01, 1e-3
 
 
 class BlogConvNet(nn.Sequential):
-    """The two-conv CIFAR-10 net of deconvnet-cifar10-blog.txt: two convolutional layers (32 and 64
+    """The two-conv CIFAR-10 net of Frans, "Visualizing Features from a Convolutional Neural Network"
+    (blog post, 2016): two convolutional layers (32 and 64
     filters), each with 2x2 max pooling and a ReLU, then a fully connected layer and softmax."""
 
     def __init__(self, in_channels: int = 3, num_classes: int = 10, input_size: int = 32,

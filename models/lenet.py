@@ -1,4 +1,5 @@
-"""LeNet exactly as MatConvNet's MNIST example, the net of filter-decoding-by-substitution.txt.
+"""LeNet exactly as MatConvNet's MNIST example, the net of Rafegas & Vanrell, "Understanding learned
+CNN features through Filter Decoding with Substitution" (2015, arXiv:1511.05084).
 
 conv 5x5 1->20, maxpool 2/2, conv 5x5 20->50, maxpool 2/2, conv 4x4 50->500, ReLU, conv 1x1 500->10.
 There is deliberately no ReLU after conv1 or conv2: the paper's reconstruction errors (its Table 1)
