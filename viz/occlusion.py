@@ -9,6 +9,7 @@ the copies of all images and positions are forwarded in batches of at most `max_
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Callable, Sequence
 
@@ -61,7 +62,8 @@ def default_max_batch(channels: int, height: int, width: int) -> int:
 def occlusion_maps(model: nn.Module, images: torch.Tensor, targets: torch.Tensor | Sequence[int] | None = None,
                    patch: int = 7, stride: int = 1, fill: float | torch.Tensor | None = None,
                    pixel_to_input: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                   max_batch: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   max_batch: int | None = None, incremental: bool | None = None,
+                   tau: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Occlusion sensitivity maps of a classifier for `images` (N, C, H, W), in the model's input space.
 
     A `patch` x `patch` square, top-left corner at `(i * stride, j * stride)`, replaces the image
@@ -79,6 +81,20 @@ def occlusion_maps(model: nn.Module, images: torch.Tensor, targets: torch.Tensor
     `max_batch`: occluded copies per forward pass, across images and positions (None:
     `default_max_batch(C, H, W)`); memory grows with it, results do not depend on it beyond
     floating-point summation order.
+
+    `incremental`: None (default) computes the maps incrementally where that is exact and
+    estimated to be faster, else with one full forward per copy; True insists on the incremental
+    path (an OcclusionError where the model has none), as far as it goes; False always runs the
+    full forward. The incremental path (`viz.occlusion_incremental`, after Nakandala, Kumar &
+    Papakonstantinou, SIGMOD 2019, DOI 10.1145/3299869.3319874) runs the unoccluded images once,
+    keeps the activations of the model's leading plain chain of Conv2d, MaxPool2d, AvgPool2d,
+    BatchNorm2d, activation, Dropout and Identity modules, and recomputes each of those layers only
+    on the window of its output the patch can reach; the model's own forward runs the rest. Its
+    maps equal the full forward's up to floating-point rounding.
+    `tau`: None (exact), or a fraction in (0, 1) for Krypton's projective-field thresholding: in
+    each layer the changed region is cut to at most max(1, floor(tau * side)) outputs per axis
+    around its center, and changes outside it are ignored. Faster, not exact; only on the
+    incremental path (where the model has none and `incremental` is None, the maps are exact).
 
     The model runs in eval mode under torch.inference_mode; every submodule's mode is restored.
     The model must return logits (N, num_classes). Returns `prob` (N, H', W') in the logits' dtype
@@ -99,6 +115,15 @@ def occlusion_maps(model: nn.Module, images: torch.Tensor, targets: torch.Tensor
         max_batch = default_max_batch(C, H, W)
     elif isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
         raise OcclusionError(f"max_batch must be a positive integer, got {max_batch!r}")
+    if incremental is not None and not isinstance(incremental, bool):
+        raise OcclusionError(f"incremental must be None (automatic), True or False, got {incremental!r}")
+    if tau is not None:
+        if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not 0 < tau < 1:
+            raise OcclusionError(f"tau must be a fraction in (0, 1), or None for exact maps; got {tau!r}")
+        if incremental is False:
+            raise OcclusionError("tau approximates the incremental path only; pass incremental=None or True "
+                                 "with tau, or tau=None with incremental=False")
+        tau = float(tau)
     fill = _fill_tensor(fill, pixel_to_input, (C, H, W), images)
 
     rows_out, cols_out = (H - patch) // stride + 1, (W - patch) // stride + 1
@@ -111,8 +136,15 @@ def occlusion_maps(model: nn.Module, images: torch.Tensor, targets: torch.Tensor
     row_mask = (y >= starts_y) & (y < starts_y + patch)
     col_mask = (x >= starts_x) & (x < starts_x + patch)
 
-    with eval_mode(model), torch.inference_mode():
-        logits = model(images)
+    from convlens.viz import occlusion_incremental  # imports this module: not at the top
+
+    with eval_mode(model):
+        if incremental is False:
+            with torch.inference_mode():
+                logits, recorded = model(images), None
+        else:  # the same forward, recording which modules ran on which tensors
+            recorded = occlusion_incremental.record_forward(model, images)
+            logits = recorded.logits
         if logits.ndim != 2 or logits.shape[0] != N:
             raise OcclusionError(f"the model must return logits (N, num_classes); it returned {tuple(logits.shape)}")
         num_classes = logits.shape[1]
@@ -129,16 +161,21 @@ def occlusion_maps(model: nn.Module, images: torch.Tensor, targets: torch.Tensor
                 raise OcclusionError(f"targets must be class indices in [0, {num_classes}); "
                                      f"got out-of-range {bad.tolist()[:10]}")
             targets = targets.long()
+        runner = None
+        if recorded is not None:
+            runner = occlusion_incremental.prepare(model, images, recorded, patch, stride, fill, tau,
+                                                   force=incremental is True)
         prob = torch.empty(N * positions, dtype=logits.dtype, device=images.device)
         label = torch.empty(N * positions, dtype=torch.long, device=images.device)
-        for start in range(0, N * positions, max_batch):
-            flat = torch.arange(start, min(start + max_batch, N * positions), device=images.device)
-            image, position = flat // positions, flat % positions
-            mask = row_mask[position // cols_out][:, :, None] & col_mask[position % cols_out][:, None, :]
-            occluded = torch.where(mask[:, None], fill, images[image])
-            out = model(occluded)
-            prob[flat] = out.softmax(dim=1).gather(1, targets[image][:, None])[:, 0]
-            label[flat] = out.argmax(dim=1)
+        with runner if runner is not None else contextlib.nullcontext(), torch.inference_mode():
+            for start in range(0, N * positions, max_batch):
+                flat = torch.arange(start, min(start + max_batch, N * positions), device=images.device)
+                image, position = flat // positions, flat % positions
+                mask = row_mask[position // cols_out][:, :, None] & col_mask[position % cols_out][:, None, :]
+                occluded = torch.where(mask[:, None], fill, images[image])
+                out = model(occluded) if runner is None else runner(occluded, image, position)
+                prob[flat] = out.softmax(dim=1).gather(1, targets[image][:, None])[:, 0]
+                label[flat] = out.argmax(dim=1)
     # clones made outside inference mode are ordinary tensors, usable with autograd afterwards
     return prob.view(N, rows_out, cols_out).clone(), label.view(N, rows_out, cols_out).clone()
 
