@@ -43,8 +43,16 @@ def fast_precision(accelerator: str = "auto") -> str:
     return "32-true"
 
 
+def _folder_value(what: str, root) -> int:
+    from convlens.datamodules.imagefolder import folder_value
+
+    return folder_value(what, root)
+
+
 # `${convlens_precision:${trainer.accelerator}}` in conf/trainer/default.yaml
 OmegaConf.register_new_resolver("convlens_precision", fast_precision, replace=True)
+# `${convlens_folder:num_classes,${.root}}` in conf/datamodule/imagefolder.yaml: read off the folder
+OmegaConf.register_new_resolver("convlens_folder", _folder_value, replace=True)
 
 
 def compose_config(overrides: Sequence[str] = (), output_dir: str | os.PathLike | None = None,
