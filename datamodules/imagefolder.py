@@ -178,6 +178,7 @@ class ImageFolderDataModule(TensorImageDataModule):
             self.test_set = self.val_set
         else:
             self.test_set = TensorBatches(images[test_idx], labels[test_idx])
+        self._make_resident()
         if not has_test:
             from lightning.pytorch.utilities import rank_zero_info
 

@@ -31,15 +31,18 @@ class ClassifierModule(pl.LightningModule):
     `channels_last`: keep the net's weights and the batches in channels-last memory order, which
     the convolution kernels of recent CPUs and GPUs run faster (benchmarks/RESULTS.md); the
     numbers are the same up to float rounding.
+    `compile`: run the training forward through `torch.compile` (fewer kernel launches for the
+    small steps of these nets on a GPU). Validation, testing and the visualization callbacks use
+    the plain net, whose layer names and hooks stay as they are.
     """
 
     def __init__(self, net: nn.Module, optimizer: Callable[..., torch.optim.Optimizer],
                  scheduler: Callable[..., Any] | None = None, scheduler_monitor: str = "val/loss",
-                 num_classes: int = 10, channels_last: bool = False, **arch: Any):
+                 num_classes: int = 10, channels_last: bool = False, compile: bool = False, **arch: Any):
         super().__init__()
         self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"], logger=False)
         self.net = net.to(memory_format=torch.channels_last) if channels_last else net
-        self.channels_last = channels_last
+        self.channels_last, self.compile_training = channels_last, compile
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.criterion = nn.CrossEntropyLoss()
         # predictions are argmaxes, always valid: skip torchmetrics' per-update input checks
@@ -52,11 +55,18 @@ class ClassifierModule(pl.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
+    def _training_net(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        if not self.compile_training:
+            return self.net
+        if "_compiled_net" not in self.__dict__:  # kept out of the module tree (and the state dict)
+            self.__dict__["_compiled_net"] = torch.compile(self.net)
+        return self.__dict__["_compiled_net"]
+
     def _step(self, batch):
         x, y = batch
         if self.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
-        logits = self.net(x)
+        logits = (self._training_net() if self.training else self.net)(x)
         return self.criterion(logits, y), logits.argmax(1), y
 
     def on_train_start(self) -> None:

@@ -70,3 +70,48 @@ def test_every_callback_draws_under_bf16_mixed(tmp_path):
     for name in METHODS:
         assert any(t.startswith(f"{name}/") for t in events["images"]), name
         assert f"viz_time/{name}" in events["scalars"], name
+
+
+def test_resident_data_stays_on_the_training_device(tmp_path):
+    import lightning.pytorch as pl
+
+    from convlens.datamodules.shapes import ShapesDataModule
+    from convlens.models.lenet import LeNet
+
+    dm = ShapesDataModule(n_train=128, n_test=32, val_size=32, batch_size=32, resident=True)
+    module = ClassifierModule(LeNet(), optimizer=partial(torch.optim.SGD, lr=0.01))
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(module, datamodule=dm)
+    assert dm.train_set.images.device == trainer.strategy.root_device and not dm.pin_memory
+    assert trainer.global_step == 3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (resident splits on the device)")
+def test_resident_data_on_a_gpu(tmp_path):
+    import lightning.pytorch as pl
+
+    from convlens.datamodules.shapes import ShapesDataModule
+    from convlens.models.lenet import LeNet
+
+    dm = ShapesDataModule(n_train=128, n_test=32, val_size=32, batch_size=32, resident=True)
+    module = ClassifierModule(LeNet(), optimizer=partial(torch.optim.SGD, lr=0.01))
+    trainer = pl.Trainer(accelerator="gpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, default_root_dir=tmp_path)
+    trainer.fit(module, datamodule=dm)
+    assert dm.train_set.images.is_cuda and dm.val_set.images.is_cuda
+
+
+@pytest.mark.slow
+def test_compiled_training_forward_gives_the_plain_loss_and_keeps_layer_names():
+    torch.manual_seed(0)
+    from convlens.models.lenet import LeNet
+
+    plain = ClassifierModule(LeNet(), optimizer=partial(torch.optim.SGD, lr=0.01))
+    compiled = ClassifierModule(LeNet(), optimizer=partial(torch.optim.SGD, lr=0.01), compile=True)
+    compiled.load_state_dict(plain.state_dict())
+    batch = (torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,)))
+    plain.train(), compiled.train()
+    torch.testing.assert_close(compiled._step(batch)[0], plain._step(batch)[0], rtol=1e-4, atol=1e-5)
+    assert [n for n, _ in compiled.named_modules()] == [n for n, _ in plain.named_modules()]
+    assert compiled.state_dict().keys() == plain.state_dict().keys()
