@@ -40,7 +40,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from convlens.errors import ConvlensError
 from convlens.checkpoints import load_file, load_state_checked, pick_checkpoint
-from convlens.jobs import METRICS_FILE, read_status
+from convlens.jobs import METRICS_FILE, read_refused, read_status
 
 log = logging.getLogger("convlens.sweep")
 
@@ -60,7 +60,7 @@ class JobResult:
     config: DictConfig | None
     row: Any = None                 # value of the grid's row key (e.g. model.c3)
     col: Any = None                 # value of the grid's column key (e.g. model.c4)
-    status: str = "incomplete"      # finished | failed | incomplete (interrupted or still running)
+    status: str = "incomplete"      # finished | failed | incomplete (interrupted or still running) | refused
     error: str | None = None
     metrics: dict[str, float] = field(default_factory=dict)
 
@@ -109,10 +109,21 @@ def collect(sweep_dir: str | os.PathLike, rows: str = "model.c3", cols: str = "m
             job.status, job.metrics = "finished", json.loads(metrics_file.read_text())
         elif status.get("status") == "failed":
             job.status, job.error = "failed", status.get("error")
+        elif status.get("status") == "interrupted":
+            job.status = "incomplete"
+            job.error = f"{status.get('error') or 'interrupted'} (resumed from its last.ckpt when the sweep is rerun)"
         else:
             job.status = "incomplete"
             job.error = "no metrics.json: interrupted, or still running"
         jobs.append(job)
+    for record in read_refused(sweep_dir):  # refused jobs (a folder clash) have no folder of their own
+        try:
+            cfg = OmegaConf.create(record.get("config") or {})
+        except Exception:
+            cfg = None
+        jobs.append(JobResult(name=" ".join(record.get("overrides") or []) or "refused job",
+                              dir=Path(record.get("dir") or sweep_dir), config=cfg, row=_select(cfg, rows),
+                              col=_select(cfg, cols), status="refused", error=record.get("error")))
     if not jobs:
         raise SweepError(f"No job found under {sweep_dir} (no */.hydra/config.yaml); is it a multirun's sweep dir?")
 
@@ -275,6 +286,7 @@ def deconv_panels(jobs: Sequence[JobResult], layers: Sequence[str] = ("conv3", "
     from convlens.render import captioned_grid, scale_each, stack_vertical
 
     notes: list[str] = []
+    jobs = [j for j in jobs if j.status != "refused"]  # no model and no cell of their own on the grid
     finished = [j for j in jobs if j.status == "finished"]
     if not finished or not layers:
         return {}, ["no finished job: no panels" if layers else "no layers asked for"]
@@ -378,10 +390,10 @@ def summarize(sweep_dir: str | os.PathLike, layers: Sequence[str] = ("conv3", "c
             images[f"sweep/deconv_{layer}"] = panel
 
     table = markdown_table(jobs, rows, cols)
-    counts = {s: sum(j.status == s for j in jobs) for s in ("finished", "failed", "incomplete")}
+    counts = {s: sum(j.status == s for j in jobs) for s in ("finished", "failed", "incomplete", "refused")}
     md = [f"# Sweep summary: {sweep_dir.name}", "",
           f"{len(jobs)} jobs: {counts['finished']} finished, {counts['failed']} failed, "
-          f"{counts['incomplete']} incomplete."]
+          f"{counts['incomplete']} incomplete" + (f", {counts['refused']} refused." if counts["refused"] else ".")]
     scored = [j for j in jobs if j.test_acc is not None]
     if scored:
         best = max(scored, key=lambda j: j.test_acc)
@@ -390,7 +402,8 @@ def summarize(sweep_dir: str | os.PathLike, layers: Sequence[str] = ("conv3", "c
     md += ["", table, ""]
     problems = [j for j in jobs if j.status != "finished"]
     if problems:
-        md += ["## Not finished (retried when the sweep is run again)", ""]
+        md += ["## Not finished (failed jobs are retried and interrupted ones resumed when the sweep is "
+               "run again; refused ones need another hydra.sweep.subdir or sweep dir)", ""]
         md += [f"- `{j.name}`: {j.status}: {' '.join((j.error or '').split())}" for j in problems] + [""]
     md += ["## Test accuracy against parameters (Fig. 6)", "", f"![]({files['plot'].name})", ""]
     for layer in layers:

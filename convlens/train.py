@@ -24,9 +24,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from convlens import jobs
 from convlens.config import CONFIG_PATH, instantiate_dict
-from convlens.errors import one_line, user_error
+from convlens.errors import ConfigError, one_line, user_error
+from convlens.files import atomic_write_text
+from convlens.terminal import ModelSummary, log_to_run_file, quiet_lightning
 
 log = logging.getLogger("convlens")
+quiet_lightning()
 
 
 def _scalar(v) -> float | None:
@@ -37,40 +40,90 @@ def _scalar(v) -> float | None:
     return v if math.isfinite(v) else None
 
 
+class _FitStart(pl.Callback):
+    """The epoch a fit starts from (after a resume, the restored one)."""
+
+    start_epoch = 0
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.start_epoch = trainer.current_epoch
+
+
+def checked_seed(seed: Any) -> int | None:
+    if seed is None or (isinstance(seed, int) and not isinstance(seed, bool)):
+        return seed
+    raise ConfigError(f"seed must be an integer (or null for a random one), got {seed!r}")
+
+
+def _on_cpu(trainer_cfg: DictConfig) -> bool:
+    import torch
+
+    accelerator = str(trainer_cfg.get("accelerator", "auto"))
+    return accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+
+
+def _resume(cfg: DictConfig, out: Path) -> None:
+    """Check the checkpoint to resume from (a clear error for a broken one, naming an intact one)
+    and take out of the run dir what a killed run wrote after it."""
+    from convlens.checkpoints import load_resume_checkpoint
+    from convlens.resume import prepare_resume
+
+    ckpt = load_resume_checkpoint(cfg.ckpt_path)
+    log.info("Resuming from %s (epoch %s, step %s)", cfg.ckpt_path, ckpt.get("epoch"), ckpt.get("global_step"))
+    if jobs._is_rank_zero():
+        prepare_resume(out, cfg.ckpt_path, ckpt)
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit (and test) the configured model; returns the final metrics, also written to
     `<output_dir>/metrics.json`."""
-    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    pl.seed_everything(checked_seed(cfg.seed), workers=True, verbose=False)
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if cfg.get("ckpt_path") is not None:
+        _resume(cfg, out)
     datamodule = instantiate(cfg.datamodule)
     model = instantiate(cfg.model)
     callbacks = instantiate_dict(cfg.get("callbacks"))
+    fit_start = _FitStart()
+    callbacks.append(fit_start)
+    if cfg.trainer.get("enable_model_summary", True) and not any(isinstance(c, pl.callbacks.ModelSummary)
+                                                                  for c in callbacks):
+        callbacks.append(ModelSummary())
     loggers = instantiate_dict(cfg.get("logger"))
-    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    extra = {}
+    if cfg.trainer.get("sync_batchnorm") and _on_cpu(cfg.trainer):
+        log.warning("trainer.sync_batchnorm=true needs GPUs (PyTorch's SyncBatchNorm layers only work on "
+                    "GPU modules): set to false on the CPU, so each process normalizes its own batches")
+        extra["sync_batchnorm"] = False
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **extra)
 
+    log.info("Training %s on %s for %s epochs; run dir %s", type(getattr(model, "net", model)).__name__,
+             type(datamodule).__name__, cfg.trainer.get("max_epochs"), out)
     start = time.perf_counter()
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
     fit_seconds = time.perf_counter() - start
     metrics = {k: v for k, v in ((k, _scalar(v)) for k, v in trainer.callback_metrics.items()) if v is not None}
     metrics["params"] = model.num_parameters()
     metrics["epochs"] = trainer.current_epoch
-    metrics["seconds_per_epoch"] = fit_seconds / max(trainer.current_epoch, 1)
+    # the epochs this fit trained (a resumed fit starts at the restored epoch)
+    metrics["seconds_per_epoch"] = fit_seconds / max(trainer.current_epoch - fit_start.start_epoch, 1)
 
     if cfg.get("test"):
         # the checkpoint of the best epoch: from the ModelCheckpoint that monitors a metric
         monitoring = [c for c in trainer.checkpoint_callbacks if getattr(c, "monitor", None)]
         best = monitoring[0].best_model_path if monitoring and monitoring[0].best_model_path else None
-        results = trainer.test(model, datamodule=datamodule, ckpt_path=best, weights_only=False) if best \
+        results = trainer.test(model, datamodule=datamodule, ckpt_path=best, weights_only=True) if best \
             else trainer.test(model, datamodule=datamodule)
         for r in results:
             metrics.update({k: v for k, v in ((k, _scalar(v)) for k, v in r.items()) if v is not None})
 
     log_hparams(trainer, flat_hparams(cfg, metrics), hparam_metrics(metrics))
     # written last and atomically: its presence means "finished" to a rerun of the sweep
-    tmp = out / "metrics.json.tmp"
-    tmp.write_text(json.dumps(metrics, indent=2, sort_keys=True))
-    tmp.replace(out / "metrics.json")
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True))
+    log.info("Finished: %s; metrics in %s", ", ".join(f"{k}={metrics[k]:.4g}" for k in
+                                                     ("val/acc_best", "test/acc") if k in metrics),
+             out / "metrics.json")
     return metrics
 
 
@@ -148,6 +201,7 @@ def exit_on_user_error(error: BaseException) -> None:
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
 def main(cfg: DictConfig) -> float | None:
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+    log_to_run_file()
     try:
         return run_job(cfg, multirun=multirun)
     except Exception as e:

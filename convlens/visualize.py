@@ -16,13 +16,14 @@ from pathlib import Path
 import hydra
 import lightning.pytorch as pl
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from convlens.checkpoints import load_state_checked, load_weight_file
 from convlens.config import CONFIG_PATH, callback_config, instantiate_dict
+from convlens.errors import ConfigError
 from convlens.events import export_pngs
 from convlens.methods import method
-from convlens.train import exit_on_user_error
+from convlens.train import checked_seed, exit_on_user_error
 
 log = logging.getLogger("convlens")
 
@@ -38,7 +39,11 @@ def method_callback(cfg: DictConfig) -> pl.Callback:
 def visualize(cfg: DictConfig) -> list[Path]:
     """Load `cfg.ckpt_path` into the configured model and run the method's callback once over the
     validation data; returns the PNG files written (empty with png=false)."""
-    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    if OmegaConf.is_missing(cfg, "ckpt_path") or cfg.get("ckpt_path") is None:
+        raise ConfigError("convlens-visualize needs the checkpoint to visualize: pass "
+                          "ckpt_path=<run dir>/checkpoints/last.ckpt (or the run's best epoch*.ckpt), "
+                          "with the run's experiment=... and model options")
+    pl.seed_everything(checked_seed(cfg.seed), workers=True, verbose=False)
     out = Path(cfg.paths.output_dir)
     callback = method_callback(cfg)
     datamodule = instantiate(cfg.datamodule)

@@ -1,11 +1,23 @@
 """torchvision's VGG16 with a new head, for fine-tuning and for the report's VGG16 visualizations."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 from torchvision.models import VGG16_Weights, vgg16 as tv_vgg16
 
 from convlens.checkpoints import WeightsError, load_state_checked, load_weight_file
+from convlens.datamodules.base import cache_dir
+
+
+def imagenet_weights_dir() -> Path:
+    """Where the ImageNet weights are downloaded: `$CONVLENS_CACHE/hub/checkpoints` (like every
+    download of convlens); a file torch.hub already has in its own folder is used from there."""
+    name = Path(VGG16_Weights.IMAGENET1K_V1.url).name
+    torch_hub = Path(torch.hub.get_dir()) / "checkpoints"
+    ours = cache_dir() / "hub" / "checkpoints"
+    return torch_hub if (torch_hub / name).is_file() and not (ours / name).is_file() else ours
 
 
 class VGG16(nn.Module):
@@ -37,14 +49,16 @@ class VGG16(nn.Module):
     @staticmethod
     def _weights_state(weights: str) -> tuple[dict, str]:
         if weights == "imagenet":
+            model_dir = imagenet_weights_dir()
             try:
-                state = VGG16_Weights.IMAGENET1K_V1.get_state_dict(progress=False)
+                state = VGG16_Weights.IMAGENET1K_V1.get_state_dict(progress=False, model_dir=str(model_dir),
+                                                                   weights_only=True)
             except Exception as e:  # offline: URLError, socket errors, ...
                 raise WeightsError(
                     "Could not download torchvision's ImageNet VGG16 weights "
-                    f"({VGG16_Weights.IMAGENET1K_V1.url}): {e}. Offline, download that file elsewhere "
-                    "and pass it as a local file: model.weights=/path/to/vgg16-397923af.pth "
-                    "(or model.weights=null to train from scratch)."
+                    f"({VGG16_Weights.IMAGENET1K_V1.url}) into {model_dir}: {e}. Offline, download that file "
+                    "elsewhere and put it there, or pass it as a local file: "
+                    "model.weights=/path/to/vgg16-397923af.pth (or model.weights=null to train from scratch)."
                 ) from e
             return state, "torchvision's IMAGENET1K_V1 weights"
         return load_weight_file(weights), str(weights)
