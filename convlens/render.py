@@ -69,8 +69,9 @@ def label_colors(labels: torch.Tensor, num_classes: int, cmap: str = "tab10") ->
 
 @functools.lru_cache(maxsize=1)
 def caption_font() -> ImageFont.ImageFont:
-    """PIL's built-in bitmap font: 6 px a character (captions are laid out on that), and ~9x faster
-    to draw than the FreeType font `ImageFont.load_default()` returns since Pillow 10.1."""
+    """PIL's built-in bitmap font: 6 px a character (captions are laid out on that), and much faster
+    to draw than the FreeType font `ImageFont.load_default()` returns since Pillow 10.1
+    (benchmarks/RESULTS.md, the callbacks' cost)."""
     bitmap = getattr(ImageFont, "load_default_imagefont", None)
     return bitmap() if bitmap is not None else ImageFont.load_default()
 

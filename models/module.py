@@ -79,11 +79,11 @@ class ClassifierModule(pl.LightningModule):
 
     def training_step(self, batch, batch_idx: int):
         loss, preds, y = self._step(batch)
-        # Per step, only tensor ops and list appends: a `self.log` call costs Lightning ~0.5 ms of
-        # Python (its result collection) and a torchmetrics update ~0.1 ms, together ~4% of a LeNet
-        # step on CPU. So the loss is logged at the steps the logger writes (`log_every_n_steps`),
-        # the accuracy gets the interval's predictions in one update, and both epoch values are
-        # logged once, at epoch end.
+        # Per step, only tensor ops and list appends: each `self.log` call and each torchmetrics
+        # update costs Python time that is a visible share of a small net's step on CPU
+        # (benchmarks/RESULTS.md, framework overhead). So the loss is logged at the steps the logger
+        # writes (`log_every_n_steps`), the accuracy gets the interval's predictions in one update,
+        # and both epoch values are logged once, at epoch end.
         self._losses.append(loss.detach())
         self._unscored.append((preds, y))
         log_now = (self.global_step + 1) % max(self.trainer.log_every_n_steps, 1) == 0
