@@ -265,6 +265,7 @@ class _Layer:
     cache: Tensor | None = None               # a window layer's padded input, [N, H', W', C]
     tables: dict[str, Tensor] = field(default_factory=dict)
     indexing: bool = False                    # paste the whole input window by plain indexing
+    crops: Tensor | None = None               # a view of `cache`: every crop, [N, H'', W'', h, w, C]
 
 
 def _prod(shape) -> int:
@@ -432,6 +433,8 @@ class IncrementalRunner:
                 value = float("-inf") if layer.kind == "max" else 0.0  # max pools pad with -inf
                 padded = F.pad(x, (layer.x.pad, layer.x.pad_after, layer.y.pad, layer.y.pad_after), value=value)
                 layer.cache = padded.permute(0, 2, 3, 1).contiguous()
+                views = layer.cache.unfold(1, layer.y.crop, 1).unfold(2, layer.x.crop, 1)
+                layer.crops = views.permute(0, 1, 2, 4, 5, 3)
 
         def post_hook(module, args, out):
             if done[0] == last:
@@ -519,14 +522,16 @@ class IncrementalRunner:
             cols = (t["xsrc"][pj] - t["xcrop"][pj])[:, None] + torch.arange(hx, device=base.device)
             base[b, rows[:, :, None], cols[:, None, :]] = window_
             return base
-        y = t["ycrop"][pi][:, None] + torch.arange(base.shape[1], device=base.device)
-        x = t["xcrop"][pj][:, None] + torch.arange(base.shape[2], device=base.device)
-        inside_y = (y >= t["ylo"][pi][:, None]) & (y < t["yhi"][pi][:, None])
-        inside_x = (x >= t["xlo"][pj][:, None]) & (x < t["xhi"][pj][:, None])
-        dy = (y - t["ysrc"][pi][:, None]).clamp(0, hy - 1)
-        dx = (x - t["xsrc"][pj][:, None]).clamp(0, hx - 1)
-        moved = window_[b, dy[:, :, None], dx[:, None, :]]
-        return torch.where((inside_y[:, :, None] & inside_x[:, None, :])[..., None], moved, base)
+        # the window's entries that land inside the crop and are changed, written one by one
+        y = t["ysrc"][pi][:, None] + torch.arange(hy, device=base.device)   # input rows of the window
+        x = t["xsrc"][pj][:, None] + torch.arange(hx, device=base.device)
+        ty, tx = y - t["ycrop"][pi][:, None], x - t["xcrop"][pj][:, None]  # rows in the crop
+        keep_y = (ty >= 0) & (ty < base.shape[1]) & (y >= t["ylo"][pi][:, None]) & (y < t["yhi"][pi][:, None])
+        keep_x = (tx >= 0) & (tx < base.shape[2]) & (x >= t["xlo"][pj][:, None]) & (x < t["xhi"][pj][:, None])
+        keep = keep_y[:, :, None] & keep_x[:, None, :]
+        flat = (b * base.shape[1] + ty[:, :, None]) * base.shape[2] + tx[:, None, :]
+        base.view(-1, base.shape[3])[flat[keep]] = window_[keep]
+        return base
 
     def full_maps(self, image: Tensor, position: Tensor) -> Tensor:
         """The chain's last output for a chunk of occluded copies, [B, C, H, W]."""
@@ -542,9 +547,8 @@ class IncrementalRunner:
                 d = type(m).forward(m, d.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
                 continue
             t, ay, ax = layer.tables, layer.y, layer.x
-            rows = t["ycrop"][pi][:, None] + ay.pad + torch.arange(ay.crop, device=device)
-            cols = t["xcrop"][pj][:, None] + ax.pad + torch.arange(ax.crop, device=device)
-            crop = layer.cache[image[:, None, None], rows[:, :, None], cols[:, None, :]]
+            # every crop at once from a view of the cache over all crop positions: [N, H'', W'', h, w, C]
+            crop = layer.crops[image, t["ycrop"][pi] + ay.pad, t["xcrop"][pj] + ax.pad]
             crop = self._paste(crop, d, t, (ay, ax), pi, pj, layer.indexing)
             x = crop.permute(0, 3, 1, 2)
             if layer.kind == "conv":
