@@ -5,14 +5,31 @@ This base does the rest, as Lightning's own callbacks do:
 - runs every `every_n_epochs` epochs at the end of the training epoch (after validation, so this
   epoch's `val/acc` is known; outside inference mode, so methods that need gradients work), or only
   at fit end with `every_n_epochs=0`; on rank zero only; never in the sanity check or `fast_dev_run`;
-- a fixed probe set chosen at fit start (the datamodule's `probe_batch`, then a seeded subset),
-  kept in `state_dict` so a resumed run shows the same images;
-- layer names validated in `setup`, with the valid names in the error;
+- a fixed probe set chosen at fit start, kept in `state_dict` so a resumed run shows the same
+  images, from the first of: the `probe=` argument (images, (images, labels), or a Dataset); the
+  datamodule's `probe_batch` (then a seeded subset of `num_probe`); the trainer's validation
+  dataloader (one image per class, the first `probe_per_class` of each class in loader order, at
+  most `num_probe` (default 10) classes, after the module's batch transfer hooks, so in model
+  input space). Batches are `(images, labels, ...)` tuples/lists, dicts (`batch_keys`), or bare
+  image tensors; anything else is a ConfigError at fit start naming what was found;
+- the display normalization (undone to show true colors): `mean`/`std` when given, else the
+  datamodule's `normalization`, else a torchvision `Normalize` found in the validation dataset's
+  transforms, else none (images shown as they are, said once); class names from the datamodule,
+  else the validation dataset's `classes`, else the label indices;
+- the network: `pl_module.net` when there is one, else the LightningModule itself (layer names as
+  `print(model)` shows them, e.g. `model.layer3.1.conv2`); it must define `forward`;
+- layers: configured names are validated in `setup` (with the valid names in the error); default
+  layers are chosen at fit start from one probe image, keeping only those the method can use
+  (a warning names the others). A configured layer the method cannot use is an error that lists
+  the usable ones; a default visualization that cannot run on the model at all is switched off
+  with a warning, never failing `fit`;
 - a per-instance `state_key` (the class and the options that decide its state, as Lightning's
   `ModelCheckpoint` does), so two instances of one class keep separate state in a checkpoint;
 - its own wall time logged as the scalar `viz_time/<name>`;
-- images logged with the trainer's `global_step` to TensorBoard, or as PNG files under
-  `<run dir>/viz/<tag>/` when the logger is not TensorBoard (or there is none).
+- images and scalars logged at the step of the epoch's validation scalars (`log_step`: Lightning
+  logs epoch-end metrics at global_step - 1, so each tag's step slider is the epoch axis), to
+  TensorBoard, or as PNG files under `<run dir>/viz/<tag>/` when the logger is not TensorBoard (or
+  there is none).
 """
 from __future__ import annotations
 
@@ -26,15 +43,150 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from torch import nn
+from torch.utils.data import Dataset
 from torchvision.utils import save_image
 
-from convlens.errors import ConfigError
+from convlens.errors import ConfigError, ConvlensError
 from convlens.events import image_summary
 from convlens.render import class_caption
+from convlens.viz.common import eval_mode
 from convlens.viz.layers import LayerError, get_layer, layer_names
 
 #: target values every callback that explains a class accepts
 TARGETS = ("true", "predicted")
+#: probe images drawn from a dataloader or Dataset when `num_probe` is None
+DEFAULT_NUM_PROBE = 10
+#: at most this many images are scanned for one image per class
+PROBE_SCAN_LIMIT = 2048
+#: dict batches: the keys tried for the images and the labels when `batch_keys` is None
+IMAGE_KEYS = ("image", "images", "img", "pixel_values", "input", "inputs", "x")
+LABEL_KEYS = ("label", "labels", "target", "targets", "y", "class")
+
+
+def log_step(trainer) -> int:
+    """The step images and scalars of this epoch are logged at: the step of its validation
+    scalars. Lightning logs epoch-end metrics at `_batches_that_stepped - 1` during fit (its loop
+    counter has moved on by then); offline runs (`trainer.validate`) log at the counter itself."""
+    loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
+    step = getattr(loop, "_batches_that_stepped", None)
+    if not isinstance(step, int):
+        return int(trainer.global_step)
+    fn = getattr(getattr(trainer, "state", None), "fn", None)
+    return step - 1 if fn == "fit" and step > 0 else step
+
+
+def split_batch(batch: Any, keys: Sequence[str] | None = None, what: str = "a batch") -> tuple[torch.Tensor, Any]:
+    """(images, labels or None) of a batch: `(images, labels, ...)` tuple/list, a dict (images and
+    labels under `keys`, or under the usual names), or a bare image tensor. ConfigError otherwise,
+    naming what was found and what to pass."""
+    images, labels = None, None
+    if torch.is_tensor(batch):
+        images = batch
+    elif isinstance(batch, (tuple, list)) and batch:
+        images = batch[0]
+        labels = batch[1] if len(batch) > 1 else None
+    elif isinstance(batch, Mapping):
+        image_keys = (keys[0],) if keys else IMAGE_KEYS
+        label_keys = (keys[1],) if keys and len(keys) > 1 else (() if keys else LABEL_KEYS)
+        found = [k for k in image_keys if k in batch]
+        if not found:
+            raise ConfigError(f"{what} is a dict with keys {sorted(map(str, batch))}, none of which holds the "
+                              f"images (tried {', '.join(image_keys)}); pass batch_keys=(image_key, label_key)")
+        images = batch[found[0]]
+        labels = next((batch[k] for k in label_keys if k in batch), None)
+    else:
+        raise ConfigError(f"{what} is a {type(batch).__name__}; the callbacks read (images, labels) tuples or "
+                          "lists, dicts (with batch_keys=(image_key, label_key)) or image tensors [N, C, H, W]")
+    if not torch.is_tensor(images) or images.dim() != 4 or not images.is_floating_point():
+        shape = f"{images.dtype} {list(images.shape)}" if torch.is_tensor(images) else type(images).__name__
+        raise ConfigError(f"the images of {what} must be a float tensor [N, C, H, W] in model input space, got "
+                          f"{shape}; pass probe=<images> or make the loader yield float image batches")
+    if labels is not None:
+        if isinstance(labels, (list, tuple)) and labels and all(isinstance(v, int) for v in labels):
+            labels = torch.tensor(labels)
+        if not torch.is_tensor(labels) or labels.dim() != 1 or labels.is_floating_point() \
+                or len(labels) != len(images):
+            labels = None  # not one class index per image (e.g. masks, boxes): no labels
+    return images, labels
+
+
+def _pick_per_class(images: torch.Tensor, labels: torch.Tensor | None, per_class: int,
+                    limit: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The first `per_class` images of each class (classes in order of first appearance, at most
+    `limit` of them), sorted by class; without labels, the first `limit` images."""
+    if labels is None:
+        return images[:limit], None
+    chosen: dict[int, list[int]] = {}
+    for i, y in enumerate(labels.tolist()):
+        if y not in chosen:
+            if len(chosen) == limit:
+                continue
+            chosen[y] = []
+        if len(chosen[y]) < per_class:
+            chosen[y].append(i)
+    index = torch.tensor([i for y in sorted(chosen) for i in chosen[y]], dtype=torch.long)
+    return images[index], labels[index]
+
+
+def find_normalize(dataset: Any):
+    """(mean, std) of a torchvision `Normalize` among a dataset's transforms (through Subset/Compose/
+    nn.Sequential wrappers), or None."""
+    from torchvision import transforms as T
+
+    normalize_types = (T.Normalize,)
+    try:
+        from torchvision.transforms import v2
+
+        normalize_types += (v2.Normalize,)
+    except ImportError:  # pragma: no cover
+        pass
+    seen: set[int] = set()
+    todo = [dataset]
+    while todo:
+        obj = todo.pop(0)
+        if obj is None or id(obj) in seen or isinstance(obj, (str, bytes, int, float, torch.Tensor)):
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, normalize_types):
+            return obj.mean, obj.std
+        if isinstance(obj, (list, tuple)):
+            todo.extend(obj)
+            continue
+        if isinstance(obj, nn.Module):
+            todo.extend(obj.children())
+        for attr in ("transforms", "transform", "dataset", "datasets"):
+            value = getattr(obj, attr, None)
+            if value is not None:
+                todo.append(value)
+    return None
+
+
+def dataset_classes(dataset: Any) -> list[str] | None:
+    """The `classes` names of a dataset (through Subset-like `.dataset` wrappers), or None."""
+    for _ in range(8):
+        if dataset is None:
+            return None
+        classes = getattr(dataset, "classes", None)
+        if classes is not None and len(classes) and all(isinstance(c, str) for c in classes):
+            return list(classes)
+        dataset = getattr(dataset, "dataset", None)
+    return None
+
+
+class _Normalization(nn.Module):
+    """`(x - mean) / std` and its inverse, per channel."""
+
+    def __init__(self, mean, std):
+        super().__init__()
+        self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32).reshape(-1, 1, 1).clone())
+        self.register_buffer("std", torch.as_tensor(std, dtype=torch.float32).reshape(-1, 1, 1).clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float() / 255 if x.dtype == torch.uint8 else x
+        return (x - self.mean.to(x.device)) / self.std.to(x.device)
+
+    def inverse(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.std.to(x.device) + self.mean.to(x.device)
 
 
 def check_int(name: str, value: Any, minimum: int, what: str = "") -> int:
@@ -93,7 +245,13 @@ class VisualizationCallback(pl.Callback):
     state_key_options: tuple[str, ...] = ("layers",)
 
     def __init__(self, layers: Sequence[str] | None = None, every_n_epochs: int = 1,
-                 num_probe: int | None = None, probe_per_class: int = 1, probe_seed: int = 0):
+                 num_probe: int | None = None, probe_per_class: int = 1, probe_seed: int = 0,
+                 probe: Any = None, mean: Sequence[float] | torch.Tensor | None = None,
+                 std: Sequence[float] | torch.Tensor | None = None, batch_keys: Sequence[str] | None = None):
+        """`probe`: the probe images: a float tensor [N, C, H, W] in model input space, a pair
+        (images, labels), or a `Dataset` of (image, label) items (one image per class is taken, as
+        from the validation loader). `mean`, `std`: the per-channel normalization of the model's
+        input, undone for display. `batch_keys`: (image_key, label_key) of dict batches."""
         check_int("every_n_epochs", every_n_epochs, 0, " (0: only at fit end)")
         if num_probe is not None:
             check_int("num_probe", num_probe, 1, " (or null: all probe images)")
@@ -109,6 +267,50 @@ class VisualizationCallback(pl.Callback):
         self.probe_per_class, self.probe_seed = probe_per_class, probe_seed
         self.probe_images: torch.Tensor | None = None
         self.probe_labels: torch.Tensor | None = None
+        self._probe_arg = self._check_probe(probe)
+        if (mean is None) != (std is None):
+            raise ConfigError("give both mean and std (the per-channel normalization of the model input), or neither")
+        self._mean_std = None
+        if mean is not None:
+            try:
+                m, sd = torch.as_tensor(mean, dtype=torch.float32), torch.as_tensor(std, dtype=torch.float32)
+            except (TypeError, ValueError) as e:
+                raise ConfigError(f"mean and std must be numbers or per-channel lists, e.g. mean=[0.485, 0.456, "
+                                  f"0.406], std=[0.229, 0.224, 0.225]: {e}") from None
+            if m.dim() > 1 or sd.dim() > 1 or (sd <= 0).any():
+                raise ConfigError(f"mean and std must be per-channel lists (std > 0), got {mean!r}, {std!r}")
+            self._mean_std = (m, sd)
+        if batch_keys is not None and (isinstance(batch_keys, str) or len(batch_keys) not in (1, 2)
+                                       or not all(isinstance(k, str) for k in batch_keys)):
+            raise ConfigError(f"batch_keys must be (image_key, label_key), e.g. ('image', 'label'), got {batch_keys!r}")
+        self.batch_keys = tuple(batch_keys) if batch_keys is not None else None
+        self._normalization_resolved = False
+        self._normalization = None
+        self._class_names: list[str] | None = None
+        #: True when a default visualization found nothing it can draw on this model (warned once)
+        self.declined = False
+        #: default layers chosen at setup without an image: chosen again at fit start with one
+        self._tentative = False
+
+    @staticmethod
+    def _check_probe(probe):
+        if probe is None or isinstance(probe, Dataset):
+            return probe
+        if torch.is_tensor(probe):
+            probe = (probe, None)
+        if isinstance(probe, (tuple, list)) and len(probe) == 2 and torch.is_tensor(probe[0]):
+            images, labels = probe
+            if images.dim() != 4 or not images.is_floating_point() or not len(images):
+                raise ConfigError(f"probe images must be a non-empty float tensor [N, C, H, W] in model input "
+                                  f"space, got {images.dtype} {list(images.shape)}")
+            if labels is not None:
+                labels = torch.as_tensor(labels)
+                if labels.shape != (len(images),) or labels.is_floating_point():
+                    raise ConfigError(f"probe labels must be one class index per image, shape [{len(images)}], "
+                                      f"got {labels.dtype} {list(labels.shape)}")
+            return images.detach().cpu().clone(), labels.long().cpu().clone() if labels is not None else None
+        raise ConfigError(f"probe must be an image tensor [N, C, H, W], a pair (images, labels) or a Dataset, got "
+                          f"{type(probe).__name__}")
 
     @property
     def state_key(self) -> str:
@@ -117,9 +319,22 @@ class VisualizationCallback(pl.Callback):
         return self._generate_state_key(**options)
 
     # -- what subclasses implement -------------------------------------------------------------
-    def default_layers(self, net: nn.Module) -> list[str]:
-        """Layers used when none are configured: every layer of `layer_kind`."""
+    def default_layers(self, net: nn.Module, image: torch.Tensor | None = None) -> list[str]:
+        """Layers used when none are configured (`image`: one probe image; None at setup, where
+        the choice is provisional): every layer of `layer_kind`."""
         return layer_names(net, self.layer_kind)
+
+    def usable_layers(self, net: nn.Module, image: torch.Tensor, layers: Sequence[str]) -> dict[str, str]:
+        """{layer: why not} for the layers of `layers` the method cannot use on this net (none by
+        default). Called at fit start with one probe image."""
+        return {}
+
+    def setup_layers(self, net: nn.Module) -> None:
+        """Checks of configured layers that need no image, at setup (after the name checks)."""
+
+    def prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """What a subclass checks or computes once the probe images and layers are known (fit start).
+        A ConvlensError here switches a default visualization off with a warning."""
 
     def visualize(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         raise NotImplementedError
@@ -127,22 +342,61 @@ class VisualizationCallback(pl.Callback):
     # -- helpers for subclasses ----------------------------------------------------------------
     @staticmethod
     def net(pl_module: pl.LightningModule) -> nn.Module:
-        """The plain network (`pl_module.net`), which layer names refer to."""
-        return getattr(pl_module, "net", pl_module)
+        """The plain network (`pl_module.net`, else the LightningModule), which layer names refer to."""
+        net = getattr(pl_module, "net", None)
+        return net if isinstance(net, nn.Module) else pl_module
 
     def probe(self, pl_module: pl.LightningModule) -> tuple[torch.Tensor, torch.Tensor]:
-        """The fixed probe images (model input space) and labels, on the module's device."""
-        return self.probe_images.to(pl_module.device), self.probe_labels.to(pl_module.device)
+        """The fixed probe images (model input space) and labels, on the module's device. Probe
+        images without labels are labelled with the net's current predictions."""
+        images = self.probe_images.to(pl_module.device)
+        if self.probe_labels is not None:
+            return images, self.probe_labels.to(pl_module.device)
+        net = self.net(pl_module)
+        with torch.no_grad(), eval_mode(net):
+            return images, net(images).argmax(1)
 
-    @staticmethod
-    def normalization(trainer: pl.Trainer):
-        return getattr(trainer.datamodule, "normalization", None) if trainer.datamodule is not None else None
+    @property
+    def uses_defaults(self) -> bool:
+        """No layers configured: the callback's choice, so it declines rather than fails."""
+        return self._configured_layers is None
 
-    @staticmethod
-    def class_names(trainer: pl.Trainer) -> Sequence[str]:
-        dm = trainer.datamodule
+    def normalization(self, trainer: pl.Trainer):
+        """The normalization undone for display (see the module docstring), or None."""
+        if not self._normalization_resolved:
+            self._normalization = self._find_normalization(trainer)
+            self._normalization_resolved = True
+        return self._normalization
+
+    def _find_normalization(self, trainer):
+        if self._mean_std is not None:
+            return _Normalization(*self._mean_std)
+        dm = getattr(trainer, "datamodule", None)
+        found = getattr(dm, "normalization", None) if dm is not None else None
+        if found is not None:
+            return found
+        dataset = _val_dataset(trainer)
+        mean_std = find_normalize(dataset) if dataset is not None else None
+        if mean_std is not None:
+            return _Normalization(*mean_std)
+        if dm is None or not hasattr(dm, "normalization"):
+            _warn_once(f"{type(self).__name__}: no normalization found (no mean/std argument, no datamodule "
+                       "normalization, no torchvision Normalize in the validation dataset's transforms): images "
+                       "are shown as they are; pass mean=[...], std=[...] for true colors")
+        return None
+
+    def class_names(self, trainer: pl.Trainer) -> Sequence[str]:
+        dm = getattr(trainer, "datamodule", None)
         names = getattr(dm, "class_names", None) if dm is not None else None
-        return list(names) if names else [str(i) for i in range(getattr(dm, "num_classes", 10))]
+        if names:
+            return list(names)
+        if self._class_names is None:
+            self._class_names = dataset_classes(_val_dataset(trainer)) or []
+        if self._class_names:
+            return self._class_names
+        if dm is not None:
+            return [str(i) for i in range(getattr(dm, "num_classes", 10))]
+        return []  # class_caption shows the index
 
     def captions(self, trainer: pl.Trainer, labels) -> list[str]:
         """The class name of each label (its index where there is no name)."""
@@ -150,23 +404,25 @@ class VisualizationCallback(pl.Callback):
         return [class_caption(y, names) for y in labels]
 
     def log_image(self, trainer: pl.Trainer, tag: str, image: torch.Tensor) -> None:
-        """Log a [3|1, H, W] image in [0, 1] under `tag` at the trainer's global step."""
+        """Log a [3|1, H, W] image in [0, 1] under `tag` at `log_step(trainer)`."""
         image = image.detach().float().clamp(0, 1).cpu()
+        step = log_step(trainer)
         tb = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
         if tb:
             summary = image_summary(tag, image)
             for lg in tb:
-                lg.experiment._get_file_writer().add_summary(summary, trainer.global_step)
+                lg.experiment._get_file_writer().add_summary(summary, step)
             return
         folder = self._png_dir(trainer) / tag
         folder.mkdir(parents=True, exist_ok=True)
-        save_image(image, folder / f"step{trainer.global_step:07d}.png")
+        save_image(image, folder / f"step{step:07d}.png")
 
     def log_scalars(self, trainer: pl.Trainer, scalars: dict[str, float]) -> None:
         scalars = {k: float(v) for k, v in scalars.items()}
+        step = log_step(trainer)
         if trainer.loggers:
             for lg in trainer.loggers:
-                lg.log_metrics(scalars, step=trainer.global_step)
+                lg.log_metrics(scalars, step=step)
             return
         path = self._png_dir(trainer) / "scalars.csv"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -176,7 +432,7 @@ class VisualizationCallback(pl.Callback):
             if new:
                 w.writerow(["step", "tag", "value"])
             for k, v in scalars.items():
-                w.writerow([trainer.global_step, k, v])
+                w.writerow([step, k, v])
 
     @staticmethod
     def _png_dir(trainer: pl.Trainer) -> Path:
@@ -187,16 +443,70 @@ class VisualizationCallback(pl.Callback):
         if not self.needs_layers:
             return
         net = self.net(pl_module)
-        if self.layers is None:
-            self.layers = self.default_layers(net)
+        if self._configured_layers is None:
+            if self.layers is None or self._tentative:  # provisional: chosen again at fit start
+                self.layers, self._tentative = list(self.default_layers(net, None)), True
+            return
+        if not self.layers:
+            raise LayerError(f"{type(self).__name__}: layers is an empty list; name layers to draw, or null for "
+                             f"the defaults (valid layers: {', '.join(layer_names(net, self.layer_kind)) or 'none'})")
         for layer in self.layers:
             get_layer(net, layer, self.layer_kind)  # LayerError with the valid names
-        if not self.layers:
-            raise LayerError(f"{type(self).__name__}: the model has no layer to visualize "
-                             f"(valid layers: {', '.join(layer_names(net)) or 'none'})")
+        self.setup_layers(net)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._choose_probe(trainer)
+        self._choose_probe(trainer, pl_module)
+        self.normalization(trainer)  # found (and its warning given) now, not mid-training
+        if self.probe_images is None:
+            return
+        try:
+            self._check_forward(pl_module)
+            if self.needs_layers:
+                self._resolve_layers(pl_module)
+            if not self.declined:
+                self.prepare(trainer, pl_module)
+        except ConvlensError as e:
+            if not self.uses_defaults:
+                raise
+            self._decline(str(e))
+
+    def _decline(self, why: str) -> None:
+        self.declined = True
+        _warn_once(f"{type(self).__name__} is switched off for this model: {' '.join(why.split())}")
+
+    def _check_forward(self, pl_module: pl.LightningModule) -> None:
+        net = self.net(pl_module)
+        if net is pl_module and type(pl_module).forward is pl.LightningModule.forward:
+            raise ConfigError(f"{type(pl_module).__name__} defines no forward(): the callbacks run the network "
+                              "as model(images); define forward(x) returning class scores, or keep the network "
+                              "in an attribute named `net`")
+
+    def _resolve_layers(self, pl_module: pl.LightningModule) -> None:
+        net = self.net(pl_module)
+        image = self.probe_images[:1].to(pl_module.device)
+        if self.layers is None or self._tentative:  # default layers: the usable ones, the others named once
+            self._tentative = False
+            candidates = list(self.default_layers(net, image))
+            problems = self.usable_layers(net, image, candidates)
+            usable = [layer for layer in candidates if layer not in problems]
+            if not usable:
+                why = next(iter(problems.values()), "it has no layer of the kind the method draws")
+                raise LayerError(f"none of its default layers can be used ({why})")
+            if problems:
+                names = list(problems)
+                shown = ", ".join(names[:12]) + (f", ... (+{len(names) - 12} more)" if len(names) > 12 else "")
+                _warn_once(f"{type(self).__name__}: skipping default layers this method cannot use on this model: "
+                           f"{shown} ({next(iter(problems.values()))}); drawing {', '.join(usable)}")
+            self.layers = usable
+        elif self._configured_layers is not None and list(self._configured_layers) == list(self.layers):
+            problems = self.usable_layers(net, image, self.layers)
+            if problems:
+                layer, why = next(iter(problems.items()))
+                kinds = layer_names(net, self.layer_kind)
+                others = self.usable_layers(net, image, kinds)
+                usable = [k for k in kinds if k not in others]
+                raise LayerError(f"{type(self).__name__}: layer {layer!r} cannot be used: {' '.join(why.split())}. "
+                                 f"Usable layers: {', '.join(usable[:40]) or 'none'}")
 
     # offline use (visualize.py): `trainer.validate(...)` draws once, after the validation loop
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -204,26 +514,85 @@ class VisualizationCallback(pl.Callback):
             self.on_fit_start(trainer, pl_module)  # what a subclass prepares at fit start, offline too
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.state.fn == "validate" and not trainer.sanity_checking and self.probe_images is not None:
+        if trainer.state.fn == "validate" and not trainer.sanity_checking and self.probe_images is not None \
+                and not self.declined:
             self._run(trainer, pl_module)
 
-    def _choose_probe(self, trainer: pl.Trainer) -> None:
+    def _choose_probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule | None = None) -> None:
         if self.probe_images is not None:
             return  # restored from a checkpoint: keep the same images
+        limit = self.num_probe or DEFAULT_NUM_PROBE
         dm = trainer.datamodule
-        if dm is None or not hasattr(dm, "probe_batch"):
-            rank_zero_warn(f"{type(self).__name__}: the datamodule has no probe_batch(); nothing will be drawn")
-            return
-        images, labels = dm.probe_batch(per_class=self.probe_per_class)
-        if self.num_probe is not None and self.num_probe < len(labels):
-            g = torch.Generator().manual_seed(self.probe_seed)
-            keep = torch.randperm(len(labels), generator=g)[: self.num_probe].sort().values
-            images, labels = images[keep], labels[keep]
+        if isinstance(self._probe_arg, tuple):
+            images, labels = self._probe_arg
+            if self.num_probe is not None and self.num_probe < len(images):
+                images, labels = images[:self.num_probe], labels[:self.num_probe] if labels is not None else None
+        elif self._probe_arg is not None:
+            images, labels = self._probe_from_items(self._probe_arg, limit, "the probe Dataset")
+        elif dm is not None and hasattr(dm, "probe_batch"):
+            images, labels = dm.probe_batch(per_class=self.probe_per_class)
+            if self.num_probe is not None and self.num_probe < len(labels):
+                g = torch.Generator().manual_seed(self.probe_seed)
+                keep = torch.randperm(len(labels), generator=g)[: self.num_probe].sort().values
+                images, labels = images[keep], labels[keep]
+        else:
+            loader = _val_loader(trainer)
+            if loader is None:
+                rank_zero_warn(f"{type(self).__name__}: no probe images: pass probe=<images or Dataset>, give the "
+                               "datamodule a probe_batch(), or give the trainer a validation dataloader; "
+                               "nothing will be drawn")
+                return
+            images, labels = self._probe_from_loader(loader, trainer, pl_module, limit)
         with torch.inference_mode(False):  # offline runs choose inside inference mode: keep normal tensors
-            self.probe_images, self.probe_labels = images.detach().cpu().clone(), labels.detach().cpu().clone()
+            self.probe_images = images.detach().cpu().clone()
+            self.probe_labels = labels.detach().cpu().long().clone() if labels is not None else None
+
+    def _probe_from_loader(self, loader, trainer, pl_module, limit: int):
+        seen_images, seen_labels, count = [], [], 0
+        classes: set[int] = set()
+        for batch_idx, batch in enumerate(loader):
+            if pl_module is not None and getattr(pl_module, "_trainer", None) is not None:
+                try:  # what validation_step would receive (the module's/datamodule's transfer hooks)
+                    batch = pl_module._apply_batch_transfer_handler(batch, pl_module.device)
+                except Exception:  # noqa: BLE001  a hook that wants more context: the raw batch
+                    pass
+            images, labels = split_batch(batch, self.batch_keys, f"validation batch #{batch_idx}")
+            seen_images.append(images.detach().cpu())
+            if labels is not None:
+                seen_labels.append(labels.detach().cpu())
+                classes.update(labels.tolist())
+            count += len(images)
+            full = (labels is None and count >= limit) or (len(classes) >= limit and self._per_class_done(
+                seen_labels, limit))
+            if full or count >= PROBE_SCAN_LIMIT:
+                break
+        if not seen_images:
+            raise ConfigError(f"{type(self).__name__}: the validation dataloader is empty; pass probe=<images>")
+        images = torch.cat(seen_images)
+        labels = torch.cat(seen_labels) if len(seen_labels) == len(seen_images) else None
+        return _pick_per_class(images, labels, self.probe_per_class, limit)
+
+    def _per_class_done(self, seen_labels, limit: int) -> bool:
+        counts = torch.bincount(torch.cat(seen_labels).clamp_min(0))
+        return int((counts >= self.probe_per_class).sum()) >= limit
+
+    def _probe_from_items(self, dataset, limit: int, what: str):
+        images, labels = [], []
+        for i in range(min(len(dataset), PROBE_SCAN_LIMIT)):
+            item = dataset[i]
+            x, y = split_batch(_as_batch(item), self.batch_keys, f"{what}[{i}]")
+            images.append(x)
+            labels.append(y)
+            if y is None and len(images) >= limit:
+                break
+        if not images:
+            raise ConfigError(f"{type(self).__name__}: {what} is empty")
+        x = torch.cat(images)
+        y = torch.cat(labels) if all(v is not None for v in labels) else None
+        return _pick_per_class(x, y, self.probe_per_class, limit)
 
     def _due(self, trainer: pl.Trainer, at_fit_end: bool = False) -> bool:
-        if trainer.sanity_checking or trainer.fast_dev_run or self.probe_images is None:
+        if trainer.sanity_checking or trainer.fast_dev_run or self.probe_images is None or self.declined:
             return False
         if at_fit_end:
             return self.every_n_epochs == 0
@@ -254,4 +623,61 @@ class VisualizationCallback(pl.Callback):
         self.probe_images = state_dict.get("probe_images")
         self.probe_labels = state_dict.get("probe_labels")
         if state_dict.get("layers") is not None:
-            self.layers = list(state_dict["layers"])
+            self.layers, self._tentative = list(state_dict["layers"]), False
+
+
+def _as_batch(item):
+    """A Dataset item (image [C, H, W], label) as a batch of one."""
+    if torch.is_tensor(item):
+        return item.unsqueeze(0)
+    if isinstance(item, (tuple, list)) and item and torch.is_tensor(item[0]):
+        label = item[1] if len(item) > 1 else None
+        label = torch.as_tensor(label).reshape(1) if isinstance(label, (int, torch.Tensor)) and \
+            torch.as_tensor(label).numel() == 1 else None
+        return (item[0].unsqueeze(0), label) if label is not None else item[0].unsqueeze(0)
+    if isinstance(item, Mapping):
+        return {k: (v.unsqueeze(0) if torch.is_tensor(v) and v.dim() == 3 else
+                    torch.as_tensor(v).reshape(1) if isinstance(v, int) or (torch.is_tensor(v) and v.numel() == 1)
+                    else v) for k, v in item.items()}
+    return item
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        rank_zero_warn(message)
+
+
+def _first_loader(loaders):
+    if loaders is None:
+        return None
+    if isinstance(loaders, Mapping):
+        return _first_loader(next(iter(loaders.values()), None))
+    if isinstance(loaders, (list, tuple)):
+        return _first_loader(loaders[0]) if loaders else None
+    return loaders
+
+
+def _val_loader(trainer):
+    """The first validation dataloader of the run (the same loader validation uses; requested from
+    its source when the loop has not loaded it yet), or None."""
+    loaders = getattr(trainer, "val_dataloaders", None)
+    if loaders is None:
+        try:
+            fn = getattr(getattr(trainer, "state", None), "fn", None)
+            loop = trainer.validate_loop if fn == "validate" else trainer.fit_loop.epoch_loop.val_loop
+            source = loop._data_source
+            if source.instance is None or not source.is_defined():
+                return None
+            loaders = source.dataloader()
+        except (AttributeError, NotImplementedError):
+            return None
+    return _first_loader(loaders)
+
+
+def _val_dataset(trainer):
+    loader = _val_loader(trainer)
+    return getattr(loader, "dataset", None)

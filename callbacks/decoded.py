@@ -6,7 +6,12 @@ brings each filter of a conv layer down to the input (Fig. 4), `threshold_decode
 paper's thresholded version that "enhances the positive and negative basic patterns" (Fig. 1,
 Fig. 4a,e), and `reconstruction_error` is its Eq. 3 (Table 1), measured on the probe images.
 
-Logged per conv layer, at the trainer's global step:
+Decoding is defined for a chain of modules: on other nets (ResNet, DenseNet, ...) it applies to the
+convs reached through the chain prefix from the input (`viz.decoding.decodable_layers`, e.g. a
+ResNet's stem). Default layers: every such Conv2d (a warning names the others, once); a configured
+layer off the chain fails at setup with the list of decodable ones.
+
+Logged per conv layer, at the step of the epoch's validation scalars (`callbacks.base.log_step`):
 - `decoded/<layer>`: the decoded filter bank as a grid, each tile scaled symmetrically on its own
   (zero is mid-gray, the tile's largest magnitude white or black; channels share the scale, so a
   colour filter keeps its hue), captioned with the filter's index in the layer;
@@ -33,8 +38,8 @@ from torch import nn
 from convlens.callbacks.base import VisualizationCallback, check_filters
 from convlens.errors import ConfigError
 from convlens.render import captioned_grid, scale_symmetric
-from convlens.viz.decoding import (UNPOOL_MODES, decode_filters, decoded_geometry, reconstruction_error,
-                          threshold_decoded)
+from convlens.viz.decoding import (UNPOOL_MODES, decodable_layers, decode_filters, reconstruction_error,
+                                   threshold_decoded)
 from convlens.viz.layers import LayerError, get_layer, layer_maxima, rank_filters
 
 SELECTIONS = ("most_active", "first")
@@ -55,8 +60,9 @@ class DecodedFilters(VisualizationCallback):
             least this fraction of its filter's largest magnitude (`threshold_decoded`'s q).
         compute_error: log the Eq. 3 error on the probe images (`decoded_error/<layer>`).
         tile_size: each tile is upscaled (nearest, integer factor) to about this many pixels.
-        every_n_epochs, num_probe, probe_per_class, probe_seed: see VisualizationCallback; the
-            probe images are what `most_active` and the Eq. 3 error are measured on.
+        every_n_epochs, num_probe, probe_per_class, probe_seed, probe, mean, std, batch_keys: see
+            VisualizationCallback; the probe images are what `most_active` and the Eq. 3 error are
+            measured on.
     """
 
     name = "decoded"
@@ -66,9 +72,11 @@ class DecodedFilters(VisualizationCallback):
                  unpool: str = "nearest", max_filters: int | None = 64, selection: str = "most_active",
                  filters: Mapping[str, Sequence[int]] | None = None, threshold: float = 0.5,
                  compute_error: bool = True, tile_size: int = 32, num_probe: int | None = None,
-                 probe_per_class: int = 1, probe_seed: int = 0):
+                 probe_per_class: int = 1, probe_seed: int = 0, probe=None, mean=None, std=None,
+                 batch_keys: Sequence[str] | None = None):
         super().__init__(layers=layers, every_n_epochs=every_n_epochs, num_probe=num_probe,
-                         probe_per_class=probe_per_class, probe_seed=probe_seed)
+                         probe_per_class=probe_per_class, probe_seed=probe_seed, probe=probe, mean=mean,
+                         std=std, batch_keys=batch_keys)
         if unpool not in UNPOOL_MODES:
             raise ConfigError(f"Unknown unpool mode {unpool!r}. Valid modes: {', '.join(UNPOOL_MODES)}")
         if max_filters is not None and (isinstance(max_filters, bool) or not isinstance(max_filters, int)
@@ -87,21 +95,42 @@ class DecodedFilters(VisualizationCallback):
         #: the filter indices drawn per layer (None: all), fixed the first time the callback draws
         self.chosen_filters: dict[str, list[int] | None] = {}
 
-    # -- setup: every layer must be a decodable conv ---------------------------------------------
+    # -- layers: decodable convs only ------------------------------------------------------------
+    _WHY = ("not reached through a plain chain of modules from the input (filter decoding substitutes "
+            "filters layer by layer along a chain: on a ResNet, only its stem)")
+
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)  # Conv2d names, with the valid ones in the error
-        net = self.net(pl_module)
+        self._check_filters(self.net(pl_module))
+
+    def _check_filters(self, net: nn.Module) -> None:
+        """Explicit filters: in range now; among the drawn layers once those are known."""
         for layer, indices in self.explicit_filters.items():
             conv = get_layer(net, layer, nn.Conv2d)
-            if layer not in self.layers:
+            if self.layers is not None and not self._tentative and layer not in self.layers:
                 raise LayerError(f"filters names layer {layer!r}, which is not among the drawn layers "
                                  f"{self.layers}; add it to `layers` or remove it from `filters`")
             out_of_range = [i for i in indices if i >= conv.out_channels]
             if out_of_range:
                 raise ConfigError(f"filters[{layer!r}]: {layer} has {conv.out_channels} filters, so indices "
                                  f"must be < {conv.out_channels}; got {out_of_range}")
-        for layer in self.layers:
-            decoded_geometry(net, layer)  # DecodingError now, not epochs later, for a non-chain model
+
+    def setup_layers(self, net: nn.Module) -> None:
+        # configured layers: DecodingError-free now, not epochs later (the geometry needs no image)
+        usable = decodable_layers(net)
+        bad = [layer for layer in self.layers if layer not in usable]
+        if bad:
+            raise LayerError(f"{type(self).__name__}: layer {bad[0]!r} cannot be decoded: it is {self._WHY}. "
+                             f"Decodable layers: {', '.join(usable) or 'none'}")
+
+    def usable_layers(self, net: nn.Module, image: torch.Tensor, layers) -> dict[str, str]:
+        usable = set(decodable_layers(net, image))
+        return {layer: self._WHY for layer in layers if layer not in usable}
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_fit_start(trainer, pl_module)
+        if self.probe_images is not None and not self.declined:
+            self._check_filters(self.net(pl_module))
 
     # -- choosing filters ------------------------------------------------------------------------
     def filters_for(self, net: nn.Module, layer: str, images: torch.Tensor) -> list[int] | None:

@@ -3,12 +3,13 @@
 Follows Zeiler & Fergus, "Visualizing and Understanding Convolutional Networks" (ECCV 2014,
 arXiv:1311.2901) as Berthier & Mantoux's RecVis 2018 report applies it (section 2.2 and Fig. 1: the
 maps of a layer ranked by their maximum activation, a few of the highest projected back to pixel
-space), and Kevin Frans's blog post "Visualizing features in a convnet" (2016: "I passed in a whole
-batch of images and saved the maximum activations": for each map, the image of the batch that
-activates it most, and its projection). The algorithm is
-`viz.deconvnet`; this callback only chooses inputs, renders and logs.
+space), and Frans, "Visualizing Features from a Convolutional Neural Network" (blog post, 2016: "I
+passed in a whole batch of images and saved the maximum activations": for each map, the image of
+the batch that activates it most, and its projection). The algorithm is `viz.deconvnet` (its chain
+path on a plain chain of modules, its general path, `viz.deconvnet_general`, on any other net:
+ResNet, DenseNet, MobileNet, ConvNeXt); this callback only chooses inputs, renders and logs.
 
-Logged per layer, at the trainer's global step:
+Logged per layer, at the step of the epoch's validation scalars (`callbacks.base.log_step`):
 - `deconv/<layer>`: one row per probe image: the image, then the projections of its `k` maps of
   highest maximum activation, best first, each captioned with its map index (`#12`);
 - `deconv_max/<layer>` (with `deconv_max=True`): over one validation batch (the `val_batch_index`-th
@@ -24,8 +25,8 @@ its pattern matters, and a color projection keeps its hue. Conventions of the pr
 ignored, BatchNorm/Dropout as in eval mode, unpooling by switches or "fill") are those of
 `viz.deconvnet.project`.
 
-Default layers: `viz.layers.default_conv_layers` (every Conv2d of a net with at most six, else each
-conv block's last convolution).
+Default layers: `viz.layers.default_conv_layers` (every Conv2d of a net with at most six, else one
+conv per stage: the last of each output resolution, found with one probe image).
 """
 from __future__ import annotations
 
@@ -36,10 +37,10 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
-from convlens.callbacks.base import VisualizationCallback, check_int
+from convlens.callbacks.base import VisualizationCallback, check_int, split_batch
 from convlens.errors import ConfigError
 from convlens.render import captioned_grid, class_caption, fit_caption, scale_each, tile_width, to_pixels
-from convlens.viz.deconvnet import UNPOOL_MODES, fast_dtype, record_layers
+from convlens.viz.deconvnet import UNPOOL_MODES, fast_dtype, layer_problems, record_layers
 from convlens.viz.layers import default_conv_layers
 
 MAX_MAPS_BY = ("activation", "index")
@@ -96,11 +97,13 @@ class DeconvProjection(VisualizationCallback):
         max_maps_by: "activation" (the most active maps over the batch) or "index" (the first ones).
         val_batch_index: which batch of the validation loader (0: the first) is searched.
         val_images: at most this many images of that batch are searched.
-        precision: dtype of the reverse pass: "auto" (bfloat16 on GPUs and CPUs with native bf16,
-            2-4x faster there and within about one gray level of float32; else float32),
-            "float32" or "bfloat16". The forward pass and the ranking of maps stay in float32.
+        precision: dtype of the chain path's reverse pass: "auto" (bfloat16 on GPUs and CPUs with
+            native bf16, faster there and within about one gray level of float32, see
+            benchmarks/RESULTS.md; else float32), "float32" or "bfloat16". The forward pass and the
+            ranking of maps stay in float32; the general path runs in the model's dtype.
         tile_size: tiles are upscaled (nearest, integer factor) to about this many pixels.
-        every_n_epochs, num_probe, probe_per_class, probe_seed: see VisualizationCallback.
+        every_n_epochs, num_probe, probe_per_class, probe_seed, probe, mean, std, batch_keys: see
+            VisualizationCallback.
     """
 
     name = "deconv"
@@ -110,9 +113,11 @@ class DeconvProjection(VisualizationCallback):
                  deconv_max: bool = True, max_maps: int = 16, max_maps_by: str = "activation",
                  val_batch_index: int = 0, val_images: int = 64, precision: str = "auto",
                  tile_size: int = 64, every_n_epochs: int = 1, num_probe: int | None = None,
-                 probe_per_class: int = 1, probe_seed: int = 0):
+                 probe_per_class: int = 1, probe_seed: int = 0, probe=None, mean=None, std=None,
+                 batch_keys: Sequence[str] | None = None):
         super().__init__(layers=layers, every_n_epochs=every_n_epochs, num_probe=num_probe,
-                         probe_per_class=probe_per_class, probe_seed=probe_seed)
+                         probe_per_class=probe_per_class, probe_seed=probe_seed, probe=probe, mean=mean,
+                         std=std, batch_keys=batch_keys)
         check_int("k (maps per probe image)", k, 1)
         if unpool not in UNPOOL_MODES:
             raise ConfigError(f"Unknown unpool={unpool!r}; use one of {', '.join(UNPOOL_MODES)} "
@@ -135,14 +140,16 @@ class DeconvProjection(VisualizationCallback):
         self.val_batch_index, self.val_images, self.tile_size = val_batch_index, val_images, tile_size
         self.val_batch: tuple[torch.Tensor, torch.Tensor | None] | None = None
         self._warned_no_val = False
+        #: the deconvnet path for this net ("chain" or "general"), found at fit start
+        self._path = "auto"
 
-    def default_layers(self, net: nn.Module) -> list[str]:
-        return default_conv_layers(net)
+    def default_layers(self, net: nn.Module, image: torch.Tensor | None = None) -> list[str]:
+        return default_conv_layers(net, image)
 
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        super().on_fit_start(trainer, pl_module)
-        if self.probe_images is not None:  # fail now, on every rank, not after the first epoch
-            record_layers(self.net(pl_module), self.probe_images[:1].to(pl_module.device), self.layers)
+    def usable_layers(self, net: nn.Module, image: torch.Tensor, layers) -> dict[str, str]:
+        # run now, on every rank, not after the first epoch; remembers the path for later draws
+        self._path, problems = layer_problems(net, image, layers)
+        return problems
 
     # -- the validation batch searched by deconv_max ----------------------------------------------
     def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
@@ -153,11 +160,10 @@ class DeconvProjection(VisualizationCallback):
             return
         if batch_idx != self.val_batch_index or dataloader_idx != 0:
             return
-        images, labels = (batch[0], batch[1] if len(batch) > 1 else None) \
-            if isinstance(batch, (tuple, list)) else (batch, None)
-        if not torch.is_tensor(images) or images.dim() != 4 or not images.is_floating_point():
-            rank_zero_warn(f"{type(self).__name__}: the validation batch is not a float image tensor "
-                           "[N, C, H, W] (or a tuple starting with one); deconv_max is turned off")
+        try:
+            images, labels = split_batch(batch, self.batch_keys, "the validation batch")
+        except ConfigError as e:
+            rank_zero_warn(f"{type(self).__name__}: {e}; deconv_max is turned off")
             self.deconv_max = False
             return
         keep = slice(0, self.val_images)
@@ -175,7 +181,7 @@ class DeconvProjection(VisualizationCallback):
         # all tensor work first, then all rendering: on CPU, torch's worker threads fall asleep
         # during the (single-threaded) drawing and each first op after it pays for waking them
         drawn = []
-        for layer, rec in record_layers(net, images, self.layers).items():
+        for layer, rec in record_layers(net, images, self.layers, self._path).items():
             _, indices = rec.top_maps(min(self.k, rec.num_maps))
             drawn.append((layer, indices.cpu(), rec.project_many(indices, self.unpool, dtype=dtype).cpu()))
         maxima = self._max_activating(net, pl_module.device, dtype) if self.deconv_max else []
@@ -201,7 +207,7 @@ class DeconvProjection(VisualizationCallback):
             return []
         images, labels = self.val_batch
         out = []
-        for layer, rec in record_layers(net, images.to(device), self.layers).items():
+        for layer, rec in record_layers(net, images.to(device), self.layers, self._path).items():
             values, which = rec.max_activating_images()
             count = min(self.max_maps, rec.num_maps)
             if self.max_maps_by == "activation":

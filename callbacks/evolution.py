@@ -4,10 +4,11 @@ Follows Berthier & Mantoux's RecVis 2018 report, section 3.4 and Fig. 4 ("we dis
 of one fixed chosen filter at each layer, for a fixed input image, during training ... On top is the
 accuracy achieved after a given number of epochs"), itself after Zeiler & Fergus (ECCV 2014,
 arXiv:1311.2901).
-The projection is `viz.deconvnet` (biases ignored, BatchNorm/Dropout as in eval mode).
+The projection is `viz.deconvnet` (biases ignored, BatchNorm/Dropout as in eval mode; its general
+path on nets that are not a chain of modules).
 
-Logged every `every_n_epochs` epochs, at the trainer's global step (so TensorBoard's step slider
-is the time axis of each tag):
+Logged every `every_n_epochs` epochs, at the step of the epoch's validation scalars
+(`callbacks.base.log_step`, so TensorBoard's step slider is the epoch axis of each tag):
 - `evolution/<layer>`: the fixed probe image (the `probe_index`-th probe image) beside the deconv
   projection of the layer's fixed map for it, min-max scaled on its own (`scale_each`);
 - `evolution/weights_<layer>`: the filters of `weights_layer` (default: the net's first Conv2d),
@@ -35,11 +36,11 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
 
-from convlens.callbacks.base import VisualizationCallback, check_filters, check_int
+from convlens.callbacks.base import VisualizationCallback, check_filters, check_int, log_step
 from convlens.errors import ConfigError
 from convlens.render import (as_rgb, captioned_grid, class_caption, fit_caption, scale_each, scale_symmetric,
                              tile_width, to_pixels)
-from convlens.viz.deconvnet import UNPOOL_MODES, record_layers
+from convlens.viz.deconvnet import UNPOOL_MODES, layer_problems, record_layers
 from convlens.viz.layers import LayerError, default_conv_layers, get_layer, layer_names, rank_filters
 
 
@@ -78,7 +79,8 @@ class FilterEvolution(VisualizationCallback):
         summary: log `evolution/summary` at fit end.
         summary_max_epochs: at most this many epoch columns in the summary.
         tile_size: tiles are upscaled (nearest, integer factor) to about this many pixels.
-        every_n_epochs, num_probe, probe_per_class, probe_seed: see VisualizationCallback.
+        every_n_epochs, num_probe, probe_per_class, probe_seed, probe, mean, std, batch_keys: see
+            VisualizationCallback.
     """
 
     name = "evolution"
@@ -88,9 +90,10 @@ class FilterEvolution(VisualizationCallback):
                  probe_index: int = 0, unpool: str = "switches", weights_layer: str | None = None,
                  summary: bool = True, summary_max_epochs: int = 20, tile_size: int = 64,
                  every_n_epochs: int = 1, num_probe: int | None = None, probe_per_class: int = 1,
-                 probe_seed: int = 0):
+                 probe_seed: int = 0, probe=None, mean=None, std=None, batch_keys: Sequence[str] | None = None):
         super().__init__(layers=layers, every_n_epochs=every_n_epochs, num_probe=num_probe,
-                         probe_per_class=probe_per_class, probe_seed=probe_seed)
+                         probe_per_class=probe_per_class, probe_seed=probe_seed, probe=probe, mean=mean,
+                         std=std, batch_keys=batch_keys)
         filters = {layer: indices[0] for layer, indices in check_filters(filters, one_per_layer=True).items()}
         check_int("probe_index (0: the first probe image)", probe_index, 0)
         if unpool not in UNPOOL_MODES:
@@ -111,35 +114,48 @@ class FilterEvolution(VisualizationCallback):
         self.history: list[dict[str, Any]] = []
         self._previous_weights: dict[str, torch.Tensor] = {}
         self._epochs_done = 0
+        self._path = "auto"
 
-    def default_layers(self, net: nn.Module) -> list[str]:
-        return default_conv_layers(net)
+    def default_layers(self, net: nn.Module, image: torch.Tensor | None = None) -> list[str]:
+        return default_conv_layers(net, image)
 
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        super().setup(trainer, pl_module, stage)
-        net = self.net(pl_module)
+    def usable_layers(self, net: nn.Module, image: torch.Tensor, layers) -> dict[str, str]:
+        # run now, on every rank, not after the first epoch; remembers the path for later draws
+        self._path, problems = layer_problems(net, image, layers)
+        return problems
+
+    def _check_filters(self, net: nn.Module) -> None:
+        """The tracked maps: in range, and of tracked layers (once the layers are final)."""
         for layer, index in self.filters.items():
-            if layer not in self.layers:
+            if not self._tentative and layer not in self.layers:
                 raise LayerError(f"filters names layer {layer!r}, which is not tracked. Tracked layers: "
                                  f"{', '.join(self.layers)} (add it to `layers`, or fix the name)")
             maps = get_layer(net, layer, nn.Conv2d).out_channels
             if index >= maps:
                 raise ConfigError(f"filters[{layer!r}] = {index} is out of range: {layer} has {maps} maps "
                                  f"(valid: 0..{maps - 1})")
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        net = self.net(pl_module)
+        self._check_filters(net)
         if self.weights_layer is None:
-            self.weights_layer = layer_names(net, nn.Conv2d)[0]
-        get_layer(net, self.weights_layer, nn.Conv2d)  # LayerError with the valid names
+            convs = layer_names(net, nn.Conv2d)
+            self.weights_layer = convs[0] if convs else None
+        if self.weights_layer is not None:
+            get_layer(net, self.weights_layer, nn.Conv2d)  # LayerError with the valid names
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
-        if self.probe_images is not None and self.probe_index >= len(self.probe_images):
+        if self.probe_images is None or self.declined:
+            return
+        if self.probe_index >= len(self.probe_images):
             raise ConfigError(f"probe_index={self.probe_index}, but there are only {len(self.probe_images)} "
                              f"probe images (num_probe={self.num_probe}, probe_per_class="
                              f"{self.probe_per_class}); use a probe_index below {len(self.probe_images)}")
-        if self.probe_images is not None:  # fail now, on every rank, not after the first epoch
-            record_layers(self.net(pl_module), self.probe_images[:1].to(pl_module.device), self.layers)
-        # weights as training starts (or as restored from a checkpoint): the first change's reference
         net = self.net(pl_module)
+        self._check_filters(net)
+        # weights as training starts (or as restored from a checkpoint): the first change's reference
         self._previous_weights = {layer: get_layer(net, layer).weight.detach().clone()
                                   for layer in self.layers}
 
@@ -166,7 +182,7 @@ class FilterEvolution(VisualizationCallback):
         caption = class_caption(labels[self.probe_index], self.class_names(trainer))
         width = tile_width(image, self.tile_size)
         tiles: dict[str, torch.Tensor] = {}
-        for layer, rec in record_layers(net, image, self.layers).items():
+        for layer, rec in record_layers(net, image, self.layers, self._path).items():
             channel = self.tracked_map(layer)
             if channel is None:  # first run: the map the probe image activates most
                 channel = int(rank_filters(rec.map_maxima(), 1)[0])
@@ -176,11 +192,12 @@ class FilterEvolution(VisualizationCallback):
             self.log_image(trainer, f"evolution/{layer}",
                            captioned_grid(torch.cat([pixels, tile]), nrow=2, tile_size=self.tile_size,
                                           captions=[fit_caption(caption, width), fit_caption(f"#{channel}", width)]))
-        self.log_image(trainer, f"evolution/weights_{self.weights_layer}",
-                       weights_grid(get_layer(net, self.weights_layer).weight))
+        if self.weights_layer is not None:
+            self.log_image(trainer, f"evolution/weights_{self.weights_layer}",
+                           weights_grid(get_layer(net, self.weights_layer).weight))
         self.log_scalars(trainer, self._weight_changes(net))
         acc = trainer.callback_metrics.get("val/acc")
-        self.history.append({"epoch": self._epochs_done, "step": trainer.global_step,
+        self.history.append({"epoch": self._epochs_done, "step": log_step(trainer),
                              "val_acc": float(acc) if acc is not None else None, "tiles": tiles})
 
     def _weight_changes(self, net: nn.Module) -> dict[str, float]:

@@ -8,7 +8,8 @@ highlights the regions of the image that contributed the most"), after Selvaraju
 arXiv:1412.6806). The algorithms are `viz.saliency` (`grad_cam`, `guided_backprop`); this callback
 chooses the images, renders and logs.
 
-Logged at the trainer's global step, one column per probe image:
+Logged at the step of the epoch's validation scalars (`callbacks.base.log_step`), one column per
+probe image:
 - `saliency/gradcam`: row 1 the image (true colors, the datamodule's normalization undone),
   captioned with its true class; row 2 the Grad-CAM map of `layer` for the target class, upsampled
   bilinearly to the image (as in Grad-CAM), divided by its own maximum (so each map spans the
@@ -34,7 +35,7 @@ from convlens.callbacks.base import TARGETS, VisualizationCallback, check_choice
 from convlens.errors import ConfigError
 from convlens.render import (as_rgb, captioned_grid, class_caption, fit_caption, heatmap, scale_symmetric, tile_width,
                              to_pixels)
-from convlens.viz.layers import LayerError, eval_mode, layer_names, trace_chain
+from convlens.viz.layers import eval_mode, layer_names, layer_output
 from convlens.viz.saliency import default_saliency_layer, grad_cam, guided_backprop, upsample
 
 class Saliency(VisualizationCallback):
@@ -50,7 +51,8 @@ class Saliency(VisualizationCallback):
         alpha: opacity of the heat map over the image, in [0, 1].
         cmap: matplotlib colormap of the Grad-CAM heat map.
         tile_size: tiles are upscaled (nearest, integer factor) to about this many pixels.
-        every_n_epochs, num_probe, probe_per_class, probe_seed: see VisualizationCallback.
+        every_n_epochs, num_probe, probe_per_class, probe_seed, probe, mean, std, batch_keys: see
+            VisualizationCallback.
     """
 
     name = "saliency"
@@ -58,11 +60,13 @@ class Saliency(VisualizationCallback):
 
     def __init__(self, layer: str | None = None, target: str = "true", guided_gradcam: bool = True,
                  alpha: float = 0.5, cmap: str = "jet", tile_size: int = 64, every_n_epochs: int = 1,
-                 num_probe: int | None = None, probe_per_class: int = 1, probe_seed: int = 0):
+                 num_probe: int | None = None, probe_per_class: int = 1, probe_seed: int = 0, probe=None,
+                 mean=None, std=None, batch_keys=None):
         if layer is not None and (not isinstance(layer, str) or not layer):
             raise ConfigError(f"layer must be one layer name (a string) or None, got {layer!r}")
         super().__init__(layers=[layer] if layer is not None else None, every_n_epochs=every_n_epochs,
-                         num_probe=num_probe, probe_per_class=probe_per_class, probe_seed=probe_seed)
+                         num_probe=num_probe, probe_per_class=probe_per_class, probe_seed=probe_seed,
+                         probe=probe, mean=mean, std=std, batch_keys=batch_keys)
         check_choice("target", target, TARGETS, " ('true': explain each image's label, 'predicted': its prediction)")
         if not isinstance(guided_gradcam, bool):
             raise ConfigError(f"guided_gradcam must be true or false, got {guided_gradcam!r}")
@@ -82,24 +86,20 @@ class Saliency(VisualizationCallback):
     def layer(self) -> str | None:
         return self.layers[0] if self.layers else None
 
-    def default_layers(self, net: nn.Module) -> list[str]:
-        # a placeholder until fit start, where one probe image tells which maps are spatial
-        convs = layer_names(net, nn.Conv2d)
-        return convs[-1:] if convs else []
+    def default_layers(self, net: nn.Module, image: torch.Tensor | None = None) -> list[str]:
+        if image is None:  # a placeholder until fit start, where one probe image tells which maps are spatial
+            convs = layer_names(net, nn.Conv2d)
+            return convs[-1:]
+        return [default_saliency_layer(net, image)]
 
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        super().on_fit_start(trainer, pl_module)
-        if self.probe_images is None:
-            return
-        net = self.net(pl_module)
-        image = self.probe_images[:1].to(pl_module.device)
-        if self.layer_given is None:
-            self.layers = [default_saliency_layer(net, image)]
-        # fail now, on every rank, for a layer without spatial maps (not after the first epoch)
-        out_shape = trace_chain(net, image, self.layer)[-1].out_shape
-        if len(out_shape) != 4:
-            raise LayerError(f"Saliency: layer {self.layer!r} outputs {list(out_shape)}, not spatial maps "
-                             "[N, K, h, w]; Grad-CAM needs a convolutional layer (or its ReLU / pooling)")
+    def usable_layers(self, net: nn.Module, image: torch.Tensor, layers) -> dict[str, str]:
+        problems = {}
+        for layer in layers:
+            out = layer_output(net, image, layer)
+            if out.dim() != 4:
+                problems[layer] = (f"it outputs {list(out.shape)}, not spatial maps [N, K, h, w]; Grad-CAM needs "
+                                   "a convolutional layer (or its ReLU / pooling)")
+        return problems
 
     def visualize(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         net = self.net(pl_module)

@@ -8,7 +8,8 @@ algorithm is `viz.suppression.interpret_kernel`; this callback only chooses inpu
 For each layer, for each probe image, its `top_k` most active kernels (highest maximum activation;
 or the layer's configured `filters`) are chosen at the first run and kept for the rest of the fit (and in
 the checkpoint), so that later runs show the same kernels. Each (image, kernel) pair gets its X̂, all
-pairs of a layer in one batched call. Logged per layer at the trainer's global step:
+pairs of a layer in one batched call. Logged per layer at the step of the epoch's validation
+scalars (`callbacks.base.log_step`):
 - `suppression/<layer>`: one row per (image, kernel): X (captioned with its class), X̂ (captioned
   with R., the fraction of the other kernels' mean square activation left), the kernel's map
   F_i(X) (captioned with the kernel index) and F_i(X̂) (captioned with S., the SSIM to F_i(X));
@@ -37,7 +38,7 @@ from torch import nn
 
 from convlens.callbacks.base import VisualizationCallback, check_filters, check_int
 from convlens.render import captioned_grid, class_caption, fit_caption, heatmap, tile_width, to_pixels
-from convlens.viz.layers import LayerError, default_conv_layers, get_layer, rank_filters
+from convlens.viz.layers import LayerError, default_conv_layers, get_layer, layer_output, rank_filters
 from convlens.viz.suppression import check_arguments, feature_maps, follows_relu, interpret_kernel, kernel_maps
 
 
@@ -61,6 +62,15 @@ def suppression_grid(pixels: torch.Tensor, pixels_hat: torch.Tensor, maps: torch
                           col_titles=["X", "X_hat", "F_i(X)", "F_i(X_hat)"])
 
 
+def _spatial_problems(net: nn.Module, image: torch.Tensor, layers) -> dict[str, str]:
+    problems = {}
+    for layer in layers:
+        out = layer_output(net, image, layer)
+        if out.dim() != 4:
+            problems[layer] = f"it outputs {list(out.shape)}, not spatial feature maps [N, K, h, w]"
+    return problems
+
+
 class KernelSuppression(VisualizationCallback):
     """Suppression-based kernel interpretation (`suppression/<layer>` and its metrics as scalars).
 
@@ -74,7 +84,8 @@ class KernelSuppression(VisualizationCallback):
         rectify: None (auto: the maps after the ReLU that follows the layer, if any), True or False.
         tile_size: tiles are upscaled (nearest, integer factor) to about this many pixels.
         every_n_epochs: 0 (default) = only at the end of fit; n = every n epochs.
-        num_probe, probe_per_class, probe_seed: see VisualizationCallback (default: 2 probe images).
+        num_probe, probe_per_class, probe_seed, probe, mean, std, batch_keys: see
+            VisualizationCallback (default: 2 probe images).
     """
 
     name = "suppression"
@@ -84,9 +95,10 @@ class KernelSuppression(VisualizationCallback):
                  top_k: int = 1, alpha: float = 0.5, beta: float = 0.25, steps: int = 300,
                  lr: float = 0.05, rectify: bool | None = None, tile_size: int = 64,
                  every_n_epochs: int = 0, num_probe: int | None = 2, probe_per_class: int = 1,
-                 probe_seed: int = 0):
+                 probe_seed: int = 0, probe=None, mean=None, std=None, batch_keys: Sequence[str] | None = None):
         super().__init__(layers=layers, every_n_epochs=every_n_epochs, num_probe=num_probe,
-                         probe_per_class=probe_per_class, probe_seed=probe_seed)
+                         probe_per_class=probe_per_class, probe_seed=probe_seed, probe=probe, mean=mean,
+                         std=std, batch_keys=batch_keys)
         self.filters = check_filters(filters)
         check_int("top_k", top_k, 1, " (kernels per probe image)")
         check_int("tile_size", tile_size, 1, " (pixels)")
@@ -97,14 +109,24 @@ class KernelSuppression(VisualizationCallback):
         #: layer -> [num_probe, k] kernel indices, chosen at the first run
         self.chosen: dict[str, torch.Tensor] = {}
 
-    def default_layers(self, net: nn.Module) -> list[str]:
-        return default_conv_layers(net)
+    def default_layers(self, net: nn.Module, image: torch.Tensor | None = None) -> list[str]:
+        return default_conv_layers(net, image)
+
+    def usable_layers(self, net: nn.Module, image: torch.Tensor, layers) -> dict[str, str]:
+        return _spatial_problems(net, image, layers)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
-        net = self.net(pl_module)
+        self._check_filters(self.net(pl_module))
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_fit_start(trainer, pl_module)
+        if self.probe_images is not None and not self.declined:
+            self._check_filters(self.net(pl_module))
+
+    def _check_filters(self, net: nn.Module) -> None:
         for layer, kernels in self.filters.items():
-            if layer not in self.layers:
+            if not self._tentative and layer not in self.layers:
                 raise LayerError(f"filters names layer {layer!r}, which is not drawn; the layers are "
                                  f"{', '.join(self.layers)} (add it to `layers`)")
             count = get_layer(net, layer).out_channels

@@ -19,7 +19,8 @@ shares with repeats) counts once. Under DDP every rank collects its share; the s
 gathered (`torch.distributed.all_gather_object`) at validation epoch end and merged on rank zero,
 which draws: the same result as one process over the whole validation set.
 
-Logged at the trainer's global step (after validation, in `on_train_epoch_end`):
+Logged at the step of the epoch's validation scalars (`callbacks.base.log_step`; after validation,
+in `on_train_epoch_end`):
 - `top_activations/<layer>`: rows = the selected filters (titled `#<index>`), columns = the k
   patches, best first, each captioned with its activation value. Patches are the image's pixels
   (the datamodule's normalization undone, true colors, no rescaling), all of the field's size: a
@@ -50,6 +51,7 @@ from torch import nn
 from convlens.callbacks.base import VisualizationCallback, check_choice, check_filters, check_int
 from convlens.errors import ConfigError
 from convlens.render import as_rgb, captioned_grid
+from convlens.viz.common import VizError
 from convlens.viz.layers import LayerError, default_conv_layers, get_layer, layer_maxima, rank_filters
 from convlens.viz.receptive_field import ReceptiveField, crop_patches, receptive_field
 from convlens.viz.top_activations import RunningTopK, content_ids, spatial_max
@@ -84,12 +86,24 @@ def _as_index(filters: Sequence[int], device) -> range | torch.Tensor:
     return torch.tensor(list(filters), device=device)
 
 
+def _input_module(net: nn.Module, layers: Sequence[str]) -> nn.Module:
+    """The module whose input is the images: the net, or, when every layer lies inside one
+    container child of it (a LightningModule's `self.model`), that child, which also sees the images
+    when validation_step calls it directly rather than through forward."""
+    heads = {layer.split(".")[0] for layer in layers}
+    if len(heads) == 1 and all("." in layer for layer in layers):
+        child = getattr(net, next(iter(heads)), None)
+        if isinstance(child, nn.Module) and list(child.children()):
+            return child
+    return net
+
+
 class TopActivations(VisualizationCallback):
     """Top-k validation patches of selected filters, one grid per layer (`top_activations/<layer>`).
 
     Args:
-        layers: Conv2d names of `pl_module.net` (None: `callbacks.deconv.default_conv_layers`,
-            every conv of our LeNet and CIFAR nets).
+        layers: Conv2d names of the net (None: `viz.layers.default_conv_layers`, every conv of our
+            LeNet and CIFAR nets, one conv per stage of larger nets).
         k: patches per filter (the k most activating validation images, best first).
         max_filters: filters drawn per layer when `filters` does not name them (at most the layer's).
         selection: "first" (filters 0..max_filters-1) or "most_active" (on the probe images, each
@@ -97,8 +111,9 @@ class TopActivations(VisualizationCallback):
         filters: explicit filter indices per layer, e.g. {conv3: [0, 7, 42]} (other layers use
             `selection`).
         tile_size: tiles are upscaled (nearest, integer factor) to about this many pixels.
-        every_n_epochs, num_probe, probe_per_class, probe_seed: see VisualizationCallback (the
-            probe images serve "most_active" and, one of them, the receptive-field geometry).
+        every_n_epochs, num_probe, probe_per_class, probe_seed, probe, mean, std, batch_keys: see
+            VisualizationCallback (the probe images serve "most_active" and, one of them, the
+            receptive-field geometry).
     """
 
     name = "top_activations"
@@ -107,9 +122,11 @@ class TopActivations(VisualizationCallback):
     def __init__(self, layers: Sequence[str] | None = None, k: int = 4, max_filters: int = 8,
                  selection: str = "first", filters: Mapping[str, Sequence[int]] | None = None,
                  tile_size: int = 64, every_n_epochs: int = 1, num_probe: int | None = None,
-                 probe_per_class: int = 1, probe_seed: int = 0):
+                 probe_per_class: int = 1, probe_seed: int = 0, probe=None, mean=None, std=None,
+                 batch_keys: Sequence[str] | None = None):
         super().__init__(layers=layers, every_n_epochs=every_n_epochs, num_probe=num_probe,
-                         probe_per_class=probe_per_class, probe_seed=probe_seed)
+                         probe_per_class=probe_per_class, probe_seed=probe_seed, probe=probe, mean=mean,
+                         std=std, batch_keys=batch_keys)
         check_int("k (patches per filter)", k, 1)
         check_int("max_filters (filters per layer)", max_filters, 1)
         check_int("tile_size (pixels)", tile_size, 1)
@@ -128,15 +145,28 @@ class TopActivations(VisualizationCallback):
         self._normalization = None
         self._warned_stale = False
 
-    def default_layers(self, net: nn.Module) -> list[str]:
-        return default_conv_layers(net)
+    def default_layers(self, net: nn.Module, image: torch.Tensor | None = None) -> list[str]:
+        return default_conv_layers(net, image)
+
+    def usable_layers(self, net: nn.Module, image: torch.Tensor, layers) -> dict[str, str]:
+        problems = {}
+        for layer in layers:
+            try:
+                field = self.fields.get(layer)
+                if field is None or field.input_size != tuple(image.shape[-2:]):
+                    self.fields[layer] = receptive_field(net, image, layer)
+            except VizError as e:
+                problems[layer] = " ".join(str(e).split())
+        return problems
 
     # -- set up ----------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
-        net = self.net(pl_module)
+        self._check_filters(self.net(pl_module))
+
+    def _check_filters(self, net: nn.Module) -> None:
         for layer, idx in self.filters.items():
-            if layer not in self.layers:
+            if not self._tentative and layer not in self.layers:
                 raise LayerError(f"filters names layer {layer!r}, which is not drawn; the layers are "
                                  f"{', '.join(self.layers)} (add it to `layers`)")
             count = get_layer(net, layer).out_channels
@@ -145,12 +175,13 @@ class TopActivations(VisualizationCallback):
                                  f"filters (0..{count - 1})")
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        super().on_fit_start(trainer, pl_module)
-        if self.probe_images is not None:
-            # fails here, on every rank, for a layer without a receptive field (not after an epoch)
+        super().on_fit_start(trainer, pl_module)  # the receptive fields: computed with the usable layers
+        if self.probe_images is not None and not self.declined:
+            self._check_filters(self.net(pl_module))
             self._compute_fields(self.net(pl_module), self.probe_images[:1].to(pl_module.device))
 
     def _compute_fields(self, net: nn.Module, image: torch.Tensor) -> None:
+        self.fields = {layer: field for layer, field in self.fields.items() if layer in self.layers}
         if set(self.fields) == set(self.layers) and \
                 all(f.input_size == tuple(image.shape[-2:]) for f in self.fields.values()):
             return
@@ -214,7 +245,7 @@ class TopActivations(VisualizationCallback):
                 self._records[-1]["maps"][layer] = spatial_max(out.detach(), channels[layer])
             self.collect_seconds += time.perf_counter() - t0
 
-        self._handles = [net.register_forward_pre_hook(net_input)]
+        self._handles = [_input_module(net, self.layers).register_forward_pre_hook(net_input)]
         for layer in self.layers:
             self._handles.append(get_layer(net, layer).register_forward_hook(partial(layer_output, layer=layer)))
         self.collect_seconds += time.perf_counter() - start

@@ -614,7 +614,10 @@ def test_layer_without_spatial_maps(lenet, cifar_net, model_name, layer, valid):
 def test_spatial_layer_after_flatten_is_refused():
     model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Unflatten(1, (2, 6, 6)), nn.Conv2d(2, 2, 3))
     with pytest.raises(LayerError, match=r"it comes after '1' \(Flatten\).*Layers with spatial maps: 0$"):
-        project(model, torch.randn(1, 1, 8, 8), "3", 0)
+        project(model, torch.randn(1, 1, 8, 8), "3", 0, path="chain")
+    # the general path goes through the reshapes (autograd): the oracle's projection
+    images = torch.randn(2, 1, 8, 8)
+    assert_close_rel(project(model, images, "3", 1), oracle(model, images, "3", 1), 1e-6)
 
 
 def test_vgg_classifier_has_no_spatial_maps(vgg):
@@ -625,7 +628,11 @@ def test_vgg_classifier_has_no_spatial_maps(vgg):
 def test_unsupported_module_is_named():
     model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Tanh(), nn.Conv2d(2, 2, 3))
     with pytest.raises(DeconvnetError, match=r"Layer '1' is a Tanh.*Conv2d, ReLU"):
-        project(model, torch.randn(1, 1, 8, 8), "2", 0)
+        project(model, torch.randn(1, 1, 8, 8), "2", 0, path="chain")
+    # "auto": the general path, with Tanh's ordinary gradient (as Captum): the oracle's projection
+    images = torch.randn(2, 1, 8, 8)
+    assert record(model, images, "2").path == "general"
+    assert_close_rel(project(model, images, "2", 1), oracle(model, images, "2", 1), 1e-6)
 
 
 class _Residual(nn.Module):
@@ -679,8 +686,9 @@ def test_in_place_module_keeps_the_chain():
 @pytest.mark.parametrize("model", [_Residual(), _FunctionalRelu(), _InPlaceBetween(), _InPlaceBetween(True)])
 def test_not_a_chain_is_refused(model):
     with pytest.raises(DeconvnetError, match="not a plain chain.*input of layer 'conv2'"):
-        project(model, torch.randn(1, 2, 8, 8), "conv2", 0)
+        project(model, torch.randn(1, 2, 8, 8), "conv2", 0, path="chain")
     assert _no_hooks(model)
+    assert record(model, torch.randn(1, 2, 8, 8), "conv2").path == "general"  # "auto" takes it
     # a layer before the break is fine
     assert project(model, torch.randn(1, 2, 8, 8), "conv1", 0).shape == (1, 2, 8, 8)
 
@@ -703,7 +711,9 @@ def test_container_with_functional_ops_is_refused():
 
     model = nn.Sequential(Block())
     with pytest.raises(DeconvnetError, match="name one of its leaf modules"):
-        project(model, torch.randn(1, 1, 6, 6), "0", 0)
+        project(model, torch.randn(1, 1, 6, 6), "0", 0, path="chain")
+    images = torch.randn(2, 1, 6, 6)
+    assert_close_rel(project(model, images, "0", 2), oracle(model, images, "0", 2), 1e-6)
     assert project(model, torch.randn(1, 1, 6, 6), "0.conv", 0).shape == (1, 1, 6, 6)
 
 
@@ -746,3 +756,159 @@ def test_sync_batchnorm_projects_like_batchnorm():
     synced.bn2 = nn.SyncBatchNorm.convert_sync_batchnorm(nn.Sequential(synced.bn2))[0]
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(project(synced, x, "conv4", 3), project(net, x, "conv4", 3))
+
+
+# ------------------------------------------------------------------------------------------
+# the general path (viz.deconvnet_general): any network, against Captum and the chain path
+# ------------------------------------------------------------------------------------------
+
+def captum_projection(model: nn.Module, images: torch.Tensor, layer: str, channel: torch.Tensor) -> torch.Tensor:
+    """Captum's NeuronDeconvolution with the activation-weighted selector: the gradient of
+    sum(F_c * F_c.detach()) with Captum's ReLU rule, map channel[n] for image n."""
+    captum_attr = pytest.importorskip("captum.attr")
+    import warnings
+
+    rows = torch.arange(images.shape[0])
+    selector = lambda out: (out[rows, channel] * out[rows, channel].detach()).sum((1, 2))  # noqa: E731
+    with warnings.catch_warnings(), eval_mode(model):
+        warnings.simplefilter("ignore")  # Captum's notes on hooks and requires_grad
+        return captum_attr.NeuronDeconvolution(model, get_layer(model, layer)).attribute(
+            images.clone(), neuron_selector=selector)
+
+
+@pytest.fixture(scope="module")
+def resnet18():
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18(num_classes=10).eval()
+    randomize_batchnorm(net)
+    return net
+
+
+@pytest.mark.parametrize("layer", ["layer1.1.conv2", "layer2.0.downsample.0", "layer3.1.conv1", "layer4.1.bn2",
+                                   "layer2"])
+def test_general_path_equals_captum_on_resnet18(resnet18, layer):
+    """Residual sums, a ReLU module reused twice per block (in place), BatchNorm, a container layer."""
+    images = torch.randn(3, 3, 64, 64)
+    rec = record(resnet18, images, layer)
+    assert rec.path == "general"
+    _, top = rec.top_maps(3)
+    projections = rec.project_many(top)
+    for j in range(3):
+        assert_close_rel(projections[:, j], captum_projection(resnet18, images, layer, top[:, j]), 1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layer", ["features.denseblock1.denselayer3.conv2", "features.transition2.conv"])
+def test_general_path_equals_captum_on_densenet121(layer):
+    """Concatenations (each dense layer reads every earlier map), average pools in transitions."""
+    torch.manual_seed(0)
+    net = torchvision.models.densenet121(num_classes=10).eval()
+    images = torch.randn(2, 3, 32, 32)
+    rec = record(net, images, layer)
+    assert rec.path == "general"
+    _, top = rec.top_maps(2)
+    projections = rec.project_many(top)
+    for j in range(2):
+        assert_close_rel(projections[:, j], captum_projection(net, images, layer, top[:, j]), 1e-5)
+
+
+@pytest.mark.parametrize("net_name, shape", [("lenet", (3, 1, 28, 28)), ("cifar", (3, 3, 32, 32))])
+@pytest.mark.parametrize("unpool", ["switches", "fill"])
+def test_general_path_equals_chain_path(lenet, cifar_net, net_name, shape, unpool):
+    net = lenet if net_name == "lenet" else cifar_net
+    images = torch.randn(*shape, dtype=torch.float64)
+    layers = ["conv1", "conv2", "conv3", "conv4"]
+    chain = deconvnet.record_layers(net, images, layers, path="chain")
+    general = deconvnet.record_layers(net, images, layers, path="general")
+    for layer in layers:
+        assert chain[layer].path == "chain" and general[layer].path == "general"
+        assert torch.equal(chain[layer].maps, general[layer].maps)
+        _, top = chain[layer].top_maps(3)
+        assert_close_rel(general[layer].project_many(top, unpool), chain[layer].project_many(top, unpool))
+        # pairs: each map's most activating image (rounds on the recording, or a re-recorded batch)
+        _, which = chain[layer].max_activating_images()
+        maps = torch.arange(min(6, chain[layer].num_maps))
+        assert_close_rel(general[layer].project_pairs(which[maps], maps, unpool),
+                         chain[layer].project_pairs(which[maps], maps, unpool))
+
+
+def test_general_pairs_rounds_and_rerecording_agree(cifar_net):
+    """One image in many pairs (re-recorded pseudo-batch) and spread pairs (rounds): both equal
+    projecting each pair alone."""
+    images = torch.randn(6, 3, 32, 32, dtype=torch.float64)
+    rec = record(cifar_net, images, "conv3", path="general")
+    for samples in (torch.tensor([2, 2, 2, 2, 5]), torch.tensor([0, 1, 2, 3, 4, 5, 0])):
+        maps = torch.arange(len(samples)) * 3
+        expected = torch.stack([project(cifar_net, images[s:s + 1], "conv3", int(c), path="chain")[0]
+                                for s, c in zip(samples.tolist(), maps.tolist())])
+        assert_close_rel(rec.project_pairs(samples, maps), expected)
+        assert_close_rel(rec.project_pairs(samples, maps, max_batch=2), expected)
+
+
+class _Zoo(nn.Module):
+    """The operations a chain lacks: a residual sum, one ReLU module reused (in place), functional
+    F.relu and F.max_pool2d, a concatenation, a depthwise and a grouped conv, BatchNorm, adaptive
+    pooling; and its module-only twin (`modular`), built from the same weights, whose ReLUs are all
+    modules (for the module-patching oracle)."""
+
+    def __init__(self, modular: bool = False):
+        super().__init__()
+        self.modular = modular
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.relu = nn.ReLU(inplace=True)
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.grouped = nn.Conv2d(8, 8, 3, padding=1, groups=2)
+        self.pool = nn.MaxPool2d(2)
+        self.conv2 = nn.Conv2d(16, 6, 3, padding=1)
+        self.fn_relu = nn.ReLU()
+        self.adapt = nn.AdaptiveAvgPool2d(3)
+        self.conv3 = nn.Conv2d(6, 4, 1)
+
+    def forward(self, x):
+        x = self.relu(self.bn1(self.conv1(x)))
+        y = self.relu(self.dw(x)) + x                                 # residual, the ReLU reused
+        z = self.fn_relu(self.grouped(y)) if self.modular else torch.nn.functional.relu(self.grouped(y))
+        x = torch.cat([self.pool(y), torch.nn.functional.max_pool2d(z, 2)], 1)
+        return self.conv3(self.adapt(self.conv2(x)))
+
+
+@pytest.mark.parametrize("layer", ["dw", "grouped", "conv2", "conv3"])
+def test_general_path_on_non_chain_operations_equals_oracle(layer):
+    torch.manual_seed(0)
+    net = _Zoo().double()
+    randomize_batchnorm(net)
+    twin = _Zoo(modular=True).double()
+    twin.load_state_dict(net.state_dict())
+    images = torch.randn(3, 3, 12, 12, dtype=torch.float64)
+    channel = torch.tensor([0, 1, 3])
+    expected = oracle(twin, images, layer, channel)  # every ReLU a module: the oracle rewrites them all
+    assert_close_rel(project(net, images, layer, channel), expected)
+    assert _no_hooks(net)
+
+
+def test_general_path_in_inference_mode_and_restores_the_model(resnet18):
+    images = torch.randn(2, 3, 32, 32)
+    resnet18.train()
+    resnet18.layer1[0].conv1.weight.requires_grad_(False)
+    expected = project(resnet18, images, "layer2.0.conv1", 3)
+    with torch.inference_mode():
+        inside = project(resnet18, images, "layer2.0.conv1", 3)
+    assert torch.equal(inside, expected)
+    assert all(m.training for m in resnet18.modules())
+    assert [p.requires_grad for p in resnet18.parameters()].count(False) == 1
+    assert all(p.grad is None for p in resnet18.parameters())
+    assert _no_hooks(resnet18)
+    resnet18.layer1[0].conv1.weight.requires_grad_(True)
+    resnet18.eval()
+
+
+def test_general_path_unknown_path_and_bad_layers(resnet18):
+    images = torch.randn(1, 3, 32, 32)
+    with pytest.raises(DeconvnetError, match="Unknown path='fast'"):
+        record(resnet18, images, "conv1", path="fast")
+    with pytest.raises(LayerError, match="not feature maps"):
+        record(resnet18, images, "fc", path="general")
+    with pytest.raises(LayerError, match="no spatial feature maps"):
+        record(resnet18, images, "fc")
+    assert _no_hooks(resnet18)

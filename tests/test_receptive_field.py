@@ -378,7 +378,7 @@ def test_errors_are_clear():
         receptive_field(net, torch.zeros(1, 1, 28, 28, dtype=torch.uint8), "conv1")
     up = nn.Sequential(OrderedDict(up=nn.Upsample(scale_factor=2), conv=nn.Conv2d(1, 1, 3)))
     with pytest.raises(ReceptiveFieldError, match="Upsample"):
-        receptive_field(up, torch.zeros(1, 1, 8, 8), "conv")
+        receptive_field(up, torch.zeros(1, 1, 8, 8), "conv", path="chain")  # "auto": the gradient support
 
     class Residual(nn.Module):
         def __init__(self):
@@ -390,7 +390,9 @@ def test_errors_are_clear():
             return self.b(y + x)
 
     with pytest.raises(ReceptiveFieldError, match="not a plain chain"):
-        receptive_field(Residual(), torch.rand(1, 1, 8, 8), "b")
+        receptive_field(Residual(), torch.rand(1, 1, 8, 8), "b", path="chain")
+    with pytest.raises(ReceptiveFieldError, match="Unknown path"):
+        receptive_field(net, x, "conv1", path="fast")
     field = receptive_field(net, x, "conv2")
     with pytest.raises(ReceptiveFieldError, match="valid rows 0..7"):
         field.box(8, 0)

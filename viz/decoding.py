@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from convlens.viz.common import VizError, window
-from convlens.viz.layers import LayerError, check_chain, get_layer, layer_output, trace_chain
+from convlens.viz.layers import LayerError, chain_prefix, check_chain, get_layer, layer_names, layer_output, trace_chain
 
 UNPOOL_MODES = ("nearest", "bilinear", "bicubic")
 
@@ -117,6 +117,44 @@ def _decoding_chain(model: nn.Module, layer: str) -> tuple[nn.Conv2d, list[nn.Mo
                 "consuming the previous one's output (a functional ReLU is passed through).",
                 allow_functional_relu=True)
     return conv, [s.module for s in steps[:-1]]
+
+
+def decodable_layers(model: nn.Module, image: torch.Tensor | None = None) -> list[str]:
+    """The Conv2d layers `decode_filters` can decode, in execution order: those reached through a
+    plain chain of supported modules from the input (on a ResNet, its stem: conv1, layer1.0.conv1,
+    layer1.0.conv2; on a chain, every conv). One forward pass of `image` ([1, C, H, W], model input;
+    None: a random dummy as `decode_filters` uses), stopped at nothing; an error past the chain
+    prefix (a head wanting another size) is ignored."""
+    convs = layer_names(model, nn.Conv2d)
+    if not convs:
+        return []
+    if image is None:
+        first = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+        images = [torch.randn(1, first.in_channels, size, size, dtype=first.weight.dtype,
+                              generator=torch.Generator().manual_seed(0)).to(first.weight.device)
+                  for size in _TRACE_SIZES]
+    else:
+        images = [image[:1]]
+    steps = None
+    for x in images:
+        with torch.no_grad():
+            steps = trace_chain(model, x, None, keep_tensors=True)
+        if steps:
+            break
+    if not steps:
+        return []
+    steps = steps[:chain_prefix(steps, x, allow_functional_relu=True)]
+    out, below = [], []
+    for step in steps:
+        if isinstance(step.module, nn.Conv2d):
+            try:
+                _check_supported(below, step.name)
+            except DecodingError:
+                break
+            if step.name not in out:
+                out.append(step.name)
+        below.append(step.module)
+    return out
 
 
 def _check_supported(below: list[nn.Module], layer: str) -> None:

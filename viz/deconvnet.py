@@ -44,10 +44,15 @@ from convlens.viz.layers import ChainStep, LayerError, check_chain, layer_names,
 
 __all__ = [
     "DeconvnetError", "Recording", "record", "project", "project_many", "top_maps",
-    "max_activating_images", "fast_dtype", "record_layers", "UNPOOL_MODES", "SUPPORTED_MODULES",
+    "max_activating_images", "fast_dtype", "record_layers", "chain_problem", "layer_problems", "UNPOOL_MODES", "PATHS",
+    "SUPPORTED_MODULES",
 ]
 
 UNPOOL_MODES = ("switches", "fill")
+#: "chain": the explicit reverse pass along a chain of modules (fast, refuses anything else);
+#: "general": the rules through autograd (`viz.deconvnet_general`), any network;
+#: "auto": the chain path where the net is a chain up to the layer, else the general one
+PATHS = ("auto", "chain", "general")
 
 _DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
              nn.FeatureAlphaDropout)
@@ -87,7 +92,13 @@ class _Step:
     scale: Tensor | None = None         # BatchNorm2d: [K] = weight / sqrt(var + eps)
 
 
-def record(model: nn.Module, images: Tensor, layer: str) -> "Recording":
+def _check_path(path) -> None:
+    if path not in PATHS:
+        raise DeconvnetError(f"Unknown path={path!r}: use 'auto' (the chain path where the net is a chain, else "
+                             "the general one), 'chain' or 'general'")
+
+
+def record(model: nn.Module, images: Tensor, layer: str, path: str = "auto") -> "Recording":
     """Run `images` through `model` (in eval mode) up to `layer` and keep what the deconvnet needs:
     the layer's feature maps and the pooling switches of every max pool on the way.
 
@@ -96,23 +107,66 @@ def record(model: nn.Module, images: Tensor, layer: str) -> "Recording":
     the chain, without running the forward again. Mode, hooks and `requires_grad` flags of `model`
     are left as they were. A module that runs several times (a shared ReLU) is taken at its first run;
     a container `layer` stands for its leaf modules.
+
+    `path` (see `PATHS`): "auto" checks on the first image whether the net is a plain chain of
+    supported modules up to `layer` (`chain_problem`) and takes the chain path if so, else the
+    general path of `viz.deconvnet_general` (residual sums, concatenations, reused or functional
+    ReLUs, any other operation); the two give the same projections on a chain.
     """
     check_images(images, DeconvnetError)
+    _check_path(path)
+    if path == "general":
+        return _record_general(model, images, [layer])[layer]
+    if path == "auto":
+        with torch.no_grad():
+            trace = trace_chain(model, images[:1], layer, keep_tensors=True)
+        if list(trace[-1].module.children()) or len(trace[-1].out_shape) == 4:
+            if chain_problem(trace, images[:1], layer) is not None:
+                return _record_general(model, images, [layer])[layer]
+        else:
+            _check_spatial(trace, layer, trace[-1])  # the chain path's message, with the spatial layers
     with torch.no_grad():
         trace = trace_chain(model, images, layer, keep_tensors=True)
     target = trace[-1]
+    trace = _chain_of(trace, layer)
+    _check_spatial(trace, layer, target)
+    _check_chain(trace, images)
+    steps = tuple(_prepare(step) for step in trace)
+    return Recording(layer=layer, maps=steps[-1].output, image_shape=tuple(images.shape), _steps=steps)
+
+
+def _chain_of(trace: list[ChainStep], layer: str) -> list[ChainStep]:
+    """The trace without a container target (its leaves are the chain); DeconvnetError when the
+    container computes its output with operations that are not modules."""
+    target = trace[-1]
     if list(target.module.children()):
-        # a container layer: its leaves are the chain; its output must be its last leaf's output
         trace = trace[:-1]
         if not trace or trace[-1].output is None or target.output is None \
                 or not torch.equal(trace[-1].output, target.output):
             raise DeconvnetError(
                 f"Layer {layer!r} ({type(target.module).__name__}) computes its output with operations "
                 "that are not modules; name one of its leaf modules instead")
-    _check_spatial(trace, layer, target)
-    _check_chain(trace, images)
-    steps = tuple(_prepare(step) for step in trace)
-    return Recording(layer=layer, maps=steps[-1].output, image_shape=tuple(images.shape), _steps=steps)
+    return trace
+
+
+def chain_problem(trace: list[ChainStep], images: Tensor, layer: str) -> str | None:
+    """None when a `trace_chain(..., keep_tensors=True)` up to `layer` is a chain the chain path can
+    walk back; else why not (the chain path's error message)."""
+    try:
+        chain = _chain_of(trace, layer)
+        _check_spatial(chain, layer, chain[-1])
+        _check_chain(chain, images)
+    except (DeconvnetError, LayerError) as e:
+        return str(e)
+    return None
+
+
+def _record_general(model: nn.Module, images: Tensor, layers) -> dict[str, "Recording"]:
+    from convlens.viz.deconvnet_general import record_graph
+
+    graph = record_graph(model, images, list(layers))
+    return {layer: Recording(layer=layer, maps=graph.maps(layer), image_shape=tuple(images.shape), _steps=(),
+                             _graph=graph) for layer in layers}
 
 
 def _spatial_names(trace: list[ChainStep]) -> list[str]:
@@ -351,18 +405,31 @@ class Recording:
 
     `maps` is the layer's output [N, K, h, w] (eval mode). Made by `record(model, images, layer)`.
     It refers to the model's parameters rather than copying them: project before they change.
+    `path` is "chain" (the explicit reverse pass) or "general" (autograd, `viz.deconvnet_general`;
+    the recording then holds the forward's autograd graph).
     """
     layer: str
     maps: Tensor = field(repr=False)
     image_shape: tuple[int, ...]
     _steps: tuple[_Step, ...] = field(repr=False)
+    _graph: object | None = field(default=None, repr=False)
 
     @property
     def num_maps(self) -> int:
         return self.maps.shape[1]
 
+    @property
+    def path(self) -> str:
+        return "general" if self._graph is not None else "chain"
+
     def at(self, layer: str) -> "Recording":
-        """The recording cut at an earlier `layer` of the recorded chain (its first run), no forward."""
+        """The recording cut at an earlier `layer` of the recorded chain (its first run), no forward;
+        on the general path, any other layer recorded in the same pass."""
+        if self._graph is not None:
+            if layer in self._graph.layers:
+                return Recording(layer, self._graph.maps(layer), self.image_shape, (), self._graph)
+            raise LayerError(f"Layer {layer!r} is not in this recording. Recorded layers: "
+                             f"{', '.join(self._graph.layers)}")
         for i, step in enumerate(self._steps):
             if step.name == layer:
                 return Recording(layer, step.output, self.image_shape, self._steps[:i + 1])
@@ -433,6 +500,10 @@ class Recording:
                        dtype: torch.dtype | None) -> Tensor:
         if samples.numel() == 0:
             return self.maps.new_zeros((0, *self.image_shape[1:]))
+        if self._graph is not None:  # reduced precision is the chain path's: the general one keeps the maps' dtype
+            from convlens.viz.deconvnet_general import reverse_pairs
+
+            return reverse_pairs(self._graph, self.layer, samples, channels, unpool, max_batch).detach()
         chunk = max_batch or samples.numel()
         parts = [self._reverse(samples[i:i + chunk], channels[i:i + chunk], unpool, dtype)
                  for i in range(0, samples.numel(), chunk)]
@@ -451,7 +522,8 @@ class Recording:
 
 
 def project(model: nn.Module, images: Tensor, layer: str, channel: int | Tensor,
-            unpool: str = "switches", max_batch: int | None = None, dtype: torch.dtype | None = None) -> Tensor:
+            unpool: str = "switches", max_batch: int | None = None, dtype: torch.dtype | None = None,
+            path: str = "auto") -> Tensor:
     """Deconvnet projection of feature map `channel` of `layer`, for each image: a tensor shaped
     like `images` [N, C, H, W].
 
@@ -459,21 +531,24 @@ def project(model: nn.Module, images: Tensor, layer: str, channel: int | Tensor,
     The map keeps its activation values; every other map of the layer is zero. Biases are ignored
     on the way back; BatchNorm2d and Dropout act as in eval mode, BatchNorm's affine scale is
     applied. `unpool`: "switches" (default, Zeiler & Fergus) or "fill" (the blog's cheaper variant:
-    each value fills its whole pooling window). `max_batch`, `dtype`: see `Recording.project_many`.
+    each value fills its whole pooling window). `max_batch`, `dtype`: see `Recording.project_many`
+    (`dtype` applies to the chain path). `path`: see `record`.
     The model's train/eval modes, `requires_grad` flags and hooks are restored; works under
     `torch.no_grad()` and `torch.inference_mode()`. The result is detached.
     """
     _check_options(unpool, max_batch, dtype)
-    return record(model, images, layer).project(channel, unpool, max_batch, dtype)
+    return record(model, images, layer, path).project(channel, unpool, max_batch, dtype)
 
 
 def project_many(model: nn.Module, images: Tensor, layer: str, channels: Tensor,
-                 unpool: str = "switches", max_batch: int | None = None, dtype: torch.dtype | None = None) -> Tensor:
+                 unpool: str = "switches", max_batch: int | None = None, dtype: torch.dtype | None = None,
+                 path: str = "auto") -> Tensor:
     """[N, k, C, H, W]: the projection of map `channels[n, j]` of `layer` for image n (`channels` an
     integer tensor [N, k], e.g. the indices of `top_maps`), in one reverse pass over an N*k
-    pseudo-batch (passes of at most `max_batch` pairs when given). See `project`."""
+    pseudo-batch (passes of at most `max_batch` pairs when given; on the general path, k backward
+    passes over the N images). See `project`."""
     _check_options(unpool, max_batch, dtype)
-    return record(model, images, layer).project_many(channels, unpool, max_batch, dtype)
+    return record(model, images, layer, path).project_many(channels, unpool, max_batch, dtype)
 
 
 def fast_dtype(device: torch.device | str) -> torch.dtype | None:
@@ -493,29 +568,57 @@ def fast_dtype(device: torch.device | str) -> torch.dtype | None:
     return None
 
 
-def top_maps(model: nn.Module, images: Tensor, layer: str, k: int) -> tuple[Tensor, Tensor]:
+def top_maps(model: nn.Module, images: Tensor, layer: str, k: int, path: str = "auto") -> tuple[Tensor, Tensor]:
     """(values [N, k], indices [N, k]): each image's k maps of `layer` with the highest maximum
     activation, best first (how the report picks maps to show)."""
-    return record(model, images, layer).top_maps(k)
+    return record(model, images, layer, path).top_maps(k)
 
 
-def max_activating_images(model: nn.Module, images: Tensor, layer: str) -> tuple[Tensor, Tensor]:
+def max_activating_images(model: nn.Module, images: Tensor, layer: str,
+                          path: str = "auto") -> tuple[Tensor, Tensor]:
     """(values [K], image_index [K]): for each map of `layer`, the image of the batch that activates
     it most (highest maximum activation) and that activation (the blog's "maximum activations")."""
-    return record(model, images, layer).max_activating_images()
+    return record(model, images, layer, path).max_activating_images()
 
 
-def record_layers(model: nn.Module, images: Tensor, layers) -> dict[str, "Recording"]:
-    """One `Recording` per layer, from as few forward passes as possible: one pass up to the layer
-    defined last serves every layer it runs through (`Recording.at`); a layer it does not run
-    through (a net whose execution order differs from its definition order) gets its own."""
+def record_layers(model: nn.Module, images: Tensor, layers, path: str = "auto") -> dict[str, "Recording"]:
+    """One `Recording` per layer, from as few forward passes as possible. Chain path: one pass up to
+    the layer defined last serves every layer it runs through (`Recording.at`); a layer it does not
+    run through (a net whose execution order differs from its definition order) gets its own.
+    General path (also "auto" when the net is not a chain up to that deepest layer): one pass
+    records every layer."""
+    check_images(images, DeconvnetError)
+    _check_path(path)
+    layers = list(layers)
     order = {name: i for i, name in enumerate(layer_names(model))}
     deepest = max(layers, key=lambda name: order.get(name, -1))
-    full = record(model, images, deepest)
+    if path == "general":
+        return _record_general(model, images, layers)
+    full = record(model, images, deepest, path)
+    if full.path == "general":
+        return _record_general(model, images, layers) if len(layers) > 1 else {deepest: full}
     recordings: dict[str, Recording] = {}
     for layer in layers:
         try:
             recordings[layer] = full.at(layer)
         except LayerError:  # not on the recorded chain
-            recordings[layer] = record(model, images, layer)
+            recordings[layer] = record(model, images, layer, path)
     return recordings
+
+
+def layer_problems(model: nn.Module, image: Tensor, layers, path: str = "auto") -> tuple[str, dict[str, str]]:
+    """(path, {layer: why not}): which of `layers` the deconvnet can record for `image` (one image
+    is enough), and the path `record_layers` takes for them (pass it on to skip the check)."""
+    layers = list(layers)
+    try:
+        recordings = record_layers(model, image, layers, path)
+        return next(iter(recordings.values())).path, {}
+    except VizError:
+        pass
+    problems, paths = {}, set()
+    for layer in layers:
+        try:
+            paths.add(record(model, image, layer, path).path)
+        except VizError as e:
+            problems[layer] = " ".join(str(e).split())
+    return ("general" if "general" in paths else "chain" if paths else path), problems

@@ -15,7 +15,7 @@ from torch import nn
 from convlens.viz.common import VizError, eval_mode, forward_until
 
 __all__ = ["LayerError", "layer_names", "get_layer", "eval_mode", "trace_chain", "layer_output",
-           "check_chain", "default_conv_layers", "layer_maxima", "rank_filters", "ALL_CONVS_UP_TO"]
+           "check_chain", "chain_prefix", "default_conv_layers", "layer_maxima", "rank_filters", "ALL_CONVS_UP_TO"]
 
 
 class LayerError(VizError):
@@ -74,25 +74,27 @@ class _StopForward(Exception):
     pass
 
 
-def trace_chain(model: nn.Module, images: torch.Tensor, layer: str,
+def trace_chain(model: nn.Module, images: torch.Tensor, layer: str | None,
                 keep_tensors: bool = False) -> list[ChainStep]:
     """Run `images` through `model` in eval mode up to and including `layer`, recording every leaf
     module executed, in order. The forward pass stops right after `layer` (nothing past it runs).
+    `layer=None`: the whole forward pass; an error raised by the model on the way (e.g. a head that
+    wants another input size) ends the trace there instead of propagating.
 
     With `keep_tensors`, each step keeps a copy of its input and output (copies, because an
     in-place ReLU would otherwise overwrite them); an input that is the previous step's output,
     unchanged, shares that copy. Hooks are removed and every submodule's mode is restored, also on
     error. Raises LayerError when `layer` is unknown or is never reached.
     """
-    target = get_layer(model, layer)
+    target = get_layer(model, layer) if layer is not None else None
     steps: list[ChainStep] = []
     names = {m: n for n, m in model.named_modules()}
     leaves = [m for m in model.modules() if not list(m.children())]
-    if target not in leaves:
+    if target is not None and target not in leaves:
         leaves.append(target)  # a container (e.g. a block) may be the target too
 
     def pre_hook(module, args):
-        if module is target and list(module.children()):
+        if target is not None and module is target and list(module.children()):
             return  # a container target: its leaves record themselves
         x = args[0] if args else None
         x_id = _identity(x)
@@ -104,7 +106,7 @@ def trace_chain(model: nn.Module, images: torch.Tensor, layer: str,
                                kept, input_id=x_id))
 
     def post_hook(module, args, out):
-        if module is target and list(module.children()):
+        if target is not None and module is target and list(module.children()):
             x = args[0]
             steps.append(ChainStep(names[module], module, tuple(x.shape), tuple(out.shape),
                                    x.detach().clone() if keep_tensors else None,
@@ -128,8 +130,15 @@ def trace_chain(model: nn.Module, images: torch.Tensor, layer: str,
                 model(images)
             except _StopForward:
                 pass
+            except Exception:
+                if layer is not None:
+                    raise
+                # the whole-forward trace keeps what ran before the error (a prefix of the net)
+                while steps and not steps[-1].out_shape:
+                    steps.pop()
             else:
-                raise LayerError(f"Layer {layer!r} was not run by the model's forward pass")
+                if layer is not None:
+                    raise LayerError(f"Layer {layer!r} was not run by the model's forward pass")
     finally:
         for h in handles:
             h.remove()
@@ -146,25 +155,36 @@ def layer_output(model: nn.Module, images: torch.Tensor, layer: str | nn.Module)
         return forward_until(model, images, module, name, hook=lambda out: out.detach().clone())
 
 
+def chain_prefix(steps: list[ChainStep], images: torch.Tensor, allow_functional_relu: bool = False) -> int:
+    """How many leading steps of a `trace_chain(..., keep_tensors=True)` form a plain chain: each
+    consumes exactly the previous step's output (the first one: `images`), or its ReLU with
+    `allow_functional_relu`. len(steps) when the whole trace is a chain."""
+    previous, previous_id = images, _identity(images)
+    for index, step in enumerate(steps):
+        x = step.input
+        # the very tensor the previous module returned, untouched: no need to compare values
+        same = step.input_id is not None and step.input_id == previous_id
+        ok = same or x is not None and previous is not None and x.shape == previous.shape and (
+            torch.equal(x, previous) or (allow_functional_relu and torch.equal(x, previous.clamp_min(0))))
+        if not ok:
+            return index
+        previous, previous_id = step.output, step.output_id
+    return len(steps)
+
+
 def check_chain(steps: list[ChainStep], images: torch.Tensor, error: type[Exception], remedy: str,
                 allow_functional_relu: bool = False) -> None:
     """Raise `error` unless every step of a `trace_chain(..., keep_tensors=True)` consumes exactly the
     previous step's output (the first one: `images`), i.e. the model is a plain chain of modules up
     to there. `allow_functional_relu` accepts a functional ReLU between two modules (methods that
     pass ReLUs through). `remedy` ends the message: what the method needs and what to do."""
-    previous, previous_id, previous_name = images, _identity(images), "the input images"
-    for step in steps:
-        x = step.input
-        # the very tensor the previous module returned, untouched: no need to compare values
-        same = step.input_id is not None and step.input_id == previous_id
-        ok = same or x is not None and x.shape == previous.shape and (
-            torch.equal(x, previous) or (allow_functional_relu and torch.equal(x, previous.clamp_min(0))))
-        if not ok:
-            raise error(
-                f"The model is not a plain chain of modules: the input of layer {step.name!r} is not the "
-                f"output of {previous_name}; an operation that is not a module (a residual addition, a "
-                f"branch, a functional call such as F.relu or F.max_pool2d) runs in between. {remedy}")
-        previous, previous_id, previous_name = step.output, step.output_id, repr(step.name)
+    index = chain_prefix(steps, images, allow_functional_relu)
+    if index < len(steps):
+        previous_name = repr(steps[index - 1].name) if index else "the input images"
+        raise error(
+            f"The model is not a plain chain of modules: the input of layer {steps[index].name!r} is not the "
+            f"output of {previous_name}; an operation that is not a module (a residual addition, a "
+            f"branch, a functional call such as F.relu or F.max_pool2d) runs in between. {remedy}")
 
 
 #: nets with at most this many Conv2d show every one by default
@@ -172,13 +192,36 @@ ALL_CONVS_UP_TO = 6
 _POOLS = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveMaxPool2d, nn.AdaptiveAvgPool2d, nn.LPPool2d)
 
 
-def default_conv_layers(net: nn.Module, all_up_to: int = ALL_CONVS_UP_TO) -> list[str]:
-    """Conv layers that stand for the net's conv blocks, in definition order (the execution order of
-    a sequential net): every Conv2d if there are at most `all_up_to`; otherwise the last Conv2d
-    before each pooling layer, plus the last Conv2d (VGG16: features.2, 7, 14, 21, 28)."""
+def default_conv_layers(net: nn.Module, image: torch.Tensor | None = None,
+                        all_up_to: int = ALL_CONVS_UP_TO) -> list[str]:
+    """Conv layers that stand for the net's stages: every Conv2d if there are at most `all_up_to`.
+
+    Otherwise, with an `image` ([1, C, H, W], model input): one conv per output resolution, in
+    execution order; of the convs whose maps have that size, the last one to run among those with
+    the most channels (ResNet: conv1, layer1.1.conv2, ..., layer4.1.conv2 for ResNet-18,
+    layer1.2.conv3, ... for ResNet-50; DenseNet: each transition's conv; VGG16: each block's last
+    conv). Convs applied to 1x1 maps of a larger stage (squeeze-excitation gates) are not
+    candidates. Without an image (definition order): the last Conv2d before each pooling layer,
+    plus the last Conv2d (VGG16: features.2, 7, 14, 21, 28)."""
     convs = layer_names(net, nn.Conv2d)
     if len(convs) <= all_up_to:
         return convs
+    if image is not None:
+        ran = _conv_shapes(net, image)
+        if ran:
+            stages: dict[tuple[int, int], list[tuple[int, str]]] = {}
+            for order, (name, in_shape, out_shape) in enumerate(ran):
+                if len(out_shape) != 4 or len(in_shape) != 4:
+                    continue
+                if in_shape[2] * in_shape[3] == 1 and len(ran) > 1 and any(
+                        s[2][2] * s[2][3] > 1 for s in ran if len(s[2]) == 4):
+                    continue  # a gate on pooled maps
+                stages.setdefault(tuple(out_shape[2:]), []).append((order, name, out_shape[1]))
+            picked = []
+            for members in stages.values():
+                most = max(c for _, _, c in members)
+                picked.append(max((o, n) for o, n, c in members if c == most))
+            return [n for _, n in sorted(picked)]
     picked: list[str] = []
     last_conv = None
     for name, module in net.named_modules():
@@ -189,6 +232,31 @@ def default_conv_layers(net: nn.Module, all_up_to: int = ALL_CONVS_UP_TO) -> lis
     if convs[-1] not in picked:
         picked.append(convs[-1])
     return picked
+
+
+def _conv_shapes(net: nn.Module, image: torch.Tensor) -> list[tuple[str, tuple, tuple]]:
+    """(name, input shape, output shape) of every Conv2d at its first run, in execution order, from
+    one forward pass of `image` in eval mode without gradients (an error past the convs is ignored)."""
+    names = {m: n for n, m in net.named_modules() if isinstance(m, nn.Conv2d)}
+    seen: dict[str, tuple] = {}
+
+    def hook(module, args, out):
+        name = names[module]
+        if name not in seen and args and torch.is_tensor(args[0]) and torch.is_tensor(out):
+            seen[name] = (name, tuple(args[0].shape), tuple(out.shape))
+
+    handles = [m.register_forward_hook(hook) for m in names]
+    try:
+        with torch.no_grad(), eval_mode(net):
+            try:
+                net(image)
+            except Exception:
+                if not seen:
+                    raise
+    finally:
+        for h in handles:
+            h.remove()
+    return list(seen.values())
 
 
 def layer_maxima(model: nn.Module, images: torch.Tensor, layers: Sequence[str]) -> dict[str, torch.Tensor]:

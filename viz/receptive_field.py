@@ -40,12 +40,15 @@ import math
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
-from convlens.viz.common import VizError, adaptive_window_matrix, check_images, window, window_matrix
-from convlens.viz.layers import ChainStep, LayerError, check_chain, trace_chain
+from convlens.viz.common import (VizError, adaptive_window_matrix, check_images, eval_mode, forward_until, frozen,
+                                 gradients, window, window_matrix)
+from convlens.viz.layers import ChainStep, LayerError, check_chain, get_layer, trace_chain
 
-__all__ = ["ReceptiveField", "ReceptiveFieldError", "receptive_field", "crop_patches",
+__all__ = ["ReceptiveField", "ReceptiveFieldError", "receptive_field", "gradient_support", "crop_patches",
            "WINDOW_MODULES", "ELEMENTWISE_MODULES"]
 
 #: modules with a sliding window (kernel, stride, padding, dilation)
@@ -194,18 +197,35 @@ def _chain(model: nn.Module, images: Tensor, layer: str) -> list[ChainStep]:
     return trace
 
 
-def receptive_field(model: nn.Module, images: Tensor, layer: str) -> ReceptiveField:
+def receptive_field(model: nn.Module, images: Tensor, layer: str, path: str = "auto") -> ReceptiveField:
     """The receptive field of every unit of `layer` on images shaped like `images` [N, C, H, W].
 
     One image is run through `model` (eval mode) up to `layer` to find the module chain and the map
     sizes; the answer depends only on the geometry (kernel, stride, padding, dilation, ceil_mode,
     padding_mode), not on the weights or the image's content. The model's modes, hooks and
     `requires_grad` flags are left as they were. Raises LayerError for an unknown layer or one
-    without spatial maps, ReceptiveFieldError for a module the field cannot pass (e.g. a Linear,
-    an Upsample, a residual addition).
+    without spatial maps.
+
+    On a plain chain of window and element-wise modules the field is composed module by module
+    (exact, with the closed form `size`/`jump`/`start`). Any other network (residual sums,
+    concatenations, squeeze-excitation gates, functional pooling, Upsample, ...) gets the gradient
+    support (`gradient_support`): the input pixels on which the unit's gradient is nonzero, in a
+    linearized, all-positive reading of the forward that no weight or activation can cancel; the
+    closed form is then None. Both give the same field on a chain. `path`: "auto" (the chain
+    composition where it applies, else the gradient support), "chain" (a ReceptiveFieldError for
+    any other net) or "general" (always the gradient support).
     """
     _check_images(images)
-    trace = _chain(model, images, layer)
+    if path not in ("auto", "chain", "general"):
+        raise ReceptiveFieldError(f"Unknown path={path!r}: use 'auto', 'chain' or 'general'")
+    if path == "general":
+        return gradient_support(model, images, layer)
+    try:
+        trace = _chain(model, images, layer)
+    except ReceptiveFieldError:
+        if path == "chain":
+            raise
+        return gradient_support(model, images, layer)
     h, w = trace[-1].out_shape[2:]
     supports = []
     for axis, n_out in ((0, h), (1, w)):
@@ -219,6 +239,141 @@ def receptive_field(model: nn.Module, images: Tensor, layer: str) -> ReceptiveFi
     size, jump, start = _closed_form(trace)
     return ReceptiveField(layer, tuple(images.shape[2:]), (h, w), supports[0], supports[1],
                           size, jump, start)
+
+
+# --------------------------------------------------------------------------------------------
+# Gradient support: any network
+# --------------------------------------------------------------------------------------------
+
+#: element-wise nonlinearities, read as the identity: no dead unit or saturation hides a connection
+_ACTIVATIONS = tuple(f for f in (
+    F.relu, F.relu6, F.leaky_relu, F.elu, F.selu, F.celu, F.gelu, F.silu, F.mish, F.hardswish,
+    F.hardsigmoid, F.hardtanh, F.softplus, F.sigmoid, F.tanh, F.prelu, F.rrelu, F.logsigmoid,
+    torch.relu, torch.sigmoid, torch.tanh, torch.Tensor.relu, torch.Tensor.sigmoid, torch.Tensor.tanh))
+_ACTIVATIONS_INPLACE = (torch.relu_, torch.Tensor.relu_, torch.sigmoid_, torch.Tensor.sigmoid_, torch.tanh_,
+                        torch.Tensor.tanh_, F.leaky_relu_, F.elu_, F.rrelu_, torch.Tensor.clamp_, torch.Tensor.clamp_min_)
+_WEIGHTED = (F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d, F.linear)
+
+
+class _WindowSum(torch.autograd.Function):
+    """A max pool's forward; backward spreads each value over the pool's whole window (every pixel
+    of the window is connected, whichever won)."""
+
+    @staticmethod
+    def forward(ctx, x, rows, cols, out):
+        ctx.save_for_backward(rows, cols)
+        return out.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        rows, cols = ctx.saved_tensors
+        return torch.matmul(torch.matmul(rows.t().to(grad.dtype), grad), cols.to(grad.dtype)), None, None, None
+
+
+class _Structural(TorchFunctionMode):
+    """The forward read for connectivity: every conv/linear weight as a positive averaging filter
+    (1 / fan-in) and no bias, every element-wise activation, BatchNorm and channel-wise LayerNorm
+    as the identity, max pools as their windows. With an all-positive input every value and every
+    local derivative is then positive, so a pixel connected to a unit has a nonzero gradient (in
+    float64, which no depth underflows)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _WEIGHTED:
+            args = list(args)
+            x = args[0] if args else kwargs["input"]
+            weight = args[1] if len(args) > 1 else kwargs.pop("weight")
+            # an averaging filter: positive, and values stay of order 1 through any depth
+            weight = torch.full(weight.shape, 1.0 / max(1, weight[0].numel()), dtype=x.dtype, device=x.device)
+            if len(args) > 1:
+                args[1] = weight
+            else:
+                kwargs["weight"] = weight
+            if len(args) > 2:
+                args[2] = None
+            kwargs.pop("bias", None)
+            return func(*args, **kwargs)
+        if func in _ACTIVATIONS:
+            x = args[0] if args else kwargs["input"]
+            inplace = bool(kwargs.get("inplace", False)) or any(a is True for a in args[1:])
+            return x if inplace else x.clone()
+        if func in _ACTIVATIONS_INPLACE:
+            return args[0]
+        if func is F.batch_norm:
+            return args[0].clone()
+        if func is F.layer_norm:
+            shape = args[1] if len(args) > 1 else kwargs["normalized_shape"]
+            if len(tuple(shape)) == 1:  # over channels only (ConvNeXt's, channels last): per position
+                return args[0].clone()
+        if func in (F.group_norm, F.instance_norm, F.layer_norm):  # these connect positions: kept, in float64
+            args = [a.to(args[0].dtype) if torch.is_tensor(a) and a.is_floating_point() else a for a in args]
+            kwargs = {k: v.to(args[0].dtype) if torch.is_tensor(v) and v.is_floating_point() else v
+                      for k, v in kwargs.items()}
+            return func(*args, **kwargs)
+        if func in (F.max_pool2d, torch.max_pool2d):
+            names = ("input", "kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
+            a = dict(zip(names, args), **kwargs)
+            if not a.get("return_indices", False) and a["input"].dim() == 4:
+                x = a["input"]
+                with torch.no_grad():
+                    out = func(*args, **kwargs)
+                k = _pair_(a["kernel_size"])
+                s = _pair_(a["kernel_size"] if a.get("stride") in (None, []) else a["stride"])
+                p, d = _pair_(a.get("padding", 0)), _pair_(a.get("dilation", 1))
+                mats = [window_matrix(x.shape[2 + i], out.shape[2 + i], k[i], s[i], p[i], d[i], device=x.device,
+                                      dtype=x.dtype) for i in range(2)]
+                return _WindowSum.apply(x, mats[0], mats[1], out)
+        if func is F.adaptive_max_pool2d:
+            a = dict(zip(("input", "output_size", "return_indices"), args), **kwargs)
+            if not a.get("return_indices", False) and a["input"].dim() == 4:
+                x = a["input"]
+                with torch.no_grad():
+                    out = func(*args, **kwargs)
+                mats = [adaptive_window_matrix(x.shape[2 + i], out.shape[2 + i], device=x.device, dtype=x.dtype)
+                        for i in range(2)]
+                return _WindowSum.apply(x, mats[0], mats[1], out)
+        return func(*args, **kwargs)
+
+
+def _pair_(v) -> tuple[int, int]:
+    return tuple(int(i) for i in v) if isinstance(v, (tuple, list)) else (int(v), int(v))
+
+
+def gradient_support(model: nn.Module, images: Tensor, layer: str) -> ReceptiveField:
+    """The receptive field of every unit of `layer` as a gradient support, for any network.
+
+    The forward runs on one all-ones image shaped like `images[:1]` in float64, read for
+    connectivity (`_Structural`: weights as positive averaging filters without biases, activations
+    and normalizations as the identity,
+    max pools as their windows, so nothing cancels or saturates). Row i of the layer connects to
+    the input rows where the gradient of its units (all channels and columns) is nonzero, and
+    likewise for column j; one batched backward computes all h + w of them (the images repeated
+    h + w times, eval mode). Unit (i, j) sees rows(i) x cols(j): on a residual or concatenating
+    net, the bounding product of its branches' fields. `size`, `jump` and `start` are None."""
+    module = get_layer(model, layer)
+    with torch.no_grad(), eval_mode(model):
+        out_shape = forward_until(model, images[:1], module, repr(layer)).shape
+    if len(out_shape) != 4:
+        raise LayerError(f"Layer {layer!r} has no receptive field on the image grid: it outputs "
+                         f"{list(out_shape)}, not maps [N, C, h, w]; name a layer with spatial maps")
+    _, k, h, w = out_shape
+    big_h, big_w = images.shape[2:]
+    with gradients(model), frozen(model):
+        x = torch.ones(h + w, *images.shape[1:], dtype=torch.float64, device=images.device, requires_grad=True)
+        with _Structural():
+            out = forward_until(model, x, module, repr(layer))
+        seed = torch.zeros(h + w, k, h, w, dtype=out.dtype, device=out.device)
+        rows = torch.arange(h, device=out.device)
+        cols = torch.arange(w, device=out.device)
+        seed[rows, :, rows, :] = 1                       # sample i: every unit of row i
+        seed[h + cols, :, :, cols] = 1                   # sample h + j: every unit of column j
+        (grad,) = torch.autograd.grad(out, x, seed, allow_unused=True)
+    if grad is None:
+        grad = torch.zeros_like(x)
+    nonzero = grad.detach().abs().sum(1) > 0             # [h + w, H, W]
+    row_support = nonzero[:h].any(2).cpu()               # [h, H]
+    col_support = nonzero[h:].any(1).cpu()               # [w, W]
+    return ReceptiveField(layer, (big_h, big_w), (h, w), row_support, col_support, None, None, None)
 
 
 def _closed_form(trace: list[ChainStep]):
