@@ -49,7 +49,8 @@ class OcclusionSensitivity(VisualizationCallback):
         cmap: matplotlib colormap of the probability heat map.
         max_batch: occluded copies per forward pass (None: `occlusion_maps`' memory budget).
         tile_size: each panel is upscaled (nearest, integer factor) to about this many pixels.
-        every_n_epochs, probe_per_class, probe_seed: see VisualizationCallback.
+        every_n_epochs, probe_per_class, probe_seed, and `probe_options` (probe, mean, std,
+            batch_keys): see VisualizationCallback.
     """
 
     name = "occlusion"
@@ -59,9 +60,9 @@ class OcclusionSensitivity(VisualizationCallback):
     def __init__(self, every_n_epochs: int = 1, num_probe: int | None = 4, patch: int | None = None,
                  stride: int | None = None, target: str = "true", cmap: str = "jet",
                  max_batch: int | None = None, tile_size: int = 112, probe_per_class: int = 1,
-                 probe_seed: int = 0):
+                 probe_seed: int = 0, **probe_options):
         super().__init__(layers=None, every_n_epochs=every_n_epochs, num_probe=num_probe,
-                         probe_per_class=probe_per_class, probe_seed=probe_seed)
+                         probe_per_class=probe_per_class, probe_seed=probe_seed, **probe_options)
         for arg, value in (("patch", patch), ("stride", stride)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise OcclusionError(f"{arg} must be an int >= 1 (pixels), or None to derive it from the "
