@@ -127,6 +127,29 @@ class CheckpointWriteError(ConvlensError, RuntimeError):
     """A checkpoint could not be written (full disk, read-only folder); the previous one is intact."""
 
 
+class _Sink:
+    """The file torch.save writes to, keeping the OSError of a failed write (torch.save raises its
+    own RuntimeError instead)."""
+
+    def __init__(self) -> None:
+        self.error: OSError | None = None
+        self._f = None
+
+    def into(self, f) -> "_Sink":
+        self._f = f
+        return self
+
+    def write(self, data) -> int:
+        try:
+            return self._f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self._f.flush()
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning's checkpoint IO, crash-safe: each checkpoint is written to a temp file beside it,
     fsynced and renamed over it, so it is either the old file or the new one (never truncated);
@@ -139,9 +162,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         checkpoint = {**checkpoint, SAVED_AT: time.time()}
+        sink = _Sink()
         try:
-            atomic_write(path, lambda f: torch.save(checkpoint, f))
-        except OSError as e:
+            atomic_write(path, lambda f: torch.save(checkpoint, sink.into(f)))
+        except (OSError, RuntimeError) as e:
+            # torch.save's zip writer reports a failed write (a full disk) as a RuntimeError
+            e = sink.error or e
+            if not isinstance(e, OSError):
+                raise
             why = "the disk is full" if is_disk_full(e) else f"{type(e).__name__}: {e.strerror or e}"
             kept = f"the previous {path.name} is intact" if path.exists() else "nothing was written"
             raise CheckpointWriteError(

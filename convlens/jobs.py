@@ -284,10 +284,16 @@ def record_refused(job_dir: Path, overrides: Sequence[str], error: BaseException
     sweep_dir = _multirun_sweep_dir()
     if sweep_dir is None or not _is_rank_zero():
         return
-    name = hashlib.sha1("\n".join(_comparable(overrides)).encode()).hexdigest()[:12]
-    record = {"overrides": _comparable(overrides), "dir": str(job_dir), "error": one_line(error),
-              "config": OmegaConf.to_container(cfg, resolve=False)}
-    path = sweep_dir / REFUSED_DIR / f"{name}.json"
+    key = hashlib.sha1("\n".join(_comparable(overrides)).encode()).hexdigest()[:12]
+    recorded = set(_comparable((read_status(job_dir) or {}).get("overrides") or []))
+    differ = [o for o in _comparable(overrides) if o not in recorded]
+    try:
+        folder = job_dir.absolute().relative_to(sweep_dir).as_posix()
+    except ValueError:
+        folder = job_dir.name
+    record = {"name": f"{folder} [refused: {' '.join(differ) or 'clash'}]", "overrides": _comparable(overrides),
+              "dir": str(job_dir), "error": one_line(error), "config": OmegaConf.to_container(cfg, resolve=False)}
+    path = sweep_dir / REFUSED_DIR / f"{key}.json"
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, json.dumps(record, indent=2, default=str))

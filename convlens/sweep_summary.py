@@ -121,7 +121,7 @@ def collect(sweep_dir: str | os.PathLike, rows: str = "model.c3", cols: str = "m
             cfg = OmegaConf.create(record.get("config") or {})
         except Exception:
             cfg = None
-        jobs.append(JobResult(name=" ".join(record.get("overrides") or []) or "refused job",
+        jobs.append(JobResult(name=record.get("name") or " ".join(record.get("overrides") or []) or "refused job",
                               dir=Path(record.get("dir") or sweep_dir), config=cfg, row=_select(cfg, rows),
                               col=_select(cfg, cols), status="refused", error=record.get("error")))
     if not jobs:
