@@ -198,11 +198,13 @@ SWEEP_ARGS = [
 GRID = {(8, 4), (8, 8), (16, 4), (16, 8)}
 
 
-def _multirun(sweep_dir: Path, grid_args, cache: Path) -> subprocess.CompletedProcess:
+def _multirun(sweep_dir: Path, grid_args, cache: Path, returncode: int = 0) -> subprocess.CompletedProcess:
+    """The sweep in a subprocess; it exits 0 when every job finished, 1 (after running every job and
+    writing the summary) when one failed."""
     env = dict(os.environ, CONVLENS_CACHE=str(cache), PYTHONUNBUFFERED="1")
     cmd = [sys.executable, "train.py", "-m", *SWEEP_ARGS, *grid_args, f"hydra.sweep.dir={sweep_dir}"]
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert r.returncode == returncode, r.stdout[-3000:] + r.stderr[-3000:]
     return r
 
 
@@ -216,7 +218,7 @@ def sweep(tmp_path_factory):
     first = {p.parent.name: (p.stat().st_mtime_ns, json.loads(p.read_text()))
              for p in sweep_dir.glob("*/metrics.json")}
     first_csv = list(csv.DictReader((sweep_dir / "summary.csv").open()))
-    rerun = _multirun(sweep_dir, ["model.c3=0,8,16", "model.c4=4,8"], root / "cache")
+    rerun = _multirun(sweep_dir, ["model.c3=0,8,16", "model.c4=4,8"], root / "cache", returncode=1)
     return sweep_dir, first, first_csv, rerun
 
 
@@ -285,6 +287,10 @@ def test_rerun_skips_finished_jobs_and_records_the_failed_ones(sweep):
         assert float(rows[name]["test_acc"]) == pytest.approx(metrics["test/acc"], abs=1e-4)
     md = (sweep_dir / "summary.md").read_text()
     assert "6 jobs: 4 finished, 2 failed" in md and "c3 and c4 must be positive" in md
+    # the failed jobs make the sweep exit 1 (asserted in _multirun), saying so in one line, last
+    last = [ln for ln in rerun.stderr.splitlines() if ln.strip()][-1]
+    assert last.startswith("convlens: SweepError") and "2 failed (c3=0,c4=4, c3=0,c4=8)" in last, last
+    assert str(sweep_dir / "summary.md") in last
 
 
 def test_summary_plot_panels_and_tensorboard_run(sweep):
