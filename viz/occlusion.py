@@ -5,7 +5,11 @@ something the model uses (their Fig. 5: a 7x7 patch on 32x32 CIFAR-10 images, th
 and the score of class *dog* at each patch position).
 
 Every occluded copy is built at once per chunk with a mask (no Python loop over positions), and
-the copies of all images and positions are forwarded in batches of at most `max_batch`.
+the copies of all images and positions are forwarded in batches of at most `max_batch`. Where the
+model starts with a plain chain of convolutions, pools and elementwise layers, those layers are
+recomputed only on the part of their output the patch reaches (incremental inference after
+Nakandala, Kumar & Papakonstantinou, SIGMOD 2019, DOI 10.1145/3299869.3319874; see
+`viz.occlusion_incremental`), with the same maps up to floating-point rounding.
 """
 from __future__ import annotations
 
@@ -92,9 +96,11 @@ def occlusion_maps(model: nn.Module, images: torch.Tensor, targets: torch.Tensor
     on the window of its output the patch can reach; the model's own forward runs the rest. Its
     maps equal the full forward's up to floating-point rounding.
     `tau`: None (exact), or a fraction in (0, 1) for Krypton's projective-field thresholding: in
-    each layer the changed region is cut to at most max(1, floor(tau * side)) outputs per axis
-    around its center, and changes outside it are ignored. Faster, not exact; only on the
-    incremental path (where the model has none and `incremental` is None, the maps are exact).
+    each layer computed incrementally (with incremental=True: the whole chain; automatically: up
+    to where the full forward takes over) the changed region is cut to at most
+    max(1, floor(tau * side)) outputs per axis around its center, and changes outside it are
+    ignored. Faster, not exact; only on the incremental path (where the model has none and
+    `incremental` is None, the maps are exact).
 
     The model runs in eval mode under torch.inference_mode; every submodule's mode is restored.
     The model must return logits (N, num_classes). Returns `prob` (N, H', W') in the logits' dtype

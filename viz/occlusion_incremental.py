@@ -58,12 +58,13 @@ from convlens.viz.occlusion import OcclusionError
 __all__ = ["RecordedForward", "IncrementalRunner", "record_forward", "prepare", "MIN_SAVING_RATIO"]
 
 # Per-copy cost constants, in multiply-accumulate equivalents: on a CPU a convolution runs many
-# MACs in the time a gather, paste or elementwise op touches one element.
-COPY_COST = 12.0
+# MACs in the time a gather, paste or elementwise op touches one element (gathers of large chunks
+# are memory-bound, hence the high copy cost).
+COPY_COST = 30.0
 ELEMENTWISE_COST = 6.0
 POOL_TAP_COST = 4.0
 #: use the incremental path only when its estimated cost is at most this fraction of the batched one
-MIN_SAVING_RATIO = 0.8
+MIN_SAVING_RATIO = 0.7
 
 # Elementwise modules: in eval mode each output element depends on its own input element only
 # (PReLU and BatchNorm on its channel's parameters), so they run on a window as on the full map.
@@ -266,6 +267,7 @@ class _Layer:
     tables: dict[str, Tensor] = field(default_factory=dict)
     indexing: bool = False                    # paste the whole input window by plain indexing
     crops: Tensor | None = None               # a view of `cache`: every crop, [N, H'', W'', h, w, C]
+    weight: Tensor | None = None              # a conv's weight in the crops' (channels_last) layout
 
 
 def _prod(shape) -> int:
@@ -391,6 +393,8 @@ class IncrementalRunner:
             if layer.kind == "elementwise":
                 continue
             t = layer.tables
+            if layer.kind == "conv":
+                layer.weight = layer.module.weight.detach().contiguous(memory_format=torch.channels_last)
             for a, axis in (("y", layer.y), ("x", layer.x)):
                 t[a + "crop"] = torch.tensor(axis.start, device=device) * axis.stride - axis.pad
                 t[a + "out"] = torch.tensor(axis.start, device=device)
@@ -552,7 +556,7 @@ class IncrementalRunner:
             crop = self._paste(crop, d, t, (ay, ax), pi, pj, layer.indexing)
             x = crop.permute(0, 3, 1, 2)
             if layer.kind == "conv":
-                out = F.conv2d(x, m.weight, m.bias, m.stride, 0, m.dilation, m.groups)
+                out = F.conv2d(x, layer.weight, m.bias, m.stride, 0, m.dilation, m.groups)
             elif layer.kind == "max":
                 out = F.max_pool2d(x, m.kernel_size, m.stride, 0, m.dilation, False)
             else:
