@@ -289,6 +289,7 @@ class VisualizationCallback(pl.Callback):
         self._class_names: list[str] | None = None
         #: True when a default visualization found nothing it can draw on this model (warned once)
         self.declined = False
+        self._warned: set[str] = set()
         #: default layers chosen at setup without an image: chosen again at fit start with one
         self._tentative = False
 
@@ -380,9 +381,10 @@ class VisualizationCallback(pl.Callback):
         if mean_std is not None:
             return _Normalization(*mean_std)
         if dm is None or not hasattr(dm, "normalization"):
-            _warn_once(f"{type(self).__name__}: no normalization found (no mean/std argument, no datamodule "
-                       "normalization, no torchvision Normalize in the validation dataset's transforms): images "
-                       "are shown as they are; pass mean=[...], std=[...] for true colors")
+            # one message for every callback: Python's warning filter shows it once a run
+            self._warn_once("convlens callbacks: no normalization found (no mean/std argument, no datamodule "
+                            "normalization, no torchvision Normalize in the validation dataset's transforms): images "
+                            "are shown as they are; pass mean=[...], std=[...] for true colors")
         return None
 
     def class_names(self, trainer: pl.Trainer) -> Sequence[str]:
@@ -470,9 +472,14 @@ class VisualizationCallback(pl.Callback):
                 raise
             self._decline(str(e))
 
+    def _warn_once(self, message: str) -> None:
+        if message not in self._warned:
+            self._warned.add(message)
+            rank_zero_warn(message)
+
     def _decline(self, why: str) -> None:
         self.declined = True
-        _warn_once(f"{type(self).__name__} is switched off for this model: {' '.join(why.split())}")
+        self._warn_once(f"{type(self).__name__} is switched off for this model: {' '.join(why.split())}")
 
     def _check_forward(self, pl_module: pl.LightningModule) -> None:
         net = self.net(pl_module)
@@ -495,7 +502,7 @@ class VisualizationCallback(pl.Callback):
             if problems:
                 names = list(problems)
                 shown = ", ".join(names[:12]) + (f", ... (+{len(names) - 12} more)" if len(names) > 12 else "")
-                _warn_once(f"{type(self).__name__}: skipping default layers this method cannot use on this model: "
+                self._warn_once(f"{type(self).__name__}: skipping default layers this method cannot use on this model: "
                            f"{shown} ({next(iter(problems.values()))}); drawing {', '.join(usable)}")
             self.layers = usable
         elif self._configured_layers is not None and list(self._configured_layers) == list(self.layers):
@@ -640,15 +647,6 @@ def _as_batch(item):
                     torch.as_tensor(v).reshape(1) if isinstance(v, int) or (torch.is_tensor(v) and v.numel() == 1)
                     else v) for k, v in item.items()}
     return item
-
-
-_WARNED: set[str] = set()
-
-
-def _warn_once(message: str) -> None:
-    if message not in _WARNED:
-        _WARNED.add(message)
-        rank_zero_warn(message)
 
 
 def _first_loader(loaders):

@@ -127,7 +127,7 @@ class FilterEvolution(VisualizationCallback):
     def _check_filters(self, net: nn.Module) -> None:
         """The tracked maps: in range, and of tracked layers (once the layers are final)."""
         for layer, index in self.filters.items():
-            if not self._tentative and layer not in self.layers:
+            if layer not in self.layers and (not self._tentative or layer not in layer_names(net, nn.Conv2d)):
                 raise LayerError(f"filters names layer {layer!r}, which is not tracked. Tracked layers: "
                                  f"{', '.join(self.layers)} (add it to `layers`, or fix the name)")
             maps = get_layer(net, layer, nn.Conv2d).out_channels

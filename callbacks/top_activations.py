@@ -1,7 +1,8 @@
 """TopActivations: for selected filters, the validation images' receptive-field patches that
 activate them most.
 
-Follows Vanrell & Arias's lecture "Understanding and visualizing CNNs" ("Neuron Analysis": activation maximization, "find the images
+Follows Vanrell & Arias, "Understanding and visualizing CNNs" (lecture, Master in Computer Vision
+Barcelona; "Neuron Analysis": activation maximization, "find the images
 that maximally activate a neuron"; "Building the Receptive field of a neuron": run each image, take
 the filter's activation map, and cut out "the part of the image (with size of the receptive field)
 that triggered the maximum activation"), over the whole validation set rather than one batch (as
@@ -204,7 +205,8 @@ class TopActivations(VisualizationCallback):
     def _choose_filters(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, list[int]]:
         net = self.net(pl_module)
         chosen = {}
-        need_activity = [layer for layer in self.layers if layer not in self.filters and self.selection == "most_active"]
+        need_activity = [layer for layer in self.layers
+                         if layer not in self.filters and self.selection == "most_active"]
         activity = layer_maxima(net, self.probe_images.to(pl_module.device), need_activity) if need_activity else {}
         for layer in self.layers:
             if layer in self.filters:

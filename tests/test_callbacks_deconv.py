@@ -38,7 +38,7 @@ from convlens.models.cifar import CifarConvNet
 from convlens.models.lenet import LeNet
 from convlens.models.module import ClassifierModule
 from convlens.train import train
-from convlens.viz.deconvnet import DeconvnetError, Recording, project
+from convlens.viz.deconvnet import DeconvnetError, Recording, project, record
 from convlens.viz.layers import LayerError, eval_mode
 
 LENET_CONVS = ["conv1", "conv2", "conv3", "conv4"]
@@ -274,7 +274,9 @@ def test_two_epoch_shapes_run_logs_every_tag_each_epoch(tmp_path):
     events = read_events(tmp_path / "tensorboard")
     dm = cfg.datamodule
     per_epoch = math.ceil((dm.n_train - dm.val_size) / dm.batch_size)
-    steps = [per_epoch, 2 * per_epoch]  # the global step at the end of each epoch
+    # each epoch's images land on the step of its validation scalars (Lightning: global_step - 1)
+    steps = [per_epoch - 1, 2 * per_epoch - 1]
+    assert sorted(events["scalars"]["val/acc"]) == steps
     expected = [f"{kind}/{layer}" for kind in ("deconv", "deconv_max", "evolution") for layer in LENET_CONVS]
     for tag in expected + ["evolution/weights_conv1"]:
         assert sorted(events["images"].get(tag, [])) == sorted(steps), f"{tag}: {events['images'].get(tag)}"
@@ -301,7 +303,7 @@ def png_run(tmp_path_factory):
 def test_png_fallback_without_tensorboard(png_run):
     root, _, trainer = png_run
     viz = root / "viz"
-    steps = [trainer.global_step // 2, trainer.global_step]
+    steps = [trainer.global_step // 2 - 1, trainer.global_step - 1]  # the epochs' validation steps
     for tag in [f"deconv/{layer}" for layer in LENET_CONVS] + ["deconv_max/conv1", "evolution/conv4",
                                                                 "evolution/weights_conv1"]:
         assert sorted(p.name for p in (viz / tag).glob("*.png")) == [f"step{s:07d}.png" for s in steps], tag
@@ -424,14 +426,19 @@ def test_probe_index_beyond_probe_set_fails_at_fit_start(tmp_path):
 
 
 @pytest.mark.parametrize("cls", [DeconvProjection, FilterEvolution])
-def test_model_the_deconvnet_cannot_walk_back_fails_at_fit_start(tmp_path, cls):
+def test_model_the_chain_path_cannot_walk_back_is_drawn_by_the_general_path(tmp_path, cls):
+    # a GELU: the chain path refuses it (as these callbacks used to); the general path gives it its
+    # ordinary gradient (as Captum), so the callbacks draw every conv
     net = nn.Sequential(OrderedDict(conv1=nn.Conv2d(1, 4, 3), act=nn.GELU(), conv2=nn.Conv2d(4, 4, 3),
                                     pool=nn.AdaptiveAvgPool2d(1), flatten=nn.Flatten(), fc=nn.Linear(4, 10)))
-    module = ClassifierModule(net, optimizer=partial(torch.optim.SGD, lr=0.01))
-    trainer = tiny_trainer(tmp_path, [cls()])
     with pytest.raises(DeconvnetError, match="'act' is a GELU"):
-        trainer.fit(module, datamodule=tiny_datamodule())
-    assert trainer.global_step == 0
+        record(net, torch.randn(1, 1, 28, 28), "conv2", path="chain")
+    module = ClassifierModule(net, optimizer=partial(torch.optim.SGD, lr=0.01))
+    cb = cls(num_probe=2)
+    logged = capture_images(cb)
+    trainer = tiny_trainer(tmp_path, [cb])
+    trainer.fit(module, datamodule=tiny_datamodule())
+    assert {f"{cb.name}/conv1", f"{cb.name}/conv2"} <= set(logged)
 
 
 def test_no_validation_batch_warns_and_skips_deconv_max(tmp_path):
@@ -489,13 +496,14 @@ def test_ddp_two_cpu_processes_log_each_image_once_per_epoch(tmp_path):
     assert "RANK 0 DREW 4" in proc.stdout and "RANK 1 DREW 0" in proc.stdout, proc.stdout[-2000:]
     events = read_events(out / "tb")
     images = events["images"]
-    # (256 - 64 val) images / 2 ranks / batch 32 = 3 steps per epoch: epochs end at steps 3 and 6
+    # (256 - 64 val) images / 2 ranks / batch 32 = 3 steps per epoch: epochs end at steps 3 and 6,
+    # their validation scalars (and so the callbacks' images) are logged at steps 2 and 5
     assert "GLOBAL_STEP 6 RANK 0" in proc.stdout
     assert set(images) >= {"deconv/conv1", "deconv_max/conv4", "evolution/conv2", "evolution/weights_conv1",
                            "evolution/summary"}
     for tag, steps in images.items():
-        expected = [6] if tag == "evolution/summary" else [3, 6]
+        expected = [5] if tag == "evolution/summary" else [2, 5]
         assert sorted(steps) == expected, f"{tag}: {steps}"
     for layer in LENET_CONVS:
-        assert sorted(events["scalars"][f"evolution_weight_change/{layer}"]) == [3, 6]
+        assert sorted(events["scalars"][f"evolution_weight_change/{layer}"]) == [2, 5]
     assert not (out / "viz").exists()  # no PNG fallback written by the other rank

@@ -601,8 +601,10 @@ def test_project_many_bad_shape(lenet):
 
 @pytest.mark.parametrize("model_name,layer,valid", [
     ("lenet", "flatten", "conv1, pool1, conv2, pool2, conv3, relu3, conv4"),
-    ("cifar", "fc1", "conv1, relu1, conv2, relu2, pool2, bn2, drop2, conv3, relu3, pool3, drop3, conv4, relu4, pool4, drop4"),
-    ("cifar", "relu5", "conv1, relu1, conv2, relu2, pool2, bn2, drop2, conv3, relu3, pool3, drop3, conv4, relu4, pool4, drop4"),
+    ("cifar", "fc1", "conv1, relu1, conv2, relu2, pool2, bn2, drop2, conv3, relu3, pool3, drop3, conv4, relu4, "
+                     "pool4, drop4"),
+    ("cifar", "relu5", "conv1, relu1, conv2, relu2, pool2, bn2, drop2, conv3, relu3, pool3, drop3, conv4, relu4, "
+                       "pool4, drop4"),
 ])
 def test_layer_without_spatial_maps(lenet, cifar_net, model_name, layer, valid):
     model, shape = (lenet, (1, 1, 28, 28)) if model_name == "lenet" else (cifar_net, (1, 3, 32, 32))

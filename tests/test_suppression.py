@@ -32,6 +32,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 
 from convlens.render import to_pixels, upscale
+from convlens.callbacks.base import log_step
 from convlens.callbacks.suppression import KernelSuppression
 from conftest import FAST_SHAPES, compose_cfg, read_events
 from convlens.datamodules.shapes import ShapesDataModule
@@ -530,7 +531,7 @@ def test_callback_draws_the_method_output_and_keeps_its_kernels(tmp_path):
     log_image = cb.log_image
 
     def capture(trainer, tag, image):
-        drawn[(tag, trainer.global_step)] = image
+        drawn[(tag, log_step(trainer))] = image
         log_image(trainer, tag, image)
 
     cb.log_image = capture
@@ -572,7 +573,9 @@ def test_callback_logs_at_fit_end_in_a_shapes_run(tmp_path):
     train(cfg)
     events = read_events(tmp_path / "tensorboard")
     dm = cfg.datamodule
-    final_step = cfg.trainer.max_epochs * math.ceil((dm.n_train - dm.val_size) / dm.batch_size)
+    # the last epoch's validation step (Lightning logs epoch-end metrics at global_step - 1)
+    final_step = cfg.trainer.max_epochs * math.ceil((dm.n_train - dm.val_size) / dm.batch_size) - 1
+    assert max(events["scalars"]["val/acc"]) == final_step
     for layer in ("conv1", "conv3"):
         assert events["images"][f"suppression/{layer}"] == [final_step]  # once, at fit end
         for kind in ("ssim", "mse", "mse_relative"):

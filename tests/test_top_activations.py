@@ -307,7 +307,8 @@ def test_callback_collects_the_validation_top_k_and_logs_each_epoch(tmp_path):
     assert cb.chosen == {layer: [0, 1, 2, 3] for layer in LENET_CONVS}
     assert_result_equals_brute_force(cb.result, module.net, dm, cb.chosen, 3)
     events = read_events(tmp_path / "tb")
-    steps = sorted(trainer.global_step * e // 2 for e in (1, 2))
+    steps = sorted(trainer.global_step * e // 2 - 1 for e in (1, 2))  # the epochs' validation steps
+    assert sorted(events["scalars"]["val/acc"]) == steps
     for layer in LENET_CONVS:
         assert sorted(events["images"][f"top_activations/{layer}"]) == steps
     assert sorted(events["scalars"]["viz_time/top_activations_collect"]) == steps
@@ -403,7 +404,8 @@ def test_train_logs_top_activations_and_saliency_each_epoch(tmp_path):
     train(cfg)
     events = read_events(tmp_path / "tensorboard")
     per_epoch = math.ceil((cfg.datamodule.n_train - cfg.datamodule.val_size) / cfg.datamodule.batch_size)
-    steps = [per_epoch, 2 * per_epoch]  # the global step at the end of each of the 2 epochs
+    steps = [per_epoch - 1, 2 * per_epoch - 1]  # the step of each epoch's validation scalars
+    assert sorted(events["scalars"]["val/acc"]) == steps
     for tag in [f"top_activations/{layer}" for layer in LENET_CONVS] + ["saliency/gradcam",
                                                                         "saliency/guided_backprop"]:
         assert sorted(events["images"][tag]) == sorted(steps), tag

@@ -37,7 +37,8 @@ def get_layer(model: nn.Module, name: str, kind: type | tuple[type, ...] | None 
     """The module called `name`; a LayerError naming the valid choices when there is none."""
     modules = dict(model.named_modules())
     if name not in modules or not name:
-        raise LayerError(f"Unknown layer {name!r}. Valid layer names: {_show(layer_names(model, kind) or layer_names(model))}")
+        valid = layer_names(model, kind) or layer_names(model)
+        raise LayerError(f"Unknown layer {name!r}. Valid layer names: {_show(valid)}")
     module = modules[name]
     if kind is not None and not isinstance(module, kind):
         kinds = kind if isinstance(kind, tuple) else (kind,)
@@ -200,7 +201,7 @@ def default_conv_layers(net: nn.Module, image: torch.Tensor | None = None,
     execution order; of the convs whose maps have that size, the last one to run among those with
     the most channels (ResNet: conv1, layer1.1.conv2, ..., layer4.1.conv2 for ResNet-18,
     layer1.2.conv3, ... for ResNet-50; DenseNet: each transition's conv; VGG16: each block's last
-    conv). Convs applied to 1x1 maps of a larger stage (squeeze-excitation gates) are not
+    conv). Convs applied to 1x1 maps that larger maps follow (squeeze-excitation gates) are not
     candidates. Without an image (definition order): the last Conv2d before each pooling layer,
     plus the last Conv2d (VGG16: features.2, 7, 14, 21, 28)."""
     convs = layer_names(net, nn.Conv2d)
@@ -213,9 +214,9 @@ def default_conv_layers(net: nn.Module, image: torch.Tensor | None = None,
             for order, (name, in_shape, out_shape) in enumerate(ran):
                 if len(out_shape) != 4 or len(in_shape) != 4:
                     continue
-                if in_shape[2] * in_shape[3] == 1 and len(ran) > 1 and any(
-                        s[2][2] * s[2][3] > 1 for s in ran if len(s[2]) == 4):
-                    continue  # a gate on pooled maps
+                if in_shape[2] * in_shape[3] == 1 and any(
+                        len(later[2]) == 4 and later[2][2] * later[2][3] > 1 for later in ran[order + 1:]):
+                    continue  # a gate on pooled maps (squeeze-excitation): larger maps follow
                 stages.setdefault(tuple(out_shape[2:]), []).append((order, name, out_shape[1]))
             picked = []
             for members in stages.values():

@@ -251,7 +251,8 @@ _ACTIVATIONS = tuple(f for f in (
     F.hardsigmoid, F.hardtanh, F.softplus, F.sigmoid, F.tanh, F.prelu, F.rrelu, F.logsigmoid,
     torch.relu, torch.sigmoid, torch.tanh, torch.Tensor.relu, torch.Tensor.sigmoid, torch.Tensor.tanh))
 _ACTIVATIONS_INPLACE = (torch.relu_, torch.Tensor.relu_, torch.sigmoid_, torch.Tensor.sigmoid_, torch.tanh_,
-                        torch.Tensor.tanh_, F.leaky_relu_, F.elu_, F.rrelu_, torch.Tensor.clamp_, torch.Tensor.clamp_min_)
+                        torch.Tensor.tanh_, F.leaky_relu_, F.elu_, F.rrelu_, torch.Tensor.clamp_,
+                        torch.Tensor.clamp_min_)
 _WEIGHTED = (F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d, F.linear)
 
 
