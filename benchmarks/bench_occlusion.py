@@ -120,7 +120,8 @@ def best_per_eval(model, images, targets, patch, stride, fill, max_batch, log) -
     N, _, H, W = images.shape
     candidates = sorted({max(1, max_batch // N // 2), max(1, max_batch // N), max(1, 2 * max_batch // N)})
     per_side = max(2, int((2 * candidates[-1]) ** 0.5) + 1)
-    probe_stride = max(stride, (min(H, W) - patch) // (per_side - 1))
+    # captum wants strides no larger than the window
+    probe_stride = min(patch, max(stride, (min(H, W) - patch) // (per_side - 1)))
     seconds = {}
     for per_eval in candidates:
         start = time.perf_counter()
