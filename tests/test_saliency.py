@@ -1,7 +1,7 @@
 """viz/saliency.py (Grad-CAM, guided backpropagation, guided Grad-CAM) and the Saliency callback.
 
 Oracles: captum's `LayerGradCam` (+ `LayerAttribution.interpolate`), `GuidedBackprop` and
-`GuidedGradCam`, an implementation independent of ours (captum uses module backward hooks, we use
+`GuidedGradCam` (on LeNet, the CIFAR net and a torchvision ResNet-18), an implementation independent of ours (captum uses module backward hooks, we use
 forward hooks and an autograd function); the CAM identity of Grad-CAM (for maps followed by global
 average pooling and a linear layer, Grad-CAM is ReLU(sum_k w_ck A^k) / (h w), Selvaraju et al.,
 section 3.1), computed by hand from the weights; and the same net with non-in-place ReLUs for the
@@ -35,6 +35,15 @@ from convlens.viz.saliency import SaliencyError, grad_cam, guided_backprop, guid
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # captum's notes on hooks and grads
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Small tensors: one thread is as fast, and immune to oversubscribed CPUs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def lenet():
     torch.manual_seed(0)
     return LeNet().double().eval()
@@ -49,8 +58,24 @@ def images(shape, n=4, seed=1):
     return torch.randn(n, *shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
 
+def resnet18():
+    """Residual sums and one in-place ReLU module reused twice per block (torchvision's BasicBlock),
+    BatchNorm with random statistics."""
+    import torchvision
+
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18(num_classes=10)
+    g = torch.Generator().manual_seed(2)
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+    return net.double().eval()
+
+
 NETS = {"lenet": (lenet, (1, 28, 28), ["conv1", "conv2", "conv3"]),
-        "cifar": (cifar, (3, 32, 32), ["conv2", "pool2", "conv3", "relu4", "conv4"])}
+        "cifar": (cifar, (3, 32, 32), ["conv2", "pool2", "conv3", "relu4", "conv4"]),
+        "resnet18": (resnet18, (3, 32, 32), ["layer1.0.conv2", "layer2.1.bn2", "layer3"])}
 
 
 def module(net, name):
@@ -99,6 +124,12 @@ def test_guided_grad_cam_and_upsample_equal_captum(mode):
     ours = guided_grad_cam(net, x, "conv4", interpolate_mode=mode)
     theirs = GuidedGradCam(net, net.conv4).attribute(x.clone(), target=predicted, interpolate_mode=mode)
     assert torch.allclose(ours, theirs, rtol=1e-10, atol=1e-14)
+    resnet, xr = resnet18(), images((3, 32, 32), n=2)
+    predicted = resnet(xr).argmax(1)
+    ours = guided_grad_cam(resnet, xr, "layer3.1.conv2", interpolate_mode=mode)
+    theirs = GuidedGradCam(resnet, resnet.layer3[1].conv2).attribute(xr.clone(), target=predicted,
+                                                                    interpolate_mode=mode)
+    assert torch.allclose(ours, theirs, rtol=1e-10, atol=1e-14) and ours.abs().max() > 0
     cam = grad_cam(net, x, "conv4")
     assert torch.equal(upsample(cam, (32, 32), mode), LayerAttribution.interpolate(cam[:, None], (32, 32), mode)[:, 0])
 
