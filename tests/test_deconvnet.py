@@ -357,57 +357,16 @@ def _no_hooks(model):
                and not m._backward_pre_hooks for m in model.modules())
 
 
-def test_modes_flags_and_hooks_restored(cifar_net):
-    net = cifar_net
-    before = {m: m.training for m in net.modules()}
-    net.train()
-    net.drop3.eval()  # a mixed state must come back as it was
-    net.conv2.weight.requires_grad_(False)
-    modes = {n: m.training for n, m in net.named_modules()}
-    flags = {n: p.requires_grad for n, p in net.named_parameters()}
+def test_train_mode_does_not_leak_into_the_projection(cifar_net):
+    """Modes, flags, hooks, gradients and inference mode: tests/test_viz_contract.py. Here: a net in
+    train mode (dropout, BN batch statistics) is projected as in eval mode."""
     images = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    cifar_net.train()
     try:
-        out = project(net, images, "conv3", 1)
-        top_maps(net, images, "conv4", 2)
-        max_activating_images(net, images, "relu3")
-        # on error too: a bad channel (after the forward) and a failing forward (wrong input channels)
-        with pytest.raises(DeconvnetError):
-            project(net, images, "conv3", 10_000)
-        with pytest.raises(RuntimeError):
-            project(net, torch.randn(2, 5, 32, 32, dtype=torch.float64), "conv3", 1)
-        assert {n: m.training for n, m in net.named_modules()} == modes
-        assert {n: p.requires_grad for n, p in net.named_parameters()} == flags
-        assert _no_hooks(net)
-        # train mode (dropout, BN batch stats) did not leak into the result: it is the eval-mode one
-        assert_close_rel(out, oracle(net, images, "conv3", 1))
+        out = project(cifar_net, images, "conv3", 1)
     finally:
-        for m, flag in before.items():
-            m.training = flag
-        net.conv2.weight.requires_grad_(True)
-
-
-def test_user_hooks_are_kept(lenet):
-    handle = lenet.conv2.register_forward_hook(lambda *a: None)
-    try:
-        project(lenet, torch.randn(1, 1, 28, 28, dtype=torch.float64), "conv3", 0)
-        assert len(lenet.conv2._forward_hooks) == 1
-        assert all(not m._forward_hooks for m in lenet.modules() if m is not lenet.conv2)
-    finally:
-        handle.remove()
-
-
-def test_no_grad_and_inference_mode(cifar_net):
-    images = torch.randn(2, 3, 32, 32, dtype=torch.float64)
-    expected = project(cifar_net, images, "pool3", torch.tensor([2, 7]))
-    with torch.no_grad():
-        assert torch.equal(project(cifar_net, images, "pool3", torch.tensor([2, 7])), expected)
-    with torch.inference_mode():
-        inf_images = images.clone()  # an inference tensor, as in Lightning's validation loop
-        got = project_many(cifar_net, inf_images, "pool3", torch.tensor([[2], [7]]))[:, 0]
-        assert torch.equal(got, expected)
-        values, _ = top_maps(cifar_net, inf_images, "conv2", 3)
-        assert values.shape == (2, 3)
-    assert _no_hooks(cifar_net)
+        cifar_net.eval()
+    assert_close_rel(out, oracle(cifar_net, images, "conv3", 1))
 
 
 def test_channel_forms_agree(lenet):
@@ -887,22 +846,6 @@ def test_general_path_on_non_chain_operations_equals_oracle(layer):
     expected = oracle(twin, images, layer, channel)  # every ReLU a module: the oracle rewrites them all
     assert_close_rel(project(net, images, layer, channel), expected)
     assert _no_hooks(net)
-
-
-def test_general_path_in_inference_mode_and_restores_the_model(resnet18):
-    images = torch.randn(2, 3, 32, 32)
-    resnet18.train()
-    resnet18.layer1[0].conv1.weight.requires_grad_(False)
-    expected = project(resnet18, images, "layer2.0.conv1", 3)
-    with torch.inference_mode():
-        inside = project(resnet18, images, "layer2.0.conv1", 3)
-    assert torch.equal(inside, expected)
-    assert all(m.training for m in resnet18.modules())
-    assert [p.requires_grad for p in resnet18.parameters()].count(False) == 1
-    assert all(p.grad is None for p in resnet18.parameters())
-    assert _no_hooks(resnet18)
-    resnet18.layer1[0].conv1.weight.requires_grad_(True)
-    resnet18.eval()
 
 
 def test_general_path_unknown_path_and_bad_layers(resnet18):

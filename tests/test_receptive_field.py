@@ -351,19 +351,7 @@ def test_crop_patches_equal_a_pixel_loop(net, shape, layer):
     assert torch.equal(torch.isnan(nan_patches), patches == -1.0)
 
 
-# -- contract: modes, hooks, errors -------------------------------------------------------------
-
-def test_modes_hooks_and_flags_restored():
-    net = CifarConvNet(c3=8, c4=8)
-    net.train()
-    net.conv2.eval()
-    net.conv1.weight.requires_grad_(False)
-    before = [(m, m.training) for m in net.modules()]
-    receptive_field(net, torch.zeros(1, 3, 32, 32), "conv4")
-    assert [(m, m.training) for m in net.modules()] == before
-    assert not net.conv1.weight.requires_grad and net.conv2.weight.requires_grad
-    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in net.modules())
-
+# -- errors (modes, hooks, flags: tests/test_viz_contract.py) ----------------------------------
 
 def test_errors_are_clear():
     net = LeNet()

@@ -1,8 +1,9 @@
 """viz/saliency.py (Grad-CAM, guided backpropagation, guided Grad-CAM) and the Saliency callback.
 
 Oracles: captum's `LayerGradCam` (+ `LayerAttribution.interpolate`), `GuidedBackprop` and
-`GuidedGradCam` (on LeNet, the CIFAR net and a torchvision ResNet-18), an implementation independent of ours (captum uses module backward hooks, we use
-forward hooks and an autograd function); the CAM identity of Grad-CAM (for maps followed by global
+`GuidedGradCam` (on LeNet, the CIFAR net and a torchvision ResNet-18), an implementation
+independent of ours (captum uses module backward hooks, we use forward hooks and an autograd
+function); the CAM identity of Grad-CAM (for maps followed by global
 average pooling and a linear layer, Grad-CAM is ReLU(sum_k w_ck A^k) / (h w), Selvaraju et al.,
 section 3.1), computed by hand from the weights; and the same net with non-in-place ReLUs for the
 in-place case. The callback's drawn tiles are compared pixel by pixel with captum's maps rendered.
@@ -175,47 +176,17 @@ def test_inplace_relus_give_the_same_maps_as_plain_ones():
                           rtol=1e-10, atol=1e-14)
 
 
-# -- gradient modes, restored state, errors -------------------------------------------------------
+# -- errors (modes, flags, hooks, grads: tests/test_viz_contract.py) ------------------------------
 
-def test_works_under_inference_mode_and_no_grad():
-    net, x = lenet(), images((1, 28, 28))
-    cam, guided = grad_cam(net, x, "conv2"), guided_backprop(net, x)
-    with torch.inference_mode():
-        xi = x.clone()                          # an inference tensor
-        assert torch.equal(grad_cam(net, xi, "conv2"), cam)
-        assert torch.equal(guided_backprop(net, xi), guided)
-        assert torch.equal(guided_grad_cam(net, xi, "conv2"), guided_grad_cam(net, x, "conv2"))
-    with torch.no_grad():
-        assert torch.equal(grad_cam(net, x, "conv2"), cam)
-        assert torch.equal(guided_backprop(net, x), guided)
-
-
-def test_modes_flags_hooks_and_grads_are_restored_also_on_error():
+def test_target_errors_and_eval_mode():
+    """Modes, flags, hooks, gradients, no_grad and inference mode: tests/test_viz_contract.py."""
     net = CifarConvNet(c3=16, c4=8)
     net.train()
-    net.bn2.eval()
-    net.conv1.weight.requires_grad_(False)
-    modes = [(m, m.training) for m in net.modules()]
-    flags = [(p, p.requires_grad) for p in net.parameters()]
     x = torch.randn(2, 3, 32, 32)
-
-    def check():
-        assert [(m, m.training) for m in net.modules()] == modes
-        assert [(p, p.requires_grad) for p in net.parameters()] == flags
-        assert all(p.grad is None for p in net.parameters())
-        assert all(not m._forward_hooks and not m._forward_pre_hooks and not m._backward_hooks
-                   for m in net.modules())
-
-    grad_cam(net, x, "conv3")
-    guided_backprop(net, x)
-    guided_grad_cam(net, x, "conv4")
-    check()
     with pytest.raises(SaliencyError, match="target class 10 is out of range"):
         grad_cam(net, x, "conv3", target=10)
-    check()
     with pytest.raises(SaliencyError, match="out of range"):
         guided_backprop(net, x, target=torch.tensor([1, -1]))
-    check()
     # Dropout is off (eval mode): two calls agree although the net is in train mode
     assert torch.equal(grad_cam(net, x, "conv4"), grad_cam(net, x, "conv4"))
 

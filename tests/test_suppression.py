@@ -330,47 +330,27 @@ def messy_net() -> nn.Module:
     return net
 
 
-def snapshot(net: nn.Module):
-    return ([m.training for m in net.modules()], [p.requires_grad for p in net.parameters()],
-            [(len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks))
-             for m in net.modules()], [p.grad for p in net.parameters()],
-            {k: v.clone() for k, v in net.state_dict().items()},
-            [sorted(k for k in vars(m) if k in ("rule", "activations")) for m in net.modules()])
-
-
-def assert_unchanged(before, net: nn.Module) -> None:
-    after = snapshot(net)
-    assert after[0] == before[0], "train/eval modes changed"
-    assert after[1] == before[1], "requires_grad flags changed"
-    assert after[2] == before[2], "hooks left behind"
-    assert all(g is None for g in after[3]), "parameters got gradients"
-    assert all(torch.equal(before[4][k], v) for k, v in after[4].items()), "weights or buffers changed"
-    assert after[5] == before[5], "attributes left on modules"
-
-
-@pytest.mark.parametrize("grad_mode", ["enabled", "no_grad", "inference_mode"])
-def test_state_is_restored_and_grad_modes_work(grad_mode):
+@pytest.mark.parametrize("grad_mode", ["no_grad", "inference_mode"])
+def test_results_are_normal_tensors_under_grad_modes(grad_mode):
+    """Modes, flags, hooks, gradients, weights and attributes: tests/test_viz_contract.py. Here: X̂
+    is an ordinary tensor (later optimization may use it) and every baseline runs on this net."""
     net = messy_net()
     x = torch.randn(2, 3, 32, 32)
-    before = snapshot(net)
-    context = {"enabled": torch.enable_grad, "no_grad": torch.no_grad, "inference_mode": torch.inference_mode}[grad_mode]
+    context = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode}[grad_mode]
     with context():
         x_in = x.clone()
         x_hat, metrics = interpret_kernel(net, x_in, "conv3", torch.tensor([1, 2]), steps=3)
         baselines = {m: baseline_inputs(net, x_in, "conv2", 3, m) for m in ("deconv", "guided_backprop", "lrp")}
     assert not x_hat.is_inference() and x_hat.shape == x.shape and torch.isfinite(x_hat).all()
     assert all(b.shape == x.shape and torch.isfinite(b).all() for b in baselines.values())
-    assert_unchanged(before, net)
 
 
-def test_state_is_restored_on_error():
+def test_channel_errors_name_the_valid_range():
     net = messy_net()
-    before = snapshot(net)
     with pytest.raises(SuppressionError, match=r"out of range.*0\.\.7"):
         interpret_kernel(net, torch.randn(1, 3, 32, 32), "conv3", 8, steps=2)
     with pytest.raises(SuppressionError, match="out of range"):
         baseline_inputs(net, torch.randn(1, 3, 32, 32), "conv3", 8, "lrp")
-    assert_unchanged(before, net)
 
 
 # -- errors --------------------------------------------------------------------------------------
