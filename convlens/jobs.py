@@ -356,8 +356,11 @@ class RunGuard(_HydraCallback):
         if why is not None:
             _exit_one_line(f"RunDirError: cannot write to the run dir {run_dir} ({why}). Pick a writable "
                            f"hydra.run.dir, or fix the folder (a read-only mount, `chattr -i` for an immutable one).")
-        ckpt = config.get("ckpt_path")
-        in_place = ckpt is not None and Path(str(ckpt)).expanduser().resolve().is_relative_to(run_dir.resolve())
+        if not _is_rank_zero():  # a DDP child started by rank zero, which did the checks
+            return
+        ckpt = OmegaConf.select(config, "ckpt_path", default=None, throw_on_missing=False)
+        in_place = ckpt not in (None, "???") and \
+            Path(str(ckpt)).expanduser().resolve().is_relative_to(run_dir.resolve())
         if not in_place and not config.get("overwrite") and not config.get("skip_finished"):
             try:
                 refuse_existing_run(run_dir)
@@ -508,7 +511,7 @@ def job(task: Callable[[DictConfig], dict[str, float]]) -> Callable[..., float |
                 log.info("Overwriting %s (++overwrite=true): deleted the earlier run's events, checkpoints "
                          "and metrics.json", out)
         else:
-            if not multirun:
+            if not multirun and _is_rank_zero():
                 refuse_existing_run(out)
             if clear_previous_attempt(out):
                 log.info("Retrying %s: cleared the earlier attempt's event files and checkpoints", out)
