@@ -1,10 +1,12 @@
 """The baselines of kernel interpretation by suppression, as estimated inputs X̂.
 
-Follows kernel-interpretation-by-suppression.txt, section 4.2 ("Effect of suppression"), Table 1
-and Figs. 2, 4, 5: the deconvnet (Deconv, Zeiler & Fergus), guided backpropagation (GBP, Springenberg
-et al.) and layer-wise relevance propagation (LRP, Bach/Binder et al.) each give, for kernel i of a
-layer and an image X, "the estimated input" X̂, which is fed to the net and scored with the same
-metrics as the suppression method (`viz.suppression.evaluate`: SSIM of the kernel's map, MSE of the
+Follows Zhuang et al., "Understanding of Kernels in CNN Models by Suppressing Irrelevant Visual
+Features in Images" (2021, arXiv:2108.11054), section 4.2 ("Effect of suppression"), Table 1
+and Figs. 2, 4, 5: the deconvnet (Deconv, Zeiler & Fergus, ECCV 2014, arXiv:1311.2901), guided
+backpropagation (GBP, Springenberg et al., 2015, arXiv:1412.6806) and layer-wise relevance
+propagation (LRP, Bach/Binder et al.) each give, for kernel i of a layer and an image X, "the
+estimated input" X̂, which is fed to the net and scored with the same metrics as the suppression
+method (`viz.suppression.evaluate`: SSIM of the kernel's map, MSE of the
 other kernels' maps).
 
 Every method starts from the kernel's own map F_i (the layer's output, rectified as

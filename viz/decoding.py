@@ -1,4 +1,5 @@
-"""Filter decoding by substitution (Rafegas & Vanrell, filter-decoding-by-substitution.txt).
+"""Filter decoding by substitution (Rafegas & Vanrell, "Understanding learned CNN features through
+Filter Decoding with Substitution", 2015, arXiv:1511.05084).
 
 A filter of conv layer L is brought to image space one layer at a time (section 3, Eq. 1-2 and
 the `filter_decoding` algorithm):

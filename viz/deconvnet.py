@@ -1,13 +1,16 @@
-"""Deconvnet projection of one feature map back to pixel space (Zeiler & Fergus, ECCV 2014).
+"""Deconvnet projection of one feature map back to pixel space.
 
-Follows deconvnet-occlusion-cifar10-grid-search.txt, section 2 ("Deconvolutional networks for
-convnet feature visualization"): 2.1 builds the deconvnet layer by layer along the convnet, 2.2
-projects a feature map by feeding the layer's output back "except that all the feature maps but
-the one of interest are set to zero". Each forward module is undone by its reverse:
+Zeiler & Fergus, "Visualizing and Understanding Convolutional Networks" (ECCV 2014,
+arXiv:1311.2901), as Berthier & Mantoux, "Visualizing and Understanding Convolutional Neural
+Networks" (RecVis 2018 report), section 2 apply it ("Deconvolutional networks for convnet feature
+visualization"): 2.1 builds the deconvnet layer by layer along the convnet, 2.2 projects a feature
+map by feeding the layer's output back "except that all the feature maps but the one of interest
+are set to zero". Each forward module is undone by its reverse:
 
 - max pooling -> unpooling that puts each value back at the position of the maximum recorded on
-  the forward pass (the "switches"); with ``unpool="fill"`` the cheaper variant of
-  deconvnet-cifar10-blog.txt instead "set[s] the whole 2x2 square equal to the maximum activation";
+  the forward pass (the "switches"); with ``unpool="fill"`` the cheaper variant of Frans,
+  "Visualizing Features from a Convolutional Neural Network" (blog post, 2016) instead "set[s] the
+  whole 2x2 square equal to the maximum activation";
 - ReLU -> ReLU of the backward signal ("we just need to pass the data through a reLu again");
 - convolution -> transposed convolution with the same weights. Biases are ignored on the way back
   (the report keeps them; the projection of Zeiler & Fergus, and our autograd oracle, do not).
@@ -20,10 +23,20 @@ value evenly over its window; Dropout and Identity pass the signal unchanged (ev
 The result equals the gradient of ``sum(F_c * F_c.detach())`` with respect to the input, with every
 ReLU's backward replaced by a ReLU of the incoming signal, for the model in eval mode.
 
-This is an explicit reverse pass (``F.conv_transpose2d``, ``max_unpool2d``/``scatter_add`` for
-unpooling, ...), not autograd, so it also runs inside ``torch.no_grad()`` and ``torch.inference_mode()``.
-It can run in reduced precision (``dtype=torch.bfloat16``): several times faster where the hardware
-has native bf16 (``fast_dtype``), within about 0.5% of each projection's range.
+Two paths compute it (`PATHS`, `record(..., path=)`):
+
+- the chain path, for a plain chain of the modules above up to the layer: an explicit reverse pass
+  (``F.conv_transpose2d``, ``max_unpool2d``/``scatter_add`` for unpooling, ...), not autograd, so it
+  also runs inside ``torch.no_grad()`` and ``torch.inference_mode()`` without enabling gradients,
+  and can run in reduced precision (``dtype=torch.bfloat16``): faster where the hardware has native
+  bf16 (``fast_dtype``), within a fraction of a gray level of float32 (benchmarks/RESULTS.md);
+- the general path (`viz.deconvnet_general`), for any other network (residual sums,
+  concatenations, reused or functional ReLUs, squeeze-excitation, LayerNorm, ...): the same rules
+  applied through autograd. Non-ReLU nonlinearities (GELU, SiLU, Hardswish, ...) and LayerNorm get
+  their ordinary gradient there, as in Captum's `Deconvolution`; BatchNorm in eval mode is its
+  scale, as above.
+"auto" (the default) takes the chain path where the net is a chain and the general one elsewhere;
+both give the same projections on a chain (tests/test_deconvnet.py).
 
 Conventions: images are ``[N, C, H, W]``; a layer is a dotted name from ``model.named_modules()``
 and its feature maps are that module's output ``[N, K, h, w]``; map ``c`` is channel ``c``.
@@ -44,8 +57,8 @@ from convlens.viz.layers import ChainStep, LayerError, check_chain, layer_names,
 
 __all__ = [
     "DeconvnetError", "Recording", "record", "project", "project_many", "top_maps",
-    "max_activating_images", "fast_dtype", "record_layers", "chain_problem", "layer_problems", "UNPOOL_MODES", "PATHS",
-    "SUPPORTED_MODULES",
+    "max_activating_images", "fast_dtype", "record_layers", "chain_problem", "layer_problems", "UNPOOL_MODES",
+    "PATHS", "SUPPORTED_MODULES",
 ]
 
 UNPOOL_MODES = ("switches", "fill")
@@ -282,7 +295,7 @@ def _reverse_conv(step: _Step, g: Tensor, channel: Tensor | None) -> Tensor:
     one_map = channel is not None and m.groups == 1
     if one_map:
         # one nonzero map per sample: a grouped transposed conv with that map's filter per sample
-        # costs 1/K of the dense one (channels_last: PyTorch's CPU kernel for this is ~20x faster)
+        # costs 1/K of the dense one (channels_last: PyTorch's CPU kernel for this is much faster)
         g = g.reshape(1, n, *g.shape[-2:]).contiguous(memory_format=torch.channels_last)
         w, groups = w[channel], n
     else:
@@ -344,7 +357,7 @@ def _unpool(step: _Step, g: Tensor, channel: Tensor | None, sample: Tensor) -> T
         k, st, d = _pair(m.kernel_size), _pair(m.stride or m.kernel_size), _pair(m.dilation)
         if all(st[a] >= d[a] * (k[a] - 1) + 1 for a in range(2)):
             # windows do not overlap, so no position receives two values: max_unpool2d places them
-            # (in bfloat16 4x faster than a scatter_add, which accumulates in float32)
+            # (in bfloat16 faster than a scatter_add, which accumulates in float32)
             return F.max_unpool2d(g, step.switches[sample], k, st, _pair(m.padding), output_size=(h, w))
     if c > 1 and g.is_contiguous(memory_format=torch.channels_last) and not g.is_contiguous():
         # keep channels_last (the transposed convolutions are faster on it): scatter in [h, w, C] order
@@ -363,7 +376,7 @@ def _reverse_step(step: _Step, g: Tensor, channel: Tensor | None, sample: Tensor
     of sample i (its switches). Returns the signal at the module's input, and the new `channel`."""
     m = step.module
     if isinstance(m, nn.ReLU):
-        # in place (g is always this pass's own tensor); clamp_min_, as relu_ is ~5x slower in bfloat16
+        # in place (g is always this pass's own tensor); clamp_min_, as relu_ is slower in bfloat16
         return g.clamp_min_(0), channel
     if isinstance(m, nn.Conv2d):
         return _reverse_conv(step, g, channel), None
@@ -554,11 +567,11 @@ def project_many(model: nn.Module, images: Tensor, layer: str, channels: Tensor,
 def fast_dtype(device: torch.device | str) -> torch.dtype | None:
     """The reduced precision in which a reverse pass on `device` runs much faster than in float32,
     or None where there is none: `torch.bfloat16` on CUDA GPUs with native bf16 (Ampere and later)
-    and on CPUs with AMX tiles (Intel Sapphire Rapids and later: bf16 convolutions ~7x faster than
+    and on CPUs with AMX tiles (Intel Sapphire Rapids and later: bf16 convolutions much faster than
     float32 there, see benchmarks/RESULTS.md); elsewhere bf16 is emulated and slower.
 
-    bfloat16 keeps about 3 significant digits: a projection differs from the float32 one by ~1%
-    of its range, far below the 1/255 step of the rendered image."""
+    bfloat16 keeps about 3 significant digits: a projection differs from the float32 one by a small
+    fraction of its range (benchmarks/RESULTS.md), below the 1/255 step of the rendered image."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else None

@@ -1,6 +1,7 @@
 """Receptive fields: the input region a unit of a layer sees, exact at padded borders and for strides.
 
-Follows lecture-understanding-cnns.txt, "Neuron Analysis / Receptive Field": the receptive field of a
+Follows Vanrell & Arias, "Understanding and visualizing CNNs" (lecture, Master in Computer Vision
+Barcelona), "Neuron Analysis / Receptive Field": the receptive field of a
 neuron is the "image patch that provokes a specific activation of a neuron", and "Computing the
 corresponding indexes from Layer L to Layer L-1" is
 

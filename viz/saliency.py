@@ -1,16 +1,19 @@
 """Saliency maps for a class: Grad-CAM, guided backpropagation and guided Grad-CAM.
 
-Follows lecture-understanding-cnns.txt, "Saliency based" ("Visualize the attributes of input data
+Follows Vanrell & Arias, "Understanding and visualizing CNNs" (lecture, Master in Computer Vision
+Barcelona), "Saliency based" ("Visualize the attributes of input data
 being more relevant to a prediction ... Class Activation Maps (CAM): for each possible class
 prediction, highlights the regions of the image that contributed the most"), which cites Selvaraju
-et al., "Grad-CAM: Visual explanations from deep networks via gradient-based localization", ICCV 2017.
+et al., "Grad-CAM: Visual explanations from deep networks via gradient-based localization" (ICCV
+2017, arXiv:1610.02391).
 Written independently of captum (and tested against captum's `LayerGradCam`, `GuidedBackprop`,
 `GuidedGradCam`):
 
 - Grad-CAM of a layer with maps A^k [h, w] for class c: weights alpha_k = mean over (i, j) of
   d y^c / d A^k_ij (the gradient of the class score, a logit, spatially averaged), and
   L^c = ReLU(sum_k alpha_k A^k), at the layer's resolution (`upsample` brings it to the image's).
-- Guided backpropagation (Springenberg et al., used by Grad-CAM's "guided Grad-CAM"): the gradient of
+- Guided backpropagation (Springenberg et al., "Striving for Simplicity: The All Convolutional
+  Net", 2015, arXiv:1412.6806; used by Grad-CAM's "guided Grad-CAM"): the gradient of
   y^c with respect to the input, where every ReLU module passes back only positive gradients at
   positions where its input was positive: g_in = ReLU(g_out) * [x > 0].
 - Guided Grad-CAM: guided backpropagation times the Grad-CAM map upsampled to the image.

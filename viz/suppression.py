@@ -1,7 +1,7 @@
 """Kernel interpretation by suppression (Zhuang et al., "Understanding of Kernels in CNN Models by
-Suppressing Irrelevant Visual Features in Images").
+Suppressing Irrelevant Visual Features in Images", 2021, arXiv:2108.11054).
 
-Follows kernel-interpretation-by-suppression.txt, section 3 and section 4.1. For an image X and
+Follows its section 3 and section 4.1. For an image X and
 kernel i of a layer with N kernels, find by gradient descent on X̂, starting from X, an input that
 keeps kernel i's feature map F_i and suppresses every other kernel's map F_j (j != i):
 

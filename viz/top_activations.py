@@ -1,11 +1,13 @@
 """Top activations: for each filter of a layer, the images (and the receptive-field patches) that
 activate it most, found in one pass over a dataset without keeping its activations.
 
-Follows lecture-understanding-cnns.txt, "Neuron Analysis": "Activation maximization methods: Find
+Follows Vanrell & Arias, "Understanding and visualizing CNNs" (lecture, Master in Computer Vision
+Barcelona), "Neuron Analysis": "Activation maximization methods: Find
 the images that maximally activate a neuron", and "Building the Receptive field of a neuron":
 1) run an image through the network, 2) obtain the neuron's activation map, 3) "find the part of
 the image (with size of the receptive field) that triggered the maximum activation in the feature
-map". Also deconvnet-cifar10-blog.txt: "I passed in a whole batch of images and saved the maximum
+map". Also Frans, "Visualizing Features from a Convolutional Neural Network" (blog post, 2016):
+"I passed in a whole batch of images and saved the maximum
 activations" (here: over a whole dataset, batch by batch).
 
 - `spatial_max` / `max_activations`: step 2 and the argmax of step 3, per image and channel.
