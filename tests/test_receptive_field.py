@@ -386,3 +386,69 @@ def test_errors_are_clear():
         field.box(8, 0)
     with pytest.raises(ReceptiveFieldError, match="computed for"):
         crop_patches(torch.zeros(1, 1, 32, 32), field, torch.tensor([0]), torch.tensor([0]))
+
+
+# -- the gradient support: any network -----------------------------------------------------------
+
+class _LinearResidual(nn.Module):
+    """No nonlinearity (so the Jacobian's support is the structural one for random weights): a
+    residual sum, a dilated conv, a concatenation, a strided conv with reflect padding."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(1, 2, 3, padding=1)
+        self.b = nn.Conv2d(2, 2, 3, padding=2, dilation=2)
+        self.c = nn.Conv2d(4, 3, 3, stride=2, padding=1, padding_mode="reflect")
+        self.pool = nn.AvgPool2d(2, ceil_mode=True)
+
+    def forward(self, x):
+        y = self.a(x)
+        z = self.b(y) + y
+        return self.pool(self.c(torch.cat([z, y], 1)))
+
+
+@pytest.mark.parametrize("layer", ["b", "c", "pool"])
+def test_gradient_support_equals_the_jacobian_support_of_a_linear_net(layer):
+    torch.manual_seed(0)
+    net = _LinearResidual().double()
+    x = torch.randn(1, 1, 13, 11, dtype=torch.float64)
+    field = receptive_field(net, x, layer)
+    assert (field.size is None) == (layer != "b")  # "b" is on the chain prefix: the closed form
+    h, w = field.output_size
+    module = dict(net.named_modules())[layer]
+    for i in range(h):
+        for j in range(w):
+            xi = x.clone().requires_grad_(True)
+            out = {}
+            handle = module.register_forward_hook(lambda m, a, o: out.setdefault("y", o))
+            net(xi)
+            handle.remove()
+            (grad,) = torch.autograd.grad(out["y"][0, :, i, j].sum(), xi)
+            support = grad[0].abs().sum(0) > 0                  # the exact Jacobian support, [H, W]
+            # the field is the bounding product of rows and columns (exact for separable supports)
+            rows, cols = support.any(1), support.any(0)
+            assert torch.equal(field.row_support[i] & rows, rows) and torch.equal(field.col_support[j] & cols, cols)
+            y0, x0, y1, x1 = field.box(i, j)
+            assert (y0, y1) == (int(rows.nonzero().min()), int(rows.nonzero().max()) + 1), (i, j)
+            assert (x0, x1) == (int(cols.nonzero().min()), int(cols.nonzero().max()) + 1), (i, j)
+
+
+def test_resnet18_fields_equal_its_main_path_chain():
+    """A residual block's field is its conv path's (the identity and 1x1-downsample branches see a
+    subset): the gradient support on torchvision's ResNet-18 equals the chain composition over the
+    main path's modules, an nn.Sequential of the same modules."""
+    torchvision = pytest.importorskip("torchvision")
+    net = torchvision.models.resnet18(num_classes=10).eval()
+    main = [net.conv1, net.bn1, nn.ReLU(), net.maxpool]
+    for stage in (net.layer1, net.layer2):
+        for block in stage:
+            main += [block.conv1, block.bn1, nn.ReLU(), block.conv2, block.bn2, nn.ReLU()]
+    chain = nn.Sequential(*main)
+    x = torch.randn(1, 3, 64, 64)
+    for layer, index in (("layer1.1.conv2", 4 + 6 + 3), ("layer2.0.conv2", 4 + 12 + 3),
+                         ("layer2.1.conv2", 4 + 18 + 3)):
+        general = receptive_field(net, x, layer)
+        expected = receptive_field(chain, x, str(index))
+        assert general.size is None and expected.size is not None
+        assert torch.equal(general.row_support, expected.row_support), layer
+        assert torch.equal(general.col_support, expected.col_support), layer

@@ -108,3 +108,31 @@ def test_every_default_callback_draws_or_declines(tmp_path, arch, size):
     # the deconvnet methods draw a conv of every stage, every one of them (general path where needed)
     assert len(layers["deconv"]) >= 4 and layers["evolution"] == layers["deconv"]
     assert all(layer.startswith("model.") for layer in layers["deconv"])
+
+
+def test_the_other_callbacks_on_resnet18(tmp_path):
+    """Saliency, TopActivations (gradient-support receptive fields) and KernelSuppression, not
+    defaults, in the same user project: each logs for every one of its layers."""
+    from convlens.callbacks import KernelSuppression, Saliency, TopActivations
+
+    torch.manual_seed(0)
+    loader = DataLoader(TensorDataset(torch.randn(8, 3, 32, 32), torch.tensor([0, 1, 2, 3] * 2)), batch_size=4)
+    callbacks = [Saliency(num_probe=2), TopActivations(k=2, max_filters=2, num_probe=2),
+                 KernelSuppression(layers=["model.layer2.0.conv1"], steps=3, num_probe=1, every_n_epochs=1)]
+    trainer = pl.Trainer(default_root_dir=tmp_path, accelerator="cpu", devices=1, max_epochs=1,
+                         callbacks=callbacks, logger=TensorBoardLogger(tmp_path, name="tb", version=""),
+                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                         num_sanity_val_steps=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(UserModel("resnet18"), loader, loader)
+    events = read_events(tmp_path / "tb")
+    val_step = events["scalars"]["val/acc"]
+    saliency, top, suppression = callbacks
+    assert saliency.layer == "model.layer3.1.conv2"  # the last conv with maps larger than 1x1 at 32x32
+    expected = ["saliency/gradcam", "saliency/guided_backprop", "suppression/model.layer2.0.conv1"]
+    expected += [f"top_activations/{layer}" for layer in top.layers]
+    assert len(top.layers) == 5 and top.fields["model.layer4.1.conv2"].patch_size == (32, 32)
+    assert top.fields["model.conv1"].patch_size == (7, 7) and top.fields["model.conv1"].size == (7, 7)
+    for tag in expected:
+        assert events["images"].get(tag) == val_step, tag
