@@ -8,10 +8,12 @@ This base does the rest, as Lightning's own callbacks do:
 - a fixed probe set chosen at fit start, kept in `state_dict` so a resumed run shows the same
   images, from the first of: the `probe=` argument (images, (images, labels), or a Dataset); the
   datamodule's `probe_batch` (then a seeded subset of `num_probe`); the trainer's validation
-  dataloader (one image per class, the first `probe_per_class` of each class in loader order, at
-  most `num_probe` (default 10) classes, after the module's batch transfer hooks, so in model
-  input space). Batches are `(images, labels, ...)` tuples/lists, dicts (`batch_keys`), or bare
-  image tensors; anything else is a ConfigError at fit start naming what was found;
+  dataloader (one image per class: the first `probe_per_class` of each class in dataset order,
+  read directly when the dataset lists its labels as `targets`/`labels` (ImageFolder, CIFAR10),
+  else in loader order from its first batches; at most `num_probe` (default 10) classes; collated
+  and passed through the module's batch transfer hooks, so in model input space). Batches are
+  `(images, labels, ...)` tuples/lists, dicts (`batch_keys`), or bare image tensors; anything else
+  is a ConfigError at fit start naming what was found;
 - the display normalization (undone to show true colors): `mean`/`std` when given, else the
   datamodule's `normalization`, else a torchvision `Normalize` found in the validation dataset's
   transforms, else none (images shown as they are, said once); class names from the datamodule,
@@ -555,6 +557,9 @@ class VisualizationCallback(pl.Callback):
             self.probe_labels = labels.detach().cpu().long().clone() if labels is not None else None
 
     def _probe_from_loader(self, loader, trainer, pl_module, limit: int):
+        picked = self._probe_by_targets(loader, pl_module, limit)
+        if picked is not None:
+            return picked
         seen_images, seen_labels, count = [], [], 0
         classes: set[int] = set()
         for batch_idx, batch in enumerate(loader):
@@ -578,6 +583,39 @@ class VisualizationCallback(pl.Callback):
         images = torch.cat(seen_images)
         labels = torch.cat(seen_labels) if len(seen_labels) == len(seen_images) else None
         return _pick_per_class(images, labels, self.probe_per_class, limit)
+
+    def _probe_by_targets(self, loader, pl_module, limit: int):
+        """When the loader's dataset lists its labels (`targets`/`labels`, as torchvision's
+        ImageFolder and CIFAR10 do, also through a Subset): the first images of each class in
+        dataset order, read directly (an image folder is sorted by class: a scan of its first
+        batches would see one class). None when it does not, or its items do not collate."""
+        dataset = getattr(loader, "dataset", None)
+        targets = _dataset_targets(dataset)
+        if targets is None:
+            return None
+        chosen: dict[int, list[int]] = {}
+        for i, y in enumerate(targets):
+            if y not in chosen:
+                if len(chosen) == limit:
+                    continue
+                chosen[y] = []
+            if len(chosen[y]) < self.probe_per_class:
+                chosen[y].append(i)
+        index = [i for y in sorted(chosen) for i in chosen[y]]
+        try:
+            from torch.utils.data import default_collate
+
+            collate = getattr(loader, "collate_fn", None) or default_collate
+            batch = collate([dataset[i] for i in index])
+        except Exception:  # noqa: BLE001  items this collate cannot batch: scan the loader instead
+            return None
+        if pl_module is not None and getattr(pl_module, "_trainer", None) is not None:
+            try:
+                batch = pl_module._apply_batch_transfer_handler(batch, pl_module.device)
+            except Exception:  # noqa: BLE001
+                pass
+        images, labels = split_batch(batch, self.batch_keys, "the validation dataset's items")
+        return images.detach().cpu(), labels.detach().cpu() if labels is not None else None
 
     def _per_class_done(self, seen_labels, limit: int) -> bool:
         counts = torch.bincount(torch.cat(seen_labels).clamp_min(0))
@@ -631,6 +669,30 @@ class VisualizationCallback(pl.Callback):
         self.probe_labels = state_dict.get("probe_labels")
         if state_dict.get("layers") is not None:
             self.layers, self._tentative = list(state_dict["layers"]), False
+
+
+def _dataset_targets(dataset) -> list[int] | None:
+    """The label of every item of a map-style dataset, when it lists them (`targets` or `labels`, a
+    sequence of ints as long as the dataset; through Subset-like `.indices`/`.dataset`)."""
+    if dataset is None or not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
+        return None
+    indices = getattr(dataset, "indices", None)
+    base = getattr(dataset, "dataset", None)
+    if indices is not None and base is not None:
+        inner = _dataset_targets(base)
+        return [inner[int(i)] for i in indices] if inner is not None else None
+    for attr in ("targets", "labels"):
+        values = getattr(dataset, attr, None)
+        if values is None or isinstance(values, (str, bytes)):
+            continue
+        try:
+            values = torch.as_tensor(values)
+        except (TypeError, ValueError, RuntimeError):
+            continue
+        if values.dim() == 1 and len(values) == len(dataset) and not values.is_floating_point() \
+                and values.dtype != torch.bool:
+            return values.tolist()
+    return None
 
 
 def _as_batch(item):

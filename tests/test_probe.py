@@ -354,3 +354,26 @@ def test_images_and_viz_time_land_on_the_epochs_validation_step(tmp_path):
     assert events["images"]["evolution/summary"] == [val_steps[-1]]
     assert events["images"]["occlusion/0"] == [val_steps[-1]]
     assert events["scalars"]["viz_time/occlusion"] == [val_steps[-1]]
+
+
+def test_a_dataset_sorted_by_class_still_gives_one_image_per_class(tmp_path):
+    """An image folder lists its labels (`targets`) and is sorted by class: the probe is read from
+    the labels, not from the first batches (which hold one class)."""
+    images = torch.randn(40, 3, 16, 16)
+    labels = torch.arange(4).repeat_interleave(10)
+
+    class Sorted(TensorDataset):
+        targets = labels.tolist()
+
+    loader = DataLoader(Sorted(images, labels), batch_size=4)
+    cb = OcclusionSensitivity(num_probe=None)
+    capture(cb)
+    trainer(tmp_path, [cb]).fit(UserModule(), loader, loader)
+    assert cb.probe_labels.tolist() == [0, 1, 2, 3]
+    assert torch.equal(cb.probe_images, images[[0, 10, 20, 30]])
+    # through a Subset too
+    subset = torch.utils.data.Subset(Sorted(images, labels), list(range(5, 40)))
+    cb = OcclusionSensitivity(num_probe=2)
+    capture(cb)
+    trainer(tmp_path, [cb]).fit(UserModule(), loader, DataLoader(subset, batch_size=4))
+    assert cb.probe_labels.tolist() == [0, 1] and torch.equal(cb.probe_images, images[[5, 10]])
