@@ -9,10 +9,11 @@ from convlens.callbacks.base import VisualizationCallback
 from convlens.callbacks.decoded import DecodedFilters
 from convlens.callbacks.deconv import DeconvProjection
 from convlens.callbacks.evolution import FilterEvolution
+from convlens.callbacks.layout import TensorBoardLayout
 from convlens.callbacks.occlusion import OcclusionSensitivity
 from convlens.callbacks.saliency import Saliency
 from convlens.callbacks.suppression import KernelSuppression
 from convlens.callbacks.top_activations import TopActivations
 
 __all__ = ["VisualizationCallback", "DeconvProjection", "FilterEvolution", "DecodedFilters", "OcclusionSensitivity",
-           "Saliency", "TopActivations", "KernelSuppression"]
+           "Saliency", "TopActivations", "KernelSuppression", "TensorBoardLayout"]

@@ -50,7 +50,7 @@ from torchvision.utils import save_image
 
 from convlens.errors import ConfigError, ConvlensError
 from convlens.events import image_summary
-from convlens.render import class_caption
+from convlens.render import class_caption, readable
 from convlens.viz.common import eval_mode
 from convlens.viz.layers import LayerError, get_layer, layer_names
 
@@ -408,8 +408,9 @@ class VisualizationCallback(pl.Callback):
         return [class_caption(y, names) for y in labels]
 
     def log_image(self, trainer: pl.Trainer, tag: str, image: torch.Tensor) -> None:
-        """Log a [3|1, H, W] image in [0, 1] under `tag` at `log_step(trainer)`."""
-        image = image.detach().float().clamp(0, 1).cpu()
+        """Log a [3|1, H, W] image in [0, 1] under `tag` at `log_step(trainer)`, upscaled (nearest,
+        integer factor) to be readable at TensorBoard's card width (`render.readable`)."""
+        image = readable(image.detach().float().clamp(0, 1).cpu())
         step = log_step(trainer)
         tb = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
         if tb:

@@ -39,7 +39,8 @@ from torch import nn
 
 from convlens.callbacks.base import VisualizationCallback, check_int, split_batch
 from convlens.errors import ConfigError
-from convlens.render import captioned_grid, class_caption, fit_caption, scale_each, tile_width, to_pixels
+from convlens.render import (captioned_grid, class_caption, columns_that_fit, fit_caption, scale_each, tile_width,
+                             to_pixels)
 from convlens.viz.deconvnet import UNPOOL_MODES, fast_dtype, layer_problems, record_layers
 from convlens.viz.layers import default_conv_layers
 
@@ -65,7 +66,7 @@ def top_maps_grid(pixels: torch.Tensor, projections: torch.Tensor, indices: torc
     width = tile_width(pixels, tile_size)
     captions = []
     for i in range(n):
-        captions.append(fit_caption(image_captions[i], width))
+        captions.append(fit_caption(image_captions[i], width, lines=2))
         captions.extend(fit_caption(f"#{int(c)}", width) for c in indices[i])
     return captioned_grid(tiles, nrow=k + 1, captions=captions, tile_size=tile_size)
 
@@ -79,8 +80,10 @@ def max_images_grid(pixels: torch.Tensor, projections: torch.Tensor, maps: torch
     width = tile_width(pixels, tile_size)
     captions = []
     for j in range(len(maps)):
-        captions += [fit_caption(image_captions[j], width), fit_caption(f"#{int(maps[j])}", width)]
-    return captioned_grid(tiles, nrow=2 * min(pairs_per_row, len(maps)), captions=captions,
+        captions += [fit_caption(image_captions[j], width, lines=2), fit_caption(f"#{int(maps[j])}", width)]
+    # pairs wrap onto new rows rather than making a strip too wide to read in TensorBoard
+    ncol = columns_that_fit(width, 2 * min(pairs_per_row, len(maps)), group=2)
+    return captioned_grid(tiles, nrow=ncol, captions=captions,
                           tile_size=tile_size)
 
 

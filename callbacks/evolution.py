@@ -191,7 +191,8 @@ class FilterEvolution(VisualizationCallback):
             tiles[layer] = (tile[0] * 255).round().to(torch.uint8)
             self.log_image(trainer, f"evolution/{layer}",
                            captioned_grid(torch.cat([pixels, tile]), nrow=2, tile_size=self.tile_size,
-                                          captions=[fit_caption(caption, width), fit_caption(f"#{channel}", width)]))
+                                          captions=[fit_caption(caption, width, lines=2),
+                                                    fit_caption(f"#{channel}", width)]))
         if self.weights_layer is not None:
             self.log_image(trainer, f"evolution/weights_{self.weights_layer}",
                            weights_grid(get_layer(net, self.weights_layer).weight))

@@ -1,8 +1,9 @@
 """OcclusionSensitivity: every n epochs, what a gray square hides from the classifier.
 
 Follows section 3.5 and Fig. 5 of Berthier & Mantoux's RecVis 2018 report, after Zeiler & Fergus
-(ECCV 2014, arXiv:1311.2901, section 4.2): a gray patch slides across the image, the model predicts on every occluded copy, and the
-score of the class of interest and the predicted label are drawn at each patch position. The maps
+(ECCV 2014, arXiv:1311.2901, section 4.2): a gray patch slides across the image, the model predicts
+on every occluded copy, and the score of the class of interest and the predicted label are drawn at
+each patch position. The maps
 come from `viz.occlusion.occlusion_maps`.
 
 Logged per probe image i, at the trainer's global step, as `occlusion/<i>`: three panels side by
@@ -29,8 +30,8 @@ import torch
 
 from convlens.callbacks.base import TARGETS, VisualizationCallback, check_choice, check_int
 from convlens.errors import ConfigError
-from convlens.render import (as_rgb, captioned_grid, class_caption, fit_caption, heatmap, label_colors, legend,
-                             stack_vertical, tile_width, to_pixels)
+from convlens.render import (as_rgb, captioned_grid, class_caption, colorbar, fit_caption, heatmap, label_colors,
+                             legend, stack_vertical, tile_width, to_pixels)
 from convlens.viz.layers import eval_mode
 from convlens.viz.occlusion import OcclusionError, default_patch, default_stride, maps_to_pixels, occlusion_maps
 
@@ -120,7 +121,7 @@ class OcclusionSensitivity(VisualizationCallback):
         panels = torch.cat([as_rgb(image_pixels[None].float().cpu()), heatmap(prob_px, self.cmap, 0.0, 1.0),
                             label_colors(label_px, num_classes)])
         width = tile_width(image_pixels, self.tile_size)
-        captions = [fit_caption(c, width) for c in captions]
+        captions = [fit_caption(c, width, lines=2) for c in captions]
         return captioned_grid(panels, nrow=3, captions=captions, tile_size=self.tile_size)
 
     def visualize(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -140,7 +141,8 @@ class OcclusionSensitivity(VisualizationCallback):
             captions = [class_caption(labels[i], names), f"p({class_caption(targets[i], names)})",
                         "predicted label"]
             panels = self.render(pixels[i], prob[i], label[i], patch, stride, num_classes, captions)
-            if key is None:  # the same legend under every probe
+            if key is None:  # the same colour scale and legend under every probe
                 colors = label_colors(torch.arange(num_classes)[:, None, None], num_classes)[:, :, 0, 0]
-                key = legend(names, colors, panels.shape[-1])
+                scale = colorbar(self.cmap, 0, 1, min(panels.shape[-1], 240), "p(target)")
+                key = stack_vertical([scale, legend(names, colors, panels.shape[-1])])
             self.log_image(trainer, f"occlusion/{i}", stack_vertical([panels, key]))

@@ -33,8 +33,8 @@ from torch import nn
 
 from convlens.callbacks.base import TARGETS, VisualizationCallback, check_choice, check_int
 from convlens.errors import ConfigError
-from convlens.render import (as_rgb, captioned_grid, class_caption, fit_caption, heatmap, scale_symmetric, tile_width,
-                             to_pixels)
+from convlens.render import (as_rgb, captioned_grid, class_caption, colorbar, fit_caption, heatmap, scale_symmetric,
+                             stack_vertical, tile_width, to_pixels)
 from convlens.viz.layers import eval_mode, layer_names, layer_output
 from convlens.viz.saliency import default_saliency_layer, grad_cam, guided_backprop, upsample
 
@@ -117,15 +117,16 @@ class Saliency(VisualizationCallback):
         n = images.shape[0]
 
         width = tile_width(pixels, self.tile_size)
-        true_captions = [fit_caption(class_caption(y, names), width) for y in labels.cpu()]
-        target_captions = [fit_caption(class_caption(t, names), width) for t in target.cpu()]
+        true_captions = [fit_caption(class_caption(y, names), width, lines=2) for y in labels.cpu()]
+        target_captions = [fit_caption(class_caption(t, names), width, lines=2) for t in target.cpu()]
 
         peak = cam.flatten(1).amax(1).clamp_min(1e-12).view(-1, 1, 1)
         colors = heatmap((cam / peak).cpu(), self.cmap)
         overlay = (1 - self.alpha) * pixels + self.alpha * colors
-        self.log_image(trainer, f"{self.name}/gradcam", captioned_grid(
-            torch.cat([pixels, overlay]), nrow=n, captions=true_captions + target_captions,
-            row_titles=["image", f"Grad-CAM {self.layer}"], tile_size=self.tile_size))
+        grid = captioned_grid(torch.cat([pixels, overlay]), nrow=n, captions=true_captions + target_captions,
+                              row_titles=["image", f"Grad-CAM {self.layer}"], tile_size=self.tile_size)
+        scale = colorbar(self.cmap, 0, 1, min(grid.shape[-1], 240), "Grad-CAM / its max")
+        self.log_image(trainer, f"{self.name}/gradcam", stack_vertical([grid, scale]))
 
         rows, titles, captions = [pixels, as_rgb(scale_symmetric(guided))], ["image", "guided BP"], \
             true_captions + target_captions

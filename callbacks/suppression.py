@@ -165,7 +165,7 @@ class KernelSuppression(VisualizationCallback):
             width = tile_width(x, self.tile_size)
             captions = []
             for j in range(len(which)):
-                captions += [fit_caption(class_caption(labels[which[j]], names), width),
+                captions += [fit_caption(class_caption(labels[which[j]], names), width, lines=2),
                              fit_caption(f"R={metrics['mse_relative'][j].item():.2f}", width),
                              fit_caption(f"#{int(channel[j])}", width),
                              fit_caption(f"S={metrics['ssim'][j].item():.2f}", width)]

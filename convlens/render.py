@@ -76,8 +76,15 @@ def caption_font() -> ImageFont.ImageFont:
     return bitmap() if bitmap is not None else ImageFont.load_default()
 
 
-#: pixels a character of `caption_font` takes
+#: pixels a character of `caption_font` takes, and the height of a caption line
 CHAR_WIDTH = 6
+CAPTION_LINE_H = 12
+#: logged images narrower than this are upscaled (nearest, integer factor) to at least this wide:
+#: TensorBoard stretches a small image to its card's width, smoothly, which blurs the pixels
+MIN_LOGGED_WIDTH = 480
+#: grids that lay out tiles in a strip wrap onto new rows beyond this width (a wider image is
+#: shrunk to the card's width by TensorBoard, and its captions become unreadable)
+MAX_GRID_WIDTH = 640
 
 
 def upscale_factor(h: int, w: int, size: int) -> int:
@@ -97,10 +104,25 @@ def tile_width(images: torch.Tensor, tile_size: int) -> int:
     return w * upscale_factor(h, w, tile_size)
 
 
-def fit_caption(text: str, width_px: int) -> str:
-    """`text` cut to what fits under a tile `width_px` wide (a trailing ~ marks a cut)."""
+def fit_caption(text: str, width_px: int, lines: int = 1) -> str:
+    """`text` on at most `lines` lines of a tile `width_px` wide: wrapped at a space, `_`, `-` or
+    `/` where it can be (else within a word), and cut with a trailing ~ where it still does not fit."""
     chars = max(1, width_px // CHAR_WIDTH)
-    return text if len(text) <= chars else text[: chars - 1] + "~"
+    out, rest = [], text
+    while rest and len(out) < lines:
+        if len(rest) <= chars:
+            out.append(rest)
+            rest = ""
+            break
+        if len(out) == lines - 1:  # the last line: cut
+            out.append(rest[: chars - 1] + "~")
+            rest = ""
+            break
+        cut = max((rest.rfind(c, 1, chars + 1) for c in " _-/"), default=-1)
+        cut = cut + 1 if cut > 0 else chars
+        out.append(rest[:cut].rstrip())
+        rest = rest[cut:].lstrip()
+    return "\n".join(out)
 
 
 def class_caption(label, names: Sequence[str]) -> str:
@@ -119,7 +141,9 @@ def captioned_grid(tiles: torch.Tensor, nrow: int, captions: Sequence[str] | Non
         return make_grid(tiles, nrow=nrow, padding=padding, pad_value=1.0)
     font = caption_font()
     th, tw = tiles.shape[-2:]
-    cap_h = 12 if captions else 0
+    # one caption line is 12 px; captions made by fit_caption(..., lines=2) may take two
+    lines = max((str(c).count("\n") + 1 for c in captions), default=1) if captions else 0
+    cap_h = CAPTION_LINE_H * lines
     left = 8 + 6 * max((len(t) for t in row_titles), default=0) if row_titles else 0
     top = 14 if col_titles else 0
     n = tiles.shape[0]
@@ -139,8 +163,9 @@ def captioned_grid(tiles: torch.Tensor, nrow: int, captions: Sequence[str] | Non
     if captions:
         for i, text in enumerate(captions[:n]):
             r, c = divmod(i, nrow)
-            draw.text((left + padding + c * (tw + padding), top + padding + r * (th + padding + cap_h) + th),
-                      str(text), fill="black", font=font)
+            x, y = left + padding + c * (tw + padding), top + padding + r * (th + padding + cap_h) + th
+            for n_line, line in enumerate(str(text).split("\n")):
+                draw.text((x, y + CAPTION_LINE_H * n_line), line, fill="black", font=font)
     if row_titles:
         for r, text in enumerate(row_titles[:nrows]):
             draw.text((2, top + padding + r * (th + padding + cap_h) + th // 2 - 5), str(text), fill="black", font=font)
@@ -148,6 +173,47 @@ def captioned_grid(tiles: torch.Tensor, nrow: int, captions: Sequence[str] | Non
         for c, text in enumerate(col_titles[:ncol]):
             draw.text((left + padding + c * (tw + padding), 1), str(text), fill="black", font=font)
     return torch.from_numpy(np.asarray(canvas).copy()).permute(2, 0, 1).float() / 255
+
+
+def readable(image: torch.Tensor, min_width: int = MIN_LOGGED_WIDTH,
+             max_width: int = 2 * MIN_LOGGED_WIDTH) -> torch.Tensor:
+    """[C, H, W] upscaled by the integer factor (nearest neighbour: pixels and text stay crisp) that
+    brings its width to at least `min_width`, without passing `max_width`; unchanged when it is wide
+    enough already."""
+    w = image.shape[-1]
+    if w >= min_width:
+        return image
+    factor = min(-(-min_width // w), max(1, max_width // w))
+    return image.repeat_interleave(factor, dim=-2).repeat_interleave(factor, dim=-1) if factor > 1 else image
+
+
+def columns_that_fit(tile_w: int, columns: int, group: int = 1, max_width: int = MAX_GRID_WIDTH,
+                     padding: int = 2) -> int:
+    """How many of `columns` tiles `tile_w` wide fit in `max_width`, a multiple of `group` (tiles
+    that belong together, e.g. an image and its projection), at least one group."""
+    fit = max(1, (max_width - padding) // (tile_w + padding))
+    return max(group, min(columns, fit - fit % group))
+
+
+def colorbar(cmap: str, lo: float, hi: float, width: int, label: str = "", height: int = 10) -> torch.Tensor:
+    """A horizontal colour scale as a [3, h, width] image in [0, 1]: the colormap from `lo` (left) to
+    `hi` (right), with both values and `label` written under it."""
+    bar_w = max(width - 4, 8)
+    ramp = torch.linspace(lo, hi, bar_w).view(1, 1, bar_w).expand(1, height, bar_w)
+    colors = heatmap(ramp, cmap, lo, hi)[0]
+    canvas = torch.ones(3, height + 3 + CAPTION_LINE_H, max(width, bar_w + 4))
+    canvas[:, 1:1 + height, 2:2 + bar_w] = colors
+    image = Image.fromarray((canvas.permute(1, 2, 0).numpy() * 255).astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    font = caption_font()
+    low, high = f"{lo:g}", f"{hi:g}"
+    draw.text((2, height + 2), low, fill="black", font=font)
+    draw.text((2 + bar_w - CHAR_WIDTH * len(high), height + 2), high, fill="black", font=font)
+    if label:
+        middle = 2 + (bar_w - CHAR_WIDTH * len(label)) // 2
+        if middle > 2 + CHAR_WIDTH * (len(low) + 1):
+            draw.text((middle, height + 2), label, fill="black", font=font)
+    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float() / 255
 
 
 def legend(names: Sequence[str], colors: torch.Tensor, width: int, swatch: int = 10) -> torch.Tensor:

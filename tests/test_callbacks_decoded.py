@@ -19,7 +19,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from PIL import Image
 
 from convlens.callbacks.decoded import DecodedFilters
-from convlens.render import captioned_grid, scale_symmetric
+from convlens.render import captioned_grid, readable, scale_symmetric
 from conftest import FAST_SHAPES, compose_cfg, read_events
 from convlens.models.lenet import LeNet
 from convlens.models.module import ClassifierModule
@@ -58,8 +58,9 @@ def event_scalars(logdir: Path) -> dict[str, dict[int, float]]:
 
 
 def as_logged(image: torch.Tensor) -> torch.Tensor:
-    """What TensorBoard stores for a float image in [0, 1]: x * 255 truncated to uint8."""
-    return (image.clamp(0, 1) * 255).to(torch.uint8)
+    """What TensorBoard stores for a float image in [0, 1]: upscaled to a readable width
+    (`render.readable`, as every callback logs), x * 255 truncated to uint8."""
+    return (readable(image.clamp(0, 1)) * 255).to(torch.uint8)
 
 
 def assert_same_image(logged: torch.Tensor, expected: torch.Tensor) -> None:

@@ -31,7 +31,7 @@ import convlens.callbacks.deconv
 from convlens.callbacks.deconv import DeconvProjection
 from convlens.viz.layers import default_conv_layers
 from convlens.callbacks.evolution import FilterEvolution
-from convlens.render import scale_each, scale_symmetric, to_pixels, upscale
+from convlens.render import MAX_GRID_WIDTH, columns_that_fit, scale_each, scale_symmetric, to_pixels, upscale
 from conftest import FAST_SHAPES, compose_cfg, read_events
 from convlens.datamodules.shapes import ShapesDataModule
 from convlens.models.cifar import CifarConvNet
@@ -69,10 +69,14 @@ def capture_images(callback) -> dict[str, torch.Tensor]:
 
 
 def tile(grid: torch.Tensor, index: int, nrow: int, hw: tuple[int, int], top: int = 0, left: int = 0,
-         caption_h: int = CAPTION_H) -> torch.Tensor:
-    """Tile `index` of a captioned_grid ([3, H, W]), the tiles being `hw` pixels (after upscaling)."""
+         caption_h: int = CAPTION_H, rows: int | None = None) -> torch.Tensor:
+    """Tile `index` of a captioned_grid ([3, H, W]), the tiles being `hw` pixels (after upscaling).
+    With `rows` (the grid's row count), the caption height is read off the grid's height: class
+    names too long for a tile take two caption lines."""
     r, c = divmod(index, nrow)
     th, tw = hw
+    if rows is not None:
+        caption_h = (grid.shape[-2] - top - PAD) // rows - th - PAD
     y = top + PAD + r * (th + PAD + caption_h)
     x = left + PAD + c * (tw + PAD)
     return grid[:, y:y + th, x:x + tw]
@@ -152,15 +156,15 @@ def test_deconv_grid_tiles_are_the_projections_of_the_top_maps(shapes_probe):
         grid = logged[f"deconv/{layer}"]
         maxima = conv_maps(net, images, layer).amax(dim=(2, 3))
         for n in [0, 7]:
-            assert_tile(tile(grid, n * 4, 4, hw), as_drawn(pixels[n], 56))
+            assert_tile(tile(grid, n * 4, 4, hw, rows=len(images)), as_drawn(pixels[n], 56))
             top = maxima[n].argsort(descending=True)[:3]
             for j, c in enumerate(top.tolist()):
                 expected = scale_each(project(net, images[n:n + 1], layer, c))[0]
-                assert_tile(tile(grid, n * 4 + 1 + j, 4, hw), as_drawn(expected, 56))
+                assert_tile(tile(grid, n * 4 + 1 + j, 4, hw, rows=len(images)), as_drawn(expected, 56))
             # the comparison discriminates: another map's projection is not what is drawn
             other = int(maxima[n].argsort()[0])
             wrong = as_drawn(scale_each(project(net, images[n:n + 1], layer, other))[0], 56)
-            assert (tile(grid, n * 4 + 1, 4, hw) - wrong).abs().max() > 0.1
+            assert (tile(grid, n * 4 + 1, 4, hw, rows=len(images)) - wrong).abs().max() > 0.1
 
 
 def test_deconv_max_tiles_are_each_maps_most_activating_image(shapes_probe):
@@ -184,11 +188,15 @@ def test_deconv_max_tiles_are_each_maps_most_activating_image(shapes_probe):
     best_value, best_image = per_image.max(dim=0)               # per map
     ranked = best_value.argsort(descending=True)[:6]
     pixels = to_pixels(batch, dm.normalization)
+    # the 6 pairs wrap onto rows no wider than render.MAX_GRID_WIDTH
+    ncol = columns_that_fit(56, 12, group=2)
+    rows = -(-12 // ncol)
+    assert ncol < 12 and grid.shape[-1] <= MAX_GRID_WIDTH
     for j, c in enumerate(ranked.tolist()):
         i = int(best_image[c])
-        assert_tile(tile(grid, 2 * j, 12, (56, 56)), as_drawn(pixels[i], 56))
+        assert_tile(tile(grid, 2 * j, ncol, (56, 56), rows=rows), as_drawn(pixels[i], 56))
         expected = scale_each(project(net, batch[i:i + 1], "conv2", c))[0]
-        assert_tile(tile(grid, 2 * j + 1, 12, (56, 56)), as_drawn(expected, 56))
+        assert_tile(tile(grid, 2 * j + 1, ncol, (56, 56), rows=rows), as_drawn(expected, 56))
 
 
 def test_precision_auto_runs_the_fast_dtype_and_draws_what_float32_draws(shapes_probe, monkeypatch):
@@ -246,8 +254,8 @@ def test_evolution_tiles_weights_and_summary(shapes_probe):
     assert {k: cb.chosen[k] for k in expected_maps} == expected_maps
     for layer, c in expected_maps.items():
         drawn = logged[f"evolution/{layer}"]
-        assert_tile(tile(drawn, 0, 2, (56, 56)), as_drawn(to_pixels(image, dm.normalization)[0], 56))
-        assert_tile(tile(drawn, 1, 2, (56, 56)), as_drawn(scale_each(project(net, image, layer, c))[0], 56))
+        assert_tile(tile(drawn, 0, 2, (56, 56), rows=1), as_drawn(to_pixels(image, dm.normalization)[0], 56))
+        assert_tile(tile(drawn, 1, 2, (56, 56), rows=1), as_drawn(scale_each(project(net, image, layer, c))[0], 56))
     # first conv's filters: 20 of 1x5x5, symmetric scaling, 5 per row, upscaled 8x to 40 px
     weights = logged["evolution/weights_conv1"]
     w = net.conv1.weight.detach()

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 import convlens.callbacks.occlusion as occlusion_module
 from convlens.callbacks.occlusion import OcclusionSensitivity
 from convlens.viz.occlusion import default_patch, default_stride, maps_to_pixels
-from convlens.render import captioned_grid, heatmap, label_colors, legend, stack_vertical
+from convlens.render import captioned_grid, colorbar, heatmap, label_colors, legend, stack_vertical
 from conftest import FAST_SHAPES, compose_cfg, read_events
 from convlens.datamodules.base import make_normalization
 from convlens.datamodules.shapes_data import CLASSES, make_shapes
@@ -132,7 +132,8 @@ def test_panels_are_the_rendered_occlusion_maps(tmp_path, monkeypatch):
         label_px = naive_maps_to_pixels(label[i:i + 1], 28, 28, 9, 4)
         panels = torch.cat([image[None], heatmap(prob_px, "jet", 0, 1), label_colors(label_px, 10)])
         grid = captioned_grid(panels, nrow=3, captions=captions[i] + ["predicted label"], tile_size=112)
-        expected = stack_vertical([grid, legend(CLASSES, colors, grid.shape[-1])])
+        scale = colorbar("jet", 0, 1, min(grid.shape[-1], 240), "p(target)")  # the heat map's colour scale
+        expected = stack_vertical([grid, stack_vertical([scale, legend(CLASSES, colors, grid.shape[-1])])])
         assert logged[f"occlusion/{i}"].shape == expected.shape
         assert torch.allclose(logged[f"occlusion/{i}"], expected, atol=1e-6)
     # the second panel, located by hand (2 px padding, 28 px upscaled x4), is image 0's map up to

@@ -56,3 +56,32 @@ def test_every_logged_tag_starts_with_its_methods_name(tmp_path):
     for name in METHODS:
         assert f"viz_time/{name}" in events["scalars"], name
         assert any(t.startswith(f"{name}/") for t in events["images"]), name
+
+
+def test_custom_scalars_layout_groups_the_runs_curves(tmp_path):
+    """The Custom Scalars layout is written into the run, and every chart's regexes match tags the
+    run logged (read back from the event files)."""
+    import re
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    from convlens.callbacks.layout import LAYOUT
+
+    train(compose_cfg(["experiment=shapes_demo", "debug=limit", "datamodule.n_train=256", "datamodule.val_size=64",
+                       "datamodule.n_test=64", "test=false"], tmp_path))
+    entries = []
+    for events_file in sorted((tmp_path / "tensorboard").glob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(events_file), size_guidance={"tensors": 0})
+        acc.Reload()
+        if "custom_scalars__config__" in acc.Tags()["tensors"]:
+            entries += acc.Tensors("custom_scalars__config__")
+    (entry,) = entries  # written once
+    layout = layout_pb2.Layout.FromString(entry.tensor_proto.string_val[0])
+    charts = {c.title: list(c.multiline.tag) for cat in layout.category for c in cat.chart}
+    assert charts == {title: regexes for cat in LAYOUT.values() for title, (_, regexes) in cat.items()}
+    scalars = read_events(tmp_path / "tensorboard")["scalars"]
+    for title in ("accuracy", "relative weight change per epoch, by layer",
+                  "decoding error (Rafegas & Vanrell, Eq. 3), by layer", "seconds per visualization callback"):
+        matched = [t for t in scalars if any(re.fullmatch(r, t) for r in charts[title])]
+        assert matched, (title, sorted(scalars))

@@ -22,7 +22,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 from torchvision.models.vgg import make_layers
 
-from convlens.render import as_rgb, heatmap, scale_symmetric, to_pixels, upscale
+from convlens.render import (CAPTION_LINE_H, as_rgb, class_caption, fit_caption, heatmap, scale_symmetric, to_pixels,
+                             upscale)
 from convlens.callbacks.saliency import Saliency
 from convlens.viz.saliency import default_saliency_layer
 from conftest import read_events
@@ -258,6 +259,9 @@ def test_callback_tiles_are_captums_maps_rendered(shapes):
     upsampled_cam = LayerAttribution.interpolate(
         LayerGradCam(net, net.conv4).attribute(x, target=predicted, relu_attributions=True), (32, 32),
         "bilinear").detach()
+    # class names too long for a tile take two caption lines (render.fit_caption)
+    names = [class_caption(y, shapes.class_names) for y in torch.cat([cb.probe_labels, predicted])]
+    caption_h = CAPTION_LINE_H * max(fit_caption(n, 64, lines=2).count("\n") + 1 for n in names)
     for i in range(4):
         for row, want, grid, left in [
             (0, pixels[i], logged["saliency/gradcam"], left_cam),
@@ -265,7 +269,7 @@ def test_callback_tiles_are_captums_maps_rendered(shapes):
             (1, as_rgb(scale_symmetric(guided))[i], logged["saliency/guided_backprop"], left_guided),
             (2, as_rgb(scale_symmetric(guided * upsampled_cam))[i], logged["saliency/guided_backprop"], left_guided),
         ]:
-            drawn = grid_tile(grid, row, i, 4, (64, 64), left)
+            drawn = grid_tile(grid, row, i, 4, (64, 64), left, caption_h=caption_h)
             expected = upscale(want[None].float(), 64)[0]
             assert (drawn - expected).abs().max() <= 1 / 255 + 1e-5, (i, row)
 

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 
-from convlens.render import to_pixels, upscale
+from convlens.render import CAPTION_LINE_H, class_caption, fit_caption, to_pixels, upscale
 from convlens.callbacks.base import log_step
 from convlens.callbacks.suppression import KernelSuppression
 from conftest import FAST_SHAPES, compose_cfg, read_events
@@ -532,7 +532,10 @@ def test_callback_draws_the_method_output_and_keeps_its_kernels(tmp_path):
     images, _ = cb.probe(module)
     x_hat, _ = interpret_kernel(net, images, "conv2", chosen.flatten(), alpha=cb.alpha, beta=cb.beta,
                                 steps=20, lr=cb.lr)
-    top, pad, caption = 14, 2, 12  # the column-title band, padding and caption band of captioned_grid
+    # the column-title band, padding and caption band of captioned_grid (a class name too long for
+    # a tile takes two caption lines)
+    names = [class_caption(y, dm.class_names) for y in cb.probe_labels]
+    top, pad, caption = 14, 2, CAPTION_LINE_H * max(fit_caption(n, 56, lines=2).count("\n") + 1 for n in names)
     for row in range(2):
         for col, expected in ((0, images[row]), (1, x_hat[row])):
             y0, x0 = top + pad + row * (56 + pad + caption), pad + col * (56 + pad)

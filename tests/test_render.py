@@ -1,0 +1,105 @@
+"""TensorBoard legibility: small images upscaled by an integer factor, strips wrapped into rows,
+class names on two caption lines instead of cut, heat maps with a colour scale."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import FAST_SHAPES, compose_cfg
+from convlens.callbacks.deconv import max_images_grid
+from convlens.events import read_images
+from convlens.render import (CAPTION_LINE_H, CHAR_WIDTH, MAX_GRID_WIDTH, MIN_LOGGED_WIDTH, captioned_grid,
+                             colorbar, fit_caption, heatmap, readable)
+from convlens.train import train
+
+
+def test_readable_upscales_small_images_by_an_integer_factor_nearest():
+    image = torch.rand(3, 30, 100)
+    big = readable(image)
+    factor = big.shape[-1] // 100
+    assert big.shape == (3, 30 * factor, 100 * factor) and big.shape[-1] >= MIN_LOGGED_WIDTH
+    expected = np.kron(image.numpy(), np.ones((1, factor, factor)))  # nearest neighbour: blocks
+    assert np.array_equal(big.numpy(), expected)
+    wide = torch.rand(3, 10, MIN_LOGGED_WIDTH + 7)
+    assert readable(wide) is wide
+
+
+@pytest.mark.parametrize("name, width, lines", [("T-shirt/top", 56, ["T-shirt/", "top"]),
+                                                ("Ankle boot", 56, ["Ankle", "boot"]),
+                                                ("automobile", 64, ["automobile"]),
+                                                ("horizontal_bar", 56, ["horizonta", "l_bar"])])
+def test_class_names_take_two_lines_rather_than_being_cut(name, width, lines):
+    caption = fit_caption(name, width, lines=2)
+    assert caption.split("\n") == lines
+    assert all(len(line) * CHAR_WIDTH <= width for line in lines)
+    assert "".join(lines).replace(" ", "") == name.replace(" ", "")  # nothing cut
+    assert fit_caption("abcdefghijklmnopqrstuvwxyz", 56, lines=2) == "abcdefghi\njklmnopq~"
+
+
+def test_a_grid_with_two_line_captions_is_laid_out_for_them():
+    tiles = torch.rand(4, 3, 28, 28)
+    one = captioned_grid(tiles, nrow=4, captions=["a", "b", "c", "d"], tile_size=56)
+    two = captioned_grid(tiles, nrow=4, captions=["a", "T-shirt/\ntop", "c", "d"], tile_size=56)
+    assert two.shape[-2] - one.shape[-2] == CAPTION_LINE_H
+    # the tiles are where they were; the second line is drawn (dark pixels) below the first
+    assert torch.equal(one[:, 2:58, :], two[:, 2:58, :])
+    below = two[:, 58 + CAPTION_LINE_H:58 + 2 * CAPTION_LINE_H, 60:116]
+    assert below.min() < 0.5
+
+
+def test_deconv_max_pairs_wrap_into_rows_no_wider_than_the_card():
+    pixels, projections = torch.rand(16, 1, 28, 28), torch.randn(16, 1, 28, 28)
+    grid = max_images_grid(pixels, projections, torch.arange(16), [f"class {i}" for i in range(16)], tile_size=64)
+    assert grid.shape[-1] <= MAX_GRID_WIDTH                    # the old layout was 930 x 142
+    pair = 2 * (56 + 2)
+    pairs_per_row = (grid.shape[-1] - 2) // pair
+    rows = -(-16 // pairs_per_row)
+    assert pairs_per_row >= 2 and rows >= 3 and grid.shape[-2] >= rows * 56  # rows, not a band
+
+
+def test_colorbar_runs_through_the_colormap():
+    bar = colorbar("jet", 0.0, 1.0, 200, "p(target)")
+    assert bar.shape[0] == 3 and bar.shape[-1] == 200
+    ramp = bar[:, 5, 2:198]
+    expected = heatmap(torch.linspace(0, 1, 196).view(1, 1, 196), "jet")[0, :, 0]
+    assert (ramp - expected).abs().max() <= 1 / 255 + 1e-6
+
+
+def test_logged_images_are_readable_at_the_card_width(tmp_path):
+    cfg = compose_cfg(FAST_SHAPES + ["trainer.max_epochs=1", "test=false", "callbacks=[none,deconv,decoded,occlusion]",
+                                     "callbacks.deconv.max_maps=16"], tmp_path)
+    train(cfg)
+    import io
+
+    from PIL import Image
+
+    logged = read_images(tmp_path / "tensorboard")
+    images = {tag: Image.open(io.BytesIO(entries[-1][1])) for tag, entries in logged.items()}
+    for tag, image in images.items():
+        assert image.width >= MIN_LOGGED_WIDTH, (tag, image.size)
+    # decoded conv1 filters are 5 x 5: the grid was upscaled, in whole multiples (crisp pixels)
+    assert images["decoded/conv1"].width % 2 == 0
+
+
+def test_gradcam_image_ends_with_its_colour_scale(tmp_path):
+    """The Grad-CAM overlay's colour scale is drawn under it (occlusion's: tests/test_callbacks_occlusion.py)."""
+    from types import SimpleNamespace
+
+    from convlens.callbacks.saliency import Saliency
+    from convlens.datamodules.shapes import ShapesDataModule
+    from convlens.models.lenet import LeNet
+
+    dm = ShapesDataModule(n_train=64, n_test=16, val_size=32)
+    dm.setup("fit")
+    cb = Saliency(num_probe=3, layer="conv2")
+    module = SimpleNamespace(net=LeNet(), device=torch.device("cpu"))
+    trainer = SimpleNamespace(datamodule=dm, global_step=1, loggers=[], sanity_checking=False)
+    cb.setup(trainer, module, "fit")
+    cb.on_fit_start(trainer, module)
+    logged = {}
+    cb.log_image = lambda trainer, tag, image: logged.__setitem__(tag, image)
+    cb.visualize(trainer, module)
+    image = logged["saliency/gradcam"]
+    bar = colorbar("jet", 0, 1, min(image.shape[-1], 240), "Grad-CAM / its max")
+    assert torch.equal(image[:, -bar.shape[1]:, :bar.shape[2]], bar)
