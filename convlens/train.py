@@ -193,7 +193,11 @@ def exit_on_user_error(error: BaseException) -> None:
     known = user_error(error)
     if known is None:
         raise error
-    log.error("%s", one_line(known))
+    # once on the terminal (stderr), once in the run's train.log: not again through the console log
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, "%s", (one_line(known),), None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
     print(f"\nconvlens: {one_line(known)}", file=sys.stderr)
     sys.exit(1)
 

@@ -349,3 +349,15 @@ def test_mnist_family_configs(name, dataset, classes, tmp_path):
     dm = instantiate(cfg.datamodule)
     assert (dm.dataset, dm.num_classes, len(dm.class_names)) == (dataset, classes, classes)
     assert instantiate(cfg.model).net(torch.zeros(1, 1, 28, 28)).shape == (1, classes)
+
+
+def test_missing_data_message_is_printed_once_and_kept_in_train_log(tmp_path):
+    env = dict(os.environ, DATA_DIR=str(tmp_path / "empty"), CONVLENS_CACHE=str(tmp_path / "cache"))
+    r = subprocess.run([sys.executable, "train.py", "datamodule.download=false", "callbacks=none",
+                        f"hydra.run.dir={tmp_path / 'run'}"], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 1
+    terminal = r.stdout + r.stderr
+    assert terminal.count("MNIST was not found") == 1, terminal
+    assert "Traceback" not in terminal and "\n  " not in r.stderr.strip().splitlines()[-1]
+    assert (tmp_path / "run" / "train.log").read_text().count("MNIST was not found") == 1
