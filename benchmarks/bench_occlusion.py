@@ -278,9 +278,10 @@ def print_tables(report: dict) -> None:
               f"{'met' if speedup >= r['target_speedup'] else 'NOT met'}")
         print("\n| memory variant | peak RSS rise (MiB) | copies | cached activations (MiB) |")
         print("|---|---|---|---|")
-        cache = plan["cache_bytes"] / 2**20 if plan else 0.0
+        plans = {"incremental": plan, "forced": r["forced_plan"]}
         for variant, m in r["memory"].items():
-            cached = "-" if variant == "batched" else f"{cache:.1f}"
+            chosen = plans.get(variant)  # tau variants: their plan is not recorded
+            cached = f"{chosen['cache_bytes'] / 2**20:.1f}" if chosen else "-"
             print(f"| {variant} | {m['rss_rise_mib']:.1f} | {m['copies']} | {cached} |")
         print(f"\nbatched working set (largest activation in + out of one chunk): "
               f"{r['batched_working_set_bytes'] / 2**20:.1f} MiB")
@@ -293,6 +294,17 @@ def print_tables(report: dict) -> None:
                       f"{e['label_agreement']:.4f} | {e['argmin_agreement']:.2f} |")
 
 
+def cpu_model() -> str:
+    """lscpu's model name and the core count, e.g. 'AMD EPYC, 2 cores'."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} cores"
+    except OSError:
+        pass
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--nets", default="vgg16,cifar,lenet")
@@ -301,10 +313,14 @@ def main() -> None:
     parser.add_argument("--taus", default="0.5,0.8", help="approximation thresholds ('' for none)")
     parser.add_argument("--json", default=str(HERE / "occlusion.json"))
     parser.add_argument("--quick", action="store_true", help="small settings, for trying the script out")
+    parser.add_argument("--print", metavar="JSON", help="print the tables of a saved run and exit")
     parser.add_argument("--memory-child", nargs=2, metavar=("NET", "VARIANT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
         memory_child(*args.memory_child, args.quick)
+        return
+    if args.print:
+        print_tables(json.loads(Path(args.print).read_text()))
         return
 
     def log(message: str) -> None:
@@ -314,7 +330,7 @@ def main() -> None:
     started = time.strftime("%Y-%m-%d %H:%M")
     report = dict(date=started, command=" ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
                   torch=torch.__version__, threads=torch.get_num_threads(), cpus=os.cpu_count(),
-                  machine=platform.processor() or platform.machine(), nets=[])
+                  machine=cpu_model(), nets=[])
     for net in args.nets.split(","):
         report["nets"].append(bench_net(net, args.vgg_repeats if net == "vgg16" else args.repeats, taus,
                                         args.quick, log))
