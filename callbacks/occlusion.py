@@ -49,6 +49,8 @@ class OcclusionSensitivity(VisualizationCallback):
             every callback) or "predicted" (the model's prediction on the unoccluded image).
         cmap: matplotlib colormap of the probability heat map.
         max_batch: occluded copies per forward pass (None: `occlusion_maps`' memory budget).
+        tau: None for exact maps (computed incrementally where that pays), or a fraction in (0, 1)
+            for Krypton's approximation (`viz.occlusion.occlusion_maps`).
         tile_size: each panel is upscaled (nearest, integer factor) to about this many pixels.
         every_n_epochs, probe_per_class, probe_seed, and `probe_options` (probe, mean, std,
             batch_keys): see VisualizationCallback.
@@ -61,7 +63,7 @@ class OcclusionSensitivity(VisualizationCallback):
     def __init__(self, every_n_epochs: int = 1, num_probe: int | None = 4, patch: int | None = None,
                  stride: int | None = None, target: str = "true", cmap: str = "jet",
                  max_batch: int | None = None, tile_size: int = 112, probe_per_class: int = 1,
-                 probe_seed: int = 0, **probe_options):
+                 probe_seed: int = 0, tau: float | None = None, **probe_options):
         super().__init__(layers=None, every_n_epochs=every_n_epochs, num_probe=num_probe,
                          probe_per_class=probe_per_class, probe_seed=probe_seed, **probe_options)
         for arg, value in (("patch", patch), ("stride", stride)):
@@ -76,7 +78,10 @@ class OcclusionSensitivity(VisualizationCallback):
 
         if cmap not in matplotlib.colormaps:
             raise ConfigError(f"Unknown matplotlib colormap {cmap!r}; e.g. jet, viridis, inferno, gray")
-        self.patch, self.stride, self.target = patch, stride, target
+        if tau is not None and (isinstance(tau, bool) or not isinstance(tau, (int, float)) or not 0 < tau < 1):
+            raise ConfigError(f"tau must be a fraction in (0, 1) (Krypton's approximation) or null (exact maps), "
+                              f"got {tau!r}")
+        self.patch, self.stride, self.target, self.tau = patch, stride, target, tau
         self.cmap, self.max_batch, self.tile_size = cmap, max_batch, tile_size
 
     def patch_and_stride(self, height: int, width: int) -> tuple[int, int]:
@@ -131,7 +136,7 @@ class OcclusionSensitivity(VisualizationCallback):
         normalization = self.normalization(trainer)
         targets = self.targets(net, images, labels)
         prob, label = occlusion_maps(net, images, targets, patch=patch, stride=stride,
-                                     pixel_to_input=normalization, max_batch=self.max_batch)
+                                     pixel_to_input=normalization, max_batch=self.max_batch, tau=self.tau)
         names = self.class_names(trainer)
         num_classes = max(len(names), int(label.max()) + 1)
         names = list(names) + [str(c) for c in range(len(names), num_classes)]

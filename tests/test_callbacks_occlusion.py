@@ -22,6 +22,7 @@ from convlens.render import captioned_grid, colorbar, heatmap, label_colors, leg
 from conftest import FAST_SHAPES, compose_cfg, read_events
 from convlens.datamodules.base import make_normalization
 from convlens.datamodules.shapes_data import CLASSES, make_shapes
+from convlens.models.cifar import CifarConvNet
 from convlens.models.lenet import LeNet
 from convlens.models.module import ClassifierModule
 from convlens.train import train
@@ -160,6 +161,30 @@ def test_predicted_target(tmp_path, monkeypatch):
         predicted = net.eval()(cb.probe_images).argmax(1)
     assert torch.equal(torch.as_tensor(calls[0]["targets"]), predicted)
     assert not torch.equal(predicted, cb.probe_labels)  # so "true" would have been different
+
+
+def test_tau_reaches_the_maps_and_changes_them(tmp_path, monkeypatch):
+    """`tau` (Krypton's approximation) is passed to occlusion_maps; the default is exact maps."""
+    torch.manual_seed(0)
+    net = CifarConvNet(c3=16, c4=8)
+    norm = make_normalization("none", torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
+    module = ClassifierModule(net, optimizer=partial(torch.optim.SGD, lr=0.1))
+    trainer = stub_trainer(norm, tmp_path=tmp_path)
+    images, labels = torch.randn(2, 3, 32, 32), torch.tensor([1, 2])
+    results = {}
+    for tau in (None, 0.5):
+        cb = OcclusionSensitivity(num_probe=None, tau=tau, patch=7, stride=2)
+        cb.probe_images, cb.probe_labels = images, labels
+        capture(cb)
+        calls = record_occlusion_calls(monkeypatch)
+        cb.visualize(trainer, module)
+        assert calls[0]["tau"] == tau
+        results[tau] = calls[0]["prob"]
+    exact = occlusion_maps(net, images, labels, patch=7, stride=2, pixel_to_input=norm, incremental=False)[0]
+    torch.testing.assert_close(results[None], exact, rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(results[0.5], exact, rtol=1e-4, atol=1e-6)  # approximate: not the exact map
+    with pytest.raises(ValueError, match="tau must be a fraction"):
+        OcclusionSensitivity(tau=1.5)
 
 
 def test_clear_errors(tmp_path):
