@@ -73,8 +73,8 @@ def _vgg_worker(filters: int, chunk_size: int | None, threads: int | None, queue
     start = time.perf_counter()
     decoded = decode_filters(net, "features.28", filters=range(filters), chunk_size=chunk_size)
     elapsed = time.perf_counter() - start
-    queue.put(dict(seconds=elapsed, shape=tuple(decoded.shape), peak=_peak_rss_bytes(), before=before, peak_before=peak_before,
-                   threads=torch.get_num_threads()))
+    queue.put(dict(seconds=elapsed, shape=tuple(decoded.shape), peak=_peak_rss_bytes(), before=before,
+                   peak_before=peak_before, threads=torch.get_num_threads()))
 
 
 def bench_vgg(filters: int, chunk_size: int | None, threads: int | None) -> dict:
@@ -163,9 +163,11 @@ def main() -> None:
           f"median {statistics.median(lenet) * 1e3:.1f} ms of {args.repeats} | - | < {LENET_TARGET_S * 1e3:.0f} ms | "
           f"{'yes' if best < LENET_TARGET_S else 'NO'} |")
     print(f"| VGG16 features.28, {args.vgg_filters} filters -> {vgg['shape']}, chunk "
-          f"{args.chunk_size or 'auto'} | {vgg['seconds']:.1f} s ({vgg['seconds'] / args.vgg_filters * 1e3:.0f} ms/filter) | "
+          f"{args.chunk_size or 'auto'} | {vgg['seconds']:.1f} s "
+          f"({vgg['seconds'] / args.vgg_filters * 1e3:.0f} ms/filter) | "
           f"peak RSS {vgg['peak'] / gib:.2f} GiB (+{(vgg['peak'] - vgg['before']) / gib:.2f} GiB over "
-          f"{vgg['before'] / gib:.2f} GiB before the call; peak before it {vgg['peak_before'] / gib:.2f} GiB) | peak < 4 GiB | "
+          f"{vgg['before'] / gib:.2f} GiB before the call; peak before it {vgg['peak_before'] / gib:.2f} GiB) "
+          f"| peak < 4 GiB | "
           f"{'yes' if vgg['peak'] < VGG_MEMORY_TARGET_BYTES else 'NO'} |")
 
 

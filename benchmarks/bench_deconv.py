@@ -114,14 +114,16 @@ def main() -> None:
         print(f"| project_many {layer}: {N_IMAGES * TOP_K} maps, reverse pass only, float32 / bfloat16 | "
               f"{t * 1e3:.1f} / {t16 * 1e3:.1f} | {t / base:.2f} / {t16 / base:.2f} | |")
     met = "met" if one_rec <= 3 * base else "MISSED"
-    print(f"| all 4 layers: 1 record + rank + project_many per layer, float32 | {one_rec * 1e3:.1f} | {one_rec / base:.2f} | <= 3x: {met} |")
+    print(f"| all 4 layers: 1 record + rank + project_many per layer, float32 | {one_rec * 1e3:.1f} | "
+          f"{one_rec / base:.2f} | <= 3x: {met} |")
     met = "met" if one_rec_bf16 <= 3 * base else "MISSED"
     print(f"| all 4 layers: 1 record + rank + project_many per layer, bfloat16 reverse pass | "
           f"{one_rec_bf16 * 1e3:.1f} | {one_rec_bf16 / base:.2f} | <= 3x: {met} |")
     print(f"| the same, bfloat16, against the bf16-autocast forward+backward | {one_rec_bf16 * 1e3:.1f} | "
           f"{one_rec_bf16 / base_bf16:.2f} (x autocast fwd+bwd) | |")
     met = "met" if per_rec <= 3 * base else "MISSED"
-    print(f"| all 4 layers: record + rank + project_many per layer | {per_rec * 1e3:.1f} | {per_rec / base:.2f} | <= 3x: {met} |")
+    print(f"| all 4 layers: record + rank + project_many per layer | {per_rec * 1e3:.1f} | {per_rec / base:.2f} "
+          f"| <= 3x: {met} |")
     print(f"| all 4 layers: one `project` call per map ({len(LAYERS) * N_IMAGES * TOP_K} calls; timed on "
           f"{SINGLE_IMAGES} images, scaled) | {single * 1e3:.1f} | {single / base:.2f} | |")
     print(f"\nspeed-up of batched (1 record) over one map at a time: {single / one_rec:.1f}x")

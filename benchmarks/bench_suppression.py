@@ -127,7 +127,8 @@ def trained_net(make, dm, weights: Path, ckpt: str | None, train_steps: int, bat
 
 # -- the comparison ------------------------------------------------------------------------------
 
-def pick(net, images: torch.Tensor, layer: str, kernels: int, per_kernel: int, generator) -> tuple[torch.Tensor, torch.Tensor, bool]:
+def pick(net, images: torch.Tensor, layer: str, kernels: int, per_kernel: int,
+         generator) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """(images [M, C, H, W], kernel index [M], rectified): `kernels` random kernels of the layer among
     those active on at least `per_kernel` images, each with `per_kernel` random such images (any
     images for unrectified maps, whose values are signed)."""
@@ -198,12 +199,14 @@ def print_paper() -> None:
     print("| method | " + " | ".join(f"block {b} S. | block {b} R." for b in range(1, 6)) + " |")
     print("|---|" + "---|" * 10)
     for method, cells in PAPER.items():
-        print(f"| {method} | " + " | ".join(f"{s:.2f} ± {ss:.2f} | {r:.2f} ± {rs:.2f}" for s, ss, r, rs in cells) + " |")
+        row = " | ".join(f"{s:.2f} ± {ss:.2f} | {r:.2f} ± {rs:.2f}" for s, ss, r, rs in cells)
+        print(f"| {method} | {row} |")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ckpt", default=None, help="CifarConvNet(256, 64) weights (.pt state dict or Lightning .ckpt)")
+    parser.add_argument("--ckpt", default=None,
+                        help="CifarConvNet(256, 64) weights (.pt state dict or Lightning .ckpt)")
     parser.add_argument("--train-steps", type=int, default=800)
     parser.add_argument("--kernels", type=int, default=4, help="kernels per layer (the paper: 4)")
     parser.add_argument("--images", type=int, default=4, help="images per kernel (the paper: 180)")

@@ -245,7 +245,8 @@ def test_evolution_tiles_weights_and_summary(shapes_probe):
     cb.log_scalars = lambda trainer, values: scalars.update(values)
     cb.visualize(fake_trainer(dm, step=5, val_acc=0.5), fake_module(net))
     expected_change = ((net.conv2.weight.detach().double() - before.double()).norm() / before.double().norm()).item()
-    assert scalars == {"evolution_weight_change/conv1": 0.0, "evolution_weight_change/conv2": pytest.approx(expected_change, rel=1e-12),
+    assert scalars == {"evolution_weight_change/conv1": 0.0,
+                       "evolution_weight_change/conv2": pytest.approx(expected_change, rel=1e-12),
                        "evolution_weight_change/conv3": 0.0, "evolution_weight_change/conv4": 0.0}
     assert expected_change > 1e-3
     image = images[2:3]

@@ -209,7 +209,8 @@ def test_imagefolder_contradictions_are_one_line_before_decoding(tmp_path, monke
     monkeypatch.setattr(images_mod, "_decode", lambda *a: pytest.fail("decoded before the contradiction was found"))
     with pytest.raises(DataError, match=r"has 3 class folders \(bag, coat, shoe\) but num_classes=10"):
         ImageFolderDataModule(root=str(root), num_classes=10)
-    with pytest.raises(DataError, match="normalization=imagenet needs 3-channel images.*grayscale.*normalization=channel"):
+    with pytest.raises(DataError,
+                       match="normalization=imagenet needs 3-channel images.*grayscale.*normalization=channel"):
         ImageFolderDataModule(root=str(root), normalization="imagenet", image_size=28)
 
 
@@ -332,7 +333,8 @@ def test_mnist_family_missing_names_the_files_it_expects(tmp_path):
     with pytest.raises(DataError) as e:
         dm.setup("fit")
     msg = str(e.value)
-    assert "train-images-idx3-ubyte" in msg and "plain or .gz" in msg and str(tmp_path / "none" / "KMNIST" / "raw") in msg
+    assert "train-images-idx3-ubyte" in msg and "plain or .gz" in msg
+    assert str(tmp_path / "none" / "KMNIST" / "raw") in msg
     with pytest.raises(DataError, match="FashionMNIST has 10 classes, but num_classes=7"):
         MNISTDataModule(dataset="FashionMNIST", num_classes=7)
     with pytest.raises(DataError, match="Unknown dataset='Fashion'.*FashionMNIST"):

@@ -7,7 +7,6 @@ import shutil
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 
@@ -58,7 +57,8 @@ def test_a_users_own_models_and_callbacks_packages_do_not_break_convlens(tmp_pat
         from convlens.config import compose_config
         cfg = compose_config(["experiment=shapes_demo"])
         assert cfg.model.net._target_ == "convlens.models.lenet.LeNet", cfg.model.net._target_
-        assert (models.MINE, callbacks.MINE, datamodules.MINE, viz.MINE) == ("models", "callbacks", "datamodules", "viz")
+        mine = (models.MINE, callbacks.MINE, datamodules.MINE, viz.MINE)
+        assert mine == ("models", "callbacks", "datamodules", "viz"), mine
         print("ok")
     """)
     env = dict(os.environ, PYTHONPATH=str(user))
