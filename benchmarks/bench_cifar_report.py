@@ -89,9 +89,8 @@ def main() -> None:
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     dm, model = instantiate(cfg.datamodule), instantiate(cfg.model)
     stats = EpochStats([e for e in a.test_at if e <= a.epochs], a.out)
-    callbacks = [c for c in instantiate_dict(cfg.callbacks) if type(c).__name__ != "RichProgressBar"] + [stats]
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=instantiate_dict(cfg.logger) or False,
-                          enable_progress_bar=False)
+    callbacks = instantiate_dict(cfg.callbacks) + [stats]
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=instantiate_dict(cfg.logger) or False)
     start = time.perf_counter()
     trainer.fit(model, datamodule=dm)
     wall = time.perf_counter() - start
