@@ -30,13 +30,21 @@ LAYOUT = {
 
 
 class TensorBoardLayout(pl.Callback):
-    """Writes `LAYOUT` (or `layout`) once per run into every TensorBoard logger, at fit start."""
+    """Writes `LAYOUT` (or `layout`) once per fit into every TensorBoard logger, at the end of the
+    first training epoch: a run that fails before then leaves no TensorBoard run behind."""
 
     def __init__(self, layout: dict | None = None):
         self.layout = layout or LAYOUT
+        self._written = False
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._written = False
 
     @rank_zero_only
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._written:
+            return
+        self._written = True
         for lg in trainer.loggers:
             if isinstance(lg, TensorBoardLogger):
                 lg.experiment.add_custom_scalars(self.layout)
