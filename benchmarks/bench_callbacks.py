@@ -45,6 +45,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from convlens.config import callback_config, compose_config as compose_cfg
 from convlens.methods import METHODS
 
+from results_json import Report
+
 ROOT = Path(__file__).resolve().parents[1]
 
 DEFAULT_CALLBACKS = [m.name for m in METHODS.values() if m.default]
@@ -108,6 +110,7 @@ def measure(overrides: list[str], batches: int, epochs: int, out: Path):
 
 
 def main():
+    report = Report("callbacks")
     p = argparse.ArgumentParser()
     p.add_argument("--batches", type=int, default=30, help="training batches per short epoch")
     p.add_argument("--epochs", type=int, default=4, help="short epochs (callbacks run after each)")
@@ -130,10 +133,10 @@ def main():
         epoch_s = batch_s * per_epoch
         rows.append((setup, batch_s, per_epoch, epoch_s, present, times))
 
-    print(f"torch threads: {torch.get_num_threads()}, clock: {a.clock}, "
-          f"load average: {os.getloadavg()[0]:.1f} (1 min)\n")
-    print("| setup | callback | first epoch s | per epoch s (median of later epochs) | % of epoch | fit end s |")
-    print("|---|---|---|---|---|---|")
+    report.print(f"torch threads: {torch.get_num_threads()}, clock: {a.clock}, "
+                 f"load average: {os.getloadavg()[0]:.1f} (1 min)\n")
+    report.print("| setup | callback | first epoch s | per epoch s (median of later epochs) | % of epoch | fit end s |")
+    report.print("|---|---|---|---|---|---|")
     for setup, batch_s, per_epoch, epoch_s, present, times in rows:
         total = 0.0
         for name in present:
@@ -141,14 +144,17 @@ def main():
             last = statistics.median(calls[1:]) if len(calls) > 1 else float("nan")
             total += last
             fit_end = times.get(name + "@fit_end", [0.0])[-1]
-            print(f"| {setup} | {name} | {calls[0]:.3f} | {last:.3f} | {100 * last / epoch_s:.2f}% | {fit_end:.3f} |")
+            report.print(f"| {setup} | {name} | {calls[0]:.3f} | {last:.3f} | {100 * last / epoch_s:.2f}% "
+                         f"| {fit_end:.3f} |")
         verdict = "met" if total <= 0.03 * epoch_s else "MISSED"
-        print(f"| {setup} | **all ({len(present)})** | | **{total:.3f}** | **{100 * total / epoch_s:.2f}%** "
-              f"(target <= 3%: {verdict}) | |")
-        print(f"| {setup} | epoch = {batch_s * 1000:.1f} ms/batch x {per_epoch} batches | | {epoch_s:.1f} | 100% | |")
+        report.print(f"| {setup} | **all ({len(present)})** | | **{total:.3f}** | **{100 * total / epoch_s:.2f}%** "
+                     f"(target <= 3%: {verdict}) | |")
+        report.print(f"| {setup} | epoch = {batch_s * 1000:.1f} ms/batch x {per_epoch} batches | | {epoch_s:.1f} "
+                     "| 100% | |")
     missing = [n for n in DEFAULT_CALLBACKS if all(n not in r[4] for r in rows)]
     if missing:
-        print(f"\nnot measured (no conf/callbacks/<name>.yaml yet): {', '.join(missing)}")
+        report.print(f"\nnot measured (no conf/callbacks/<name>.yaml yet): {', '.join(missing)}")
+    report.save()
 
 
 if __name__ == "__main__":

@@ -33,8 +33,8 @@ class EpochStats(pl.Callback):
     """Seconds of each training epoch (without validation) and the test accuracy of the current
     weights after the epochs in `test_at` (evaluated in eval mode, under the run's precision)."""
 
-    def __init__(self, test_at, out: Path):
-        self.test_at, self.out, self.rows, self._t0 = set(test_at), out, [], None
+    def __init__(self, test_at, out: Path, rows=()):
+        self.test_at, self.out, self.rows, self._t0 = set(test_at), out, list(rows), None
 
     def on_train_epoch_start(self, trainer, pl_module):
         self._t0 = time.perf_counter()
@@ -78,6 +78,8 @@ def main() -> None:
     p.add_argument("--test-at", type=int, nargs="*", default=[5, 10, 20, 40])
     p.add_argument("--name", default=None, help="key in benchmarks/cifar_report.json (default: the out dir's name)")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from <out>/checkpoints/last.ckpt, keeping its epochs.json rows")
     p.add_argument("overrides", nargs="*", help="config overrides (default experiment: cifar10_report)")
     a = p.parse_args()
     if a.threads:
@@ -85,14 +87,22 @@ def main() -> None:
     a.out.mkdir(parents=True, exist_ok=True)
     overrides = ["experiment=cifar10_report", f"trainer.max_epochs={a.epochs}", *a.overrides]
     cfg = compose_config(overrides, a.out)
-    OmegaConf.save(cfg, a.out / "config.yaml", resolve=False)
+    ckpt_path, rows = None, []
+    if a.resume:
+        ckpt_path = a.out / "checkpoints" / "last.ckpt"
+        if not ckpt_path.is_file():
+            raise SystemExit(f"--resume: {ckpt_path} does not exist; run without --resume")
+        epoch = torch.load(ckpt_path, map_location="cpu", weights_only=True)["epoch"] + 1
+        rows = [r for r in json.loads((a.out / "epochs.json").read_text())["epochs"] if r["epoch"] <= epoch]
+    else:
+        OmegaConf.save(cfg, a.out / "config.yaml", resolve=False)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     dm, model = instantiate(cfg.datamodule), instantiate(cfg.model)
-    stats = EpochStats([e for e in a.test_at if e <= a.epochs], a.out)
+    stats = EpochStats([e for e in a.test_at if e <= a.epochs], a.out, rows)
     callbacks = instantiate_dict(cfg.callbacks) + [stats]
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=instantiate_dict(cfg.logger) or False)
     start = time.perf_counter()
-    trainer.fit(model, datamodule=dm)
+    trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
     wall = time.perf_counter() - start
     for lg in trainer.loggers:
         lg.finalize("success")
@@ -103,6 +113,7 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d"), "overrides": overrides, "precision": str(cfg.trainer.precision),
         "epochs": stats.rows, "median_train_seconds_per_epoch": sorted(seconds)[len(seconds) // 2],
         "fit_wall_seconds": wall, "torch_threads": torch.get_num_threads(),
+        "resumed_after_epoch": rows[-1]["epoch"] if rows else None,
     }
     SUMMARY.write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary[a.name or a.out.name], indent=1))

@@ -35,6 +35,8 @@ from convlens.models.lenet import LeNet
 from convlens.models.vgg import VGG16
 from convlens.viz.decoding import CHUNK_BUDGET_BYTES, decode_filters
 
+from results_json import Report
+
 LENET_TARGET_S = 0.2
 VGG_MEMORY_TARGET_BYTES = 4 * 2**30
 
@@ -134,6 +136,7 @@ def table1(checkpoint: str, count: int, normalization: str | None = None) -> Non
 
 
 def main() -> None:
+    report = Report("decoding")
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5, help="timed repetitions of the LeNet decode")
     parser.add_argument("--vgg-filters", type=int, default=512, help="filters of features.28 to decode (all: 512)")
@@ -156,19 +159,21 @@ def main() -> None:
     vgg = bench_vgg(args.vgg_filters, args.chunk_size, args.threads)
     gib = 2**30
     best = min(lenet)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs\n")
-    print("| case | time | memory | target | met |")
-    print("|---|---|---|---|---|")
-    print(f"| LeNet, all filters of conv1-conv4 (580), nearest | best {best * 1e3:.1f} ms, "
-          f"median {statistics.median(lenet) * 1e3:.1f} ms of {args.repeats} | - | < {LENET_TARGET_S * 1e3:.0f} ms | "
-          f"{'yes' if best < LENET_TARGET_S else 'NO'} |")
-    print(f"| VGG16 features.28, {args.vgg_filters} filters -> {vgg['shape']}, chunk "
-          f"{args.chunk_size or 'auto'} | {vgg['seconds']:.1f} s "
-          f"({vgg['seconds'] / args.vgg_filters * 1e3:.0f} ms/filter) | "
-          f"peak RSS {vgg['peak'] / gib:.2f} GiB (+{(vgg['peak'] - vgg['before']) / gib:.2f} GiB over "
-          f"{vgg['before'] / gib:.2f} GiB before the call; peak before it {vgg['peak_before'] / gib:.2f} GiB) "
-          f"| peak < 4 GiB | "
-          f"{'yes' if vgg['peak'] < VGG_MEMORY_TARGET_BYTES else 'NO'} |")
+    report.print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs\n")
+    report.print("| case | time | memory | target | met |")
+    report.print("|---|---|---|---|---|")
+    report.print(f"| LeNet, all filters of conv1-conv4 (580), nearest | best {best * 1e3:.1f} ms, "
+                 f"median {statistics.median(lenet) * 1e3:.1f} ms of {args.repeats} | - "
+                 f"| < {LENET_TARGET_S * 1e3:.0f} ms | "
+                 f"{'yes' if best < LENET_TARGET_S else 'NO'} |")
+    report.print(f"| VGG16 features.28, {args.vgg_filters} filters -> {vgg['shape']}, chunk "
+                 f"{args.chunk_size or 'auto'} | {vgg['seconds']:.1f} s "
+                 f"({vgg['seconds'] / args.vgg_filters * 1e3:.0f} ms/filter) | "
+                 f"peak RSS {vgg['peak'] / gib:.2f} GiB (+{(vgg['peak'] - vgg['before']) / gib:.2f} GiB over "
+                 f"{vgg['before'] / gib:.2f} GiB before the call; peak before it {vgg['peak_before'] / gib:.2f} GiB) "
+                 f"| peak < 4 GiB | "
+                 f"{'yes' if vgg['peak'] < VGG_MEMORY_TARGET_BYTES else 'NO'} |")
+    report.save()
 
 
 if __name__ == "__main__":

@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from convlens.models.cifar import CifarConvNet
 from convlens.viz.deconvnet import fast_dtype, project, record
 
+from results_json import Report
+
 LAYERS = ["conv1", "conv2", "conv3", "conv4"]
 N_IMAGES, TOP_K = 16, 9
 SINGLE_IMAGES = 4  # one-map-at-a-time is timed on this many images and scaled to N_IMAGES
@@ -44,6 +46,7 @@ def timed(fn, repeats: int) -> float:
 
 
 def main() -> None:
+    report = Report("deconv")
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None)
@@ -101,32 +104,33 @@ def main() -> None:
     per_rec = timed(deconv_record_per_layer, args.repeats)
     single = timed(one_map_at_a_time, max(1, args.repeats // 2)) * N_IMAGES / SINGLE_IMAGES
 
-    print(f"CifarConvNet(256, 64), {N_IMAGES} images 32x32, top-{TOP_K} maps at {', '.join(LAYERS)}; "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average "
-          f"{os.getloadavg()[0]:.1f}, best of {args.repeats}; fast_dtype(cpu) = {fast_dtype('cpu')}\n")
-    print("| what | time (ms) | x fwd+bwd | target |")
-    print("|---|---:|---:|---|")
-    print(f"| one forward+backward, 16 images (reference: float32 training) | {base * 1e3:.1f} | 1.00 | |")
-    print(f"| one forward+backward under bf16 autocast (for comparison) | {base_bf16 * 1e3:.1f} | "
-          f"{base_bf16 / base:.2f} | |")
+    report.print(f"CifarConvNet(256, 64), {N_IMAGES} images 32x32, top-{TOP_K} maps at {', '.join(LAYERS)}; "
+                 f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average "
+                 f"{os.getloadavg()[0]:.1f}, best of {args.repeats}; fast_dtype(cpu) = {fast_dtype('cpu')}\n")
+    report.print("| what | time (ms) | x fwd+bwd | target |")
+    report.print("|---|---:|---:|---|")
+    report.print(f"| one forward+backward, 16 images (reference: float32 training) | {base * 1e3:.1f} | 1.00 | |")
+    report.print(f"| one forward+backward under bf16 autocast (for comparison) | {base_bf16 * 1e3:.1f} | "
+                 f"{base_bf16 / base:.2f} | |")
     for layer in LAYERS:
         t, _, t16 = per_layer[layer]
-        print(f"| project_many {layer}: {N_IMAGES * TOP_K} maps, reverse pass only, float32 / bfloat16 | "
-              f"{t * 1e3:.1f} / {t16 * 1e3:.1f} | {t / base:.2f} / {t16 / base:.2f} | |")
+        report.print(f"| project_many {layer}: {N_IMAGES * TOP_K} maps, reverse pass only, float32 / bfloat16 | "
+                     f"{t * 1e3:.1f} / {t16 * 1e3:.1f} | {t / base:.2f} / {t16 / base:.2f} | |")
     met = "met" if one_rec <= 3 * base else "MISSED"
-    print(f"| all 4 layers: 1 record + rank + project_many per layer, float32 | {one_rec * 1e3:.1f} | "
-          f"{one_rec / base:.2f} | <= 3x: {met} |")
+    report.print(f"| all 4 layers: 1 record + rank + project_many per layer, float32 | {one_rec * 1e3:.1f} | "
+                 f"{one_rec / base:.2f} | <= 3x: {met} |")
     met = "met" if one_rec_bf16 <= 3 * base else "MISSED"
-    print(f"| all 4 layers: 1 record + rank + project_many per layer, bfloat16 reverse pass | "
-          f"{one_rec_bf16 * 1e3:.1f} | {one_rec_bf16 / base:.2f} | <= 3x: {met} |")
-    print(f"| the same, bfloat16, against the bf16-autocast forward+backward | {one_rec_bf16 * 1e3:.1f} | "
-          f"{one_rec_bf16 / base_bf16:.2f} (x autocast fwd+bwd) | |")
+    report.print(f"| all 4 layers: 1 record + rank + project_many per layer, bfloat16 reverse pass | "
+                 f"{one_rec_bf16 * 1e3:.1f} | {one_rec_bf16 / base:.2f} | <= 3x: {met} |")
+    report.print(f"| the same, bfloat16, against the bf16-autocast forward+backward | {one_rec_bf16 * 1e3:.1f} | "
+                 f"{one_rec_bf16 / base_bf16:.2f} (x autocast fwd+bwd) | |")
     met = "met" if per_rec <= 3 * base else "MISSED"
-    print(f"| all 4 layers: record + rank + project_many per layer | {per_rec * 1e3:.1f} | {per_rec / base:.2f} "
-          f"| <= 3x: {met} |")
-    print(f"| all 4 layers: one `project` call per map ({len(LAYERS) * N_IMAGES * TOP_K} calls; timed on "
-          f"{SINGLE_IMAGES} images, scaled) | {single * 1e3:.1f} | {single / base:.2f} | |")
-    print(f"\nspeed-up of batched (1 record) over one map at a time: {single / one_rec:.1f}x")
+    report.print(f"| all 4 layers: record + rank + project_many per layer | {per_rec * 1e3:.1f} | {per_rec / base:.2f} "
+                 f"| <= 3x: {met} |")
+    report.print(f"| all 4 layers: one `project` call per map ({len(LAYERS) * N_IMAGES * TOP_K} calls; timed on "
+                 f"{SINGLE_IMAGES} images, scaled) | {single * 1e3:.1f} | {single / base:.2f} | |")
+    report.print(f"\nspeed-up of batched (1 record) over one map at a time: {single / one_rec:.1f}x")
+    report.save()
 
 
 if __name__ == "__main__":

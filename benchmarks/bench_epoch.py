@@ -16,6 +16,8 @@ from hydra.utils import instantiate
 
 from convlens.config import compose_config as compose_cfg
 
+from results_json import Report
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -32,6 +34,7 @@ class BatchTimer(pl.Callback):
 
 
 def main():
+    report = Report("epoch")
     p = argparse.ArgumentParser()
     p.add_argument("overrides", nargs="*", default=["experiment=cifar10_convnet"])
     p.add_argument("--batches", type=int, default=200)
@@ -48,8 +51,11 @@ def main():
     trainer.fit(instantiate(cfg.model), datamodule=dm)
     per_batch = sorted(timer.times)[len(timer.times) // 2]
     batches = -(-len(dm.train_set) // dm.batch_size)
-    print(f"| {' '.join(a.overrides)} | {trainer.accelerator.__class__.__name__} | {per_batch * 1e3:.1f} ms/batch "
-          f"(median of {len(timer.times)}) | {batches} batches | {per_batch * batches:.1f} s/epoch |")
+    report.print("| overrides | accelerator | step | batches | epoch |\n|---|---|---|---|---|")
+    report.print(f"| {' '.join(a.overrides)} | {trainer.accelerator.__class__.__name__} | "
+                 f"{per_batch * 1e3:.1f} ms/batch "
+                 f"(median of {len(timer.times)}) | {batches} batches | {per_batch * batches:.1f} s/epoch |")
+    report.save()
 
 
 if __name__ == "__main__":

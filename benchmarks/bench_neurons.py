@@ -40,6 +40,8 @@ from convlens.models.cifar import CifarConvNet
 from convlens.models.lenet import LeNet
 from convlens.models.module import ClassifierModule
 
+from results_json import Report
+
 ROOT = Path(__file__).resolve().parents[1]
 
 TRAIN_STEPS = 20
@@ -103,6 +105,7 @@ def run(net_factory, dm, callback, out: Path):
 
 
 def main() -> None:
+    report = Report("neurons")
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None)
@@ -130,13 +133,14 @@ def main() -> None:
                 total = b["collect"] + b["draw"]
                 rows.append((net_name, data_name, name, epoch, base["val"], b["val"] - base["val"], b["collect"],
                              b["draw"], total, total / epoch))
-    print(f"torch threads: {torch.get_num_threads()}, best of {args.repeats}\n")
-    print("| net | data | callback | epoch (s, est.) | val loop (s) | val loop delta (s) | collect (s) "
-          "| draw (s) | cost/epoch (s) | share | target <= 1% |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    report.print(f"torch threads: {torch.get_num_threads()}, best of {args.repeats}\n")
+    report.print("| net | data | callback | epoch (s, est.) | val loop (s) | val loop delta (s) | collect (s) "
+                 "| draw (s) | cost/epoch (s) | share | target <= 1% |")
+    report.print("|---|---|---|---|---|---|---|---|---|---|---|")
     for net, data, name, epoch, val, delta, collect, draw, total, share in rows:
-        print(f"| {net} | {data} | {name} | {epoch:.1f} | {val:.2f} | {delta:+.2f} | {collect:.3f} | {draw:.3f} "
-              f"| {total:.3f} | {share:.2%} | {'met' if share <= TARGET_FRACTION else 'MISSED'} |")
+        report.print(f"| {net} | {data} | {name} | {epoch:.1f} | {val:.2f} | {delta:+.2f} | {collect:.3f} | {draw:.3f} "
+                     f"| {total:.3f} | {share:.2%} | {'met' if share <= TARGET_FRACTION else 'MISSED'} |")
+    report.save()
 
 
 if __name__ == "__main__":

@@ -30,6 +30,8 @@ from hydra.utils import instantiate
 from convlens.config import compose_config as compose_cfg
 from convlens.config import instantiate_dict
 
+from results_json import Report
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -93,6 +95,7 @@ def plain_epoch(batches: int | None) -> tuple[float, int]:
 
 
 def main():
+    report = Report("overhead")
     p = argparse.ArgumentParser()
     p.add_argument("--batches", type=int, default=None, help="batches per epoch (default: the full epoch)")
     p.add_argument("--repeats", type=int, default=5, help="interleaved pairs (the VM is noisy: use 5 or more)")
@@ -116,18 +119,20 @@ def main():
             frame.append(framework_epoch(a.batches, Path(tmp) / f"r{r}", a.progress_bar))
     pm, fm = statistics.median(plain), statistics.median(frame)
     pairs = [p_ / f_ for p_, f_ in zip(plain, frame)]
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{a.batches or 'all'} batches per epoch\n")
-    print("| pipeline | epoch seconds (median of %d) |" % a.repeats)
-    print("|---|---|")
-    print(f"| plain PyTorch loop | {pm:.2f} |")
-    print(f"| train.py (callbacks=none{', progress bar' if a.progress_bar else ''}) | {fm:.2f} |")
+    report.print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+                 f"{a.batches or 'all'} batches per epoch\n")
+    report.print("| pipeline | epoch seconds (median of %d) |" % a.repeats)
+    report.print("|---|---|")
+    report.print(f"| plain PyTorch loop | {pm:.2f} |")
+    report.print(f"| train.py (callbacks=none{', progress bar' if a.progress_bar else ''}) | {fm:.2f} |")
     if a.near_free_model:
-        print(f"\nframework cost per step (near-free model): "
-              f"{statistics.median(f_ - p_ for p_, f_ in zip(plain, frame)) / steps * 1e3:.3f} ms (median of pairs)")
-    print(f"\nratio plain/framework = {pm / fm:.3f} (ratio of medians), median pair ratio "
-          f"{statistics.median(pairs):.3f} (target >= 0.95)")
-    print("pairs: " + ", ".join(f"{p_:.2f}/{f_:.2f}={r:.3f}" for p_, f_, r in zip(plain, frame, pairs)))
+        report.print(f"\nframework cost per step (near-free model): "
+                     f"{statistics.median(f_ - p_ for p_, f_ in zip(plain, frame)) / steps * 1e3:.3f} ms "
+                     "(median of pairs)")
+    report.print(f"\nratio plain/framework = {pm / fm:.3f} (ratio of medians), median pair ratio "
+                 f"{statistics.median(pairs):.3f} (target >= 0.95)")
+    report.print("pairs: " + ", ".join(f"{p_:.2f}/{f_:.2f}={r:.3f}" for p_, f_, r in zip(plain, frame, pairs)))
+    report.save()
 
 
 if __name__ == "__main__":
