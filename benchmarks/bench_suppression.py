@@ -40,6 +40,10 @@ from convlens.checkpoints import load_weight_file
 from convlens.viz.baselines import baseline_inputs
 from convlens.viz.suppression import evaluate, feature_maps, interpret_kernel
 
+from results_json import Report
+
+REPORT = Report("suppression")
+
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "benchmarks" / "artifacts" / "suppression"
 CIFAR_WEIGHTS = ARTIFACTS / "cifar_convnet_256_64.pt"
@@ -179,28 +183,28 @@ def compare_layer(net, images, channel, layer, budgets, paper_steps) -> list[tup
 
 
 def print_net(title: str, net, images, layers, args, generator) -> None:
-    print(f"\n### {title}\n")
+    REPORT.print(f"\n### {title}\n")
     for layer in layers:
         x, channel, rectified = pick(net, images, layer, args.kernels, args.images, generator)
         kernels = sorted(set(channel.tolist()))
-        print(f"**{layer}** ({'rectified' if rectified else 'linear, signed'} maps "
+        REPORT.print(f"**{layer}** ({'rectified' if rectified else 'linear, signed'} maps "
               f"{list(feature_maps(net, x[:1], layer).shape[-2:])}; kernels {kernels}, "
               f"{args.images} images each)\n")
-        print("| method | SSIM(S.) ↑ | MSE(R.) ↓ | R. / R. of X | time (s) |")
-        print("|---|---|---|---|---|")
+        REPORT.print("| method | SSIM(S.) ↑ | MSE(R.) ↓ | R. / R. of X | time (s) |")
+        REPORT.print("|---|---|---|---|---|")
         for name, m, seconds in compare_layer(net, x, channel, layer, args.budgets, args.paper_steps):
-            print(f"| {name} | {stats(m['ssim'])} | {stats(m['mse'], '.2g')} | {stats(m['mse_relative'])} "
+            REPORT.print(f"| {name} | {stats(m['ssim'])} | {stats(m['mse'], '.2g')} | {stats(m['mse_relative'])} "
                   f"| {seconds:.1f} |")
-        print(flush=True)
+        REPORT.print("", flush=True)
 
 
 def print_paper() -> None:
-    print("\n### The paper's Table 1 (VGG16, ImageNet; last conv of blocks 1-5; mean ± std)\n")
-    print("| method | " + " | ".join(f"block {b} S. | block {b} R." for b in range(1, 6)) + " |")
-    print("|---|" + "---|" * 10)
+    REPORT.print("\n### The paper's Table 1 (VGG16, ImageNet; last conv of blocks 1-5; mean ± std)\n")
+    REPORT.print("| method | " + " | ".join(f"block {b} S. | block {b} R." for b in range(1, 6)) + " |")
+    REPORT.print("|---|" + "---|" * 10)
     for method, cells in PAPER.items():
         row = " | ".join(f"{s:.2f} ± {ss:.2f} | {r:.2f} ± {rs:.2f}" for s, ss, r, rs in cells)
-        print(f"| {method} | {row} |")
+        REPORT.print(f"| {method} | {row} |")
 
 
 def main() -> None:
@@ -227,7 +231,7 @@ def main() -> None:
     dm = cifar_data()
     net, how = trained_net(lambda: CifarConvNet(c3=256, c4=64), dm, CIFAR_WEIGHTS, args.ckpt,
                            args.train_steps, batch=64)
-    print(f"CifarConvNet(256, 64): {how}")
+    REPORT.print(f"CifarConvNet(256, 64): {how}")
     images = dm.normalization(dm.val_set.images[:args.pool])
     print_net("CifarConvNet(256, 64) on CIFAR-10", net, images, CIFAR_LAYERS, args, generator)
     if args.lenet:
@@ -237,10 +241,11 @@ def main() -> None:
                                 download=False)
         mnist.setup("fit")
         lenet, how = trained_net(LeNet, mnist, LENET_WEIGHTS, args.lenet_ckpt, args.lenet_train_steps, batch=100)
-        print(f"\nLeNet: {how}")
+        REPORT.print(f"\nLeNet: {how}")
         print_net("LeNet on MNIST", lenet, mnist.normalization(mnist.val_set.images[:args.pool]), LENET_LAYERS,
                   args, generator)
     print_paper()
+    REPORT.save()
 
 
 if __name__ == "__main__":
