@@ -1,5 +1,5 @@
-"""Occlusion sensitivity (Zeiler & Fergus), as in section 3.5 of
-deconvnet-occlusion-cifar10-grid-search.txt: a gray square patch slides across the image and the
+"""Occlusion sensitivity (Zeiler & Fergus, 2014, arXiv:1311.2901), as in section 3.5 of Berthier &
+Mantoux's RecVis 2018 report: a gray square patch slides across the image and the
 model predicts on every occluded copy; where the score of the true class drops, the patch covers
 something the model uses (their Fig. 5: a 7x7 patch on 32x32 CIFAR-10 images, the predicted label
 and the score of class *dog* at each patch position).
