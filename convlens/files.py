@@ -11,8 +11,10 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import signal
+import threading
 from pathlib import Path
-from typing import IO, Callable
+from typing import IO, Callable, Iterator
 
 #: temp files are `.<name>.tmp-<pid>` beside `<name>`: hidden, and never matching `*.ckpt`/`*.json`
 TEMP_INFIX = ".tmp-"
@@ -32,11 +34,40 @@ def fsync_dir(folder: Path) -> None:
             os.close(fd)
 
 
+@contextlib.contextmanager
+def deferred_interrupts() -> Iterator[None]:
+    """Ctrl-C (SIGINT) and SIGTERM wait until the block is done, then take effect as usual.
+
+    An interrupt raised inside `torch.save` leaves its zip writer inconsistent, and its cleanup then
+    raises a RuntimeError that hides the interrupt: the run would be recorded as failed, not
+    interrupted. A write takes seconds at most, so the signal is held for that long and then
+    re-delivered to the handler that was in place. Outside the main thread, signals cannot be
+    handled there anyway: nothing to do."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = {sig: h for sig in (signal.SIGINT, signal.SIGTERM) if (h := signal.getsignal(sig)) is not None}
+    for sig in previous:
+        signal.signal(sig, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for sig in dict.fromkeys(received):
+            signal.raise_signal(sig)
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> Path:
     """Write `path` through `write(file)` into a temp file beside it, fsync it, rename it over
-    `path`. On any error (a full disk, an interrupt) the temp file is removed and `path` is left as
-    it was; the error propagates."""
-    path = Path(path)
+    `path`. On any error (a full disk) the temp file is removed and `path` is left as it was; the
+    error propagates. An interrupt (Ctrl-C, SIGTERM) waits until the file is written."""
+    with deferred_interrupts():
+        return _atomic_write(Path(path), write)
+
+
+def _atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> Path:
     tmp = temp_path(path)
     try:
         with open(tmp, "wb") as f:

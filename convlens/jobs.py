@@ -426,6 +426,17 @@ def _sigterm_raises() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def _caused_by_interrupt(error: BaseException) -> bool:
+    seen = set()
+    e: BaseException | None = error
+    while e is not None and id(e) not in seen:
+        if isinstance(e, KeyboardInterrupt):
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False
+
+
 def _interrupt_signal(error: BaseException) -> str:
     seen = set()
     e: BaseException | None = error
@@ -519,7 +530,12 @@ def job(task: Callable[[DictConfig], dict[str, float]]) -> Callable[..., float |
         before = _event_files(out)
         try:
             with _sigterm_raises():
-                metrics = task(cfg)
+                try:
+                    metrics = task(cfg)
+                except Exception as e:
+                    if _caused_by_interrupt(e):  # e.g. an error raised while cleaning up after Ctrl-C
+                        raise KeyboardInterrupt from e
+                    raise
         except (KeyboardInterrupt, SystemExit) as e:
             sig = _interrupt_signal(e)
             write_status(out, "interrupted", overrides, error=f"interrupted by {sig}")

@@ -363,6 +363,46 @@ def test_atomic_checkpoint_io_on_a_mocked_full_disk(tmp_path, monkeypatch):
     assert io.load_checkpoint(path)["epoch"] == 0 and sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
 
 
+@pytest.mark.parametrize("sig,raised", [(signal.SIGINT, KeyboardInterrupt), (signal.SIGTERM, jobs._Terminated)])
+def test_interrupt_during_a_checkpoint_write_waits_for_a_whole_checkpoint(sig, raised, tmp_path, monkeypatch):
+    """A Ctrl-C in the middle of torch.save used to break its zip writer, whose cleanup then raised a
+    RuntimeError that hid the interrupt (the run was recorded as failed, with a bare traceback). Now
+    the signal takes effect once the checkpoint is whole, as the interrupt it is."""
+    from convlens import checkpoints
+
+    real_save = torch.save
+
+    def interrupted_save(obj, f, *a, **k):
+        f.write(b"")  # the write is under way when the signal arrives
+        signal.raise_signal(sig)
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(checkpoints.torch, "save", interrupted_save)
+    path = tmp_path / "last.ckpt"
+    with jobs._sigterm_raises(), pytest.raises(raised):
+        checkpoints.AtomicCheckpointIO().save_checkpoint({"state_dict": {"w": torch.ones(3)}, "epoch": 4}, path)
+    assert checkpoints.load_file(path, "checkpoint")["epoch"] == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers are restored
+
+
+def test_an_error_hiding_an_interrupt_marks_the_run_interrupted(tmp_path):
+    """Whatever a library raises while cleaning up after Ctrl-C, the run is 'interrupted' (exit 130)."""
+    cfg = compose_cfg(FAST_SHAPES + ["callbacks=none"], tmp_path)
+
+    def task(cfg):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos")
+
+    with pytest.raises(SystemExit) as e:
+        jobs.job(task)(cfg)
+    assert e.value.code == 130
+    status = jobs.read_status(tmp_path)
+    assert status["status"] == "interrupted" and status["error"] == "interrupted by SIGINT"
+
+
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     """A finished 2-epoch run: checkpoints/epoch00N-...ckpt (best) and last.ckpt."""
