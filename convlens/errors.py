@@ -7,6 +7,8 @@ traceback.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 
 class ConvlensError(Exception):
     """An error the user can fix; its message names the problem and the remedy."""
@@ -21,13 +23,19 @@ def one_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {' '.join(str(error).split())}"
 
 
-def user_error(error: BaseException) -> ConvlensError | None:
-    """The ConvlensError behind `error` (itself, or the cause it wraps, e.g. inside Hydra's
-    InstantiationException when a constructor refused its config), or None for anything else."""
+def in_chain(error: BaseException | None, matches: Callable[[BaseException], bool]) -> BaseException | None:
+    """The first exception in `error`'s chain (itself, then what it was raised from or while
+    handling) for which `matches` is true, or None."""
     seen = set()
     while error is not None and id(error) not in seen:
-        if isinstance(error, ConvlensError):
+        if matches(error):
             return error
         seen.add(id(error))
         error = error.__cause__ or error.__context__
     return None
+
+
+def user_error(error: BaseException) -> ConvlensError | None:
+    """The ConvlensError behind `error` (itself, or the cause it wraps, e.g. inside Hydra's
+    InstantiationException when a constructor refused its config), or None for anything else."""
+    return in_chain(error, lambda e: isinstance(e, ConvlensError))

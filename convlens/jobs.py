@@ -44,7 +44,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from convlens.errors import ConvlensError, one_line
+from convlens.errors import ConvlensError, in_chain, one_line
 from convlens.files import atomic_write_text, remove_stale_temps
 
 log = logging.getLogger("convlens.jobs")
@@ -427,25 +427,12 @@ def _sigterm_raises() -> Iterator[None]:
 
 
 def _caused_by_interrupt(error: BaseException) -> bool:
-    seen = set()
-    e: BaseException | None = error
-    while e is not None and id(e) not in seen:
-        if isinstance(e, KeyboardInterrupt):
-            return True
-        seen.add(id(e))
-        e = e.__cause__ or e.__context__
-    return False
+    return in_chain(error, lambda e: isinstance(e, KeyboardInterrupt)) is not None
 
 
 def _interrupt_signal(error: BaseException) -> str:
-    seen = set()
-    e: BaseException | None = error
-    while e is not None and id(e) not in seen:
-        if isinstance(e, _Terminated) or type(e).__name__ == "SIGTERMException":
-            return "SIGTERM"
-        seen.add(id(e))
-        e = e.__cause__ or e.__context__
-    return "SIGINT"
+    sigterm = in_chain(error, lambda e: isinstance(e, _Terminated) or type(e).__name__ == "SIGTERMException")
+    return "SIGINT" if sigterm is None else "SIGTERM"
 
 
 def _event_files(job_dir: Path) -> set[Path]:

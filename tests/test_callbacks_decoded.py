@@ -106,6 +106,7 @@ def ready(cb: DecodedFilters, trainer: pl.Trainer, module: ClassifierModule, n: 
     return cb.probe_images
 
 
+@pytest.mark.slow
 def test_shapes_demo_logs_decoded_images_and_errors_every_epoch(tmp_path):
     cfg = compose_cfg([a for a in FAST_SHAPES if "rich_progress_bar" not in a]
                       + ["callbacks=[model_checkpoint,decoded]"], tmp_path)

@@ -272,6 +272,7 @@ def test_evolution_tiles_weights_and_summary(shapes_probe):
 
 # -- end to end: TensorBoard events, PNG fallback, weight change, resume, fast_dev_run ------------
 
+@pytest.mark.slow
 def test_two_epoch_shapes_run_logs_every_tag_each_epoch(tmp_path):
     # FAST_SHAPES, smaller still, with this file's two callbacks (and checkpointing) as the only ones
     smaller = {"datamodule.n_train": 320, "datamodule.val_size": 64, "datamodule.n_test": 64}
@@ -309,6 +310,7 @@ def png_run(tmp_path_factory):
     return root, initial, trainer
 
 
+@pytest.mark.slow
 def test_png_fallback_without_tensorboard(png_run):
     root, _, trainer = png_run
     viz = root / "viz"
@@ -494,6 +496,7 @@ DDP_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_ddp_two_cpu_processes_log_each_image_once_per_epoch(tmp_path):
     script = tmp_path / "ddp_run.py"
     script.write_text(DDP_SCRIPT)

@@ -69,6 +69,7 @@ def naive_maps_to_pixels(maps: torch.Tensor, height: int, width: int, patch: int
     return out
 
 
+@pytest.mark.slow
 def test_shapes_demo_logs_one_occlusion_image_per_probe_every_epoch(tmp_path):
     cfg = compose_cfg([a for a in FAST_SHAPES if "rich_progress_bar" not in a]
                       + ["callbacks=[model_checkpoint,occlusion]"], tmp_path)
@@ -217,6 +218,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.mark.slow
 def test_minimum_of_the_probability_map_lies_on_the_object(tmp_path, monkeypatch, one_thread):
     """A LeNet trained on `shapes` (28x28, mean image subtracted, as the datamodule does); the
     callback, with its default 7x7 patch at stride 2 (objects are 8-14 px), finds for each of 100

@@ -159,6 +159,7 @@ def test_debug_group(debug, tmp_path):
     assert not trainer.progress_bar_callback
 
 
+@pytest.mark.slow
 def test_debug_limit_run_logs_every_default_callback(tmp_path):
     from convlens.events import read_events
     from convlens.methods import METHODS

@@ -138,6 +138,7 @@ def test_cifar_missing_offline_mentions_the_jpeg_tree(tmp_path):
         dm.setup("fit")
 
 
+@pytest.mark.slow
 def test_train_py_reports_missing_data_without_a_traceback(tmp_path):
     env = dict(os.environ, DATA_DIR=str(tmp_path / "empty"), CONVLENS_CACHE=str(tmp_path / "cache"))
     r = subprocess.run([sys.executable, "train.py", "datamodule.download=false", "callbacks=none",
@@ -214,6 +215,7 @@ def test_imagefolder_contradictions_are_one_line_before_decoding(tmp_path, monke
         ImageFolderDataModule(root=str(root), normalization="imagenet", image_size=28)
 
 
+@pytest.mark.slow
 def test_train_py_on_a_new_image_folder_with_only_its_root(tmp_path):
     from conftest import compose_cfg
     from convlens.events import read_events
@@ -309,6 +311,7 @@ def test_mnist_family_from_raw_files_gzipped_or_not(dataset, gz, tmp_path):
         assert dm.class_names[0] == "T-shirt/top" and dm.class_names[9] == "Ankle boot"
 
 
+@pytest.mark.slow
 def test_gzipped_mnist_equals_torchvisions_reading(shared_data, tmp_path):
     import gzip
     import shutil
@@ -353,6 +356,7 @@ def test_mnist_family_configs(name, dataset, classes, tmp_path):
     assert instantiate(cfg.model).net(torch.zeros(1, 1, 28, 28)).shape == (1, classes)
 
 
+@pytest.mark.slow
 def test_missing_data_message_is_printed_once_and_kept_in_train_log(tmp_path):
     env = dict(os.environ, DATA_DIR=str(tmp_path / "empty"), CONVLENS_CACHE=str(tmp_path / "cache"))
     r = subprocess.run([sys.executable, "train.py", "datamodule.download=false", "callbacks=none",

@@ -253,6 +253,7 @@ def test_cifar_nets_decode_with_padding_in_geometry():
     assert 0 <= mean <= 1
 
 
+@pytest.mark.slow
 def test_vgg16_last_conv_decodes_a_few_filters():
     torch.manual_seed(7)
     net = VGG16()

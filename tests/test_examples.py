@@ -61,6 +61,7 @@ def check_events(example, trainer, root: Path):
         assert events["scalars"][f"viz_time/{name}"] == val_step
 
 
+@pytest.mark.slow
 def test_example_runs_offline_with_fake_data(tmp_path):
     example, trainer = run(tmp_path, "--fake")
     check_events(example, trainer, tmp_path / "runs")

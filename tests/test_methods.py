@@ -39,6 +39,7 @@ def test_unknown_method_lists_the_valid_names():
         method("gradcam")
 
 
+@pytest.mark.slow
 def test_every_logged_tag_starts_with_its_methods_name(tmp_path):
     # all seven callbacks in one short run: each one's tags are <name>/... or <name>_<kind>/...
     train(compose_cfg(["experiment=shapes_demo", "debug=limit", "datamodule.n_train=256", "datamodule.val_size=64",

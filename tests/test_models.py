@@ -67,6 +67,7 @@ def test_lenet_rejects_other_sizes_clearly():
         CifarConvNet(input_size=16)
 
 
+@pytest.mark.slow
 def test_vgg16_local_weights_roundtrip_and_new_head(tmp_path):
     src = VGG16(num_classes=1000)
     path = tmp_path / "vgg.pth"
@@ -80,6 +81,7 @@ def test_vgg16_local_weights_roundtrip_and_new_head(tmp_path):
     assert torch.equal(net2.classifier[6].weight, src.classifier[6].weight)
 
 
+@pytest.mark.slow
 def test_vgg16_mismatched_file_names_the_keys(tmp_path):
     state = VGG16(num_classes=10).state_dict()
     state["features.0.weight"] = torch.zeros(8, 3, 3, 3)
@@ -92,6 +94,7 @@ def test_vgg16_mismatched_file_names_the_keys(tmp_path):
     assert "features.2.bias" in msg and "extra.weight" in msg and "features.0.weight" in msg
 
 
+@pytest.mark.slow
 def test_vgg16_weights_file_must_be_plain_tensors(tmp_path):
     torch.save({"net": torch.nn.Linear(2, 2)}, tmp_path / "pickle.pth")  # a pickled module, not tensors
     with pytest.raises(WeightsError, match="weights_only"):

@@ -32,6 +32,7 @@ def test_no_generic_top_level_names_are_installed(name, tmp_path):
     assert r.returncode != 0 and "ModuleNotFoundError" in r.stderr, (name, r.stdout, r.stderr)
 
 
+@pytest.mark.slow
 def test_public_callbacks_at_the_package_root(tmp_path):
     code = f"from convlens.callbacks import {', '.join(PUBLIC)}; print('ok')"
     r = run([sys.executable, "-c", code], cwd=tmp_path)
@@ -43,6 +44,7 @@ def test_public_callbacks_at_the_package_root(tmp_path):
     assert all(getattr(cb, m.callback) is m.callback_class() for m in METHODS.values())
 
 
+@pytest.mark.slow
 def test_a_users_own_models_and_callbacks_packages_do_not_break_convlens(tmp_path):
     user = tmp_path / "project"
     for name in ("models", "callbacks", "datamodules", "viz"):
@@ -71,6 +73,7 @@ def test_console_scripts_are_installed():
         assert shutil.which(script), f"{script} not on PATH (pip install -e . installs it)"
 
 
+@pytest.mark.slow
 def test_convlens_train_from_another_directory_logs_images(tmp_path):
     out = tmp_path / "run"
     r = run(["convlens-train", *TINY, f"hydra.run.dir={out}"], cwd=tmp_path)

@@ -60,6 +60,7 @@ def test_channels_last_computes_what_contiguous_computes():
     assert torch.equal(preds, expected.argmax(1))
 
 
+@pytest.mark.slow
 def test_every_callback_draws_under_bf16_mixed(tmp_path):
     cfg = compose_cfg(FAST_SHAPES + ["trainer.max_epochs=1", "trainer.precision=bf16-mixed",
                                      "callbacks=[default,saliency,top_activations,suppression]",

@@ -141,6 +141,7 @@ def mounted(where: Path, options: str):
 # 1. a rerun into an existing run dir never deletes a finished run
 # --------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_rerun_into_a_finished_run_dir_is_refused_and_deletes_nothing(tmp_path):
     run = tmp_path / "D"
     first = cli(TINY + DECONV + [f"hydra.run.dir={run}"])
@@ -159,6 +160,7 @@ def test_rerun_into_a_finished_run_dir_is_refused_and_deletes_nothing(tmp_path):
         {k: v for k, v in before.items() if k not in ("train.log",)}
 
 
+@pytest.mark.slow
 def test_in_process_rerun_is_refused_and_overwrite_replaces_it(tmp_path):
     from convlens.train import run_job
 
@@ -203,6 +205,7 @@ def interrupted_sweep(tmp_path_factory):
     return sweep_dir, state
 
 
+@pytest.mark.slow
 def test_killed_sweep_job_resumes_from_its_last_ckpt(interrupted_sweep):
     sweep_dir, s = interrupted_sweep
     job = sweep_dir / "c3=8,c4=4"
@@ -230,6 +233,7 @@ def test_killed_sweep_job_resumes_from_its_last_ckpt(interrupted_sweep):
     assert final["callbacks"][key]["layers"] == s["last"]["callbacks"][key]["layers"]
 
 
+@pytest.mark.slow
 def test_folder_clash_is_listed_as_refused_and_the_sweep_exits_nonzero(interrupted_sweep, tmp_path):
     import csv
 
@@ -275,6 +279,7 @@ def test_clash_message_suggests_a_subdir_override_that_parses(tmp_path):
 # 3. resuming in the same dir: last.ckpt is current, no step twice
 # --------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_resume_in_place_rewrites_last_ckpt_and_logs_each_step_once(tmp_path):
     from convlens.train import run_job
 
@@ -307,6 +312,7 @@ def test_resume_in_place_rewrites_last_ckpt_and_logs_each_step_once(tmp_path):
 # 4. crash-safe checkpoints: a kill during the move, a full disk, a broken checkpoint
 # --------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_kill_while_last_ckpt_is_put_in_place_leaves_the_previous_one(tmp_path):
     tmpdir = tmp_path / "tmpdir"  # $TMPDIR on the root filesystem; the run dir on a tmpfs
     tmpdir.mkdir()
@@ -326,6 +332,7 @@ def test_kill_while_last_ckpt_is_put_in_place_leaves_the_previous_one(tmp_path):
         assert [p.name for p in tmpdir.iterdir() if p.is_file() and p.stat().st_size > 100_000] == []
 
 
+@pytest.mark.slow
 def test_full_disk_keeps_checkpoints_intact_and_records_the_failure(tmp_path):
     tmpdir = tmp_path / "tmpdir"
     tmpdir.mkdir()
@@ -521,6 +528,7 @@ def evil_ckpt(tmp_path, finished_run):
     return path, marker
 
 
+@pytest.mark.slow
 def test_malicious_resume_checkpoint_is_refused_and_nothing_runs(evil_ckpt, tmp_path):
     path, marker = evil_ckpt
     r = cli(TINY + ["callbacks=none", f"ckpt_path={path}", f"hydra.run.dir={tmp_path / 'run'}"])
@@ -528,6 +536,7 @@ def test_malicious_resume_checkpoint_is_refused_and_nothing_runs(evil_ckpt, tmp_
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_malicious_checkpoint_is_refused_by_visualize(evil_ckpt, tmp_path):
     path, marker = evil_ckpt
     r = cli(["experiment=shapes_demo", f"ckpt_path={path}", f"hydra.run.dir={tmp_path / 'viz'}"], script="visualize.py")
@@ -645,11 +654,13 @@ def test_mnist_in_data_dir_runs_with_a_read_only_cache(shared_data, tmp_path, mo
 # clear messages: one line on stderr, exit code 1, no traceback
 # --------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_seed_that_is_not_a_number(tmp_path):
     r = cli(TINY + ["callbacks=none", "seed=abc", f"hydra.run.dir={tmp_path / 'r'}"])
     assert_one_line_error(r, "ConfigError", "seed must be an integer", "'abc'")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", ["train.py", "visualize.py"])
 @pytest.mark.parametrize("kind", ["readme", "empty"])
 def test_checkpoint_that_is_not_a_checkpoint(script, kind, tmp_path):
@@ -661,22 +672,26 @@ def test_checkpoint_that_is_not_a_checkpoint(script, kind, tmp_path):
     assert_one_line_error(r, "WeightsError", str(ckpt), "not a PyTorch file" if kind == "readme" else "empty")
 
 
+@pytest.mark.slow
 def test_visualize_without_ckpt_path(tmp_path):
     r = cli(["experiment=shapes_demo", f"hydra.run.dir={tmp_path / 'r'}"], script="visualize.py")
     assert_one_line_error(r, "ConfigError", "ckpt_path=")
 
 
+@pytest.mark.slow
 def test_callback_constructor_error_is_one_line(tmp_path):
     r = cli(TINY + DECONV + ["callbacks.deconv.k=0", f"hydra.run.dir={tmp_path / 'r'}"])
     assert_one_line_error(r, "ConfigError", "k (maps per probe image) must be an int >= 1, got 0")
 
 
+@pytest.mark.slow
 def test_read_only_run_dir(tmp_path):
     with mounted(tmp_path / "ro", "ro,size=1m") as ro:
         r = cli(TINY + ["callbacks=none", f"hydra.run.dir={ro / 'run'}"])
         assert_one_line_error(r, "RunDirError", str(ro / "run"), "hydra.run.dir")
 
 
+@pytest.mark.slow
 def test_immutable_run_dir(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
@@ -690,6 +705,7 @@ def test_immutable_run_dir(tmp_path):
         subprocess.run(["chattr", "-i", str(run), str(run / "train.log")], capture_output=True)
 
 
+@pytest.mark.slow
 def test_ddp_on_cpu_with_batchnorm_turns_sync_batchnorm_off(tmp_path):
     args = ["experiment=cifar10_convnet", "datamodule=shapes", "datamodule.channels=3", "datamodule.image_size=32",
             "datamodule.n_train=64", "datamodule.val_size=16", "datamodule.n_test=16", "datamodule.batch_size=16",

@@ -66,6 +66,7 @@ def test_colorbar_runs_through_the_colormap():
     assert (ramp - expected).abs().max() <= 1 / 255 + 1e-6
 
 
+@pytest.mark.slow
 def test_logged_images_are_readable_at_the_card_width(tmp_path):
     cfg = compose_cfg(FAST_SHAPES + ["trainer.max_epochs=1", "test=false", "callbacks=[none,deconv,decoded,occlusion]",
                                      "callbacks.deconv.max_maps=16"], tmp_path)

@@ -237,6 +237,7 @@ def _hparams_sessions(run_dir: Path) -> list[dict]:
     return sessions
 
 
+@pytest.mark.slow
 def test_sweep_runs_each_job_in_its_own_readable_run(sweep):
     sweep_dir, first, first_csv, _ = sweep
     assert set(first) == {f"c3={a},c4={b}" for a, b in GRID}
@@ -250,6 +251,7 @@ def test_sweep_runs_each_job_in_its_own_readable_run(sweep):
         assert float(row["val_acc_best"]) == pytest.approx(metrics["val/acc_best"], abs=1e-4)
 
 
+@pytest.mark.slow
 def test_every_job_logs_callback_images_and_one_hparams_row(sweep):
     from conftest import read_events
 
@@ -271,6 +273,7 @@ def test_every_job_logs_callback_images_and_one_hparams_row(sweep):
     assert {"c3", "c4", "params", "lr", "batch_size", "max_epochs", "epochs", "model"} <= keys
 
 
+@pytest.mark.slow
 def test_rerun_skips_finished_jobs_and_records_the_failed_ones(sweep):
     sweep_dir, first, _, rerun = sweep
     for name, (mtime, _) in first.items():  # not trained again
@@ -293,6 +296,7 @@ def test_rerun_skips_finished_jobs_and_records_the_failed_ones(sweep):
     assert str(sweep_dir / "summary.md") in last
 
 
+@pytest.mark.slow
 def test_summary_plot_panels_and_tensorboard_run(sweep):
     from PIL import Image
 
@@ -310,6 +314,7 @@ def test_summary_plot_panels_and_tensorboard_run(sweep):
     assert all(steps == [0] for steps in events["images"].values())  # regenerated, not appended
 
 
+@pytest.mark.slow
 def test_panel_cells_are_each_models_most_activated_map_projected(sweep):
     """Oracle: each checkpoint loaded by hand into a CifarConvNet, the most activated map found by
     a forward hook (highest maximum over positions), projected by viz.deconvnet.project."""

@@ -10,6 +10,7 @@ import time
 import urllib.error
 import urllib.request
 
+import pytest
 from omegaconf import OmegaConf
 
 from convlens import sweep_summary
@@ -47,6 +48,7 @@ def _get(url: str, body: dict | None = None):
         return json.loads(r.read())
 
 
+@pytest.mark.slow
 def test_tensorboard_server_shows_runs_images_and_hparams(tmp_path):
     sweep_dir = tmp_path / "sweep"
     _make_sweep(sweep_dir)

@@ -26,6 +26,7 @@ def _run(args, **kw) -> subprocess.CompletedProcess:
                           timeout=300, **kw)
 
 
+@pytest.mark.slow
 def test_normal_run_is_quiet_shows_progress_in_a_log_file_and_fills_train_log(tmp_path):
     run = tmp_path / "run"
     r = _run(TINY + ["trainer.max_epochs=2", f"hydra.run.dir={run}"])  # stdout is a pipe, as with nohup
@@ -90,6 +91,7 @@ def test_pytest_filter_matches_the_leafspec_warning():
     assert caught == [], [str(w.message) for w in caught]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_ctrl_c_and_sigterm_mark_the_run_interrupted(sig, code, tmp_path):
     run = tmp_path / "run"
