@@ -17,7 +17,9 @@ def shapes_ckpt(tmp_path_factory):
     return out / "checkpoints" / "last.ckpt"
 
 
-@pytest.mark.parametrize("method", list(METHODS))
+# suppression optimizes an input for hundreds of steps: the long one
+@pytest.mark.parametrize("method", [pytest.param(m, marks=pytest.mark.slow) if m == "suppression" else m
+                                    for m in METHODS])
 def test_each_method_writes_tensorboard_images_and_pngs(method, shapes_ckpt, tmp_path):
     overrides = ["experiment=shapes_demo", f"ckpt_path={shapes_ckpt}", f"method={method}", "trainer.accelerator=cpu",
                  "datamodule.n_train=640", "datamodule.val_size=128", "datamodule.n_test=128",

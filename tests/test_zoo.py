@@ -36,7 +36,7 @@ ONCE = {"deconv": [], "evolution": ["evolution/summary"], "decoded": [], "occlus
 
 ZOO = [
     pytest.param("resnet18", 32, id="resnet18"),
-    pytest.param("resnet50", 32, id="resnet50"),                       # bottlenecks
+    pytest.param("resnet50", 32, id="resnet50", marks=pytest.mark.slow),  # bottlenecks
     pytest.param("mobilenet_v3_small", 64, id="mobilenet_v3_small"),   # Hardswish, squeeze-excitation, in place
     pytest.param("efficientnet_b0", 32, id="efficientnet_b0"),         # SiLU
     pytest.param("vgg11_bn", 32, id="vgg11_bn", marks=pytest.mark.slow),
