@@ -409,7 +409,8 @@ def _job_overrides() -> list[str]:
 @contextlib.contextmanager
 def _sigterm_raises() -> Iterator[None]:
     """SIGTERM raises `_Terminated` in the main thread for the duration (Lightning's own handler,
-    installed during fit, calls this one too), so the job is recorded as interrupted."""
+    installed during fit, calls this one too), so the job is recorded as interrupted; SIGINT's
+    handler is as before afterwards (a caller in the same process, a notebook, keeps its Ctrl-C)."""
     import threading
 
     if threading.current_thread() is not threading.main_thread():
@@ -420,10 +421,13 @@ def _sigterm_raises() -> Iterator[None]:
         raise _Terminated()
 
     previous = signal.signal(signal.SIGTERM, handler)
+    sigint = signal.getsignal(signal.SIGINT)
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+        if sigint is not None:  # Lightning ignores SIGINT after a KeyboardInterrupt in fit: undo that
+            signal.signal(signal.SIGINT, sigint)
 
 
 def _caused_by_interrupt(error: BaseException) -> bool:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 from typing import Sequence
 
@@ -46,3 +47,15 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     if "CONVLENS_CACHE" not in os.environ:
         monkeypatch.setenv("CONVLENS_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _signal_handlers_restored():
+    """Lightning answers a KeyboardInterrupt inside `fit` by ignoring SIGINT for the rest of the
+    process; a test that does so in-process must not leave it that way, or later tests (and the
+    subprocesses they start, which inherit an ignored signal) would no longer react to Ctrl-C."""
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for sig, handler in before.items():
+        if handler is not None and signal.getsignal(sig) is not handler:
+            signal.signal(sig, handler)

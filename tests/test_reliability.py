@@ -385,6 +385,7 @@ def test_interrupt_during_a_checkpoint_write_waits_for_a_whole_checkpoint(sig, r
         return real_save(obj, f, *a, **k)
 
     monkeypatch.setattr(checkpoints.torch, "save", interrupted_save)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal (a background job ignores it)
     path = tmp_path / "last.ckpt"
     with jobs._sigterm_raises(), pytest.raises(raised):
         checkpoints.AtomicCheckpointIO().save_checkpoint({"state_dict": {"w": torch.ones(3)}, "epoch": 4}, path)
@@ -397,15 +398,19 @@ def test_an_error_hiding_an_interrupt_marks_the_run_interrupted(tmp_path):
     """Whatever a library raises while cleaning up after Ctrl-C, the run is 'interrupted' (exit 130)."""
     cfg = compose_cfg(FAST_SHAPES + ["callbacks=none"], tmp_path)
 
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
     def task(cfg):
         try:
             raise KeyboardInterrupt
         except KeyboardInterrupt:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # what Lightning does after a KeyboardInterrupt in fit
             raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos")
 
     with pytest.raises(SystemExit) as e:
         jobs.job(task)(cfg)
     assert e.value.code == 130
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the caller keeps its Ctrl-C
     status = jobs.read_status(tmp_path)
     assert status["status"] == "interrupted" and status["error"] == "interrupted by SIGINT"
 

@@ -96,8 +96,11 @@ def test_pytest_filter_matches_the_leafspec_warning():
 def test_ctrl_c_and_sigterm_mark_the_run_interrupted(sig, code, tmp_path):
     run = tmp_path / "run"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    # a shell's background job (`pytest &`) ignores SIGINT, and its children inherit that: give the
+    # run Ctrl-C's usual meaning, as in a terminal
     proc = subprocess.Popen([sys.executable, "train.py", *TINY, "trainer.max_epochs=500", f"hydra.run.dir={run}"],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 240
         while not (run / "checkpoints" / "last.ckpt").is_file():  # training is under way
