@@ -24,14 +24,7 @@ from convlens.viz.deconvnet import (DeconvnetError, fast_dtype, max_activating_i
                            top_maps)
 from convlens.viz.layers import LayerError, eval_mode, get_layer
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """These tensors are tiny: one thread is as fast, and immune to oversubscribed CPUs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors
 
 
 # ------------------------------------------------------------------------------------------

@@ -34,16 +34,8 @@ from convlens.models.module import ClassifierModule
 from convlens.viz.layers import LayerError
 from convlens.viz.saliency import SaliencyError, grad_cam, guided_backprop, guided_grad_cam, upsample
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # captum's notes on hooks and grads
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Small tensors: one thread is as fast, and immune to oversubscribed CPUs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"),  # captum's notes on hooks and grads
+              pytest.mark.usefixtures("one_thread")]
 
 
 def lenet():

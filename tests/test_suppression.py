@@ -46,15 +46,7 @@ from convlens.viz.deconvnet import project
 from convlens.viz.layers import LayerError
 from convlens.viz.suppression import SuppressionError, evaluate, follows_relu, interpret_kernel, ssim
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tiny workloads gain nothing from threads, and on a shared, loaded CPU two threads
-    spin against each other (several times slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors
 
 
 # -- small nets ----------------------------------------------------------------------------------

@@ -24,6 +24,8 @@ from torch import nn
 from convlens.viz import baselines, decoding, deconvnet, layers, occlusion, receptive_field, saliency, suppression
 from convlens.viz import top_activations
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors
+
 
 class _Boom(Exception):
     pass
@@ -95,14 +97,6 @@ ENTRY_POINTS = {
 }
 
 CASES = [pytest.param(name, net, id=f"{name}-{net}") for name, (_, nets) in ENTRY_POINTS.items() for net in nets]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def prepared(net_name: str) -> nn.Module:
