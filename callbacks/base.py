@@ -50,7 +50,7 @@ from torchvision.utils import save_image
 
 from convlens.errors import ConfigError, ConvlensError
 from convlens.events import image_summary
-from convlens.render import class_caption, readable
+from convlens.render import class_caption, readable, readable_factor
 from convlens.viz.common import eval_mode
 from convlens.viz.layers import LayerError, get_layer, layer_names
 
@@ -410,17 +410,17 @@ class VisualizationCallback(pl.Callback):
     def log_image(self, trainer: pl.Trainer, tag: str, image: torch.Tensor) -> None:
         """Log a [3|1, H, W] image in [0, 1] under `tag` at `log_step(trainer)`, upscaled (nearest,
         integer factor) to be readable at TensorBoard's card width (`render.readable`)."""
-        image = readable(image.detach().float().clamp(0, 1).cpu())
+        image = image.detach().float().clamp(0, 1).cpu()
         step = log_step(trainer)
         tb = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
         if tb:
-            summary = image_summary(tag, image)
+            summary = image_summary(tag, image, scale=readable_factor(image.shape[-1]))
             for lg in tb:
                 lg.experiment._get_file_writer().add_summary(summary, step)
             return
         folder = self._png_dir(trainer) / tag
         folder.mkdir(parents=True, exist_ok=True)
-        save_image(image, folder / f"step{step:07d}.png")
+        save_image(readable(image), folder / f"step{step:07d}.png")
 
     def log_scalars(self, trainer: pl.Trainer, scalars: dict[str, float]) -> None:
         scalars = {k: float(v) for k, v in scalars.items()}

@@ -180,11 +180,15 @@ def readable(image: torch.Tensor, min_width: int = MIN_LOGGED_WIDTH,
     """[C, H, W] upscaled by the integer factor (nearest neighbour: pixels and text stay crisp) that
     brings its width to at least `min_width`, without passing `max_width`; unchanged when it is wide
     enough already."""
-    w = image.shape[-1]
-    if w >= min_width:
-        return image
-    factor = min(-(-min_width // w), max(1, max_width // w))
+    factor = readable_factor(image.shape[-1], min_width, max_width)
     return image.repeat_interleave(factor, dim=-2).repeat_interleave(factor, dim=-1) if factor > 1 else image
+
+
+def readable_factor(width: int, min_width: int = MIN_LOGGED_WIDTH, max_width: int = 2 * MIN_LOGGED_WIDTH) -> int:
+    """The integer factor `readable` scales an image `width` pixels wide by (1: wide enough)."""
+    if width >= min_width:
+        return 1
+    return min(-(-min_width // width), max(1, max_width // width))
 
 
 def columns_that_fit(tile_w: int, columns: int, group: int = 1, max_width: int = MAX_GRID_WIDTH,
