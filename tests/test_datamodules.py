@@ -138,17 +138,6 @@ def test_cifar_missing_offline_mentions_the_jpeg_tree(tmp_path):
         dm.setup("fit")
 
 
-@pytest.mark.slow
-def test_train_py_reports_missing_data_without_a_traceback(tmp_path):
-    env = dict(os.environ, DATA_DIR=str(tmp_path / "empty"), CONVLENS_CACHE=str(tmp_path / "cache"))
-    r = subprocess.run([sys.executable, "train.py", "datamodule.download=false", "callbacks=none",
-                        f"hydra.run.dir={tmp_path / 'run'}"], cwd=ROOT, env=env, capture_output=True,
-                       text=True, timeout=120)
-    assert r.returncode == 1
-    assert "convlens: DataError" in r.stderr and "DATA_DIR" in r.stderr
-    assert "Traceback" not in r.stderr
-
-
 def test_mnist_from_data_dir(shared_data):
     before = snapshot(shared_data / "MNIST")
     dm = MNISTDataModule(root=str(shared_data))
@@ -357,12 +346,13 @@ def test_mnist_family_configs(name, dataset, classes, tmp_path):
 
 
 @pytest.mark.slow
-def test_missing_data_message_is_printed_once_and_kept_in_train_log(tmp_path):
+def test_train_py_reports_missing_data_once_without_a_traceback_and_keeps_it_in_train_log(tmp_path):
     env = dict(os.environ, DATA_DIR=str(tmp_path / "empty"), CONVLENS_CACHE=str(tmp_path / "cache"))
     r = subprocess.run([sys.executable, "train.py", "datamodule.download=false", "callbacks=none",
                         f"hydra.run.dir={tmp_path / 'run'}"], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 1
+    assert "convlens: DataError" in r.stderr and "DATA_DIR" in r.stderr and "Traceback" not in r.stderr
     terminal = r.stdout + r.stderr
     assert terminal.count("MNIST was not found") == 1, terminal
     assert "Traceback" not in terminal and "\n  " not in r.stderr.strip().splitlines()[-1]
