@@ -104,3 +104,47 @@ def test_gradcam_image_ends_with_its_colour_scale(tmp_path):
     image = logged["saliency/gradcam"]
     bar = colorbar("jet", 0, 1, min(image.shape[-1], 240), "Grad-CAM / its max")
     assert torch.equal(image[:, -bar.shape[1]:, :bar.shape[2]], bar)
+
+
+@pytest.mark.parametrize("shape", [(37, 50, 3), (20, 31), (1, 9, 3), (8, 1), (64, 64, 3)])
+def test_encode_png_decodes_to_the_same_pixels_in_pil(shape):
+    # PIL's own PNG decoder is the oracle: every row "Up"-filtered, wrapping modulo 256
+    import io
+
+    from PIL import Image
+
+    from convlens.events import encode_png
+
+    rng = np.random.default_rng(sum(shape))
+    pixels = rng.integers(0, 256, size=shape, dtype=np.uint8)
+    pixels[1::2] = 255 - pixels[::2][: pixels[1::2].shape[0]]  # large row-to-row differences
+    decoded = Image.open(io.BytesIO(encode_png(pixels)))
+    assert decoded.mode == ("L" if len(shape) == 2 else "RGB")
+    assert np.array_equal(np.asarray(decoded), pixels)
+
+
+def test_encode_png_refuses_what_it_cannot_store():
+    from convlens.events import encode_png
+
+    with pytest.raises(ValueError, match="uint8"):
+        encode_png(np.zeros((4, 4, 3), np.float32))
+    with pytest.raises(ValueError, match=r"\[H, W, 3\]"):
+        encode_png(np.zeros((4, 4, 4), np.uint8))
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_image_summary_enlarges_like_pil_nearest(channels):
+    import io
+
+    from PIL import Image
+
+    from convlens.events import image_summary
+
+    torch.manual_seed(channels)
+    image = torch.rand(channels, 7, 11)
+    summary = image_summary("t", image, scale=3).value[0].image
+    assert (summary.height, summary.width, summary.colorspace) == (21, 33, channels)
+    pixels = (image.permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+    small = Image.fromarray(pixels[:, :, 0] if channels == 1 else pixels)
+    expected = np.asarray(small.resize((33, 21), Image.NEAREST))
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(summary.encoded_image_string))), expected)
