@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU measurement of the CIFAR-10 grid-search issue, as one script for a short device loan:
-#   1. cifar_convnet (256, 64) seconds per epoch on the GPU, float32 and bf16-mixed (bench_precision)
+#   1. cifar_convnet (256, 64) seconds per epoch on the GPU, float32 and bf16-mixed (bench_precision),
+#      and the cost per step of the training loss's NaN check (bench_nan_check)
 #   2. the full 12-model x 40-epoch grid (experiment=cifar10_grid), default callbacks on, data
 #      resident on the GPU, N_JOBS jobs sharing the GPU through the joblib launcher; wall time
 #   3. the grid's summary (per-model test accuracy, seconds per epoch, Fig. 6 plot) and each
@@ -9,29 +10,34 @@
 #   DATA_DIR=../shared/datasets bash benchmarks/gpu_grid.sh          # on the GPU machine
 #   GRID_TINY=1 DATA_DIR=../shared/datasets bash benchmarks/gpu_grid.sh  # CPU dry run: 2 models, 3 batches
 #
-# Everything lands in ${OUT:-benchmarks/artifacts/gpu_grid} (sweep dir, logs, gpu_grid.json).
+# Everything lands in ${OUT:-benchmarks/artifacts/gpu_grid} (sweep dir, logs, gpu_grid.json, and the
+# benchmarks' precision.json and nan_check.json, which leave the committed ones untouched).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-benchmarks/artifacts/gpu_grid}"
 mkdir -p "$OUT"
+export BENCH_JSON_DIR="$OUT"
 N_JOBS="${N_JOBS:-4}"
 
 if [ -n "${GRID_TINY:-}" ]; then
   TRAINER=(trainer=cpu)
   LIMITS=(trainer.max_epochs=1 ++trainer.limit_train_batches=3 ++trainer.limit_val_batches=2
           ++trainer.limit_test_batches=2 model.c3=64 model.c4=32,64)
-  PRECISION_ARGS=(--batches 5 --rounds 1)
+  PRECISION_ARGS=(--batches 5 --rounds 1 --accelerator cpu)
   N_JOBS=2
 else
   TRAINER=(trainer=gpu datamodule.resident=true)
   LIMITS=()
-  PRECISION_ARGS=(--batches 200 --rounds 3)
+  PRECISION_ARGS=(--batches 200 --rounds 3 --accelerator gpu)
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 fi
 
 echo "== 1. seconds per epoch by precision ($(date -u +%H:%M:%S))"
 python benchmarks/bench_precision.py "${PRECISION_ARGS[@]}" experiment=cifar10_convnet "${TRAINER[@]}" \
-  2>&1 | tail -8 | tee "$OUT/precision.txt"
+  2>&1 | tail -8 | tee "$OUT/precision.txt" || echo "step 1 failed: see above; going on with the grid"
+echo "== 1b. the NaN check's cost per step ($(date -u +%H:%M:%S))"
+python benchmarks/bench_nan_check.py "${PRECISION_ARGS[@]}" experiment=cifar10_convnet "${TRAINER[@]}" \
+  2>&1 | tail -7 | tee "$OUT/nan_check.txt" || echo "step 1b failed: see above; going on with the grid"
 
 echo "== 2. the grid ($(date -u +%H:%M:%S))"
 start=$(date +%s)

@@ -21,6 +21,12 @@ import torch
 HERE = Path(__file__).resolve().parent
 
 
+def json_dir() -> Path:
+    """Where the JSON files go: beside RESULTS.md, or $BENCH_JSON_DIR (e.g. a device run's $OUT,
+    so a dry run or a remote run does not overwrite the committed figures)."""
+    return Path(os.environ.get("BENCH_JSON_DIR") or HERE)
+
+
 def machine() -> str:
     model = platform.processor() or platform.machine()
     try:
@@ -53,7 +59,7 @@ def tables(lines: list[str]) -> list[list[dict]]:
 
 class Report:
     def __init__(self, name: str, path: Path | None = None):
-        self.path = path or HERE / f"{name}.json"
+        self.path = path or json_dir() / f"{name}.json"
         self.lines: list[str] = []
         self.started = time.strftime("%Y-%m-%d %H:%M")
 
