@@ -17,7 +17,9 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:-benchmarks/artifacts/gpu_grid}"
 mkdir -p "$OUT"
 export BENCH_JSON_DIR="$OUT"
-N_JOBS="${N_JOBS:-4}"
+# all 12 models at once: each small net leaves the GPU idle between its kernels (Python and launch
+# time), so more processes fill the gaps; the CPU cores are split between them
+N_JOBS="${N_JOBS:-12}"
 
 if [ -n "${GRID_TINY:-}" ]; then
   TRAINER=(trainer=cpu)
@@ -42,7 +44,7 @@ python benchmarks/bench_nan_check.py "${PRECISION_ARGS[@]}" experiment=cifar10_c
 echo "== 2. the grid ($(date -u +%H:%M:%S))"
 start=$(date +%s)
 set +e
-python train.py -m experiment=cifar10_grid "${TRAINER[@]}" "${LIMITS[@]}" \
+OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( $(nproc) / N_JOBS > 0 ? $(nproc) / N_JOBS : 1 ))}" python train.py -m experiment=cifar10_grid "${TRAINER[@]}" "${LIMITS[@]}" \
   hydra/launcher=joblib hydra.launcher.n_jobs="$N_JOBS" hydra.sweep.dir="$OUT/sweep" \
   > "$OUT/grid.log" 2>&1
 grid_rc=$?
