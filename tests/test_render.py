@@ -106,9 +106,11 @@ def test_gradcam_image_ends_with_its_colour_scale(tmp_path):
     assert torch.equal(image[:, -bar.shape[1]:, :bar.shape[2]], bar)
 
 
+@pytest.mark.parametrize("scale", [1, 3])
 @pytest.mark.parametrize("shape", [(37, 50, 3), (20, 31), (1, 9, 3), (8, 1), (64, 64, 3)])
-def test_encode_png_decodes_to_the_same_pixels_in_pil(shape):
-    # PIL's own PNG decoder is the oracle: every row "Up"-filtered, wrapping modulo 256
+def test_encode_png_decodes_to_the_same_pixels_in_pil(shape, scale):
+    # PIL's own PNG decoder is the oracle: every row "Up"-filtered, wrapping modulo 256, and the
+    # enlargement is numpy's nearest-neighbour repeat
     import io
 
     from PIL import Image
@@ -118,9 +120,9 @@ def test_encode_png_decodes_to_the_same_pixels_in_pil(shape):
     rng = np.random.default_rng(sum(shape))
     pixels = rng.integers(0, 256, size=shape, dtype=np.uint8)
     pixels[1::2] = 255 - pixels[::2][: pixels[1::2].shape[0]]  # large row-to-row differences
-    decoded = Image.open(io.BytesIO(encode_png(pixels)))
+    decoded = Image.open(io.BytesIO(encode_png(pixels, scale)))
     assert decoded.mode == ("L" if len(shape) == 2 else "RGB")
-    assert np.array_equal(np.asarray(decoded), pixels)
+    assert np.array_equal(np.asarray(decoded), pixels.repeat(scale, axis=0).repeat(scale, axis=1))
 
 
 def test_encode_png_refuses_what_it_cannot_store():
