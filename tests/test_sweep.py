@@ -335,8 +335,12 @@ def test_panel_cells_are_each_models_most_activated_map_projected(sweep):
         state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
         oracle = CifarConvNet(c3, c4)
         oracle.load_state_dict({k[len("net."):]: v for k, v in state.items() if k.startswith("net.")})
-        oracle.eval()
         net = sweep_summary.load_net(job)
+        # in the net's memory format (the recipe trains channels-last), so both run the same
+        # convolution kernels: their float rounding differs otherwise, and a deconvnet's ReLUs
+        # turn that into visible differences
+        oracle = oracle.to(memory_format=torch.channels_last if net.conv1.weight.is_contiguous(
+            memory_format=torch.channels_last) else torch.contiguous_format).eval()
         for layer in ("conv3", "conv4"):
             seen = {}
             handle = getattr(oracle, layer).register_forward_hook(lambda m, i, o: seen.update(out=o))
