@@ -31,8 +31,8 @@ def encode_png(pixels: np.ndarray, scale: int = 1, level: int = 1) -> bytes:
     firsts[0] = rows[0]
     np.subtract(rows[1:], rows[:-1], out=firsts[1:])  # modulo 256, as PNG defines it
 
-    def chunk(kind: bytes, data) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(data, zlib.crc32(kind)))
 
     color_type = 0 if pixels.ndim == 2 else 2
     header = struct.pack(">IIBBBBB", width, height, 8, color_type, 0, 0, 0)
