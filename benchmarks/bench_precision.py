@@ -106,7 +106,7 @@ def main() -> None:
     results = json.loads(out.read_text()) if out.is_file() else {}
     key = " ".join(a.overrides) + ("" if a.accelerator == "cpu" else f" ({a.accelerator})")
     results[key] = {"date": time.strftime("%Y-%m-%d"), "accelerator": a.accelerator, "batches_per_epoch": per_epoch,
-                                      "threads": torch.get_num_threads(), "rows": rows}
+                    "threads": torch.get_num_threads(), "rows": rows}
     out.write_text(json.dumps(results, indent=1))
 
 
