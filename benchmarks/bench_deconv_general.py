@@ -17,7 +17,13 @@ random-init ResNet-18 (eval mode), timed three ways in one run, interleaved, bes
 All three attribution results are checked equal (max relative difference printed). Writes the
 numbers as JSON next to RESULTS.md (`bench_deconv_general.json`).
 
+With `--paths`, instead: the same top-9 task at every conv layer of the chain nets (CifarConvNet(256, 64)
+on 32x32x3, LeNet on 28x28x1; 16 images), one `record_layers` + `top_maps` + `project_many` per
+layer, timed on each deconvnet path named (`--paths chain general`), interleaved, best of `--repeats`;
+the projections are checked equal across paths (JSON: `bench_deconv_paths.json`).
+
     python benchmarks/bench_deconv_general.py [--layer layer2.1.conv2] [--threads 1] [--repeats 5]
+    python benchmarks/bench_deconv_general.py --paths chain general [--threads 1] [--repeats 5]
 """
 from __future__ import annotations
 
@@ -33,6 +39,9 @@ from pathlib import Path
 import torch
 import torchvision
 
+from convlens.models.cifar import CifarConvNet
+from convlens.models.lenet import LeNet
+from convlens.viz import deconvnet
 from convlens.viz.deconvnet import record
 
 
@@ -52,10 +61,14 @@ def main():
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--json", default=str(Path(__file__).with_name("bench_deconv_general.json")))
+    p.add_argument("--json", default=None)
+    p.add_argument("--paths", nargs="+", default=None, help="time these deconvnet paths on the chain nets")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
+    if a.paths:
+        return compare_paths(a)
+    a.json = a.json or str(Path(__file__).with_name("bench_deconv_general.json"))
     from captum.attr import NeuronDeconvolution
 
     warnings.simplefilter("ignore")
@@ -136,6 +149,46 @@ def main():
             "torch_threads": torch.get_num_threads(), "load_average_1min": os.getloadavg()[0],
             "torch": torch.__version__, "images": a.images, "k": a.k, "size": a.size, "repeats": a.repeats}
     Path(a.json).write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+    print(json.dumps(meta))
+
+
+def compare_paths(a) -> None:
+    """The top-`k` task at every conv of the chain nets, once per path in `a.paths` (interleaved)."""
+    torch.manual_seed(0)
+    nets = {"CifarConvNet(256, 64)": (CifarConvNet(256, 64).eval(), (3, 32, 32)),
+            "LeNet": (LeNet().eval(), (1, 28, 28))}
+    layers = ["conv1", "conv2", "conv3", "conv4"]
+    results = []
+    for name, (net, shape) in nets.items():
+        images = torch.randn(a.images, *shape)
+
+        def task(path, net=net, images=images):
+            out = []
+            for rec in deconvnet.record_layers(net, images, layers, path).values():
+                _, top = rec.top_maps(a.k)
+                out.append(rec.project_many(top))
+            return out
+
+        first = {path: task(path) for path in a.paths}
+        reference = first[a.paths[0]]
+        errors = {path: max(float((o - r).abs().max() / r.abs().max()) for o, r in zip(first[path], reference))
+                  for path in a.paths}
+        seconds = {path: [] for path in a.paths}
+        for _ in range(a.repeats):
+            for path in a.paths:
+                start = time.perf_counter()
+                task(path)
+                seconds[path].append(time.perf_counter() - start)
+        best = {path: min(v) for path, v in seconds.items()}
+        results.append({"net": name, "seconds": best, "max_relative_difference": errors})
+        print(f"{name}: " + "; ".join(f"{path} {best[path] * 1e3:.0f} ms" for path in a.paths)
+              + f"; max rel. diff to {a.paths[0]} {errors}")
+    meta = {"date": time.strftime("%Y-%m-%d"), "cpu": cpu_model(), "cores": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "load_average_1min": os.getloadavg()[0],
+            "torch": torch.__version__, "images": a.images, "k": a.k, "layers": layers, "repeats": a.repeats,
+            "paths": a.paths}
+    Path(a.json or Path(__file__).with_name("bench_deconv_paths.json")).write_text(
+        json.dumps({"meta": meta, "results": results}, indent=2))
     print(json.dumps(meta))
 
 
