@@ -6,7 +6,9 @@ batch, no per-item collate), moved to the device as uint8 (4x less to copy) and 
 """
 from __future__ import annotations
 
+import logging
 import os
+from collections import Counter
 from pathlib import Path
 from typing import Sequence
 
@@ -15,7 +17,9 @@ import torch
 from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 
-from convlens.errors import ConvlensError
+from convlens.errors import ConfigError, ConvlensError
+
+log = logging.getLogger("convlens.data")
 
 
 class DataError(ConvlensError, RuntimeError):
@@ -101,12 +105,14 @@ def make_normalization(kind: str, train_images: torch.Tensor) -> Normalization:
         return Normalization(mean, std)
     if kind == "imagenet":
         if c != 3:
-            raise ValueError(f"normalization=imagenet needs 3-channel images, got {c}")
+            raise ConfigError(f"normalization=imagenet needs 3-channel images, got {c}; use "
+                              f"datamodule.normalization=channel (or mean_image)")
         return Normalization(torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1),
                              torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1))
     if kind in ("none", "raw_255"):
         return Normalization(torch.zeros(c, 1, 1), torch.full((c, 1, 1), 1 / 255 if kind == "raw_255" else 1.0))
-    raise ValueError(f"Unknown normalization {kind!r}; use one of {', '.join(NORMALIZATIONS)}")
+    raise ConfigError(f"Unknown normalization {kind!r}; use one of {', '.join(NORMALIZATIONS)} "
+                      f"(datamodule.normalization=...)")
 
 
 class TensorBatches(Dataset):
@@ -142,7 +148,7 @@ class TensorImageDataModule(pl.LightningDataModule):
                  hflip: bool = False, pin_memory: bool = False, resident: bool = False):
         super().__init__()
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise ConfigError(f"batch_size must be >= 1, got {batch_size}; set e.g. datamodule.batch_size=64")
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or max(batch_size, 256)
         self.val_size, self.split_seed = val_size, split_seed
@@ -151,6 +157,12 @@ class TensorImageDataModule(pl.LightningDataModule):
         self.hflip, self.pin_memory, self.resident = hflip, pin_memory and not resident, resident
         self.normalization: Normalization | None = None
         self.train_set = self.val_set = self.test_set = None
+        #: what each split is (e.g. "held out of train, split_seed=0"), for the data summary
+        self.split_origins: dict[str, str] = {}
+        #: (width, height) -> image count of the files as read, before any resizing; empty when the
+        #: images are stored at `image_size` (MNIST, generated shapes)
+        self.source_sizes: Counter = Counter()
+        self._summary_logged = False
 
     def _make_resident(self) -> None:
         """Move the splits (and the normalization) to the trainer's device, once."""
@@ -174,7 +186,9 @@ class TensorImageDataModule(pl.LightningDataModule):
             images, labels = self._checked(self.load("train"), "train")
             n_val = int(round(self.val_size * len(labels))) if isinstance(self.val_size, float) else int(self.val_size)
             if not 0 < n_val < len(labels):
-                raise ValueError(f"val_size={self.val_size} leaves no train or no val images out of {len(labels)}")
+                raise ConfigError(f"val_size={self.val_size} leaves no train or no val images out of {len(labels)}; "
+                                  f"set datamodule.val_size to a count between 1 and {len(labels) - 1} or a "
+                                  f"fraction such as 0.1")
             perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(self.split_seed))
             # val keeps the permuted order: image folders are read class by class, and a first
             # validation batch of one class would make "the maximum over a batch" meaningless
@@ -182,11 +196,13 @@ class TensorImageDataModule(pl.LightningDataModule):
             self.train_set = TensorBatches(images[train_idx], labels[train_idx])
             self.val_set = TensorBatches(images[val_idx], labels[val_idx])
             self.normalization = make_normalization(self.normalization_kind, self.train_set.images)
+            self.split_origins.setdefault("val", f"held out of train, split_seed={self.split_seed}")
         if self.test_set is None and stage in (None, "fit", "test"):
             images, labels = self._checked(self.load("test"), "test")
             order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(self.split_seed + 1))
             self.test_set = TensorBatches(images[order], labels[order])  # mixed classes, as for val
         self._make_resident()
+        self.log_summary()
 
     def _checked(self, data, split):
         images, labels = data
@@ -224,6 +240,59 @@ class TensorImageDataModule(pl.LightningDataModule):
                 flip = torch.rand(images.shape[0], device=images.device) < 0.5
                 images = torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
         return images, labels
+
+    # -- what was found and inferred -----------------------------------------------------------
+    def source(self) -> str:
+        """Where the images came from (a dataset name and folder); subclasses say more."""
+        return type(self).__name__
+
+    def channels_note(self) -> str:
+        """Why the images have `channels` channels, when that was inferred (an image folder)."""
+        return ""
+
+    def size_note(self) -> str:
+        """Where `image_size` comes from, when it was not the data's own (an image folder)."""
+        return ""
+
+    def summary(self) -> str:
+        """One line: the source, classes, channels, image size and whether the images were resized
+        (to what, from what), the splits with their sizes and origins, the normalization."""
+        names = [str(n) for n in self.class_names] or [str(i) for i in range(self.num_classes)]
+        shown = ", ".join(names[:10]) + (f", ... ({len(names) - 10} more)" if len(names) > 10 else "")
+        channels = f"{self.channels} channel{'s' if self.channels != 1 else ''} " \
+                   f"({'grayscale' if self.channels == 1 else 'RGB'}"
+        channels += f"; {self.channels_note()})" if self.channels_note() else ")"
+        size = f"{self.image_size}x{self.image_size}"
+        others = sorted((wh for wh in self.source_sizes if wh != (self.image_size, self.image_size)),
+                        key=lambda wh: (-self.source_sizes[wh], wh))
+        if not self.source_sizes:
+            sizing = f"images {size}, as stored (not resized)"
+        elif not others:
+            sizing = f"images {size}, as read (not resized)"
+        else:
+            n, total = sum(self.source_sizes[wh] for wh in others), sum(self.source_sizes.values())
+            found = ", ".join(f"{w}x{h}" for w, h in others[:3]) + (", ..." if len(others) > 3 else "")
+            sizing = f"images resized to {size} from {found} ({'all' if n == total else n} of the {total} files)"
+        if self.size_note():
+            sizing += f"; image_size {self.image_size} is {self.size_note()}"
+        splits = []
+        for name, split in (("train", self.train_set), ("val", self.val_set), ("test", self.test_set)):
+            if split is not None:
+                origin = self.split_origins.get(name)
+                splits.append(f"{name} {len(split)}" + (f" ({origin})" if origin else ""))
+        return (f"Data: {self.source()}: {self.num_classes} classes ({shown}); {channels}; {sizing}; "
+                f"splits: {', '.join(splits)}; normalization {self.normalization_kind}")
+
+    def log_summary(self) -> None:
+        """Log `summary()` once (INFO, logger `convlens.data`: the console and the run's train.log),
+        from the first process only."""
+        if self._summary_logged or self.train_set is None:
+            return
+        self._summary_logged = True
+        from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+        if getattr(rank_zero_only, "rank", 0) == 0:
+            log.info("%s", self.summary())
 
     # -- what callbacks ask for ----------------------------------------------------------------
     def probe_batch(self, per_class: int = 1) -> tuple[torch.Tensor, torch.Tensor]:

@@ -137,14 +137,27 @@ class ImageFolderDataModule(TensorImageDataModule):
                          channels=channels, val_size=val_size, **kwargs)
         self.test_size = test_size
         self.class_names = tuple(info.classes)
+        self.folder_channels = info.channels
         #: where the test split comes from: "test/", "val/" or "held out of train/"
         self.test_source = "test/" if (self.root / "test").is_dir() else "val/" if (self.root / "val").is_dir() \
             else "held out of train/"
 
     def load(self, split: str):
-        images, labels, _ = load_image_folder(self.root / split, self.image_size, self.channels,
-                                              list(self.class_names))
+        images, labels, _, sizes = load_image_folder(self.root / split, self.image_size, self.channels,
+                                                     list(self.class_names), with_sizes=True)
+        self.source_sizes.update(sizes)
         return images, labels
+
+    def source(self) -> str:
+        return f"image folder {self.root} (classes from the folders of train/)"
+
+    def channels_note(self) -> str:
+        files = "every file is grayscale" if self.folder_channels == 1 else "some files are in colour"
+        return f"inferred: {files}" if self.channels == self.folder_channels \
+            else f"set by datamodule.channels; {files}"
+
+    def size_note(self) -> str:
+        return "the model's default_image_size unless datamodule.image_size is set"
 
     @staticmethod
     def _count(size: int | float, n: int) -> int:
@@ -178,7 +191,12 @@ class ImageFolderDataModule(TensorImageDataModule):
             self.test_set = self.val_set
         else:
             self.test_set = TensorBatches(images[test_idx], labels[test_idx])
+        held_out = f"held out of train/, split_seed={self.split_seed}"
+        self.split_origins.update(train="train/" if has_val else "the rest of train/",
+                                  val="val/" if has_val else held_out,
+                                  test="test/" if has_test else "val/, no test/ folder" if has_val else held_out)
         self._make_resident()
+        self.log_summary()
         if not has_test:
             from lightning.pytorch.utilities import rank_zero_info
 

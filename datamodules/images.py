@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import warnings
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -43,21 +44,36 @@ def list_image_folder(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
     return classes, files
 
 
-def _decode(path: Path, size: int, channels: int) -> np.ndarray | None:
+def _decode(path: Path, size: int, channels: int) -> tuple[np.ndarray, tuple[int, int]] | None:
+    """The image as uint8 [C, size, size] and its (width, height) as stored, or None if unreadable."""
     try:
         with Image.open(path) as im:
+            stored = im.size
             im = im.convert("L" if channels == 1 else "RGB")
             if im.size != (size, size):
                 im = im.resize((size, size), Image.BILINEAR)
             a = np.asarray(im, dtype=np.uint8)
     except Exception:
         return None
-    return a[None] if channels == 1 else a.transpose(2, 0, 1)
+    return (a[None] if channels == 1 else a.transpose(2, 0, 1)), stored
 
 
-def load_image_folder(root: str | Path, size: int, channels: int = 3,
-                      classes: list[str] | None = None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """All images under `root` as uint8 [N, C, size, size] with int64 labels and the class names."""
+def _stored_sizes(files: list[tuple[Path, int]]) -> Counter:
+    """(width, height) -> count, from the files' headers (for a cache written without them)."""
+    sizes = Counter()
+    for f, _ in files:
+        try:
+            with Image.open(f) as im:
+                sizes[im.size] += 1
+        except Exception:
+            continue
+    return sizes
+
+
+def load_image_folder(root: str | Path, size: int, channels: int = 3, classes: list[str] | None = None,
+                      with_sizes: bool = False):
+    """All images under `root` as uint8 [N, C, size, size] with int64 labels and the class names;
+    with `with_sizes`, also a Counter of the readable files' (width, height) as stored, before resizing."""
     root = Path(root).resolve()
     found, files = list_image_folder(root)
     if classes is not None and found != list(classes):
@@ -69,9 +85,14 @@ def load_image_folder(root: str | Path, size: int, channels: int = 3,
     cache = cache_dir() / f"imagefolder-{root.name}-{key.hexdigest()[:16]}.pt"
     if cache.is_file():
         data = torch.load(cache, weights_only=True)
-        return data["images"], data["labels"], found
+        if not with_sizes:
+            return data["images"], data["labels"], found
+        sizes = Counter({(w, h): n for w, h, n in data["sizes"]}) if "sizes" in data else _stored_sizes(files)
+        return data["images"], data["labels"], found, sizes
     with ThreadPoolExecutor(max_workers=4) as pool:
-        arrays = list(pool.map(lambda fl: _decode(fl[0], size, channels), files))
+        decoded = list(pool.map(lambda fl: _decode(fl[0], size, channels), files))
+    arrays = [d[0] if d is not None else None for d in decoded]
+    sizes = Counter(d[1] for d in decoded if d is not None)
     bad = [str(f) for (f, _), a in zip(files, arrays) if a is None]
     if len(bad) == len(files):
         raise DataError(f"No image in {root} could be decoded (e.g. {bad[0]})")
@@ -81,6 +102,6 @@ def load_image_folder(root: str | Path, size: int, channels: int = 3,
     images = torch.from_numpy(np.stack([a for a in arrays if a is not None]))
     labels = torch.tensor([c for (_, c), a in zip(files, arrays) if a is not None], dtype=torch.long)
     tmp = cache.with_suffix(".tmp")
-    torch.save({"images": images, "labels": labels}, tmp)
+    torch.save({"images": images, "labels": labels, "sizes": [[w, h, n] for (w, h), n in sizes.items()]}, tmp)
     tmp.replace(cache)  # atomic: parallel jobs never read a half-written cache
-    return images, labels, found
+    return (images, labels, found, sizes) if with_sizes else (images, labels, found)

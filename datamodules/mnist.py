@@ -78,7 +78,7 @@ def _offline_help(name: str, looked: list, err: BaseException, files: tuple[str,
     return DataError(
         f"{name} was not found and could not be downloaded ({_one_line(err)}).\n"
         f"Looked in{expected}:\n  {where}\n"
-        f"Set DATA_DIR to a folder holding it (e.g. DATA_DIR=../shared/datasets convlens-train), "
+        f"Set DATA_DIR to a folder holding it (e.g. DATA_DIR=/path/to/datasets convlens-train), "
         f"run once with network access to download it, or use the offline synthetic data: "
         f"convlens-train experiment=shapes_demo"
     )
@@ -106,6 +106,11 @@ class MNISTDataModule(TensorImageDataModule):
                          num_classes=len(names), **kwargs)
         self.root, self.download, self.dataset, self.emnist_split = root, download, dataset, emnist_split
         self.class_names = names
+        self.found_in: Path | None = None  # the folder the raw files were read from
+
+    def source(self) -> str:
+        name = f"{self.dataset} {self.emnist_split}" if self.dataset == "EMNIST" else self.dataset
+        return f"{name} from {self.found_in}" if self.found_in is not None else name
 
     def load(self, split: str):
         files = raw_files(self.dataset, split, self.emnist_split)
@@ -114,6 +119,7 @@ class MNISTDataModule(TensorImageDataModule):
         for folder in folders:
             found = [_find(folder, name) for name in files]
             if all(found):
+                self.found_in = folder
                 return self._read(*found)
         if not self.download:
             raise _offline_help(self.dataset, folders, RuntimeError("download=false"), files)
@@ -126,6 +132,7 @@ class MNISTDataModule(TensorImageDataModule):
         found = [_find(folders[-1], name) for name in files]
         if not all(found):
             raise _offline_help(self.dataset, folders, FileNotFoundError("the download did not produce them"), files)
+        self.found_in = folders[-1]
         return self._read(*found)
 
     def _read(self, images_file: Path, labels_file: Path) -> tuple[torch.Tensor, torch.Tensor]:

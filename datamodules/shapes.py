@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from convlens.errors import ConfigError
+
 from .base import TensorImageDataModule
 from .shapes_data import CLASSES, make_shapes
 
@@ -18,11 +20,15 @@ class ShapesDataModule(TensorImageDataModule):
                  image_size: int = 28, normalization: str = "mean_image", batch_size: int = 64,
                  val_size: int | float = 2000, num_classes: int = len(CLASSES), **kwargs):
         if num_classes != len(CLASSES):
-            raise ValueError(f"shapes has {len(CLASSES)} classes ({', '.join(CLASSES)}), not {num_classes}")
+            raise ConfigError(f"shapes has {len(CLASSES)} classes ({', '.join(CLASSES)}), not {num_classes}; drop "
+                              f"the datamodule.num_classes override")
         super().__init__(batch_size=batch_size, val_size=val_size, normalization=normalization,
                          channels=channels, image_size=image_size, num_classes=num_classes, **kwargs)
         self.n_train, self.n_test, self.seed = n_train, n_test, seed
         self.boxes: dict[str, torch.Tensor] = {}
+
+    def source(self) -> str:
+        return f"synthetic shapes generated in code (seed {self.seed})"
 
     def load(self, split: str):
         n, seed = (self.n_train, self.seed) if split == "train" else (self.n_test, self.seed + 1_000_003)

@@ -32,6 +32,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from convlens.errors import ConfigError
+
 CLASSES: tuple[str, ...] = (
     "horizontal_bar",   # -
     "vertical_bar",     # |
@@ -114,14 +116,17 @@ def _check_args(n, size, channels, seed) -> None:
     def is_int(v):
         return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
     if not is_int(n) or n < 1:
-        raise ValueError(f"make_shapes: n must be an int >= 1 (number of images), got {n!r}")
+        raise ConfigError(f"make_shapes: n must be an int >= 1 (number of images), got {n!r}; in a run, set "
+                          f"datamodule.n_train and datamodule.n_test to image counts")
     if not is_int(size) or size < MIN_SIZE:
-        raise ValueError(f"make_shapes: size must be an int >= {MIN_SIZE} (shapes are unreadable "
-                         f"below that), got {size!r}; use e.g. 28 (grey) or 32 (colour)")
+        raise ConfigError(f"make_shapes: size must be an int >= {MIN_SIZE} (shapes are unreadable "
+                          f"below that), got {size!r}; use e.g. 28 (grey) or 32 (colour): datamodule.image_size=28")
     if not is_int(channels) or channels not in (1, 3):
-        raise ValueError(f"make_shapes: channels must be 1 (grey) or 3 (RGB), got {channels!r}")
+        raise ConfigError(f"make_shapes: channels must be 1 (grey) or 3 (RGB), got {channels!r}; set "
+                          f"datamodule.channels=1 or 3")
     if not is_int(seed) or seed < 0:
-        raise ValueError(f"make_shapes: seed must be a non-negative int, got {seed!r}")
+        raise ConfigError(f"make_shapes: seed must be a non-negative int, got {seed!r}; set e.g. "
+                          f"datamodule.seed=0")
 
 
 def _rng(seed: int, stream: int) -> np.random.Generator:

@@ -3,6 +3,8 @@ from collections import OrderedDict
 
 from torch import nn
 
+from convlens.errors import ConfigError
+
 
 class CifarConvNet(nn.Sequential):
     """Grid net of Berthier & Mantoux, "Visualizing and Understanding Convolutional Neural Networks"
@@ -20,15 +22,18 @@ class CifarConvNet(nn.Sequential):
     def __init__(self, c3: int = 256, c4: int = 64, in_channels: int = 3, num_classes: int = 10,
                  input_size: int = 32, hidden: int = 1024, init: str = "pytorch"):
         if c3 < 1 or c4 < 1:
-            raise ValueError(f"c3 and c4 must be positive filter counts, got c3={c3}, c4={c4}")
+            raise ConfigError(f"c3 and c4 must be positive filter counts, got c3={c3}, c4={c4}; set e.g. "
+                              f"model.c3=256 model.c4=64")
         if init not in ("pytorch", "keras"):
-            raise ValueError(f"CifarConvNet init must be 'pytorch' or 'keras', got {init!r}")
+            raise ConfigError(f"CifarConvNet init must be 'pytorch' or 'keras', got {init!r}; set "
+                              f"model.net.init=pytorch or model.net.init=keras")
         s = input_size            # conv1 keeps the size (same padding)
         s = (s - 2) // 2          # conv2 valid, pool
         s = (s - 2) // 2          # conv3 valid, pool
         s = (s - 2) // 2          # conv4 valid, pool
         if s < 1:
-            raise ValueError(f"input_size={input_size} is too small for CifarConvNet (needs >= 22)")
+            raise ConfigError(f"input_size={input_size} is too small for CifarConvNet (needs >= 22); resize the "
+                              f"images (datamodule.image_size=32) or use a smaller net")
         super().__init__(
             OrderedDict(
                 conv1=nn.Conv2d(in_channels, 32, 3, padding=1),
@@ -68,6 +73,13 @@ class BlogConvNet(nn.Sequential):
 
     def __init__(self, in_channels: int = 3, num_classes: int = 10, input_size: int = 32,
                  kernel_size: int = 5):
+        if kernel_size < 1 or kernel_size % 2 == 0:
+            # "same" padding (kernel_size // 2) keeps the map size only for odd kernels
+            raise ConfigError(f"BlogConvNet kernel_size must be an odd number >= 1, got {kernel_size}; "
+                              f"set e.g. ++model.net.kernel_size=5")
+        if input_size < 4:
+            raise ConfigError(f"input_size={input_size} is too small for BlogConvNet (two 2x2 poolings need >= 4); "
+                              f"resize the images (datamodule.image_size=32)")
         pad = kernel_size // 2
         s = input_size // 4
         super().__init__(

@@ -10,6 +10,8 @@ from collections import OrderedDict
 
 from torch import nn
 
+from convlens.errors import ConfigError
+
 
 class LeNet(nn.Sequential):
     """`init="matconvnet"` draws every weight from N(0, 0.01^2) and zeroes the biases, as
@@ -18,12 +20,15 @@ class LeNet(nn.Sequential):
     def __init__(self, in_channels: int = 1, num_classes: int = 10, pool: str = "max", input_size: int = 28,
                  init: str = "pytorch"):
         if input_size != 28:
-            raise ValueError(f"LeNet is defined for 28x28 inputs (its conv4 is a 1x1 classifier over a 1x1 map), "
-                             f"got input_size={input_size}; use model=cifar_convnet or resize the data to 28")
+            raise ConfigError(f"LeNet is defined for 28x28 inputs (its conv4 is a 1x1 classifier over a 1x1 map), "
+                              f"got input_size={input_size}; use model=cifar_convnet or resize the data to 28 "
+                              f"(datamodule.image_size=28)")
         if pool not in ("max", "avg"):
-            raise ValueError(f"LeNet pool must be 'max' or 'avg', got {pool!r}")
+            raise ConfigError(f"LeNet pool must be 'max' or 'avg', got {pool!r}; set model.net.pool=max or "
+                              f"model.net.pool=avg")
         if init not in ("pytorch", "matconvnet"):
-            raise ValueError(f"LeNet init must be 'pytorch' or 'matconvnet', got {init!r}")
+            raise ConfigError(f"LeNet init must be 'pytorch' or 'matconvnet', got {init!r}; set "
+                              f"model.net.init=pytorch or model.net.init=matconvnet")
         Pool = nn.MaxPool2d if pool == "max" else nn.AvgPool2d
         super().__init__(
             OrderedDict(

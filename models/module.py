@@ -11,7 +11,7 @@ from torch import nn
 from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from convlens.errors import ConvlensError
+from convlens.errors import ConfigError, ConvlensError
 
 
 class NonFiniteLossError(ConvlensError, RuntimeError):
@@ -40,6 +40,9 @@ class ClassifierModule(pl.LightningModule):
                  scheduler: Callable[..., Any] | None = None, scheduler_monitor: str = "val/loss",
                  num_classes: int = 10, channels_last: bool = False, compile: bool = False, **arch: Any):
         super().__init__()
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+            raise ConfigError(f"A classifier needs at least 2 classes, got num_classes={num_classes!r}; give the "
+                              f"data at least two classes (an image folder: two class folders under train/)")
         self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"], logger=False)
         self.net = net.to(memory_format=torch.channels_last) if channels_last else net
         self.channels_last, self.compile_training = channels_last, compile
@@ -152,13 +155,24 @@ class ClassifierModule(pl.LightningModule):
         self.log("test/acc", self.test_acc, on_step=False, on_epoch=True)
 
     def configure_optimizers(self):
-        optimizer = self.optimizer_factory(params=self.parameters())
+        optimizer = _built("optimizer", self.optimizer_factory, params=self.parameters())
         if self.scheduler_factory is None:
             return optimizer
-        scheduler = self.scheduler_factory(optimizer=optimizer)
+        scheduler = _built("scheduler", self.scheduler_factory, optimizer=optimizer)
         return {"optimizer": optimizer,
                 "lr_scheduler": {"scheduler": scheduler, "monitor": self.hparams.scheduler_monitor,
                                  "interval": "epoch", "frequency": 1}}
 
     def num_parameters(self, trainable_only: bool = True) -> int:
         return sum(p.numel() for p in self.net.parameters() if p.requires_grad or not trainable_only)
+
+
+def _built(what: str, factory: Callable[..., Any], **kwargs: Any) -> Any:
+    """`factory(**kwargs)`; torch's refusal of a config value (a negative lr, an unknown keyword)
+    becomes a ConfigError naming the config key, so the run ends with one line, not a traceback."""
+    try:
+        return factory(**kwargs)
+    except (TypeError, ValueError) as e:
+        name = getattr(getattr(factory, "func", factory), "__name__", what)
+        raise ConfigError(f"model.{what} ({name}) refused its options: {' '.join(str(e).split())}; "
+                          f"fix model.{what} in the config or on the command line") from e

@@ -9,6 +9,7 @@ from torchvision.models import VGG16_Weights, vgg16 as tv_vgg16
 
 from convlens.checkpoints import WeightsError, load_state_checked, load_weight_file
 from convlens.datamodules.base import cache_dir
+from convlens.errors import ConfigError
 
 
 def imagenet_weights_dir() -> Path:
@@ -31,6 +32,9 @@ class VGG16(nn.Module):
 
     def __init__(self, num_classes: int = 10, weights: str | None = None, dropout: float = 0.5):
         super().__init__()
+        if not 0 <= dropout < 1:
+            raise ConfigError(f"VGG16 dropout must be a probability in [0, 1), got {dropout}; set e.g. "
+                              f"++model.net.dropout=0.5")
         net = tv_vgg16(weights=None, dropout=dropout)
         self.features, self.avgpool, self.classifier = net.features, net.avgpool, net.classifier
         for seq in (self.features, self.classifier):
