@@ -35,22 +35,24 @@ This base does the rest, as Lightning's own callbacks do:
 """
 from __future__ import annotations
 
-import csv
+import contextlib
+import functools
+import hashlib
+import os
 import time
+import weakref
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from torch import nn
 from torch.utils.data import Dataset
-from torchvision.utils import save_image
 
-from convlens.errors import ConfigError, ConvlensError
-from convlens.events import image_summary
-from convlens.render import class_caption, readable, readable_factor
+from convlens.errors import ConfigError, ConvlensError, one_line
+from convlens.callbacks import sink
+from convlens.render import class_caption
 from convlens.viz.common import eval_mode
 from convlens.viz.layers import LayerError, get_layer, layer_names
 
@@ -113,7 +115,7 @@ def split_batch(batch: Any, keys: Sequence[str] | None = None, what: str = "a ba
 
 
 def _pick_per_class(images: torch.Tensor, labels: torch.Tensor | None, per_class: int,
-                    limit: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+                    limit: int, order: list | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The first `per_class` images of each class (classes in order of first appearance, at most
     `limit` of them), sorted by class; without labels, the first `limit` images."""
     if labels is None:
@@ -127,6 +129,8 @@ def _pick_per_class(images: torch.Tensor, labels: torch.Tensor | None, per_class
         if len(chosen[y]) < per_class:
             chosen[y].append(i)
     index = torch.tensor([i for y in sorted(chosen) for i in chosen[y]], dtype=torch.long)
+    if order is not None:
+        order.extend(chosen)  # the classes in order of first appearance
     return images[index], labels[index]
 
 
@@ -233,6 +237,75 @@ def check_filters(filters: Any, one_per_layer: bool = False) -> dict[str, list[i
     return out
 
 
+#: the Lightning hooks a visualization callback may implement: each runs under `_guarded`, so
+#: that no exception of a visualization reaches Lightning (see `VisualizationCallback._guard_failed`)
+GUARDED_HOOKS = (
+    "setup", "teardown", "on_fit_start", "on_fit_end", "on_train_start", "on_train_end",
+    "on_train_epoch_start", "on_train_epoch_end", "on_train_batch_start", "on_train_batch_end",
+    "on_validation_start", "on_validation_end", "on_validation_epoch_start", "on_validation_epoch_end",
+    "on_validation_batch_start", "on_validation_batch_end", "on_test_start", "on_test_end",
+    "on_test_epoch_start", "on_test_epoch_end", "on_test_batch_start", "on_test_batch_end",
+    "on_before_backward", "on_after_backward", "on_before_optimizer_step", "on_exception", "load_state_dict",
+)
+#: hooks that check what the user asked for (named layers, filters, an explicit probe): a
+#: ConvlensError about such a choice is raised there, before any batch trains
+CHECK_HOOKS = ("setup", "on_fit_start", "on_validation_start")
+#: hooks that still run once a callback is switched off (cleanup and checkpoint state)
+HOOKS_WHEN_DECLINED = ("teardown", "on_exception", "load_state_dict")
+#: leaf modules whose output is never a stack of maps (not offered as layers of spatial methods)
+NOT_SPATIAL = (nn.Linear, nn.Flatten, nn.Unflatten, nn.BatchNorm1d, nn.LayerNorm, nn.Dropout1d, nn.Embedding,
+               nn.Softmax, nn.LogSoftmax, nn.Bilinear)
+#: set to 1 to let a visualization's exception through (with its traceback), to debug it
+STRICT_ENV = "CONVLENS_STRICT"
+#: probe images shared by the callbacks of one trainer that draw from the same source, so a
+#: checkpoint stores them once (torch.save writes a storage shared by several tensors once)
+_SHARED_PROBES: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
+
+
+class UserChoiceError(ConvlensError):
+    """A ConvlensError about something the user asked for (a named layer, an explicit probe):
+    raised into Lightning at setup / fit start instead of switching the callback off."""
+
+
+@contextlib.contextmanager
+def _from_defaults(applies: bool = True):
+    """Marks a ConvlensError raised inside as coming from the callback's own (default) choices, so
+    that it switches the callback off instead of failing fast (see `_guard_failed`)."""
+    try:
+        yield
+    except ConvlensError as error:
+        if applies and not isinstance(error, UserChoiceError):
+            error._convlens_default = True
+        raise
+
+
+def _guard_hooks(cls: type) -> None:
+    """Wrap the Lightning hooks `cls` itself defines (not inherited ones) in `_guarded`."""
+    for name in GUARDED_HOOKS:
+        hook = cls.__dict__.get(name)
+        if callable(hook) and not getattr(hook, "_convlens_guarded", False):
+            setattr(cls, name, _guarded(name, hook))
+
+
+def _guarded(name: str, hook):
+    @functools.wraps(hook)
+    def guarded(self, *args, **kwargs):
+        if self.declined and name not in HOOKS_WHEN_DECLINED:
+            return None
+        if self._hook_depth:  # a subclass hook calling super(): the outermost guard decides
+            return hook(self, *args, **kwargs)
+        self._hook_depth += 1
+        try:
+            return hook(self, *args, **kwargs)
+        except Exception as error:  # noqa: BLE001  no visualization may stop the user's training
+            self._guard_failed(name, error)
+            return None
+        finally:
+            self._hook_depth -= 1
+    guarded._convlens_guarded = True
+    return guarded
+
+
 class VisualizationCallback(pl.Callback):
     #: used in `viz_time/<name>`; subclasses set it
     name: str = "viz"
@@ -245,6 +318,10 @@ class VisualizationCallback(pl.Callback):
     #: apart in a checkpoint: they make up its `state_key`. Not the probe options: a resumed run
     #: keeps its probe images even when those change.
     state_key_options: tuple[str, ...] = ("layers",)
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        _guard_hooks(cls)
 
     def __init__(self, layers: Sequence[str] | None = None, every_n_epochs: int = 1,
                  num_probe: int | None = None, probe_per_class: int = 1, probe_seed: int = 0,
@@ -289,8 +366,17 @@ class VisualizationCallback(pl.Callback):
         self._normalization_resolved = False
         self._normalization = None
         self._class_names: list[str] | None = None
-        #: True when a default visualization found nothing it can draw on this model (warned once)
+        #: True once the callback is switched off for the run (warned once; kept in its checkpoint
+        #: state, so a resumed run stays off); `declined_reason` says why
         self.declined = False
+        self.declined_reason: str | None = None
+        self._hook_depth = 0
+        #: the shared probe images this callback's come from (see `_SHARED_PROBES`) and its rows
+        self._probe_pool: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        self._probe_index: torch.Tensor | None = None
+        self._probe_derived: torch.Tensor | None = None
+        #: the classes of the probe pool last read from a loader, in order of first appearance
+        self._class_order: list[int] = []
         self._warned: set[str] = set()
         #: default layers chosen at setup without an image: chosen again at fit start with one
         self._tentative = False
@@ -407,41 +493,20 @@ class VisualizationCallback(pl.Callback):
         names = self.class_names(trainer)
         return [class_caption(y, names) for y in labels]
 
-    def log_image(self, trainer: pl.Trainer, tag: str, image: torch.Tensor) -> None:
-        """Log a [3|1, H, W] image in [0, 1] under `tag` at `log_step(trainer)`, upscaled (nearest,
-        integer factor) to be readable at TensorBoard's card width (`render.readable`)."""
-        image = image.detach().float().clamp(0, 1).cpu()
-        step = log_step(trainer)
-        tb = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
-        if tb:
-            summary = image_summary(tag, image, scale=readable_factor(image.shape[-1]))
-            for lg in tb:
-                lg.experiment._get_file_writer().add_summary(summary, step)
-            return
-        folder = self._png_dir(trainer) / tag
-        folder.mkdir(parents=True, exist_ok=True)
-        save_image(readable(image), folder / f"step{step:07d}.png")
+    def log_image(self, trainer: pl.Trainer, tag: str, image: torch.Tensor, caption: str | None = None) -> None:
+        """Log a [3|1, H, W] image in [0, 1] under `tag` at `log_step(trainer)` to every logger
+        (`callbacks.sink`), upscaled (nearest, integer factor) to be readable at TensorBoard's card
+        width (`render.readable`); `caption` goes to the loggers that show one (W&B)."""
+        sink.log_image(trainer, tag, image, log_step(trainer), caption=caption)
 
     def log_scalars(self, trainer: pl.Trainer, scalars: dict[str, float]) -> None:
-        scalars = {k: float(v) for k, v in scalars.items()}
-        step = log_step(trainer)
-        if trainer.loggers:
-            for lg in trainer.loggers:
-                lg.log_metrics(scalars, step=step)
-            return
-        path = self._png_dir(trainer) / "scalars.csv"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        new = not path.exists()
-        with path.open("a", newline="") as f:
-            w = csv.writer(f)
-            if new:
-                w.writerow(["step", "tag", "value"])
-            for k, v in scalars.items():
-                w.writerow([step, k, v])
+        """Log `{tag: value}` at `log_step(trainer)` to every logger (`callbacks.sink`)."""
+        sink.log_scalars(trainer, scalars, log_step(trainer))
 
     @staticmethod
     def _png_dir(trainer: pl.Trainer) -> Path:
-        return Path(trainer.default_root_dir) / "viz"
+        """Where the files go when no logger takes images: `<default_root_dir>/viz`."""
+        return sink.fallback_dir(trainer)
 
     # -- Lightning hooks -----------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -452,28 +517,38 @@ class VisualizationCallback(pl.Callback):
             if self.layers is None or self._tentative:  # provisional: chosen again at fit start
                 self.layers, self._tentative = list(self.default_layers(net, None)), True
             return
+        kind_names = layer_names(net, self.layer_kind) if self.layer_kind is not None else None
         if not self.layers:
             raise LayerError(f"{type(self).__name__}: layers is an empty list; name layers to draw, or null for "
-                             f"the defaults (valid layers: {', '.join(layer_names(net, self.layer_kind)) or 'none'})")
-        for layer in self.layers:
-            get_layer(net, layer, self.layer_kind)  # LayerError with the valid names
+                             f"the defaults (layers of the kind it draws: {', '.join(kind_names or []) or 'none'})")
+        if not any(isinstance(m, nn.Conv2d) for m in net.modules()):
+            raise LayerError(f"{type(self).__name__}: layers={self.layers} cannot be drawn: there is no nn.Conv2d in "
+                             "the model")
+        if kind_names is not None:
+            for layer in self.layers:
+                get_layer(net, layer, self.layer_kind)  # LayerError with the valid names
+        else:  # any module with spatial maps; which ones exactly is known at fit start, with an image
+            modules = dict(net.named_modules())
+            for layer in self.layers:
+                if layer not in modules or not layer:
+                    choices = [n for n in layer_names(net) if not isinstance(modules[n], NOT_SPATIAL)]
+                    raise LayerError(f"{type(self).__name__}: unknown layer {layer!r}. Valid layer names: "
+                                     f"{', '.join(choices[:40])}{' ...' if len(choices) > 40 else ''}")
         self.setup_layers(net)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._choose_probe(trainer, pl_module)
+        with _from_defaults(True):
+            self._check_forward(pl_module)
+        with _from_defaults(self._probe_arg is None and self.batch_keys is None):
+            self._choose_probe(trainer, pl_module)
         self.normalization(trainer)  # found (and its warning given) now, not mid-training
         if self.probe_images is None:
             return
-        try:
-            self._check_forward(pl_module)
-            if self.needs_layers:
-                self._resolve_layers(pl_module)
-            if not self.declined:
-                self.prepare(trainer, pl_module)
-        except ConvlensError as e:
-            if not self.uses_defaults:
-                raise
-            self._decline(str(e))
+        self._check_probe_forward(pl_module)
+        if self.needs_layers:
+            self._resolve_layers(pl_module)
+        with _from_defaults(self.uses_defaults):
+            self.prepare(trainer, pl_module)
 
     def _warn_once(self, message: str) -> None:
         if message not in self._warned:
@@ -481,8 +556,35 @@ class VisualizationCallback(pl.Callback):
             rank_zero_warn(message)
 
     def _decline(self, why: str) -> None:
-        self.declined = True
-        self._warn_once(f"{type(self).__name__} is switched off for this model: {' '.join(why.split())}")
+        """Switch the callback off for the rest of the run, with one warning naming it, the cause
+        and what to do (`why` says both)."""
+        why = " ".join(str(why).split())
+        name = f"{type(self).__name__}: "
+        self.declined, self.declined_reason = True, why[len(name):] if why.startswith(name) else why
+        try:
+            self.release()
+        finally:
+                self._warn_once(f"{type(self).__name__} is switched off for this model: {self.declined_reason} "
+                            "(training goes on without it)")
+
+    def _guard_failed(self, hook: str, error: Exception) -> None:
+        """An exception in hook `hook` (see `_guarded`): raised into Lightning only when it is about
+        what the user asked for and found where such choices are checked (setup / fit start), or
+        with CONVLENS_STRICT=1; otherwise the callback is switched off for the run."""
+        if os.environ.get(STRICT_ENV, "") not in ("", "0"):
+            raise error
+        if hook in CHECK_HOOKS and isinstance(error, ConvlensError) and not getattr(error, "_convlens_default", False):
+            raise error
+        if isinstance(error, ConvlensError):  # its message names the problem and the remedy
+            why = " ".join(str(error).split())
+        else:
+            why = (f"{one_line(error)} (in {hook}); set {STRICT_ENV}=1 to see the traceback, and please report it "
+                   "with the model's print-out")
+        self._decline(why)
+
+    def release(self) -> None:
+        """Remove what the callback attached to the model (hooks); called when it is switched off.
+        Subclasses that attach hooks override it."""
 
     def _check_forward(self, pl_module: pl.LightningModule) -> None:
         net = self.net(pl_module)
@@ -491,17 +593,42 @@ class VisualizationCallback(pl.Callback):
                               "as model(images); define forward(x) returning class scores, or keep the network "
                               "in an attribute named `net`")
 
+    def _check_probe_forward(self, pl_module: pl.LightningModule) -> None:
+        """One forward of the first probe image through the net: a probe of the wrong shape,
+        channels, dtype or device is named now, before any batch trains (a UserChoiceError for an
+        explicit `probe=`; probe images from the data switch the callback off)."""
+        net = self.net(pl_module)
+        images = self.probe_images[:1]
+        try:
+            with torch.no_grad(), eval_mode(net):
+                net(images.to(pl_module.device))
+        except Exception as e:  # noqa: BLE001  whatever the net raises: the probe does not fit it
+            explicit = self._probe_arg is not None
+            where = "probe=" if explicit else "the probe images taken from the data"
+            error = (UserChoiceError if explicit else ConfigError)(
+                f"{type(self).__name__}: {where} ({images.dtype} {list(images.shape)}, one image shown) does not fit "
+                f"the model: {one_line(e)}; pass probe images shaped like a batch the model trains on "
+                f"[N, C, H, W], float, in model input space")
+            error._convlens_default = not explicit
+            raise error from None
+
     def _resolve_layers(self, pl_module: pl.LightningModule) -> None:
         net = self.net(pl_module)
         image = self.probe_images[:1].to(pl_module.device)
-        if self.layers is None or self._tentative:  # default layers: the usable ones, the others named once
+        if self.layers is None or self._tentative or (not self.layers and self.uses_defaults):
+            # default layers: the usable ones, the others named once
             self._tentative = False
-            candidates = list(self.default_layers(net, image))
-            problems = self.usable_layers(net, image, candidates)
-            usable = [layer for layer in candidates if layer not in problems]
-            if not usable:
-                why = next(iter(problems.values()), "it has no layer of the kind the method draws")
-                raise LayerError(f"none of its default layers can be used ({why})")
+            with _from_defaults(True):
+                if not any(isinstance(m, nn.Conv2d) for m in net.modules()):
+                    raise LayerError("there is no nn.Conv2d in the model, and this method draws convolutional "
+                                     "layers; use it on a CNN")
+                candidates = list(self.default_layers(net, image))
+                problems = self.usable_layers(net, image, candidates)
+                usable = [layer for layer in candidates if layer not in problems]
+                if not usable:
+                    why = next(iter(problems.values()), "the model has no layer this method can draw")
+                    raise LayerError(f"none of its default layers can be used ({' '.join(why.split())}); name "
+                                     "layers to draw with layers=[...]")
             if problems:
                 names = list(problems)
                 shown = ", ".join(names[:12]) + (f", ... (+{len(names) - 12} more)" if len(names) > 12 else "")
@@ -509,14 +636,23 @@ class VisualizationCallback(pl.Callback):
                            f"{shown} ({next(iter(problems.values()))}); drawing {', '.join(usable)}")
             self.layers = usable
         elif self._configured_layers is not None and list(self._configured_layers) == list(self.layers):
-            problems = self.usable_layers(net, image, self.layers)
+            modules = dict(net.named_modules())
+            unknown = [layer for layer in self.layers if layer not in modules]
+            problems = {layer: "there is no such layer" for layer in unknown}
+            problems.update(self.usable_layers(net, image, [x for x in self.layers if x not in unknown]))
             if problems:
                 layer, why = next(iter(problems.items()))
-                kinds = layer_names(net, self.layer_kind)
-                others = self.usable_layers(net, image, kinds)
-                usable = [k for k in kinds if k not in others]
+                usable = self.usable_layer_names(net, image)
                 raise LayerError(f"{type(self).__name__}: layer {layer!r} cannot be used: {' '.join(why.split())}. "
-                                 f"Usable layers: {', '.join(usable[:40]) or 'none'}")
+                                 f"Usable layers: {', '.join(usable[:40]) or 'none'}"
+                                 f"{' ...' if len(usable) > 40 else ''}")
+
+    def usable_layer_names(self, net: nn.Module, image: torch.Tensor) -> list[str]:
+        """The layers of the net this method can draw (for messages): the layers of `layer_kind`
+        (every leaf module when it has none) that `usable_layers` accepts."""
+        kinds = layer_names(net, self.layer_kind)
+        problems = self.usable_layers(net, image, kinds)
+        return [k for k in kinds if k not in problems]
 
     # offline use (visualize.py): `trainer.validate(...)` draws once, after the validation loop
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -533,18 +669,26 @@ class VisualizationCallback(pl.Callback):
             return  # restored from a checkpoint: keep the same images
         limit = self.num_probe or DEFAULT_NUM_PROBE
         dm = trainer.datamodule
+        try:
+            pools = _SHARED_PROBES.setdefault(trainer, {})
+        except TypeError:  # a stand-in trainer that cannot be a weak key: nothing shared
+            pools = {}
+        index = None
         if isinstance(self._probe_arg, tuple):
             images, labels = self._probe_arg
+            key = ("probe", tuple(images.shape), _digest(images), None if labels is None else _digest(labels))
+            pool = pools.get(key, self._probe_arg)
             if self.num_probe is not None and self.num_probe < len(images):
-                images, labels = images[:self.num_probe], labels[:self.num_probe] if labels is not None else None
+                index = torch.arange(self.num_probe)
         elif self._probe_arg is not None:
-            images, labels = self._probe_from_items(self._probe_arg, limit, "the probe Dataset")
+            key = ("dataset", id(self._probe_arg), self.probe_per_class, limit, self.batch_keys)
+            pool = pools.get(key) or self._probe_from_items(self._probe_arg, limit, "the probe Dataset")
         elif dm is not None and hasattr(dm, "probe_batch"):
-            images, labels = dm.probe_batch(per_class=self.probe_per_class)
-            if self.num_probe is not None and self.num_probe < len(labels):
+            key = ("datamodule", id(dm), self.probe_per_class)
+            pool = pools.get(key) or dm.probe_batch(per_class=self.probe_per_class)
+            if self.num_probe is not None and self.num_probe < len(pool[1]):
                 g = torch.Generator().manual_seed(self.probe_seed)
-                keep = torch.randperm(len(labels), generator=g)[: self.num_probe].sort().values
-                images, labels = images[keep], labels[keep]
+                index = torch.randperm(len(pool[1]), generator=g)[: self.num_probe].sort().values
         else:
             loader = _val_loader(trainer)
             if loader is None:
@@ -552,10 +696,26 @@ class VisualizationCallback(pl.Callback):
                                "datamodule a probe_batch(), or give the trainer a validation dataloader; "
                                "nothing will be drawn")
                 return
-            images, labels = self._probe_from_loader(loader, trainer, pl_module, limit)
-        with torch.inference_mode(False):  # offline runs choose inside inference mode: keep normal tensors
-            self.probe_images = images.detach().cpu().clone()
-            self.probe_labels = labels.detach().cpu().long().clone() if labels is not None else None
+            # one pool of the first max(limit, DEFAULT_NUM_PROBE) classes for every callback of this
+            # loader; a callback with fewer probes takes the rows of the first `num_probe` classes
+            scan = max(limit, DEFAULT_NUM_PROBE)
+            key = ("val", id(getattr(loader, "dataset", loader)), self.probe_per_class, scan, self.batch_keys)
+            if key not in pools:
+                self._class_order = []
+            pool = pools.get(key) or self._probe_from_loader(loader, trainer, pl_module, scan)
+            order = pools.setdefault(key + ("class order",), self._class_order)
+            labels = pool[1]
+            if self.num_probe is not None and labels is not None and self.num_probe < len(order):
+                first = set(order[: self.num_probe])
+                index = torch.tensor([i for i, y in enumerate(labels.tolist()) if y in first], dtype=torch.long)
+            elif self.num_probe is not None and labels is None and self.num_probe < len(pool[0]):
+                index = torch.arange(self.num_probe)
+        if key not in pools:
+            images, labels = pool
+            with torch.inference_mode(False):  # offline runs choose inside inference mode: keep normal tensors
+                pools[key] = (images.detach().cpu().clone(),
+                              labels.detach().cpu().long().clone() if labels is not None else None)
+        self._set_probe(pools[key], index)
 
     def _probe_from_loader(self, loader, trainer, pl_module, limit: int):
         picked = self._probe_by_targets(loader, pl_module, limit)
@@ -583,7 +743,7 @@ class VisualizationCallback(pl.Callback):
             raise ConfigError(f"{type(self).__name__}: the validation dataloader is empty; pass probe=<images>")
         images = torch.cat(seen_images)
         labels = torch.cat(seen_labels) if len(seen_labels) == len(seen_images) else None
-        return _pick_per_class(images, labels, self.probe_per_class, limit)
+        return _pick_per_class(images, labels, self.probe_per_class, limit, self._class_order)
 
     def _probe_by_targets(self, loader, pl_module, limit: int):
         """When the loader's dataset lists its labels (`targets`/`labels`, as torchvision's
@@ -616,6 +776,7 @@ class VisualizationCallback(pl.Callback):
             except Exception:  # noqa: BLE001
                 pass
         images, labels = split_batch(batch, self.batch_keys, "the validation dataset's items")
+        self._class_order[:] = list(chosen)
         return images.detach().cpu(), labels.detach().cpu() if labels is not None else None
 
     def _per_class_done(self, seen_labels, limit: int) -> bool:
@@ -663,13 +824,38 @@ class VisualizationCallback(pl.Callback):
 
     # -- checkpointing ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"probe_images": self.probe_images, "probe_labels": self.probe_labels, "layers": self.layers}
+        # the probe as the shared pool and this callback's rows of it: callbacks that draw from one
+        # source hold the same pool tensors, which the checkpoint stores once
+        pool, index = self._probe_pool, self._probe_index
+        if self.probe_images is not self._probe_derived:  # set by hand: it is its own pool
+            pool = (self.probe_images, self.probe_labels) if self.probe_images is not None else None
+            index = None
+        return {"probe_pool": pool, "probe_index": index, "layers": self.layers,
+                "declined": self.declined, "declined_reason": self.declined_reason}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.probe_images = state_dict.get("probe_images")
-        self.probe_labels = state_dict.get("probe_labels")
+        pool = state_dict.get("probe_pool")
+        if pool is not None:
+            self._set_probe(tuple(pool), state_dict.get("probe_index"))
+        elif state_dict.get("probe_images") is not None:  # a checkpoint of convlens <= 0.2
+            self._set_probe((state_dict["probe_images"], state_dict.get("probe_labels")), None)
         if state_dict.get("layers") is not None:
             self.layers, self._tentative = list(state_dict["layers"]), False
+        if state_dict.get("declined"):  # switched off in the run this one resumes: off again, said once
+            self._decline(state_dict.get("declined_reason") or "it was switched off in the run this one resumes")
+
+    def _set_probe(self, pool: tuple[torch.Tensor, torch.Tensor | None], index: torch.Tensor | None) -> None:
+        self._probe_pool, self._probe_index = pool, index
+        images, labels = pool
+        self.probe_images = images[index] if index is not None else images
+        self.probe_labels = (labels[index] if index is not None else labels) if labels is not None else None
+        self._probe_derived = self.probe_images
+
+
+def _digest(tensor: torch.Tensor) -> str:
+    """A digest of a tensor's values (telling apart explicit probes that are the same images)."""
+    data = tensor.detach().cpu().contiguous()
+    return hashlib.sha1(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"").hexdigest()
 
 
 def _dataset_targets(dataset) -> list[int] | None:
@@ -742,3 +928,6 @@ def _val_loader(trainer):
 def _val_dataset(trainer):
     loader = _val_loader(trainer)
     return getattr(loader, "dataset", None)
+
+
+_guard_hooks(VisualizationCallback)

@@ -54,6 +54,8 @@ def visualize(cfg: DictConfig) -> list[Path]:
                                       limit_val_batches=cfg.limit_val_batches or 1.0,
                                       enable_checkpointing=False)
     trainer.validate(model, datamodule=datamodule, verbose=False)
+    if getattr(callback, "declined", False):  # asked for by name: a method that cannot draw is an error here
+        raise ConfigError(f"convlens-visualize method={cfg.method}: {callback.declined_reason}")
     return export_pngs(out, out / "png") if cfg.png and loggers else []
 
 

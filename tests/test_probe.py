@@ -195,10 +195,19 @@ def test_dict_batches_with_configured_keys(tmp_path):
     assert "deconv_max/model.conv1" in logged  # the validation batch was read with the same keys
 
 
-def test_a_batch_it_cannot_read_fails_at_fit_start_naming_it(tmp_path):
+def test_a_batch_it_cannot_read_switches_the_callback_off_at_fit_start_naming_it(tmp_path):
+    """Batches it cannot read, with no batch_keys given: the callback is switched off with one
+    warning naming what was found and what to pass; the user's training goes on (issue: no
+    visualization ever stops a user's training). With batch_keys given (an explicit choice) that
+    do not fit, fit stops at fit start, before any batch trains."""
     images, labels = data()
     loader = DataLoader(DictDataset(images, labels), batch_size=8)
-    t = trainer(tmp_path, [DeconvProjection()])
+    cb = DeconvProjection()
+    t = trainer(tmp_path, [cb])
+    with pytest.warns(UserWarning, match=r"keys \['pixels', 'target'\].*batch_keys=\(image_key, label_key\)"):
+        t.fit(UserModule(dict_batches=True), loader, loader)
+    assert cb.declined and t.global_step > 0
+    t = trainer(tmp_path, [DeconvProjection(batch_keys=("image", "label"))])
     with pytest.raises(ConfigError, match=r"keys \['pixels', 'target'\].*batch_keys=\(image_key, label_key\)"):
         t.fit(UserModule(dict_batches=True), loader, loader)
     assert t.global_step == 0

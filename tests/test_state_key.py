@@ -44,7 +44,10 @@ def test_two_instances_keep_separate_state_through_a_checkpoint_and_a_resume(tmp
     ckpt = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
     assert all(cb.state_key in ckpt["callbacks"] for cb in first)
     # the probe sets differ (sizes 2, 3, 2, 4), so a state restored into the wrong instance shows
-    sizes = [len(ckpt["callbacks"][cb.state_key]["probe_images"]) for cb in first]
+    def probe_size(state):  # the shared probe pool, or this callback's rows of it
+        return len(state["probe_index"]) if state["probe_index"] is not None else len(state["probe_pool"][0])
+
+    sizes = [probe_size(ckpt["callbacks"][cb.state_key]) for cb in first]
     assert sizes == [2, 3, 2, 4]
 
     resumed = make((7, 8))  # other seeds: a fresh choice would pick other images
