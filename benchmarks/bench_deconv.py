@@ -6,10 +6,10 @@ Targets: the whole task within 3x the time of one forward+backward of the 16 ima
 step without the optimizer: train mode, cross-entropy, backward); and a speed-up over projecting one
 map at a time (one `project` call per image and map).
 
-The reverse pass is timed in float32 and in bfloat16 (`project_many(..., dtype=torch.bfloat16)`,
-what DeconvProjection's precision="auto" picks where `viz.deconvnet.fast_dtype` finds native bf16:
-AMX CPUs, recent GPUs); the reference forward+backward is float32 training, and is also timed under
-bf16 autocast for comparison.
+The reverse pass is timed in float32 and with its convolutions in bfloat16 (`project_many(...,
+dtype=torch.bfloat16)`, what DeconvProjection's precision="auto" picks where
+`viz.deconvnet.fast_dtype` finds native bf16: AMX CPUs, recent GPUs); the reference forward+backward
+is float32 training, and is also timed under bf16 autocast for comparison.
 
 Prints a markdown table. Options: --repeats R (best of R runs), --threads T (torch threads).
 """
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 
 from convlens.models.cifar import CifarConvNet
-from convlens.viz.deconvnet import fast_dtype, project, record
+from convlens.viz.deconvnet import fast_dtype, project, record, record_layers
 
 from results_json import Report
 
@@ -69,9 +69,7 @@ def main() -> None:
 
     def deconv_one_record(dtype=None):
         # one forward up to the deepest layer serves ranking and projection at every layer
-        deepest = record(model, images, LAYERS[-1])
-        for layer in LAYERS:
-            rec = deepest.at(layer)
+        for rec in record_layers(model, images, LAYERS).values():
             _, top = rec.top_maps(TOP_K)
             rec.project_many(top, dtype=dtype)
 
@@ -82,9 +80,7 @@ def main() -> None:
             rec.project_many(top)
 
     per_layer = {}
-    deepest = record(model, images, LAYERS[-1])
-    for layer in LAYERS:
-        rec = deepest.at(layer)
+    for layer, rec in record_layers(model, images, LAYERS).items():
         _, top = rec.top_maps(TOP_K)
         per_layer[layer] = (timed(lambda: rec.project_many(top), args.repeats), top,
                             timed(lambda: rec.project_many(top, dtype=torch.bfloat16), args.repeats))

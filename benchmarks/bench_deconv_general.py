@@ -1,4 +1,4 @@
-"""The deconvnet's general path (viz.deconvnet_general) on a torchvision ResNet-18, against Captum.
+"""The deconvnet (viz.deconvnet) on a torchvision ResNet-18, against Captum.
 
 Top-9 projections (each image's 9 maps of highest maximum activation, each projected as the ZF
 deconvnet does: the map's own activations sent back) of 16 images at 64x64, at one layer of a
@@ -17,13 +17,16 @@ random-init ResNet-18 (eval mode), timed three ways in one run, interleaved, bes
 All three attribution results are checked equal (max relative difference printed). Writes the
 numbers as JSON next to RESULTS.md (`bench_deconv_general.json`).
 
-With `--paths`, instead: the same top-9 task at every conv layer of the chain nets (CifarConvNet(256, 64)
-on 32x32x3, LeNet on 28x28x1; 16 images), one `record_layers` + `top_maps` + `project_many` per
-layer, timed on each deconvnet path named (`--paths chain general`), interleaved, best of `--repeats`;
-the projections are checked equal across paths (JSON: `bench_deconv_paths.json`).
+With `--chain-nets`, instead: the same top-9 task at every conv layer of the chain nets
+(CifarConvNet(256, 64) on 32x32x3, LeNet on 28x28x1; 16 images), one `record_layers` + `top_maps` +
+`project_many` per layer, timed in float32 and with the reverse pass's convolutions in each
+`--dtypes` (e.g. bfloat16), interleaved, best of `--repeats`; the reduced-precision projections'
+largest error is given as a fraction of each projection's range (JSON: `bench_deconv_paths.json`).
+At commit 82fb48f this mode was `--paths chain general`, timing the hand-written chain path (since
+removed) against this one (benchmarks/RESULTS.md, section 2).
 
     python benchmarks/bench_deconv_general.py [--layer layer2.1.conv2] [--threads 1] [--repeats 5]
-    python benchmarks/bench_deconv_general.py --paths chain general [--threads 1] [--repeats 5]
+    python benchmarks/bench_deconv_general.py --chain-nets [--dtypes bfloat16] [--threads 1] [--repeats 5]
 """
 from __future__ import annotations
 
@@ -62,12 +65,13 @@ def main():
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--json", default=None)
-    p.add_argument("--paths", nargs="+", default=None, help="time these deconvnet paths on the chain nets")
+    p.add_argument("--chain-nets", action="store_true", help="time the CIFAR net and LeNet instead (see above)")
+    p.add_argument("--dtypes", nargs="*", default=["bfloat16"], help="reduced precisions to time with --chain-nets")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
-    if a.paths:
-        return compare_paths(a)
+    if a.chain_nets:
+        return chain_nets(a)
     a.json = a.json or str(Path(__file__).with_name("bench_deconv_general.json"))
     from captum.attr import NeuronDeconvolution
 
@@ -152,41 +156,47 @@ def main():
     print(json.dumps(meta))
 
 
-def compare_paths(a) -> None:
-    """The top-`k` task at every conv of the chain nets, once per path in `a.paths` (interleaved)."""
+def chain_nets(a) -> None:
+    """The top-`k` task at every conv of the chain nets, in float32 and in each of `a.dtypes`."""
     torch.manual_seed(0)
     nets = {"CifarConvNet(256, 64)": (CifarConvNet(256, 64).eval(), (3, 32, 32)),
             "LeNet": (LeNet().eval(), (1, 28, 28))}
     layers = ["conv1", "conv2", "conv3", "conv4"]
+    dtypes = {"float32": None, **{name: getattr(torch, name) for name in a.dtypes}}
     results = []
     for name, (net, shape) in nets.items():
         images = torch.randn(a.images, *shape)
 
-        def task(path, net=net, images=images):
+        def task(dtype, net=net, images=images):
             out = []
-            for rec in deconvnet.record_layers(net, images, layers, path).values():
+            for rec in deconvnet.record_layers(net, images, layers).values():
                 _, top = rec.top_maps(a.k)
-                out.append(rec.project_many(top))
+                out.append(rec.project_many(top, dtype=dtype))
             return out
 
-        first = {path: task(path) for path in a.paths}
-        reference = first[a.paths[0]]
-        errors = {path: max(float((o - r).abs().max() / r.abs().max()) for o, r in zip(first[path], reference))
-                  for path in a.paths}
-        seconds = {path: [] for path in a.paths}
+        reference = task(None)
+        errors = {}
+        for label, dtype in dtypes.items():
+            worst = 0.0
+            for got, want in zip(task(dtype), reference):
+                want, got = want.flatten(2), got.flatten(2)
+                span = (want.amax(2) - want.amin(2)).clamp(min=1e-30)
+                worst = max(worst, float(((got - want).abs().amax(2) / span).max()))
+            errors[label] = worst
+        seconds = {label: [] for label in dtypes}
         for _ in range(a.repeats):
-            for path in a.paths:
+            for label, dtype in dtypes.items():
                 start = time.perf_counter()
-                task(path)
-                seconds[path].append(time.perf_counter() - start)
-        best = {path: min(v) for path, v in seconds.items()}
-        results.append({"net": name, "seconds": best, "max_relative_difference": errors})
-        print(f"{name}: " + "; ".join(f"{path} {best[path] * 1e3:.0f} ms" for path in a.paths)
-              + f"; max rel. diff to {a.paths[0]} {errors}")
+                task(dtype)
+                seconds[label].append(time.perf_counter() - start)
+        best = {label: min(v) for label, v in seconds.items()}
+        results.append({"net": name, "seconds": best, "max_error_of_range": errors})
+        print(f"{name}: " + "; ".join(f"{label} {best[label] * 1e3:.0f} ms" for label in dtypes)
+              + f"; largest error / range vs float32 {errors}")
     meta = {"date": time.strftime("%Y-%m-%d"), "cpu": cpu_model(), "cores": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "load_average_1min": os.getloadavg()[0],
-            "torch": torch.__version__, "images": a.images, "k": a.k, "layers": layers, "repeats": a.repeats,
-            "paths": a.paths}
+            "torch": torch.__version__, "fast_dtype_cpu": str(deconvnet.fast_dtype("cpu")), "images": a.images,
+            "k": a.k, "layers": layers, "repeats": a.repeats}
     Path(a.json or Path(__file__).with_name("bench_deconv_paths.json")).write_text(
         json.dumps({"meta": meta, "results": results}, indent=2))
     print(json.dumps(meta))

@@ -38,7 +38,7 @@ from torch import nn
 from convlens.callbacks.base import VisualizationCallback, check_filters
 from convlens.errors import ConfigError
 from convlens.render import captioned_grid, scale_symmetric
-from convlens.viz.decoding import (UNPOOL_MODES, decodable_layers, decode_filters, reconstruction_error,
+from convlens.viz.decoding import (DECODING_UNPOOL_MODES, decodable_layers, decode_filters, reconstruction_error,
                                    threshold_decoded)
 from convlens.viz.layers import LayerError, get_layer, layer_maxima, rank_filters
 
@@ -77,8 +77,8 @@ class DecodedFilters(VisualizationCallback):
         super().__init__(layers=layers, every_n_epochs=every_n_epochs, num_probe=num_probe,
                          probe_per_class=probe_per_class, probe_seed=probe_seed, probe=probe, mean=mean,
                          std=std, batch_keys=batch_keys)
-        if unpool not in UNPOOL_MODES:
-            raise ConfigError(f"Unknown unpool mode {unpool!r}. Valid modes: {', '.join(UNPOOL_MODES)}")
+        if unpool not in DECODING_UNPOOL_MODES:
+            raise ConfigError(f"Unknown unpool mode {unpool!r}. Valid modes: {', '.join(DECODING_UNPOOL_MODES)}")
         if max_filters is not None and (isinstance(max_filters, bool) or not isinstance(max_filters, int)
                                         or max_filters < 1):
             raise ConfigError(f"max_filters must be an int >= 1 or None (all filters), got {max_filters!r}")

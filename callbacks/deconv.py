@@ -41,7 +41,7 @@ from convlens.callbacks.base import VisualizationCallback, check_int, split_batc
 from convlens.errors import ConfigError
 from convlens.render import (captioned_grid, class_caption, columns_that_fit, fit_caption, scale_each, tile_width,
                              to_pixels)
-from convlens.viz.deconvnet import UNPOOL_MODES, fast_dtype, layer_problems, record_layers
+from convlens.viz.deconvnet import DECONV_UNPOOL_MODES, fast_dtype, layer_problems, record_layers
 from convlens.viz.layers import default_conv_layers
 
 MAX_MAPS_BY = ("activation", "index")
@@ -122,8 +122,8 @@ class DeconvProjection(VisualizationCallback):
                          probe_per_class=probe_per_class, probe_seed=probe_seed, probe=probe, mean=mean,
                          std=std, batch_keys=batch_keys)
         check_int("k (maps per probe image)", k, 1)
-        if unpool not in UNPOOL_MODES:
-            raise ConfigError(f"Unknown unpool={unpool!r}; use one of {', '.join(UNPOOL_MODES)} "
+        if unpool not in DECONV_UNPOOL_MODES:
+            raise ConfigError(f"Unknown unpool={unpool!r}; use one of {', '.join(DECONV_UNPOOL_MODES)} "
                              "('switches': Zeiler & Fergus, 'fill': the blog's cheaper unpooling)")
         if not isinstance(deconv_max, bool):
             raise ConfigError(f"deconv_max must be true or false, got {deconv_max!r}")

@@ -40,7 +40,7 @@ from convlens.callbacks.base import VisualizationCallback, check_filters, check_
 from convlens.errors import ConfigError
 from convlens.render import (as_rgb, captioned_grid, class_caption, fit_caption, scale_each, scale_symmetric,
                              tile_width, to_pixels)
-from convlens.viz.deconvnet import UNPOOL_MODES, layer_problems, record_layers
+from convlens.viz.deconvnet import DECONV_UNPOOL_MODES, layer_problems, record_layers
 from convlens.viz.layers import LayerError, default_conv_layers, get_layer, layer_names, rank_filters
 
 
@@ -96,8 +96,8 @@ class FilterEvolution(VisualizationCallback):
                          std=std, batch_keys=batch_keys)
         filters = {layer: indices[0] for layer, indices in check_filters(filters, one_per_layer=True).items()}
         check_int("probe_index (0: the first probe image)", probe_index, 0)
-        if unpool not in UNPOOL_MODES:
-            raise ConfigError(f"Unknown unpool={unpool!r}; use one of {', '.join(UNPOOL_MODES)} "
+        if unpool not in DECONV_UNPOOL_MODES:
+            raise ConfigError(f"Unknown unpool={unpool!r}; use one of {', '.join(DECONV_UNPOOL_MODES)} "
                              "('switches': Zeiler & Fergus, 'fill': the blog's cheaper unpooling)")
         if weights_layer is not None and not isinstance(weights_layer, str):
             raise ConfigError(f"weights_layer must be a Conv2d name or None (the first one), got {weights_layer!r}")

@@ -17,7 +17,7 @@ from convlens.models.lenet import LeNet
 from convlens.models.cifar import BlogConvNet, CifarConvNet
 from convlens.models.vgg import VGG16
 from convlens.viz.decoding import (
-    UNPOOL_MODES, DecodingError, class_max_responses, decode_filters, decoded_geometry,
+    DECODING_UNPOOL_MODES, DecodingError, class_max_responses, decode_filters, decoded_geometry,
     decoded_stride, reconstruction_error, threshold_decoded,
 )
 from convlens.viz.layers import LayerError
@@ -234,7 +234,7 @@ def test_lenet_decoded_sizes_are_the_papers():
     net = LeNet()
     expected = {"conv1": (20, 5), "conv2": (50, 14), "conv3": (500, 28), "conv4": (10, 28)}
     for layer, (count, size) in expected.items():
-        for mode in UNPOOL_MODES:
+        for mode in DECODING_UNPOOL_MODES:
             assert decode_filters(net, layer, unpool=mode).shape == (count, 1, size, size)
         assert decoded_geometry(net, layer).size == (size, size)
     assert [decoded_stride(net, layer) for layer in expected] == [(1, 1), (2, 2), (4, 4), (4, 4)]

@@ -2,9 +2,11 @@
 
 Oracle: the deconvnet projection equals autograd's gradient of sum(F_c * F_c.detach()) with
 respect to the input, for the model in eval mode, with every ReLU's backward replaced by a ReLU of
-the incoming signal (a custom autograd Function swapped in for each ReLU's forward). Plus cases
-worked out by hand, brute-force loops for the ranking helpers, and the one-map-at-a-time loop for
-the batched projection.
+the incoming signal (a custom autograd Function swapped in for each ReLU's forward module), and for
+unpool="fill" every max pool's gradient that of the sum over its window (a straight-through
+module). Plus cases worked out by hand, brute-force loops for the ranking helpers, the
+one-map-at-a-time loop for the batched projection, and Captum's NeuronDeconvolution on torchvision
+nets.
 """
 from __future__ import annotations
 
@@ -13,8 +15,10 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision
 from torch import nn
+from torch.nn.modules.utils import _pair
 
 from convlens.models.cifar import BlogConvNet, CifarConvNet
 from convlens.models.lenet import LeNet
@@ -47,11 +51,24 @@ class _Stop(Exception):
     pass
 
 
-def oracle(model: nn.Module, images: torch.Tensor, layer: str, channel) -> torch.Tensor:
-    """d/dx sum_n <F_{n,c_n}, stopgrad(F_{n,c_n})>, ReLU backward = ReLU(grad), eval mode."""
+def _sum_gradient_pool(m: nn.MaxPool2d):
+    """The max pool's value, the gradient of the sum over each window (what "fill" sends back)."""
+    assert _pair(m.dilation) == (1, 1), "the oracle's window sum has no dilation"
+
+    def forward(x):
+        y = F.max_pool2d(x, m.kernel_size, m.stride, m.padding, 1, m.ceil_mode)
+        s = F.avg_pool2d(x, m.kernel_size, m.stride, m.padding, m.ceil_mode, True, divisor_override=1)
+        return y.detach() + (s - s.detach())
+    return forward
+
+
+def oracle(model: nn.Module, images: torch.Tensor, layer: str, channel, unpool: str = "switches") -> torch.Tensor:
+    """d/dx sum_n <F_{n,c_n}, stopgrad(F_{n,c_n})>, ReLU backward = ReLU(grad), eval mode; with
+    unpool="fill", each MaxPool2d module's gradient spread over its whole window."""
     n = images.shape[0]
     channel = torch.as_tensor(channel).expand(n) if not torch.is_tensor(channel) else channel
     relus = [m for m in model.modules() if isinstance(m, nn.ReLU)]
+    pools = [m for m in model.modules() if isinstance(m, nn.MaxPool2d)] if unpool == "fill" else []
     captured = {}
 
     def grab(module, args, out):
@@ -61,6 +78,8 @@ def oracle(model: nn.Module, images: torch.Tensor, layer: str, channel) -> torch
     handle = get_layer(model, layer).register_forward_hook(grab)
     for m in relus:
         m.forward = _DeconvReLU.apply  # instance attribute shadows the class's forward
+    for m in pools:
+        m.forward = _sum_gradient_pool(m)
     try:
         with eval_mode(model), torch.enable_grad():
             x = images.detach().clone().requires_grad_(True)
@@ -70,7 +89,7 @@ def oracle(model: nn.Module, images: torch.Tensor, layer: str, channel) -> torch
             (grad,) = torch.autograd.grad((fmap * fmap.detach()).sum(), x)
     finally:
         handle.remove()
-        for m in relus:
+        for m in relus + pools:
             del m.forward
     return grad
 
@@ -569,11 +588,9 @@ def test_layer_without_spatial_maps(lenet, cifar_net, model_name, layer, valid):
     assert str(info.value).endswith(f"Layers with spatial maps: {valid}")
 
 
-def test_spatial_layer_after_flatten_is_refused():
+def test_spatial_layer_after_flatten_is_projected_through_the_reshapes():
     model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Unflatten(1, (2, 6, 6)), nn.Conv2d(2, 2, 3))
-    with pytest.raises(LayerError, match=r"it comes after '1' \(Flatten\).*Layers with spatial maps: 0$"):
-        project(model, torch.randn(1, 1, 8, 8), "3", 0, path="chain")
-    # the general path goes through the reshapes (autograd): the oracle's projection
+    # autograd goes through the reshapes: the oracle's projection
     images = torch.randn(2, 1, 8, 8)
     assert_close_rel(project(model, images, "3", 1), oracle(model, images, "3", 1), 1e-6)
 
@@ -583,13 +600,10 @@ def test_vgg_classifier_has_no_spatial_maps(vgg):
         top_maps(vgg, torch.randn(1, 3, 32, 32), "classifier.0", 1)
 
 
-def test_unsupported_module_is_named():
+def test_other_nonlinearity_gets_its_ordinary_gradient():
     model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Tanh(), nn.Conv2d(2, 2, 3))
-    with pytest.raises(DeconvnetError, match=r"Layer '1' is a Tanh.*Conv2d, ReLU"):
-        project(model, torch.randn(1, 1, 8, 8), "2", 0, path="chain")
-    # "auto": the general path, with Tanh's ordinary gradient (as Captum): the oracle's projection
+    # Tanh's ordinary gradient (as Captum): the oracle's projection
     images = torch.randn(2, 1, 8, 8)
-    assert record(model, images, "2").path == "general"
     assert_close_rel(project(model, images, "2", 1), oracle(model, images, "2", 1), 1e-6)
 
 
@@ -642,12 +656,9 @@ def test_in_place_module_keeps_the_chain():
 
 
 @pytest.mark.parametrize("model", [_Residual(), _FunctionalRelu(), _InPlaceBetween(), _InPlaceBetween(True)])
-def test_not_a_chain_is_refused(model):
-    with pytest.raises(DeconvnetError, match="not a plain chain.*input of layer 'conv2'"):
-        project(model, torch.randn(1, 2, 8, 8), "conv2", 0, path="chain")
+def test_not_a_chain_is_projected(model):
+    assert project(model, torch.randn(1, 2, 8, 8), "conv2", 0).shape == (1, 2, 8, 8)
     assert _no_hooks(model)
-    assert record(model, torch.randn(1, 2, 8, 8), "conv2").path == "general"  # "auto" takes it
-    # a layer before the break is fine
     assert project(model, torch.randn(1, 2, 8, 8), "conv1", 0).shape == (1, 2, 8, 8)
 
 
@@ -658,7 +669,7 @@ def test_container_layer_stands_for_its_last_leaf():
     assert torch.equal(project(model, images, "1", 2), project(model, images, "1.1", 2))
 
 
-def test_container_with_functional_ops_is_refused():
+def test_container_with_functional_ops():
     class Block(nn.Module):
         def __init__(self):
             super().__init__()
@@ -668,8 +679,6 @@ def test_container_with_functional_ops_is_refused():
             return self.conv(x) * 2
 
     model = nn.Sequential(Block())
-    with pytest.raises(DeconvnetError, match="name one of its leaf modules"):
-        project(model, torch.randn(1, 1, 6, 6), "0", 0, path="chain")
     images = torch.randn(2, 1, 6, 6)
     assert_close_rel(project(model, images, "0", 2), oracle(model, images, "0", 2), 1e-6)
     assert project(model, torch.randn(1, 1, 6, 6), "0.conv", 0).shape == (1, 1, 6, 6)
@@ -717,7 +726,7 @@ def test_sync_batchnorm_projects_like_batchnorm():
 
 
 # ------------------------------------------------------------------------------------------
-# the general path (viz.deconvnet_general): any network, against Captum and the chain path
+# any network: against Captum, and the oracle on the batched entry points
 # ------------------------------------------------------------------------------------------
 
 def captum_projection(model: nn.Module, images: torch.Tensor, layer: str, channel: torch.Tensor) -> torch.Tensor:
@@ -744,11 +753,10 @@ def resnet18():
 
 @pytest.mark.parametrize("layer", ["layer1.1.conv2", "layer2.0.downsample.0", "layer3.1.conv1", "layer4.1.bn2",
                                    "layer2"])
-def test_general_path_equals_captum_on_resnet18(resnet18, layer):
+def test_equals_captum_on_resnet18(resnet18, layer):
     """Residual sums, a ReLU module reused twice per block (in place), BatchNorm, a container layer."""
     images = torch.randn(3, 3, 64, 64)
     rec = record(resnet18, images, layer)
-    assert rec.path == "general"
     _, top = rec.top_maps(3)
     projections = rec.project_many(top)
     for j in range(3):
@@ -757,13 +765,12 @@ def test_general_path_equals_captum_on_resnet18(resnet18, layer):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("layer", ["features.denseblock1.denselayer3.conv2", "features.transition2.conv"])
-def test_general_path_equals_captum_on_densenet121(layer):
+def test_equals_captum_on_densenet121(layer):
     """Concatenations (each dense layer reads every earlier map), average pools in transitions."""
     torch.manual_seed(0)
     net = torchvision.models.densenet121(num_classes=10).eval()
     images = torch.randn(2, 3, 32, 32)
     rec = record(net, images, layer)
-    assert rec.path == "general"
     _, top = rec.top_maps(2)
     projections = rec.project_many(top)
     for j in range(2):
@@ -772,33 +779,35 @@ def test_general_path_equals_captum_on_densenet121(layer):
 
 @pytest.mark.parametrize("net_name, shape", [("lenet", (3, 1, 28, 28)), ("cifar", (3, 3, 32, 32))])
 @pytest.mark.parametrize("unpool", ["switches", "fill"])
-def test_general_path_equals_chain_path(lenet, cifar_net, net_name, shape, unpool):
+def test_record_layers_equals_the_oracle(lenet, cifar_net, net_name, shape, unpool):
     net = lenet if net_name == "lenet" else cifar_net
     images = torch.randn(*shape, dtype=torch.float64)
     layers = ["conv1", "conv2", "conv3", "conv4"]
-    chain = deconvnet.record_layers(net, images, layers, path="chain")
-    general = deconvnet.record_layers(net, images, layers, path="general")
+    recordings = deconvnet.record_layers(net, images, layers)  # one forward pass for all four
     for layer in layers:
-        assert chain[layer].path == "chain" and general[layer].path == "general"
-        assert torch.equal(chain[layer].maps, general[layer].maps)
-        _, top = chain[layer].top_maps(3)
-        assert_close_rel(general[layer].project_many(top, unpool), chain[layer].project_many(top, unpool))
+        rec = recordings[layer]
+        assert torch.equal(rec.maps, record(net, images, layer).maps)
+        _, top = rec.top_maps(3)
+        projections = rec.project_many(top, unpool)
+        for j in range(3):
+            assert_close_rel(projections[:, j], oracle(net, images, layer, top[:, j], unpool))
         # pairs: each map's most activating image (rounds on the recording, or a re-recorded batch)
-        _, which = chain[layer].max_activating_images()
-        maps = torch.arange(min(6, chain[layer].num_maps))
-        assert_close_rel(general[layer].project_pairs(which[maps], maps, unpool),
-                         chain[layer].project_pairs(which[maps], maps, unpool))
+        _, which = rec.max_activating_images()
+        maps = torch.arange(min(6, rec.num_maps))
+        expected = torch.cat([oracle(net, images[i:i + 1], layer, [c], unpool)
+                              for i, c in zip(which[maps].tolist(), maps.tolist())])
+        assert_close_rel(rec.project_pairs(which[maps], maps, unpool), expected)
 
 
-def test_general_pairs_rounds_and_rerecording_agree(cifar_net):
+def test_pairs_rounds_and_rerecording_agree(cifar_net):
     """One image in many pairs (re-recorded pseudo-batch) and spread pairs (rounds): both equal
-    projecting each pair alone."""
+    the oracle of each pair alone."""
     images = torch.randn(6, 3, 32, 32, dtype=torch.float64)
-    rec = record(cifar_net, images, "conv3", path="general")
+    rec = record(cifar_net, images, "conv3")
     for samples in (torch.tensor([2, 2, 2, 2, 5]), torch.tensor([0, 1, 2, 3, 4, 5, 0])):
         maps = torch.arange(len(samples)) * 3
-        expected = torch.stack([project(cifar_net, images[s:s + 1], "conv3", int(c), path="chain")[0]
-                                for s, c in zip(samples.tolist(), maps.tolist())])
+        expected = torch.cat([oracle(cifar_net, images[s:s + 1], "conv3", [c])
+                              for s, c in zip(samples.tolist(), maps.tolist())])
         assert_close_rel(rec.project_pairs(samples, maps), expected)
         assert_close_rel(rec.project_pairs(samples, maps, max_batch=2), expected)
 
@@ -832,7 +841,7 @@ class _Zoo(nn.Module):
 
 
 @pytest.mark.parametrize("layer", ["dw", "grouped", "conv2", "conv3"])
-def test_general_path_on_non_chain_operations_equals_oracle(layer):
+def test_non_chain_operations_equal_oracle(layer):
     torch.manual_seed(0)
     net = _Zoo().double()
     randomize_batchnorm(net)
@@ -845,7 +854,7 @@ def test_general_path_on_non_chain_operations_equals_oracle(layer):
     assert _no_hooks(net)
 
 
-def test_general_path_unknown_path_and_bad_layers(resnet18):
+def test_unknown_path_and_bad_layers(resnet18):
     images = torch.randn(1, 3, 32, 32)
     with pytest.raises(DeconvnetError, match="Unknown path='fast'"):
         record(resnet18, images, "conv1", path="fast")

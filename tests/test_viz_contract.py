@@ -10,12 +10,20 @@ parameters frozen and a user hook of its own:
 - it runs under `torch.no_grad()` and under `torch.inference_mode()` on inference-tensor images
   and gives what it gives outside (the oracle: the same call without them).
 
+And for every `viz` module: it imports on its own (first, in an interpreter where no convlens
+module is loaded yet), its convlens imports are at module level (an import inside a function can
+hide an import cycle), and those imports form no cycle.
+
 The method-specific assertions (equality with Captum, autograd, brute force) live in each method's
 own test file; this file replaces their hand-written copies of these checks.
 """
 from __future__ import annotations
 
+import ast
+import subprocess
+import sys
 from collections import OrderedDict
+from pathlib import Path
 
 import pytest
 import torch
@@ -165,3 +173,96 @@ def test_state_is_restored_no_gradients_are_left_and_inference_mode_works(name, 
                 torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
             else:
                 torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+# ------------------------------------------------------------------------------------------
+# imports: every module on its own, at module level, no cycle
+# ------------------------------------------------------------------------------------------
+
+VIZ = Path(__file__).resolve().parents[1] / "viz"
+MODULES = sorted(p.stem for p in VIZ.glob("*.py") if p.stem != "__init__")
+
+# in one fresh interpreter (torch loaded once): before each module, every convlens module is
+# dropped, so each is imported first, as `python -c "import convlens.viz.X"` would
+_IMPORT_EACH_FIRST = """
+import sys, traceback
+import torch  # noqa: F401  (shared by all, as it would be loaded by any of them)
+failed = []
+for name in sys.argv[1:]:
+    for loaded in [m for m in sys.modules if m == "convlens" or m.startswith("convlens.")]:
+        del sys.modules[loaded]
+    try:
+        __import__("convlens.viz." + name)
+    except Exception:
+        failed.append(name + ": " + traceback.format_exc().strip().splitlines()[-1])
+print("\\n".join(failed))
+sys.exit(1 if failed else 0)
+"""
+
+
+def test_every_viz_module_imports_first_on_its_own():
+    assert len(MODULES) > 5 and "deconvnet" in MODULES
+    r = subprocess.run([sys.executable, "-c", _IMPORT_EACH_FIRST, *MODULES], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, f"modules that fail when imported first:\n{r.stdout}{r.stderr[-2000:]}"
+
+
+@pytest.mark.slow
+def test_every_viz_module_imports_in_a_fresh_interpreter():
+    """The same, one interpreter per module (`python -c "import convlens.viz.X"`), in parallel."""
+    runs = {name: subprocess.Popen([sys.executable, "-c", f"import convlens.viz.{name}"], stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True) for name in MODULES}
+    failed = {}
+    for name, proc in runs.items():
+        _, err = proc.communicate(timeout=300)
+        if proc.returncode:
+            failed[name] = err.strip().splitlines()[-1]
+    assert not failed, failed
+
+
+def _convlens_imports(tree: ast.AST):
+    """(node, module name) of every import of a convlens module in `tree` (relative ones too)."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            module = node.module or ""
+            if node.level or module == "convlens" or module.startswith("convlens."):
+                yield node, module if not node.level else "." * node.level + module
+                if module == "convlens.viz":  # from convlens.viz import occlusion_incremental
+                    for alias in node.names:
+                        yield node, f"convlens.viz.{alias.name}"
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name == "convlens" or alias.name.startswith("convlens."):
+                    yield node, alias.name
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_convlens_imports_are_at_module_level(name):
+    """An import inside a function can hide a cycle; in viz/ they are all at the top of the module."""
+    tree = ast.parse((VIZ / f"{name}.py").read_text())
+    top = {id(node) for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom))}
+    hidden = [f"line {node.lineno}: {module}" for node, module in _convlens_imports(tree) if id(node) not in top]
+    assert not hidden, f"viz/{name}.py imports convlens modules below module level: {hidden}"
+
+
+def test_viz_imports_form_no_cycle():
+    """The graph of viz modules importing each other (at module level) is acyclic."""
+    edges = {}
+    for name in MODULES:
+        tree = ast.parse((VIZ / f"{name}.py").read_text())
+        edges[name] = {module.rsplit(".", 1)[1] for _, module in _convlens_imports(tree)
+                       if module.startswith("convlens.viz.") and module.rsplit(".", 1)[1] in MODULES}
+    done, path = set(), []
+
+    def visit(node):
+        assert node not in path, f"import cycle: {' -> '.join(path[path.index(node):] + [node])}"
+        if node in done:
+            return
+        path.append(node)
+        for other in sorted(edges[node]):
+            visit(other)
+        path.pop()
+        done.add(node)
+
+    for name in MODULES:
+        visit(name)

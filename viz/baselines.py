@@ -45,6 +45,7 @@ from torch import Tensor, nn
 
 from convlens.viz.layers import eval_mode, get_layer, trace_chain
 from convlens.viz.common import frozen, gradients
+from convlens.viz.deconvnet import project
 from convlens.viz.suppression import SuppressionError, _as_channel, _check_images, _resolve_rectify, feature_maps
 
 __all__ = ["BASELINES", "SCALINGS", "BaselineError", "kernel_attribution", "as_input", "baseline_inputs"]
@@ -157,8 +158,6 @@ def kernel_attribution(model: nn.Module, images: Tensor, layer: str, channel: in
             k = feature_maps(model, x[:1], layer, rectify).shape[1]
             c = _as_channel(channel, x.shape[0], k, layer, x.device)
             if method == "deconv":
-                from convlens.viz.deconvnet import project
-
                 out = project(chain, x, str(len(chain) - 1), c)
             elif method == "guided_backprop":
                 out = _guided_backprop(chain, x, c)

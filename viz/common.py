@@ -18,13 +18,17 @@ from torch.nn.modules.utils import _pair
 
 from convlens.errors import ConvlensError
 
-__all__ = ["VizError", "check_images", "check_int", "check_number", "check_channels", "class_targets",
+__all__ = ["VizError", "LayerError", "check_images", "check_int", "check_number", "check_channels", "class_targets",
            "eval_mode", "frozen", "gradients", "forward_until", "Window", "window", "window_matrix",
            "adaptive_window_matrix"]
 
 
 class VizError(ConvlensError, ValueError):
     """The base of every error a `viz` function raises for an argument or a model it cannot use."""
+
+
+class LayerError(VizError):
+    """An unknown layer name, or a layer a method cannot use; the message lists what can be used."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -167,8 +171,6 @@ def forward_until(model: nn.Module, images: Tensor, module: nn.Module, name: str
     and its output is returned as it is (not detached; `hook(output)`, when given, may replace
     it first, e.g. with a copy). Modes, gradients and no_grad are the caller's; the hook is
     removed, also on error. A LayerError when `module` does not run."""
-    from convlens.viz.layers import LayerError
-
     captured: list = []
 
     def stop(_module, _args, out):

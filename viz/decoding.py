@@ -49,7 +49,8 @@ from torch import nn
 from convlens.viz.common import VizError, window
 from convlens.viz.layers import LayerError, chain_prefix, check_chain, get_layer, layer_names, layer_output, trace_chain
 
-UNPOOL_MODES = ("nearest", "bilinear", "bicubic")
+#: how the decoding undoes pooling (the deconvnet has its own: `viz.deconvnet.DECONV_UNPOOL_MODES`)
+DECODING_UNPOOL_MODES = ("nearest", "bilinear", "bicubic")
 
 # Modules the decoding passes through unchanged: pointwise non-linearities (the paper decodes as
 # if the network were linear), regularizers that are the identity at inference, and Identity.
@@ -324,8 +325,8 @@ def decode_filters(model: nn.Module, layer: str, unpool: str = "nearest",
     docstring). The result is detached, in the layer's dtype and device; the model (its modes,
     parameters and `requires_grad` flags) is left as it was.
     """
-    if unpool not in UNPOOL_MODES:
-        raise DecodingError(f"Unknown unpool mode {unpool!r}. Valid modes: {', '.join(UNPOOL_MODES)}")
+    if unpool not in DECODING_UNPOOL_MODES:
+        raise DecodingError(f"Unknown unpool mode {unpool!r}. Valid modes: {', '.join(DECODING_UNPOOL_MODES)}")
     conv, below = _decoding_chain(model, layer)
     _check_supported(below, layer)
     return _decode_bank(conv, below, layer, unpool, filters, chunk_size)
@@ -402,8 +403,8 @@ def reconstruction_error(model: nn.Module, layer: str, images, unpool: str = "ne
     MatConvNet computes it with biases; the decoded filters have none, so per-channel bias offsets
     count as reconstruction error (normalization removes only one constant per image).
     """
-    if unpool not in UNPOOL_MODES:
-        raise DecodingError(f"Unknown unpool mode {unpool!r}. Valid modes: {', '.join(UNPOOL_MODES)}")
+    if unpool not in DECODING_UNPOOL_MODES:
+        raise DecodingError(f"Unknown unpool mode {unpool!r}. Valid modes: {', '.join(DECODING_UNPOOL_MODES)}")
     conv, below = _decoding_chain(model, layer)
     _check_supported(below, layer)
     decoded = _decode_bank(conv, below, layer, unpool, None, chunk_size)

@@ -1,280 +1,407 @@
-"""Deconvnet projection of one feature map back to pixel space.
+"""Deconvnet projection of one feature map back to pixel space, on any network.
 
 Zeiler & Fergus, "Visualizing and Understanding Convolutional Networks" (ECCV 2014,
 arXiv:1311.2901), as Berthier & Mantoux, "Visualizing and Understanding Convolutional Neural
 Networks" (RecVis 2018 report), section 2 apply it ("Deconvolutional networks for convnet feature
 visualization"): 2.1 builds the deconvnet layer by layer along the convnet, 2.2 projects a feature
 map by feeding the layer's output back "except that all the feature maps but the one of interest
-are set to zero". Each forward module is undone by its reverse:
+are set to zero". Its three rules are local, so they hold on any graph of operations: the
+projection of map c of a layer is the backward pass of ``sum(F_c * F_c.detach())`` (the map's own
+activations sent back, every other map zero), with
 
-- max pooling -> unpooling that puts each value back at the position of the maximum recorded on
-  the forward pass (the "switches"); with ``unpool="fill"`` the cheaper variant of Frans,
-  "Visualizing Features from a Convolutional Neural Network" (blog post, 2016) instead "set[s] the
-  whole 2x2 square equal to the maximum activation";
-- ReLU -> ReLU of the backward signal ("we just need to pass the data through a reLu again");
-- convolution -> transposed convolution with the same weights. Biases are ignored on the way back
-  (the report keeps them; the projection of Zeiler & Fergus, and our autograd oracle, do not).
+- every ReLU's backward replaced by a ReLU of the backward signal ("we just need to pass the data
+  through a reLu again"; the forward's mask is ignored);
+- max pooling undone by its switches (each value back at the position of the maximum recorded on
+  the forward pass; overlapping windows add up), or, with ``unpool="fill"``, by the cheaper variant
+  of Frans, "Visualizing Features from a Convolutional Neural Network" (blog post, 2016), which
+  "set[s] the whole 2x2 square equal to the maximum activation";
+- convolutions undone by transposed convolutions with the same weights, biases ignored (the report
+  keeps them; the projection of Zeiler & Fergus, and our autograd oracle, do not).
 
-Further modules, which the papers' nets do not have but our models do, are undone by their exact
-linear adjoint: BatchNorm2d (eval mode) multiplies by its affine scale ``weight / sqrt(var + eps)``
-(the mean shift and ``bias`` are biases, ignored); average pooling (plain and adaptive) spreads each
-value evenly over its window; Dropout and Identity pass the signal unchanged (eval mode).
+What autograd does everywhere else is exactly the deconvnet's reading of those operations: a
+residual sum copies the signal to both branches, a concatenation splits it, average and adaptive
+pooling spread it over their windows, a BatchNorm in eval mode multiplies it by its scale
+``weight / sqrt(running_var + eps)`` (its mean and ``bias`` are biases, ignored; without running
+statistics, the batch's own are taken as constants likewise, by the mode below), Dropout and
+stochastic depth in eval mode pass it unchanged, depthwise and grouped convolutions are transposed
+group by group. Non-ReLU nonlinearities (GELU, SiLU, Hardswish, Hardsigmoid, ReLU6, LeakyReLU, ...)
+and LayerNorm get their ordinary gradient, as Captum's `Deconvolution` does (it rewrites only
+`nn.ReLU` modules); so does a multiplicative gate such as squeeze-excitation.
 
-The result equals the gradient of ``sum(F_c * F_c.detach())`` with respect to the input, with every
-ReLU's backward replaced by a ReLU of the incoming signal, for the model in eval mode.
+How: the forward pass runs once under a `torch.overrides.TorchFunctionMode` that swaps every ReLU
+(`nn.ReLU` modules, reused ones included, and functional `F.relu`/`torch.relu`/`Tensor.relu`, in
+place or not), every 2-d max pool (`nn.MaxPool2d`, `nn.AdaptiveMaxPool2d`, `F.max_pool2d`, ...) and
+every 2-d convolution for an autograd Function whose backward is the rule above; how the pools
+unpool and in which dtype the transposed convolutions run are read when projecting, so one
+recording serves every choice. Forward hooks keep each requested layer's output (the rest of the
+net continues on a copy, so no later in-place operation touches it) and stop the forward once every
+layer has run. Parameters are frozen for the pass (no weight gradient is ever computed). A
+projection then is `torch.autograd.grad` from the layer, batched over the images (one backward per
+rank of map, every image at once); the first step, the layer's own transposed convolution, is done
+by hand from the one map (a grouped transposed convolution: 1/K of the dense one). Every hook is
+removed and every mode and flag restored in `finally`; projections also run inside
+``torch.no_grad()`` and ``torch.inference_mode()``.
 
-Two paths compute it (`PATHS`, `record(..., path=)`):
+Reduced precision (``dtype=torch.bfloat16``): the transposed convolutions, where the cost is, run in
+that dtype; everything else, the forward pass, the switches and the ranking of maps stay as
+recorded. `fast_dtype` says where the hardware runs it natively.
 
-- the chain path, for a plain chain of the modules above up to the layer: an explicit reverse pass
-  (``F.conv_transpose2d``, ``max_unpool2d``/``scatter_add`` for unpooling, ...), not autograd, so it
-  also runs inside ``torch.no_grad()`` and ``torch.inference_mode()`` without enabling gradients,
-  and can run in reduced precision (``dtype=torch.bfloat16``): faster where the hardware has native
-  bf16 (``fast_dtype``), within a fraction of a gray level of float32 (benchmarks/RESULTS.md);
-- the general path (`viz.deconvnet_general`), for any other network (residual sums,
-  concatenations, reused or functional ReLUs, squeeze-excitation, LayerNorm, ...): the same rules
-  applied through autograd. Non-ReLU nonlinearities (GELU, SiLU, Hardswish, ...) and LayerNorm get
-  their ordinary gradient there, as in Captum's `Deconvolution`; BatchNorm in eval mode is its
-  scale, as above.
-"auto" (the default) takes the chain path where the net is a chain and the general one elsewhere;
-both give the same projections on a chain (tests/test_deconvnet.py).
+One implementation: a hand-written reverse pass for plain chains of modules used to sit beside this
+one; it was no faster in float32 and was removed (benchmarks/RESULTS.md, section 2).
 
 Conventions: images are ``[N, C, H, W]``; a layer is a dotted name from ``model.named_modules()``
 and its feature maps are that module's output ``[N, K, h, w]``; map ``c`` is channel ``c``.
+The result equals the autograd oracle with the deconvnet's ReLU rule (tests/test_deconvnet.py) and
+Captum's `NeuronDeconvolution` with the activation-weighted selector on ResNet and DenseNet.
 """
 from __future__ import annotations
 
 import numbers
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
+from torch.overrides import TorchFunctionMode
 
-from convlens.viz.common import (VizError, adaptive_window_matrix, check_channels, check_images, window,
-                                 window_matrix)
-from convlens.viz.layers import ChainStep, LayerError, check_chain, layer_names, trace_chain
+from convlens.viz.common import (LayerError, VizError, adaptive_window_matrix, check_channels, check_images, frozen,
+                                 gradients, window_matrix)
+from convlens.viz.layers import get_layer
 
 __all__ = [
-    "DeconvnetError", "Recording", "record", "project", "project_many", "top_maps",
-    "max_activating_images", "fast_dtype", "record_layers", "chain_problem", "layer_problems", "UNPOOL_MODES",
-    "PATHS", "SUPPORTED_MODULES",
+    "DeconvnetError", "Recording", "record", "record_layers", "project", "project_many", "top_maps",
+    "max_activating_images", "fast_dtype", "layer_problems", "DECONV_UNPOOL_MODES", "PATHS",
 ]
 
-UNPOOL_MODES = ("switches", "fill")
-#: "chain": the explicit reverse pass along a chain of modules (fast, refuses anything else);
-#: "general": the rules through autograd (`viz.deconvnet_general`), any network;
-#: "auto": the chain path where the net is a chain up to the layer, else the general one
-PATHS = ("auto", "chain", "general")
-
-_DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
-             nn.FeatureAlphaDropout)
-_MAX_POOLS = (nn.MaxPool2d, nn.AdaptiveMaxPool2d)
-_AVG_POOLS = (nn.AvgPool2d, nn.AdaptiveAvgPool2d)
-#: module types a deconvnet can walk back through (Flatten and Linear may follow the layer)
-#: SyncBatchNorm (what DDP's sync_batchnorm makes of BatchNorm2d) acts as BatchNorm2d in eval mode
-_BATCH_NORMS = (nn.BatchNorm2d, nn.SyncBatchNorm)
-SUPPORTED_MODULES = (nn.Conv2d, nn.ReLU, *_MAX_POOLS, *_AVG_POOLS, *_BATCH_NORMS, *_DROPOUTS,
-                     nn.Identity)
+#: "switches": each value back where the forward maximum was (Zeiler & Fergus); "fill": over the
+#: whole pooling window (Frans's blog)
+DECONV_UNPOOL_MODES = ("switches", "fill")
+#: accepted by `path=` so existing calls keep working; both take the one implementation
+PATHS = ("auto", "general")
 
 
 class DeconvnetError(VizError):
-    """Bad arguments (channel, k, unpool mode, images) or a model the deconvnet cannot walk back."""
+    """Bad arguments (channel, k, unpool mode, dtype, images) for a deconvnet projection."""
 
 
 # --------------------------------------------------------------------------------------------
-# Recording the forward pass
+# The deconvnet's rules as autograd Functions
 # --------------------------------------------------------------------------------------------
 
-@dataclass(frozen=True, eq=False)
-class _Step:
-    """One forward module, prepared for its reverse: what the reverse needs from the forward pass.
+class _Rules:
+    """How the backward of a recorded graph runs, read by the rules' backward when projecting."""
 
-    `output` is kept so a recording can be cut at an earlier layer (`Recording.at`). The module's
-    parameters are read when projecting, so project before the model's weights change.
-    """
-    name: str
-    module: nn.Module
-    in_hw: tuple[int, int]
-    output: Tensor                      # [N, K, h, w], a copy taken when the module ran
-    switches: Tensor | None = None      # max pools: flat argmax positions in the input, [N, K, h, w]
-    pool_rows: Tensor | None = None     # pools: [h_out, H_in] window weights along rows
-    pool_cols: Tensor | None = None     # pools: [w_out, W_in] window weights along columns
-    fill_rows: Tensor | None = None     # max pools: 0/1 window membership, for unpool="fill"
-    fill_cols: Tensor | None = None
-    scale: Tensor | None = None         # BatchNorm2d: [K] = weight / sqrt(var + eps)
+    def __init__(self):
+        self.unpool = "switches"
+        self.dtype: torch.dtype | None = None  # the transposed convolutions'; None: the signal's own
 
 
-def _check_path(path) -> None:
-    if path not in PATHS:
-        raise DeconvnetError(f"Unknown path={path!r}: use 'auto' (the chain path where the net is a chain, else "
-                             "the general one), 'chain' or 'general'")
+class _DeconvReLU(torch.autograd.Function):
+    """ReLU forward; backward: a ReLU of the incoming signal (Zeiler & Fergus's rectification)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clamp_min(0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.clamp_min(0)
 
 
-def record(model: nn.Module, images: Tensor, layer: str, path: str = "auto") -> "Recording":
-    """Run `images` through `model` (in eval mode) up to `layer` and keep what the deconvnet needs:
-    the layer's feature maps and the pooling switches of every max pool on the way.
+class _DeconvReLUInplace(torch.autograd.Function):
+    """The same, in place (an `nn.ReLU(inplace=True)` keeps writing to its input)."""
 
-    One recording serves ranking (`top_maps`, `max_activating_images`) and any number of
-    projections (`project`, `project_many`), and `Recording.at(name)` serves any earlier layer of
-    the chain, without running the forward again. Mode, hooks and `requires_grad` flags of `model`
-    are left as they were. A module that runs several times (a shared ReLU) is taken at its first run;
-    a container `layer` stands for its leaf modules.
+    @staticmethod
+    def forward(ctx, x):
+        ctx.mark_dirty(x)
+        return x.clamp_min_(0)
 
-    `path` (see `PATHS`): "auto" checks on the first image whether the net is a plain chain of
-    supported modules up to `layer` (`chain_problem`) and takes the chain path if so, else the
-    general path of `viz.deconvnet_general` (residual sums, concatenations, reused or functional
-    ReLUs, any other operation); the two give the same projections on a chain.
-    """
-    check_images(images, DeconvnetError)
-    _check_path(path)
-    if path == "general":
-        return _record_general(model, images, [layer])[layer]
-    if path == "auto":
-        with torch.no_grad():
-            trace = trace_chain(model, images[:1], layer, keep_tensors=True)
-        if list(trace[-1].module.children()) or len(trace[-1].out_shape) == 4:
-            if chain_problem(trace, images[:1], layer) is not None:
-                return _record_general(model, images, [layer])[layer]
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.clamp_min(0)
+
+
+def _unpool_switches(grad: Tensor, index: Tensor, in_hw: tuple[int, int]) -> Tensor:
+    """Each value back at its switch (scatter_add: with overlapping windows a position can be the
+    maximum of several)."""
+    lead = grad.shape[:-2]
+    out = grad.new_zeros(*lead, in_hw[0] * in_hw[1])
+    out.scatter_add_(-1, index.flatten(-2), grad.flatten(-2))
+    return out.view(*lead, *in_hw)
+
+
+def _fill(grad: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+    """rows.T @ g @ cols: each value spread over its whole window."""
+    return torch.matmul(torch.matmul(rows.t().to(grad.dtype), grad), cols.to(grad.dtype))
+
+
+class _MaxPool(torch.autograd.Function):
+    """F.max_pool2d forward; backward by switches or fill, as `rules.unpool` says then."""
+
+    @staticmethod
+    def forward(ctx, x, rules, kernel, stride, padding, dilation, ceil_mode):
+        out, index = F.max_pool2d(x, kernel, stride, padding, dilation, ceil_mode, return_indices=True)
+        ctx.save_for_backward(index)
+        ctx.rules, ctx.in_hw = rules, tuple(x.shape[-2:])
+        ctx.window = (_pair(kernel), _pair(stride if stride not in (None, []) else kernel), _pair(padding),
+                      _pair(dilation))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        (index,) = ctx.saved_tensors
+        if ctx.rules.unpool == "fill":
+            k, s, p, d = ctx.window
+            out_hw = grad.shape[-2:]
+            rows, cols = (window_matrix(ctx.in_hw[a], out_hw[a], k[a], s[a], p[a], d[a], device=grad.device,
+                                        dtype=grad.dtype) for a in range(2))
+            g = _fill(grad, rows, cols)
         else:
-            _check_spatial(trace, layer, trace[-1])  # the chain path's message, with the spatial layers
-    with torch.no_grad():
-        trace = trace_chain(model, images, layer, keep_tensors=True)
-    target = trace[-1]
-    trace = _chain_of(trace, layer)
-    _check_spatial(trace, layer, target)
-    _check_chain(trace, images)
-    steps = tuple(_prepare(step) for step in trace)
-    return Recording(layer=layer, maps=steps[-1].output, image_shape=tuple(images.shape), _steps=steps)
+            g = _unpool_switches(grad, index, ctx.in_hw)
+        return g, None, None, None, None, None, None
 
 
-def _chain_of(trace: list[ChainStep], layer: str) -> list[ChainStep]:
-    """The trace without a container target (its leaves are the chain); DeconvnetError when the
-    container computes its output with operations that are not modules."""
-    target = trace[-1]
-    if list(target.module.children()):
-        trace = trace[:-1]
-        if not trace or trace[-1].output is None or target.output is None \
-                or not torch.equal(trace[-1].output, target.output):
-            raise DeconvnetError(
-                f"Layer {layer!r} ({type(target.module).__name__}) computes its output with operations "
-                "that are not modules; name one of its leaf modules instead")
-    return trace
+class _AdaptiveMaxPool(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, rules, output_size):
+        out, index = F.adaptive_max_pool2d(x, output_size, return_indices=True)
+        ctx.save_for_backward(index)
+        ctx.rules, ctx.in_hw = rules, tuple(x.shape[-2:])
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        (index,) = ctx.saved_tensors
+        if ctx.rules.unpool == "fill":
+            out_hw = grad.shape[-2:]
+            rows, cols = (adaptive_window_matrix(ctx.in_hw[a], out_hw[a], device=grad.device, dtype=grad.dtype)
+                          for a in range(2))
+            g = _fill(grad, rows, cols)
+        else:
+            g = _unpool_switches(grad, index, ctx.in_hw)
+        return g, None, None
 
 
-def chain_problem(trace: list[ChainStep], images: Tensor, layer: str) -> str | None:
-    """None when a `trace_chain(..., keep_tensors=True)` up to `layer` is a chain the chain path can
-    walk back; else why not (the chain path's error message)."""
-    try:
-        chain = _chain_of(trace, layer)
-        _check_spatial(chain, layer, chain[-1])
-        _check_chain(chain, images)
-    except (DeconvnetError, LayerError) as e:
-        return str(e)
-    return None
+class _Conv(torch.autograd.Function):
+    """F.conv2d forward; backward: the transposed convolution with the same weights, no bias, in
+    `rules.dtype` when set (autograd casts the result back to the input's dtype)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding, dilation, groups, rules):
+        ctx.save_for_backward(weight)
+        ctx.rules, ctx.in_shape, ctx.args = rules, x.shape, (stride, padding, dilation, groups)
+        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (weight,) = ctx.saved_tensors
+        dtype = ctx.rules.dtype or grad.dtype
+        g = torch.nn.grad.conv2d_input(ctx.in_shape, weight.to(dtype), grad.to(dtype), *ctx.args)
+        return g, None, None, None, None, None, None, None
 
 
-def _record_general(model: nn.Module, images: Tensor, layers) -> dict[str, "Recording"]:
-    from convlens.viz.deconvnet_general import record_graph
-
-    graph = record_graph(model, images, list(layers))
-    return {layer: Recording(layer=layer, maps=graph.maps(layer), image_shape=tuple(images.shape), _steps=(),
-                             _graph=graph) for layer in layers}
-
-
-def _spatial_names(trace: list[ChainStep]) -> list[str]:
-    names = []
-    for step in trace:
-        if len(step.out_shape) != 4:
-            break
-        names.append(step.name)
-    return names
+_RELUS = (F.relu, torch.relu, torch.Tensor.relu)
+_RELUS_INPLACE = (torch.relu_, torch.Tensor.relu_)          # F.relu_ is torch.relu_
+_MAX_POOLS = (F.max_pool2d, torch.max_pool2d) + ((F._max_pool2d,) if hasattr(F, "_max_pool2d") else ())
+_ADAPTIVE_MAX_POOLS = (F.adaptive_max_pool2d,) + (
+    (F._adaptive_max_pool2d,) if hasattr(F, "_adaptive_max_pool2d") else ())
+_POOL_ARGS = ("input", "kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
+_CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+_BATCH_NORM_ARGS = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
 
 
-def _check_spatial(trace: list[ChainStep], layer: str, target: ChainStep) -> None:
-    flat = next((s for s in trace if len(s.out_shape) != 4), None)
-    if len(target.out_shape) == 4 and flat is None:
-        return
-    why = (f"its output has shape {list(target.out_shape)}" if len(target.out_shape) != 4
-           else f"it comes after {flat.name!r} ({type(flat.module).__name__}), whose output has shape "
-                f"{list(flat.out_shape)}")
-    valid = _spatial_names(trace)
-    raise LayerError(
-        f"Layer {layer!r} has no spatial feature maps ({why}); a deconvnet projects maps of shape "
-        f"[N, C, H, W] from layers before any Flatten/Linear. Layers with spatial maps: "
-        f"{', '.join(valid) if valid else '(none before this layer)'}")
+def _bind(names: Sequence[str], args: tuple, kwargs: dict) -> dict:
+    bound = dict(zip(names, args))
+    bound.update(kwargs)
+    return bound
 
 
-def _check_chain(trace: list[ChainStep], images: Tensor) -> None:
-    """Every module must be of a supported type and take exactly the previous module's output."""
-    supported = ", ".join(t.__name__ for t in SUPPORTED_MODULES)
-    for step in trace:
-        m = step.module
-        if not isinstance(m, SUPPORTED_MODULES):
-            raise DeconvnetError(
-                f"Layer {step.name!r} is a {type(m).__name__}, which the deconvnet cannot undo. "
-                f"The model must be a chain of {supported} up to the projected layer")
-        if isinstance(m, nn.MaxPool2d) and m.return_indices:
-            raise DeconvnetError(f"Layer {step.name!r}: MaxPool2d(return_indices=True) is not supported")
-    check_chain(trace, images, DeconvnetError,
-                "A deconvnet cannot undo it: make that operation a module, or project a layer before it.")
+def _int_padding(padding, weight: Tensor, dilation) -> tuple[int, int] | None:
+    """A conv's padding as (rows, cols), or None where it is not the same on both sides of an axis
+    ('same' with an even reach): such a conv keeps its ordinary gradient."""
+    if padding == "valid":
+        return 0, 0
+    if padding == "same":
+        reach = [d * (k - 1) for d, k in zip(_pair(dilation), weight.shape[-2:])]
+        return None if any(r % 2 for r in reach) else (reach[0] // 2, reach[1] // 2)
+    return _pair(padding)
 
 
-def _avg_pool_matrices(m: nn.AvgPool2d, in_hw, out_hw, device, dtype) -> tuple[Tensor, Tensor]:
-    """Row and column matrices A, B with avg_pool2d(x) == A @ x @ B.T, as PyTorch divides:
-    by the window clipped to the padded input (count_include_pad), to the input, or by
-    divisor_override."""
-    k, s, p = _pair(m.kernel_size), _pair(m.stride if m.stride is not None else m.kernel_size), _pair(m.padding)
-    mats = []
-    for axis in range(2):
-        a = window_matrix(in_hw[axis], out_hw[axis], k[axis], s[axis], p[axis], 1, device=device, dtype=dtype)
-        if m.divisor_override is None:
-            if m.count_include_pad:
-                start = torch.arange(out_hw[axis], device=device) * s[axis] - p[axis]
-                end = torch.clamp(start + k[axis], max=in_hw[axis] + p[axis])
-                size = (end - start).to(dtype)
-            else:
-                size = a.sum(1).clamp(min=1)
-            a = a / size[:, None]
-        mats.append(a)
-    if m.divisor_override is not None:
-        mats[0] = mats[0] / m.divisor_override
-    return mats[0], mats[1]
+class _DeconvnetMode(TorchFunctionMode):
+    """While active, ReLUs, 2-d max pools and 2-d convolutions run as the deconvnet's autograd
+    Functions (see the module docstring); everything else runs unchanged."""
 
+    def __init__(self, rules: _Rules):
+        super().__init__()
+        self.rules = rules
 
-def _prepare(step: ChainStep) -> _Step:
-    m, x, y = step.module, step.input, step.output
-    in_hw, out_hw = tuple(x.shape[-2:]), tuple(y.shape[-2:])
-    dev, dt = y.device, y.dtype
-    extra = {}
-    if isinstance(m, nn.MaxPool2d):
-        k, s, p, d = window(m)
-        # channels_last: same switches (same window scan order, first maximum wins), much faster on CPU
-        _, extra["switches"] = F.max_pool2d(x.contiguous(memory_format=torch.channels_last), k, s, p, d,
-                                            m.ceil_mode, return_indices=True)
-        extra["fill_rows"], extra["fill_cols"] = (
-            window_matrix(in_hw[a], out_hw[a], k[a], s[a], p[a], d[a], device=dev, dtype=dt) for a in range(2))
-    elif isinstance(m, nn.AdaptiveMaxPool2d):
-        _, extra["switches"] = F.adaptive_max_pool2d(x, out_hw, return_indices=True)
-        extra["fill_rows"], extra["fill_cols"] = (
-            adaptive_window_matrix(in_hw[a], out_hw[a], device=dev, dtype=dt) for a in range(2))
-    elif isinstance(m, nn.AvgPool2d):
-        extra["pool_rows"], extra["pool_cols"] = _avg_pool_matrices(m, in_hw, out_hw, dev, dt)
-    elif isinstance(m, nn.AdaptiveAvgPool2d):
-        rows, cols = (adaptive_window_matrix(in_hw[a], out_hw[a], device=dev, dtype=dt) for a in range(2))
-        extra["pool_rows"], extra["pool_cols"] = rows / rows.sum(1, keepdim=True), cols / cols.sum(1, keepdim=True)
-    elif isinstance(m, _BATCH_NORMS):
-        if m.running_var is not None:
-            var = m.running_var
-        else:  # no running statistics: eval mode normalizes with the batch's own, taken as constants
-            var = x.var(dim=(0, 2, 3), unbiased=False)
-        scale = torch.rsqrt(var.to(dt) + m.eps)
-        extra["scale"] = scale * m.weight.detach() if m.weight is not None else scale
-    return _Step(step.name, m, in_hw, y, **extra)
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _RELUS:
+            x = args[0] if args else kwargs["input"]
+            inplace = func is F.relu and bool(kwargs.get("inplace", args[1] if len(args) > 1 else False))
+            if torch.is_tensor(x) and x.is_floating_point():
+                return (_DeconvReLUInplace if inplace else _DeconvReLU).apply(x)
+        elif func in _RELUS_INPLACE:
+            if torch.is_tensor(args[0]) and args[0].is_floating_point():
+                return _DeconvReLUInplace.apply(args[0])
+        elif func in _MAX_POOLS:
+            a = _bind(_POOL_ARGS, args, kwargs)
+            x = a["input"]
+            if not a.get("return_indices", False) and torch.is_tensor(x) and x.dim() in (3, 4) \
+                    and x.is_floating_point():
+                stride = a.get("stride")
+                return _MaxPool.apply(x, self.rules, a["kernel_size"],
+                                      a["kernel_size"] if stride in (None, []) else stride, a.get("padding", 0),
+                                      a.get("dilation", 1), bool(a.get("ceil_mode", False)))
+        elif func in _ADAPTIVE_MAX_POOLS:
+            a = _bind(("input", "output_size", "return_indices"), args, kwargs)
+            x = a["input"]
+            if not a.get("return_indices", False) and torch.is_tensor(x) and x.dim() in (3, 4) \
+                    and x.is_floating_point():
+                return _AdaptiveMaxPool.apply(x, self.rules, a["output_size"])
+        elif func is F.conv2d:
+            a = _bind(_CONV_ARGS, args, kwargs)
+            x, w, b = a["input"], a["weight"], a.get("bias")
+            dilation = a.get("dilation", 1)
+            padding = _int_padding(a.get("padding", 0), w, dilation) if torch.is_tensor(w) else None
+            # a weight or bias that depends on the input (a dynamic filter) needs its ordinary gradient
+            if padding is not None and torch.is_tensor(x) and x.is_floating_point() and not w.requires_grad \
+                    and not (torch.is_tensor(b) and b.requires_grad):
+                return _Conv.apply(x, w, b, _pair(a.get("stride", 1)), padding, _pair(dilation),
+                                   a.get("groups", 1), self.rules)
+        elif func is F.batch_norm:
+            a = _bind(_BATCH_NORM_ARGS, args, kwargs)
+            x = a["input"]
+            if a.get("training", False) and torch.is_tensor(x) and x.dim() > 2:
+                # no running statistics (eval mode normalizes by the batch's own): the statistics are
+                # constants, as a bias is, so the signal is only scaled
+                dims = [0, *range(2, x.dim())]
+                mean, var = x.detach().mean(dims), x.detach().var(dims, unbiased=False)
+                return F.batch_norm(x, mean, var, a.get("weight"), a.get("bias"), False, 0.0, a.get("eps", 1e-5))
+        return func(*args, **kwargs)
 
 
 # --------------------------------------------------------------------------------------------
-# The reverse pass
+# Recording
+# --------------------------------------------------------------------------------------------
+
+class _Stop(Exception):
+    pass
+
+
+@dataclass(eq=False)
+class _Captured:
+    module: nn.Module
+    #: the layer's output, in the graph; nothing writes to it (the net continues on a copy)
+    output: Tensor
+    #: a Conv2d layer's input, a copy only the conv read: the reverse starts there, by hand
+    input: Tensor | None
+
+
+@dataclass(eq=False)
+class _Graph:
+    """One forward pass of `images` under `_DeconvnetMode`, kept for projections: the input leaf
+    `x`, each recorded layer's output (and a conv layer's input), and the modules that ran up to
+    there (`ran`, by name, in order). It holds the autograd graph, so it refers to the model's
+    parameters: project before they change."""
+    model: nn.Module
+    images: Tensor
+    x: Tensor
+    layers: dict[str, _Captured]
+    rules: _Rules
+    ran: list[str]
+
+
+def _not_spatial(layer: str, out, spatial: list[str]) -> LayerError:
+    shape = list(out.shape) if torch.is_tensor(out) else type(out).__name__
+    return LayerError(
+        f"Layer {layer!r} has no spatial feature maps (its output is {shape}, not feature maps [N, K, h, w]); "
+        f"a deconvnet projects the maps of a layer with spatial output (a Conv2d, its ReLU, a pool) before any "
+        f"Flatten/Linear. Layers with spatial maps: {', '.join(spatial) if spatial else '(none before this layer)'}")
+
+
+def _record_graph(model: nn.Module, images: Tensor, layers: Sequence[str]) -> _Graph:
+    """Run `images` through `model` (eval mode, parameters frozen, gradients on also under
+    no_grad/inference_mode) under `_DeconvnetMode`, up to the last of `layers` to run, keeping each
+    layer's output (its first run). A LayerError for a layer that is unknown, that does not run or
+    whose output is not [N, K, h, w] maps. Hooks, modes and flags are restored, also on error."""
+    modules = {layer: get_layer(model, layer) for layer in layers}
+    inputs: dict[str, Tensor] = {}
+    outputs: dict[str, Tensor] = {}
+    ran: dict[str, None] = {}          # every submodule that started, in order (an ordered set)
+    spatial: dict[str, None] = {}      # leaves with [N, K, h, w] output, up to the first without
+    flat: list[str] = []
+
+    def pre_hook(layer):
+        def hook(module, args):
+            if layer in outputs or layer in inputs or not isinstance(module, nn.Conv2d):
+                return None
+            if args and torch.is_tensor(args[0]):
+                inputs[layer] = args[0].clone()  # only the conv reads this copy
+                return (inputs[layer],) + tuple(args[1:])
+            return None
+        return hook
+
+    def post_hook(layer):
+        def hook(module, args, out):
+            if layer in outputs:
+                return None
+            if not torch.is_tensor(out) or out.dim() != 4:
+                raise _not_spatial(layer, out, list(spatial))
+            outputs[layer] = out
+            if len(outputs) == len(modules):
+                raise _Stop
+            return out.clone()  # the rest of the net works on a copy: no in-place op reaches `out`
+        return hook
+
+    def note_start(name):
+        def hook(module, args):
+            ran.setdefault(name)
+        return hook
+
+    def note_shape(name):
+        def hook(module, args, out):
+            if flat:
+                return
+            if torch.is_tensor(out) and out.dim() == 4:
+                spatial.setdefault(name)
+            else:
+                flat.append(name)
+        return hook
+
+    rules = _Rules()
+    handles = []
+    try:
+        for name, module in model.named_modules():
+            if name:
+                handles.append(module.register_forward_pre_hook(note_start(name)))
+                if not list(module.children()):
+                    handles.append(module.register_forward_hook(note_shape(name)))
+        for layer, module in modules.items():
+            handles.append(module.register_forward_pre_hook(pre_hook(layer)))
+            handles.append(module.register_forward_hook(post_hook(layer)))
+        with gradients(model), frozen(model):
+            x = images.detach().clone().requires_grad_(True)
+            with _DeconvnetMode(rules):
+                try:
+                    model(x)
+                except _Stop:
+                    pass
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [layer for layer in layers if layer not in outputs]
+    if missing:
+        raise LayerError(f"Layer(s) {', '.join(map(repr, missing))} were not run by the model's forward pass")
+    captured = {layer: _Captured(modules[layer], outputs[layer], inputs.get(layer)) for layer in layers}
+    return _Graph(model, images.detach(), x, captured, rules, list(ran))
+
+
+# --------------------------------------------------------------------------------------------
+# Projecting
 # --------------------------------------------------------------------------------------------
 
 def _conv_pads(m: nn.Conv2d) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -287,32 +414,31 @@ def _conv_pads(m: nn.Conv2d) -> tuple[tuple[int, int], tuple[int, int]]:
     return (p[0], p[0]), (p[1], p[1])
 
 
-def _reverse_conv(step: _Step, g: Tensor, channel: Tensor | None) -> Tensor:
-    """Transposed convolution with the forward weights (no bias), back onto the unpadded input."""
-    m = step.module
+def _densify(g: Tensor, channel: Tensor, channels: int) -> Tensor:
+    dense = g.new_zeros(g.shape[0], channels, *g.shape[-2:])
+    dense[torch.arange(g.shape[0], device=g.device), channel] = g[:, 0]
+    return dense
+
+
+def _reverse_conv(m: nn.Conv2d, in_hw: tuple[int, int], g: Tensor, channel: Tensor) -> Tensor:
+    """The transposed convolution of `m` (its weights, no bias) of one map per sample, `g`
+    [M, 1, h, w] being map `channel[i]` of sample i, back onto the unpadded input [M, C, H, W]."""
     w = m.weight.detach().to(g.dtype)
     n = g.shape[0]
-    one_map = channel is not None and m.groups == 1
-    if one_map:
-        # one nonzero map per sample: a grouped transposed conv with that map's filter per sample
-        # costs 1/K of the dense one (channels_last: PyTorch's CPU kernel for this is much faster)
+    if m.groups == 1:
+        # a grouped transposed conv with each sample's own filter costs 1/K of the dense one
+        # (channels_last: PyTorch's CPU kernel for this is much faster)
         g = g.reshape(1, n, *g.shape[-2:]).contiguous(memory_format=torch.channels_last)
         w, groups = w[channel], n
     else:
-        if channel is not None:
-            g = _densify(g, channel, m.out_channels)
-        groups = m.groups
+        g, groups = _densify(g, channel, m.out_channels), m.groups
 
     def conv_t(padding, output_padding):
         out = F.conv_transpose2d(g, w, None, m.stride, padding, output_padding, groups, m.dilation)
-        if one_map:
-            # [1, n*C, h, w] in channels_last memory is oddly strided as [n, C, h, w], which makes
-            # the next convolution slow: copy it to proper channels_last
-            out = out.reshape(n, -1, *out.shape[-2:]).contiguous(memory_format=torch.channels_last)
-        return out
+        return out.reshape(n, -1, *out.shape[-2:])
 
     (top, bottom), (left, right) = _conv_pads(m)
-    h, wd = step.in_hw
+    h, wd = in_hw
     if m.padding_mode == "zeros" and top == bottom and left == right:
         # the usual case: conv_transpose2d drops the padding itself; output_padding restores the
         # last rows/cols that no window reached (always fewer than the stride)
@@ -334,67 +460,83 @@ def _reverse_conv(step: _Step, g: Tensor, channel: Tensor | None) -> Tensor:
     return out.reshape(*full.shape[:2], h, wd)
 
 
-def _densify(g: Tensor, channel: Tensor, channels: int) -> Tensor:
-    dense = g.new_zeros(g.shape[0], channels, *g.shape[-2:])
-    dense[torch.arange(g.shape[0], device=g.device), channel] = g[:, 0]
-    return dense
+def _round(graph: _Graph, layer: str, sample: Tensor, channel: Tensor, unpool: str,
+           dtype: torch.dtype | None) -> Tensor:
+    """One backward pass: the projections of map `channel[i]` of image `sample[i]` (each image at
+    most once), [M, C, H, W]."""
+    cap = graph.layers[layer]
+    maps = cap.output.detach()
+    signal = maps[sample, channel].unsqueeze(1)                      # [M, 1, h, w]
+    if cap.input is not None:
+        # the layer's own transposed convolution, from the one map (1/K of the dense one)
+        seed = cap.input.new_zeros(cap.input.shape)
+        seed[sample] = _reverse_conv(cap.module, tuple(cap.input.shape[-2:]), signal.to(dtype or signal.dtype),
+                                     channel).to(seed.dtype)
+        start = cap.input
+    else:
+        seed = torch.zeros_like(maps)
+        seed[sample, channel] = signal[:, 0]
+        start = cap.output
+    if not start.requires_grad:  # the layer does not depend on the images
+        return graph.x.new_zeros(len(sample), *graph.x.shape[1:])
+    previous = graph.rules.unpool, graph.rules.dtype
+    graph.rules.unpool, graph.rules.dtype = unpool, dtype
+    try:
+        with torch.inference_mode(False), torch.enable_grad():
+            (grad,) = torch.autograd.grad(start, graph.x, seed, retain_graph=True, allow_unused=True)
+    finally:
+        graph.rules.unpool, graph.rules.dtype = previous
+    if grad is None:
+        return graph.x.new_zeros(len(sample), *graph.x.shape[1:])
+    return grad[sample]
 
 
-def _separable(g: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
-    """rows.T @ g @ cols: the adjoint of x -> rows @ x @ cols.T, per map."""
-    return torch.matmul(torch.matmul(rows.t().to(g.dtype), g), cols.to(g.dtype))
+def _reverse_pairs(graph: _Graph, layer: str, sample: Tensor, channel: Tensor, unpool: str,
+                   dtype: torch.dtype | None, max_batch: int | None) -> Tensor:
+    """[M, C, H, W]: the projection of map `channel[i]` of recorded image `sample[i]`, for M pairs.
 
-
-def _unpool(step: _Step, g: Tensor, channel: Tensor | None, sample: Tensor) -> Tensor:
-    """Each value back at its switch, zeros elsewhere. scatter_add, not a plain scatter: with
-    overlapping windows one input position can be the maximum of several windows."""
-    (h, w), n, c = step.in_hw, g.shape[0], g.shape[1]
-    if channel is not None:
-        index = step.switches[sample, channel].reshape(n, -1)
-        return g.new_zeros(n, h * w).scatter_add_(1, index, g.reshape(n, -1)).reshape(n, 1, h, w)
-    m = step.module
-    if isinstance(m, nn.MaxPool2d):
-        k, st, d = _pair(m.kernel_size), _pair(m.stride or m.kernel_size), _pair(m.dilation)
-        if all(st[a] >= d[a] * (k[a] - 1) + 1 for a in range(2)):
-            # windows do not overlap, so no position receives two values: max_unpool2d places them
-            # (in bfloat16 faster than a scatter_add, which accumulates in float32)
-            return F.max_unpool2d(g, step.switches[sample], k, st, _pair(m.padding), output_size=(h, w))
-    if c > 1 and g.is_contiguous(memory_format=torch.channels_last) and not g.is_contiguous():
-        # keep channels_last (the transposed convolutions are faster on it): scatter in [h, w, C] order
-        index = step.switches[sample] * c + torch.arange(c, device=g.device).reshape(1, c, 1, 1)
-        out = g.new_zeros(n, h * w * c).scatter_add_(1, index.permute(0, 2, 3, 1).reshape(n, -1),
-                                                      g.permute(0, 2, 3, 1).reshape(n, -1))
-        return out.reshape(n, h, w, c).permute(0, 3, 1, 2)
-    out = g.new_zeros(n, c, h * w).scatter_add_(2, step.switches[sample].flatten(2), g.flatten(2))
-    return out.reshape(n, c, h, w)
-
-
-def _reverse_step(step: _Step, g: Tensor, channel: Tensor | None, sample: Tensor,
-                  unpool: str) -> tuple[Tensor, Tensor | None]:
-    """Undo one module. `g` is [M, K, h, w], or [M, 1, h, w] while only map `channel[i]` of sample i
-    is nonzero (`channel` is None once the signal spans all maps). `sample[i]` is the recorded image
-    of sample i (its switches). Returns the signal at the module's input, and the new `channel`."""
-    m = step.module
-    if isinstance(m, nn.ReLU):
-        # in place (g is always this pass's own tensor); clamp_min_, as relu_ is slower in bfloat16
-        return g.clamp_min_(0), channel
-    if isinstance(m, nn.Conv2d):
-        return _reverse_conv(step, g, channel), None
-    if isinstance(m, _MAX_POOLS):
-        if unpool == "fill":
-            return _separable(g, step.fill_rows, step.fill_cols), channel
-        return _unpool(step, g, channel, sample), channel
-    if isinstance(m, _AVG_POOLS):
-        return _separable(g, step.pool_rows, step.pool_cols), channel
-    if isinstance(m, _BATCH_NORMS):
-        scale = step.scale.reshape(1, -1, 1, 1) if channel is None else step.scale[channel].reshape(-1, 1, 1, 1)
-        return g * scale.to(g.dtype), channel
-    return g, channel  # Dropout, Identity: identity in eval mode
+    Pairs are sent back in rounds, each image at most once a round, every image of the recording
+    in each backward pass (r rounds for an image that appears r times: `project_many`'s k maps per
+    image are k rounds). When one image appears in many pairs and the recording holds many
+    images (a map's most activating image of a validation batch), re-recording just the pairs'
+    images as a pseudo-batch is cheaper: then one forward and one backward over the M pairs
+    (`max_batch` caps that pseudo-batch)."""
+    m = sample.numel()
+    n = graph.x.shape[0]
+    out = graph.x.new_zeros(m, *graph.x.shape[1:])
+    if m == 0:
+        return out
+    counts = torch.bincount(sample, minlength=n)
+    rounds = int(counts.max())
+    if rounds * n > 2 * m:  # cheaper: a fresh forward over just these images
+        chunk = max_batch or m
+        for start in range(0, m, chunk):
+            part = slice(start, start + chunk)
+            sub = _record_graph(graph.model, graph.images[sample[part]], [layer])
+            out[part] = _round(sub, layer, torch.arange(sub.x.shape[0], device=sample.device), channel[part],
+                               unpool, dtype)
+        return out
+    # occurrence number of each pair among the pairs of its image: its round
+    order = torch.argsort(sample, stable=True)
+    sorted_samples = sample[order]
+    first = torch.searchsorted(sorted_samples, sorted_samples, right=False)
+    occurrence = torch.empty_like(sample)
+    occurrence[order] = torch.arange(m, device=sample.device) - first
+    for r in range(rounds):
+        which = (occurrence == r).nonzero().flatten()
+        out[which] = _round(graph, layer, sample[which], channel[which], unpool, dtype)
+    return out
 
 
 # --------------------------------------------------------------------------------------------
 # The recording and its uses
 # --------------------------------------------------------------------------------------------
+
+def _check_path(path) -> None:
+    if path not in PATHS:
+        raise DeconvnetError(f"Unknown path={path!r}: the deconvnet has one implementation, for any network "
+                             "(the chain path was merged into it); pass path='auto' or leave it out")
+
 
 def _check_options(unpool, max_batch, dtype=None) -> None:
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
@@ -402,7 +544,7 @@ def _check_options(unpool, max_batch, dtype=None) -> None:
                              f"got {dtype!r}")
     if max_batch is not None and (isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1):
         raise DeconvnetError(f"max_batch must be a positive int or None (one pass), got {max_batch!r}")
-    if unpool not in UNPOOL_MODES:
+    if unpool not in DECONV_UNPOOL_MODES:
         raise DeconvnetError(
             f"Unknown unpool={unpool!r}: use 'switches' (put each value back where the forward max "
             "was, Zeiler & Fergus) or 'fill' (fill the whole pooling window with it, the blog's variant)")
@@ -416,38 +558,29 @@ def _as_channels(channels, n: int, k_maps: int, layer: str, matrix: bool) -> Ten
 class Recording:
     """The forward pass of a batch up to `layer`, ready to rank and project its feature maps.
 
-    `maps` is the layer's output [N, K, h, w] (eval mode). Made by `record(model, images, layer)`.
-    It refers to the model's parameters rather than copying them: project before they change.
-    `path` is "chain" (the explicit reverse pass) or "general" (autograd, `viz.deconvnet_general`;
-    the recording then holds the forward's autograd graph).
+    `maps` is the layer's output [N, K, h, w] (eval mode). Made by `record(model, images, layer)`
+    or `record_layers`. It holds the forward's autograd graph, which refers to the model's
+    parameters rather than copying them: project before they change.
     """
     layer: str
     maps: Tensor = field(repr=False)
     image_shape: tuple[int, ...]
-    _steps: tuple[_Step, ...] = field(repr=False)
-    _graph: object | None = field(default=None, repr=False)
+    _graph: _Graph = field(repr=False)
 
     @property
     def num_maps(self) -> int:
         return self.maps.shape[1]
 
-    @property
-    def path(self) -> str:
-        return "general" if self._graph is not None else "chain"
-
     def at(self, layer: str) -> "Recording":
-        """The recording cut at an earlier `layer` of the recorded chain (its first run), no forward;
-        on the general path, any other layer recorded in the same pass."""
-        if self._graph is not None:
-            if layer in self._graph.layers:
-                return Recording(layer, self._graph.maps(layer), self.image_shape, (), self._graph)
-            raise LayerError(f"Layer {layer!r} is not in this recording. Recorded layers: "
-                             f"{', '.join(self._graph.layers)}")
-        for i, step in enumerate(self._steps):
-            if step.name == layer:
-                return Recording(layer, step.output, self.image_shape, self._steps[:i + 1])
-        raise LayerError(f"Layer {layer!r} is not in this recording (up to {self.layer!r}). "
-                         f"Recorded layers: {', '.join(dict.fromkeys(s.name for s in self._steps))}")
+        """The recording at another layer: one recorded in the same pass as it is, else one that ran
+        before this recording's layer (one more forward of the same images, stopped there)."""
+        graph = self._graph
+        if layer in graph.layers:
+            return Recording(layer, graph.layers[layer].output.detach(), self.image_shape, graph)
+        if layer not in graph.ran:
+            raise LayerError(f"Layer {layer!r} is not in this recording (up to {self.layer!r}). "
+                             f"Recorded layers: {', '.join(graph.ran)}")
+        return record(graph.model, graph.images, layer)
 
     def map_maxima(self) -> Tensor:
         """[N, K]: each map's maximum activation, the score by which maps are ranked."""
@@ -475,28 +608,28 @@ class Recording:
 
     def project_many(self, channels: Tensor, unpool: str = "switches", max_batch: int | None = None,
                      dtype: torch.dtype | None = None) -> Tensor:
-        """[N, k, C, H, W]: the projection of map `channels[n, j]` of image n, for all n, j.
+        """[N, k, C, H, W]: the projection of map `channels[n, j]` of image n, for all n, j: k
+        backward passes, each over the N recorded images.
 
-        All N*k projections run as one reverse pass over an N*k pseudo-batch, each sample reusing
-        its image's switches. Memory: about three N*k-sample copies of the largest feature map on
-        the way; `max_batch` caps the pseudo-batch (more, smaller passes; same result).
-        `dtype` (e.g. `torch.bfloat16`): run the reverse pass in that precision (the forward pass,
-        switches and ranking stay as recorded); the result is returned in the maps' dtype. See
-        `fast_dtype` for when that pays off.
+        `max_batch` caps the pseudo-batch where pairs are re-recorded (`project_pairs`). `dtype`
+        (e.g. `torch.bfloat16`): run the transposed convolutions of the reverse pass in that
+        precision (the forward pass, switches and ranking stay as recorded); the result is returned
+        in the maps' dtype. See `fast_dtype` for where the hardware has it natively.
         """
         _check_options(unpool, max_batch, dtype)
         n = self.maps.shape[0]
         channels = _as_channels(channels, n, self.num_maps, self.layer, matrix=True).to(self.maps.device)
         k = channels.shape[1]
         samples = torch.arange(n, device=self.maps.device).repeat_interleave(k)
-        out = self._reverse_pairs(samples, channels.reshape(-1), unpool, max_batch, dtype)
+        out = self._reverse(samples, channels.reshape(-1), unpool, dtype, max_batch)
         return out.reshape(n, k, *out.shape[1:])
 
     def project_pairs(self, images: Tensor, channels: Tensor, unpool: str = "switches",
                       max_batch: int | None = None, dtype: torch.dtype | None = None) -> Tensor:
         """[M, C, H, W]: the projection of map `channels[i]` of recorded image `images[i]`, for M
         (image index, map) pairs given as two integer tensors [M], e.g. each map's most activating
-        image of the batch (`max_activating_images`). One reverse pass, as `project_many`."""
+        image of the batch (`max_activating_images`). When one image is in many pairs, just the
+        pairs' images are recorded again as one pseudo-batch (of at most `max_batch`)."""
         _check_options(unpool, max_batch, dtype)
         n = self.maps.shape[0]
         if not torch.is_tensor(images) or images.dim() != 1 or images.is_floating_point() \
@@ -507,31 +640,36 @@ class Recording:
             raise DeconvnetError(f"image index out of range: the recording holds {n} images (0..{n - 1})")
         channels = _as_channels(channels, images.numel(), self.num_maps, self.layer, matrix=False)
         device = self.maps.device
-        return self._reverse_pairs(images.long().to(device), channels.to(device), unpool, max_batch, dtype)
+        return self._reverse(images.long().to(device), channels.to(device), unpool, dtype, max_batch)
 
-    def _reverse_pairs(self, samples: Tensor, channels: Tensor, unpool: str, max_batch: int | None,
-                       dtype: torch.dtype | None) -> Tensor:
-        if samples.numel() == 0:
+    def _reverse(self, sample: Tensor, channel: Tensor, unpool: str, dtype: torch.dtype | None = None,
+                 max_batch: int | None = None) -> Tensor:
+        """The deconvnet pass for the (image `sample[i]`, map `channel[i]`) pairs, detached."""
+        if sample.numel() == 0:
             return self.maps.new_zeros((0, *self.image_shape[1:]))
-        if self._graph is not None:  # reduced precision is the chain path's: the general one keeps the maps' dtype
-            from convlens.viz.deconvnet_general import reverse_pairs
+        return _reverse_pairs(self._graph, self.layer, sample, channel, unpool, dtype, max_batch).detach()
 
-            return reverse_pairs(self._graph, self.layer, samples, channels, unpool, max_batch).detach()
-        chunk = max_batch or samples.numel()
-        parts = [self._reverse(samples[i:i + chunk], channels[i:i + chunk], unpool, dtype)
-                 for i in range(0, samples.numel(), chunk)]
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
-    def _reverse(self, sample: Tensor, channel: Tensor, unpool: str, dtype: torch.dtype | None = None) -> Tensor:
-        """The deconvnet pass for the pseudo-batch of (image `sample[i]`, map `channel[i]`) pairs."""
-        with torch.no_grad():
-            # the deconvnet's input: the map itself, every other map of the layer zero
-            g = self.maps[sample, channel].unsqueeze(1).to(dtype or self.maps.dtype)
-            for step in reversed(self._steps):
-                g, channel = _reverse_step(step, g, channel, sample, unpool)
-            if channel is not None:  # no convolution on the way: the input channel is the map's own
-                g = _densify(g, channel, self.image_shape[1])
-        return g.to(self.maps.dtype).contiguous()
+def record(model: nn.Module, images: Tensor, layer: str, path: str = "auto") -> Recording:
+    """Run `images` through `model` (in eval mode) up to `layer` and keep what the deconvnet needs:
+    the layer's feature maps and the forward's graph (with the pooling switches).
+
+    One recording serves ranking (`top_maps`, `max_activating_images`) and any number of
+    projections (`project`, `project_many`, `project_pairs`). Mode, hooks and `requires_grad` flags
+    of `model` are left as they were. A module that runs several times (a shared ReLU) is taken at
+    its first run. `path`: see `PATHS`.
+    """
+    return record_layers(model, images, [layer], path)[layer]
+
+
+def record_layers(model: nn.Module, images: Tensor, layers, path: str = "auto") -> dict[str, Recording]:
+    """One `Recording` per layer, all from one forward pass (stopped once every layer has run)."""
+    check_images(images, DeconvnetError)
+    _check_path(path)
+    layers = list(dict.fromkeys(layers))
+    graph = _record_graph(model, images, layers)
+    return {layer: Recording(layer, graph.layers[layer].output.detach(), tuple(images.shape), graph)
+            for layer in layers}
 
 
 def project(model: nn.Module, images: Tensor, layer: str, channel: int | Tensor,
@@ -544,8 +682,7 @@ def project(model: nn.Module, images: Tensor, layer: str, channel: int | Tensor,
     The map keeps its activation values; every other map of the layer is zero. Biases are ignored
     on the way back; BatchNorm2d and Dropout act as in eval mode, BatchNorm's affine scale is
     applied. `unpool`: "switches" (default, Zeiler & Fergus) or "fill" (the blog's cheaper variant:
-    each value fills its whole pooling window). `max_batch`, `dtype`: see `Recording.project_many`
-    (`dtype` applies to the chain path). `path`: see `record`.
+    each value fills its whole pooling window). `max_batch`, `dtype`: see `Recording.project_many`.
     The model's train/eval modes, `requires_grad` flags and hooks are restored; works under
     `torch.no_grad()` and `torch.inference_mode()`. The result is detached.
     """
@@ -557,21 +694,19 @@ def project_many(model: nn.Module, images: Tensor, layer: str, channels: Tensor,
                  unpool: str = "switches", max_batch: int | None = None, dtype: torch.dtype | None = None,
                  path: str = "auto") -> Tensor:
     """[N, k, C, H, W]: the projection of map `channels[n, j]` of `layer` for image n (`channels` an
-    integer tensor [N, k], e.g. the indices of `top_maps`), in one reverse pass over an N*k
-    pseudo-batch (passes of at most `max_batch` pairs when given; on the general path, k backward
-    passes over the N images). See `project`."""
+    integer tensor [N, k], e.g. the indices of `top_maps`), in k backward passes over the N images.
+    See `project`."""
     _check_options(unpool, max_batch, dtype)
     return record(model, images, layer, path).project_many(channels, unpool, max_batch, dtype)
 
 
 def fast_dtype(device: torch.device | str) -> torch.dtype | None:
-    """The reduced precision in which a reverse pass on `device` runs much faster than in float32,
-    or None where there is none: `torch.bfloat16` on CUDA GPUs with native bf16 (Ampere and later)
-    and on CPUs with AMX tiles (Intel Sapphire Rapids and later: bf16 convolutions much faster than
-    float32 there, see benchmarks/RESULTS.md); elsewhere bf16 is emulated and slower.
+    """The reduced precision the hardware of `device` runs natively, for `dtype=`, or None where
+    there is none: `torch.bfloat16` on CUDA GPUs with native bf16 (Ampere and later) and on CPUs
+    with AMX tiles (Intel Sapphire Rapids and later); elsewhere bf16 is emulated and slower.
 
     bfloat16 keeps about 3 significant digits: a projection differs from the float32 one by a small
-    fraction of its range (benchmarks/RESULTS.md), below the 1/255 step of the rendered image."""
+    fraction of its range, below the 1/255 step of the rendered image (tests/test_deconvnet.py)."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else None
@@ -594,44 +729,21 @@ def max_activating_images(model: nn.Module, images: Tensor, layer: str,
     return record(model, images, layer, path).max_activating_images()
 
 
-def record_layers(model: nn.Module, images: Tensor, layers, path: str = "auto") -> dict[str, "Recording"]:
-    """One `Recording` per layer, from as few forward passes as possible. Chain path: one pass up to
-    the layer defined last serves every layer it runs through (`Recording.at`); a layer it does not
-    run through (a net whose execution order differs from its definition order) gets its own.
-    General path (also "auto" when the net is not a chain up to that deepest layer): one pass
-    records every layer."""
-    check_images(images, DeconvnetError)
-    _check_path(path)
-    layers = list(layers)
-    order = {name: i for i, name in enumerate(layer_names(model))}
-    deepest = max(layers, key=lambda name: order.get(name, -1))
-    if path == "general":
-        return _record_general(model, images, layers)
-    full = record(model, images, deepest, path)
-    if full.path == "general":
-        return _record_general(model, images, layers) if len(layers) > 1 else {deepest: full}
-    recordings: dict[str, Recording] = {}
-    for layer in layers:
-        try:
-            recordings[layer] = full.at(layer)
-        except LayerError:  # not on the recorded chain
-            recordings[layer] = record(model, images, layer, path)
-    return recordings
-
-
 def layer_problems(model: nn.Module, image: Tensor, layers, path: str = "auto") -> tuple[str, dict[str, str]]:
     """(path, {layer: why not}): which of `layers` the deconvnet can record for `image` (one image
-    is enough), and the path `record_layers` takes for them (pass it on to skip the check)."""
+    is enough); `path` comes back as given, for callers that pass it on to `record_layers`."""
+    _check_path(path)
     layers = list(layers)
     try:
-        recordings = record_layers(model, image, layers, path)
-        return next(iter(recordings.values())).path, {}
+        record_layers(model, image, layers, path)
+        return path, {}
     except VizError:
         pass
-    problems, paths = {}, set()
+    problems = {}
     for layer in layers:
         try:
-            paths.add(record(model, image, layer, path).path)
+            record(model, image, layer, path)
         except VizError as e:
             problems[layer] = " ".join(str(e).split())
-    return ("general" if "general" in paths else "chain" if paths else path), problems
+    return path, problems
+

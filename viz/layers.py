@@ -2,7 +2,7 @@
 
 Methods take a layer as a dotted name from `model.named_modules()` (`conv3`, `net.conv3`,
 `features.28`). A "chain" is the sequence of leaf modules a forward pass runs through, in order,
-which is what deconvnet projection and filter decoding walk back along.
+which is what filter decoding and the baselines walk back along.
 """
 from __future__ import annotations
 
@@ -12,14 +12,10 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from convlens.viz.common import VizError, eval_mode, forward_until
+from convlens.viz.common import LayerError, eval_mode, forward_until
 
 __all__ = ["LayerError", "layer_names", "get_layer", "eval_mode", "trace_chain", "layer_output",
            "check_chain", "chain_prefix", "default_conv_layers", "layer_maxima", "rank_filters", "ALL_CONVS_UP_TO"]
-
-
-class LayerError(VizError):
-    """An unknown layer name, or a layer a method cannot use; the message lists what can be used."""
 
 
 def _show(names: list[str], limit: int = 40) -> str:

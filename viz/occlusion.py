@@ -20,7 +20,9 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from convlens.viz.common import VizError, eval_mode
+from convlens.viz import occlusion_incremental
+from convlens.viz.common import eval_mode
+from convlens.viz.occlusion_incremental import OcclusionError
 
 # With max_batch=None, a batch holds at most this many input elements, and at most
 # MAX_BATCH_DEFAULT copies: the activations of a forward pass grow with the batch, so large images
@@ -28,10 +30,6 @@ from convlens.viz.common import VizError, eval_mode
 # small tensor ops (and thread synchronizations on a CPU) besides the forward pass.
 BATCH_BUDGET_ELEMENTS = 2**22
 MAX_BATCH_DEFAULT = 1024
-
-
-class OcclusionError(VizError):
-    """An argument occlusion_maps cannot use; the message says what to pass instead."""
 
 
 def _fill_tensor(fill, pixel_to_input, shape, images) -> torch.Tensor:
@@ -141,8 +139,6 @@ def occlusion_maps(model: nn.Module, images: torch.Tensor, targets: torch.Tensor
     x = torch.arange(W, device=images.device)[None]
     row_mask = (y >= starts_y) & (y < starts_y + patch)
     col_mask = (x >= starts_x) & (x < starts_x + patch)
-
-    from convlens.viz import occlusion_incremental  # imports this module: not at the top
 
     with eval_mode(model):
         if incremental is False:

@@ -51,11 +51,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from convlens.viz.common import window
+from convlens.viz.common import VizError, window
 from convlens.viz.layers import _identity
-from convlens.viz.occlusion import OcclusionError
 
-__all__ = ["RecordedForward", "IncrementalRunner", "record_forward", "prepare", "MIN_SAVING_RATIO"]
+__all__ = ["OcclusionError", "RecordedForward", "IncrementalRunner", "record_forward", "prepare", "MIN_SAVING_RATIO"]
+
+
+class OcclusionError(VizError):
+    """An argument occlusion_maps cannot use; the message says what to pass instead. Defined here,
+    under `viz.occlusion` which imports this module, and exported by both."""
+
 
 # Per-copy cost constants, in multiply-accumulate equivalents: on a CPU a convolution runs many
 # MACs in the time a gather, paste or elementwise op touches one element (gathers of large chunks
