@@ -5,7 +5,10 @@ Follows Berthier & Mantoux, "Visualizing and Understanding Convolutional Neural 
 compared by test accuracy against parameter count (Fig. 6) and by the deconvnet projection of each
 model's most activated conv3 (Fig. 7) and conv4 (Fig. 8) map on one fixed test image, laid out on
 the C3 x C4 grid. Training does not import this module; the job bookkeeping it reads
-(`status.json`, `metrics.json`) is `convlens.jobs`.
+(`status.json`, `metrics.json`, refused jobs) is `convlens.run_status` and `convlens.run_guard`.
+
+The grid's axes (`rows`, `cols`) are config keys; by default the keys the sweep varies, read from
+the sweep's own config (`sweep_axes`): for the CIFAR grid `model.c3` and `model.c4`.
 
 The summary (`summarize(sweep_dir)`; run by the Hydra callback `SweepSummary` when a multirun ends,
 or `convlens-sweep-summary <sweep_dir>` for an existing sweep) writes into the sweep dir:
@@ -13,12 +16,14 @@ or `convlens-sweep-summary <sweep_dir>` for an existing sweep) writes into the s
   per epoch, epochs, status, error), accuracies as fractions in the CSV, percent in the markdown;
 - `test_acc_vs_params.png`: test accuracy against parameters (Fig. 6), one line per row value;
 - `deconv_<layer>.png`: for one fixed test image (`image_index` into the test split of the first
-  finished job's datamodule), each model's map of `layer` with the highest maximum activation
-  (the report's ranking), projected to pixel space by `viz.deconvnet` (biases ignored, unpooling
-  by switches), each projection min-max scaled on its own; tiles on the rows x cols grid
-  (captions: map index, test accuracy); a missing model is a gray tile captioned with its status;
-- `summary/`: a TensorBoard run with the plot and the panels as images (`sweep/...`) and the table
-  as text, so `tensorboard --logdir <sweep_dir>` shows it beside the jobs' runs.
+  finished job's datamodule, read through its test dataloader), each model's map of `layer` with
+  the highest maximum activation (the report's ranking), projected to pixel space by
+  `viz.deconvnet` (biases ignored, unpooling by switches), each projection min-max scaled on its
+  own; tiles on the rows x cols grid (captions: map index, test accuracy); a missing model is a
+  gray tile captioned with its status;
+- `summary/`: a TensorBoard run with the plot and the panels as images (`sweep/...`, the same PNG
+  bytes as the files, encoded as the callbacks' images are: `convlens.events.image_summary`) and the
+  table as text, so `tensorboard --logdir <sweep_dir>` shows it beside the jobs' runs.
 Each model is rebuilt from its job's `.hydra/config.yaml` (hydra.utils.instantiate) with the
 weights of its best checkpoint in `<job dir>/checkpoints/` (`last.ckpt` if there is no other),
 read with `torch.load(weights_only=True)` (`convlens.checkpoints`).
@@ -35,12 +40,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+import torch
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from convlens.errors import ConvlensError
 from convlens.checkpoints import load_file, load_state_checked, pick_checkpoint
-from convlens.jobs import METRICS_FILE, read_refused, read_status
+from convlens.errors import ConvlensError
+from convlens.files import atomic_write
+from convlens.run_guard import BOOKKEEPING_KEYS, hydra_dir, read_refused
+from convlens.run_status import METRICS_FILE, read_status
 
 log = logging.getLogger("convlens.sweep")
 
@@ -78,8 +86,8 @@ class JobResult:
         return self.metrics.get("test/acc")
 
 
-def _select(cfg: DictConfig | None, key: str) -> Any:
-    if cfg is None:
+def _select(cfg: DictConfig | None, key: str | None) -> Any:
+    if cfg is None or key is None:
         return None
     try:
         return OmegaConf.select(cfg, key, default=None)
@@ -87,12 +95,87 @@ def _select(cfg: DictConfig | None, key: str) -> Any:
         return None
 
 
-def collect(sweep_dir: str | os.PathLike, rows: str = "model.c3", cols: str = "model.c4") -> list[JobResult]:
+def _parse(overrides: Sequence[str]) -> list:
+    """Hydra's parsed overrides, those that do not parse left out."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser, parsed = OverridesParser.create(), []
+    for line in overrides:
+        try:
+            parsed += parser.parse_overrides([line])
+        except Exception:
+            continue
+    return parsed
+
+
+def _is_axis(key: str) -> bool:
+    return key.split(".")[0] != "hydra" and "/" not in key and key not in BOOKKEEPING_KEYS
+
+
+def _job_overrides(job_dir: Path) -> list[str]:
+    try:
+        return [str(o) for o in OmegaConf.load(job_dir / ".hydra" / "overrides.yaml")]
+    except Exception:
+        return []
+
+
+def sweep_axes(sweep_dir: str | os.PathLike) -> list[str]:
+    """The config keys the sweep in `sweep_dir` varies, in the order its sweeper takes them. From the
+    sweep's own config (`multirun.yaml`, which Hydra's basic sweeper writes): each key of
+    `hydra.sweeper.params` and of the command line's overrides that either of them sweeps (so
+    `experiment=cifar10_grid model.c4=32` keeps C4 as an axis of one column). Without one (another
+    sweeper, e.g. optuna's): the keys whose values differ between the jobs' `.hydra/overrides.yaml`.
+    Hydra's own keys and the bookkeeping ones (`skip_finished`, ...) are no axes."""
+    sweep_dir = Path(sweep_dir)
+    try:
+        config = OmegaConf.load(sweep_dir / "multirun.yaml")
+    except Exception:
+        config = None
+    if config is not None:
+        params = OmegaConf.select(config, "hydra.sweeper.params", default=None) or {}
+        lines = [f"{k}={v}" for k, v in params.items()]
+        lines += [str(o) for o in OmegaConf.select(config, "hydra.overrides.task", default=None) or []]
+        swept = {o.key_or_group for o in _parse(lines) if o.is_sweep_override()}
+        return [k for k in dict.fromkeys(o.key_or_group for o in _parse(lines)) if k in swept and _is_axis(k)]
+    values: dict[str, set[str]] = {}
+    jobs = [_job_overrides(f.parent.parent) for f in sorted(sweep_dir.rglob(".hydra/overrides.yaml"))]
+    for overrides in jobs:
+        for o in _parse(overrides):
+            values.setdefault(o.key_or_group, set()).add(str(o.value()))
+    for overrides in jobs:  # a key some jobs lack varies too
+        for key in set(values) - {o.key_or_group for o in _parse(overrides)}:
+            values[key].add("")
+    return [k for k, v in values.items() if len(v) > 1 and _is_axis(k)]
+
+
+def grid_axes(sweep_dir: str | os.PathLike, rows: str | None = None,
+              cols: str | None = None) -> tuple[str | None, str | None]:
+    """(rows, cols): the given keys, or else the sweep's first two axes (`sweep_axes`); None where
+    the sweep varies fewer keys."""
+    if rows is None or cols is None:
+        axes = [a for a in sweep_axes(sweep_dir) if a not in (rows, cols)]
+        rows = rows if rows is not None else (axes.pop(0) if axes else None)
+        cols = cols if cols is not None else (axes.pop(0) if axes else None)
+    return rows, cols
+
+
+def _axis_value(cfg: DictConfig | None, overrides: Sequence[str], key: str | None) -> Any:
+    """A job's value of an axis: from its config, or, for a config group (`model=...`, a whole
+    node in the config), the option its overrides chose."""
+    value = _select(cfg, key)
+    if isinstance(value, (DictConfig, ListConfig)):
+        chosen = [str(o.value()) for o in _parse(overrides) if o.key_or_group == key]
+        return chosen[-1] if chosen else None
+    return value
+
+
+def collect(sweep_dir: str | os.PathLike, rows: str | None = None, cols: str | None = None) -> list[JobResult]:
     """Every job of the sweep (each folder under `sweep_dir` with a `.hydra/config.yaml`), sorted by
-    (row, col) value, then name."""
+    (row, col) value, then name; `rows`, `cols`: the grid's keys (default: `grid_axes`)."""
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
         raise SweepError(f"Sweep dir {sweep_dir} does not exist; pass the hydra.sweep.dir of a multirun")
+    rows, cols = grid_axes(sweep_dir, rows, cols)
     jobs = []
     for cfg_file in sorted(sweep_dir.rglob(".hydra/config.yaml")):
         job_dir = cfg_file.parent.parent
@@ -101,8 +184,9 @@ def collect(sweep_dir: str | os.PathLike, rows: str = "model.c3", cols: str = "m
         except Exception as e:  # unreadable config: still list the job
             log.warning("Cannot read %s: %s", cfg_file, e)
             cfg = None
+        overrides = _job_overrides(job_dir)
         job = JobResult(name=job_dir.relative_to(sweep_dir).as_posix(), dir=job_dir, config=cfg,
-                        row=_select(cfg, rows), col=_select(cfg, cols))
+                        row=_axis_value(cfg, overrides, rows), col=_axis_value(cfg, overrides, cols))
         status = read_status(job_dir) or {}
         metrics_file = job_dir / METRICS_FILE
         if metrics_file.is_file():
@@ -121,9 +205,11 @@ def collect(sweep_dir: str | os.PathLike, rows: str = "model.c3", cols: str = "m
             cfg = OmegaConf.create(record.get("config") or {})
         except Exception:
             cfg = None
-        jobs.append(JobResult(name=record.get("name") or " ".join(record.get("overrides") or []) or "refused job",
-                              dir=Path(record.get("dir") or sweep_dir), config=cfg, row=_select(cfg, rows),
-                              col=_select(cfg, cols), status="refused", error=record.get("error")))
+        overrides = record.get("overrides") or []
+        jobs.append(JobResult(name=record.get("name") or " ".join(overrides) or "refused job",
+                              dir=Path(record.get("dir") or sweep_dir), config=cfg,
+                              row=_axis_value(cfg, overrides, rows), col=_axis_value(cfg, overrides, cols),
+                              status="refused", error=record.get("error")))
     if not jobs:
         raise SweepError(f"No job found under {sweep_dir} (no */.hydra/config.yaml); is it a multirun's sweep dir?")
 
@@ -141,16 +227,21 @@ def _axis_name(key: str) -> str:
     return key.rsplit(".", 1)[-1]
 
 
+def _axes(job: JobResult | None, rows: str | None, cols: str | None) -> list[tuple[str, Any]]:
+    """[(axis key, the job's value)] of the grid's axes that are set."""
+    return [(k, v) for k, v in ((rows, job.row if job else None), (cols, job.col if job else None)) if k]
+
+
 CSV_COLUMNS = ("params", "val_acc_best", "test_acc", "seconds_per_epoch", "epochs", "status", "error")
 
 
-def write_csv(jobs: Sequence[JobResult], path: Path, rows: str, cols: str) -> None:
+def write_csv(jobs: Sequence[JobResult], path: Path, rows: str | None = None, cols: str | None = None) -> None:
     with path.open("w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["run", _axis_name(rows), _axis_name(cols), *CSV_COLUMNS])
+        w.writerow(["run", *(_axis_name(k) for k, _ in _axes(None, rows, cols)), *CSV_COLUMNS])
         for j in jobs:
             m = j.metrics
-            w.writerow([j.name, j.row, j.col, j.params if j.params is not None else "",
+            w.writerow([j.name, *(v for _, v in _axes(j, rows, cols)), j.params if j.params is not None else "",
                         _fmt(j.val_acc, "{:.4f}"), _fmt(j.test_acc, "{:.4f}"),
                         _fmt(m.get("seconds_per_epoch"), "{:.2f}"), _fmt(m.get("epochs"), "{:.0f}"),
                         j.status, (j.error or "").replace("\n", " ")])
@@ -160,14 +251,17 @@ def _fmt(value, spec: str) -> str:
     return "" if value is None else spec.format(value)
 
 
-def markdown_table(jobs: Sequence[JobResult], rows: str, cols: str) -> str:
-    head = (f"| {_axis_name(rows)} | {_axis_name(cols)} | params | best val acc | test acc "
-            f"| s/epoch | epochs | status |")
-    lines = [head, "|" + "---:|" * 7 + "---|"]
+def markdown_table(jobs: Sequence[JobResult], rows: str | None = None, cols: str | None = None) -> str:
+    """One row per job: its grid values (its name where it has no row value, or the sweep no axis)."""
+    names = [_axis_name(k) for k, _ in _axes(None, rows, cols)] or ["run"]
+    head = f"| {' | '.join(names)} | params | best val acc | test acc | s/epoch | epochs | status |"
+    lines = [head, "|" + "---:|" * (len(names) + 5) + "---|"]
     for j in jobs:
         m = j.metrics
         pct = lambda v: _fmt(None if v is None else 100 * v, "{:.1f}%")  # noqa: E731
-        lines.append(f"| {j.row if j.row is not None else j.name} | {j.col if j.col is not None else ''} "
+        cells = [v for _, v in _axes(j, rows, cols)] or [None]
+        cells = [j.name if cells[0] is None else cells[0]] + ["" if v is None else v for v in cells[1:]]
+        lines.append(f"| {' | '.join(str(c) for c in cells)} "
                      f"| {_fmt(j.params, '{:,}')} | {pct(j.val_acc)} | {pct(j.test_acc)} "
                      f"| {_fmt(m.get('seconds_per_epoch'), '{:.1f}')} | {_fmt(m.get('epochs'), '{:.0f}')} "
                      f"| {j.status} |")
@@ -178,7 +272,7 @@ def markdown_table(jobs: Sequence[JobResult], rows: str, cols: str) -> str:
 # Fig. 6: test accuracy against parameters
 # ----------------------------------------------------------------------------------------------
 
-def accuracy_plot(jobs: Sequence[JobResult], rows: str = "model.c3", cols: str = "model.c4"):
+def accuracy_plot(jobs: Sequence[JobResult], rows: str | None = None, cols: str | None = None):
     """Test accuracy (%) against parameters (thousands) of the finished jobs: one line per row value
     (e.g. one per C3, through its C4 values), each point labelled with its column value. Returns an
     RGB uint8 array [H, W, 3]."""
@@ -235,22 +329,32 @@ def load_net(job: JobResult):
 
 def test_image(config: DictConfig, index: int):
     """(image [1, C, H, W] in model input space, pixels [1, C, H, W] in [0, 1], class name) of
-    test image `index`, from the job's datamodule."""
+    test image `index`, from the job's datamodule through Lightning's interface: `setup("test")`,
+    its test dataloader's batches (images, labels), then `on_after_batch_transfer` (where convlens'
+    datamodules normalize) as in a test step."""
     from hydra.utils import instantiate
 
+    from convlens.render import to_pixels
+
+    if index < 0:
+        raise ValueError(f"image_index={index} is out of range: it counts from 0")
     dm = instantiate(config.datamodule)
     dm.setup("test")
-    test_set, normalization = getattr(dm, "test_set", None), getattr(dm, "normalization", None)
-    if test_set is None or normalization is None:
-        raise ValueError(f"{type(dm).__name__} has no in-memory test_set and normalization to take the image from")
-    n = len(test_set.labels)
-    if not 0 <= index < n:
-        raise ValueError(f"image_index={index} is out of range: the test split has {n} images (0..{n - 1})")
-    raw, label = test_set.images[index:index + 1], int(test_set.labels[index])
-    image = normalization(raw)
+    seen = 0
+    for images, labels, *_ in dm.test_dataloader():
+        if index < seen + len(labels):
+            i = index - seen
+            raw, label = images[i:i + 1], labels[i:i + 1]
+            break
+        seen += len(labels)
+    else:
+        raise ValueError(f"image_index={index} is out of range: the test split has {seen} images (0..{seen - 1})")
+    image = dm.on_after_batch_transfer((raw, label), 0)[0]
+    # the pixels: the stored 8-bit image, or else the model input with the datamodule's normalization undone
+    pixels = raw.float() / 255 if raw.dtype == torch.uint8 else to_pixels(image, getattr(dm, "normalization", None))
     names = list(getattr(dm, "class_names", ()) or ())
-    name = names[label] if label < len(names) else str(label)
-    return image, normalization.inverse(image).clamp(0, 1), name
+    label = int(label[0])
+    return image, pixels, names[label] if label < len(names) else str(label)
 
 
 def most_activated_projection(net, image, layer: str, unpool: str = "switches"):
@@ -265,7 +369,6 @@ def most_activated_projection(net, image, layer: str, unpool: str = "switches"):
 
 def _text_image(text: str, width: int):
     import numpy as np
-    import torch
     from PIL import Image, ImageDraw
 
     from convlens.render import caption_font
@@ -276,13 +379,11 @@ def _text_image(text: str, width: int):
 
 
 def deconv_panels(jobs: Sequence[JobResult], layers: Sequence[str] = ("conv3", "conv4"),
-                  image_index: int = 0, rows: str = "model.c3", cols: str = "model.c4",
+                  image_index: int = 0, rows: str | None = None, cols: str | None = None,
                   tile_size: int = 96, unpool: str = "switches"):
     """{layer: [3, H, W] image in [0, 1]} (Figs. 7-8) and a list of notes on what could not be
     drawn. Each panel: the test image, then one tile per job on the rows x cols grid (one row of
     all jobs when a job lacks a grid value)."""
-    import torch
-
     from convlens.render import captioned_grid, scale_each, stack_vertical
 
     notes: list[str] = []
@@ -363,31 +464,38 @@ class Summary:
     notes: list[str]
 
 
+def _write_png(path: Path, summary) -> None:
+    atomic_write(path, lambda f: f.write(summary.value[0].image.encoded_image_string))
+
+
 def summarize(sweep_dir: str | os.PathLike, layers: Sequence[str] = ("conv3", "conv4"),
-              image_index: int = 0, rows: str = "model.c3", cols: str = "model.c4",
+              image_index: int = 0, rows: str | None = None, cols: str | None = None,
               tile_size: int = 96, unpool: str = "switches", panels: bool = True) -> Summary:
-    """Write the summary files of the sweep in `sweep_dir` (see the module docstring)."""
-    import torch
-    from PIL import Image
+    """Write the summary files of the sweep in `sweep_dir` (see the module docstring); `rows`,
+    `cols`: the grid's keys (default: the sweep's axes, `grid_axes`)."""
     from torch.utils.tensorboard import SummaryWriter
-    from torchvision.utils import save_image
+
+    from convlens.events import image_summary
 
     sweep_dir = Path(sweep_dir)
+    rows, cols = grid_axes(sweep_dir, rows, cols)
     jobs = collect(sweep_dir, rows, cols)
     files = {"csv": sweep_dir / "summary.csv", "md": sweep_dir / "summary.md",
              "plot": sweep_dir / "test_acc_vs_params.png", "tensorboard": sweep_dir / "summary"}
     write_csv(jobs, files["csv"], rows, cols)
 
+    # each image encoded once, by the callbacks' encoder: the PNG file is the TensorBoard image
     plot = accuracy_plot(jobs, rows, cols)
-    Image.fromarray(plot).save(files["plot"])
-    images = {"sweep/test_acc_vs_params": torch.from_numpy(plot).permute(2, 0, 1).float() / 255}
+    images = {"sweep/test_acc_vs_params": image_summary("sweep/test_acc_vs_params",
+                                                        torch.from_numpy(plot).permute(2, 0, 1).float() / 255)}
+    _write_png(files["plot"], images["sweep/test_acc_vs_params"])
     notes: list[str] = []
     if panels:
         drawn, notes = deconv_panels(jobs, layers, image_index, rows, cols, tile_size, unpool)
         for layer, panel in drawn.items():
             files[f"deconv_{layer}"] = sweep_dir / f"deconv_{layer}.png"
-            save_image(panel, files[f"deconv_{layer}"])
-            images[f"sweep/deconv_{layer}"] = panel
+            images[f"sweep/deconv_{layer}"] = image_summary(f"sweep/deconv_{layer}", panel.clamp(0, 1))
+            _write_png(files[f"deconv_{layer}"], images[f"sweep/deconv_{layer}"])
 
     table = markdown_table(jobs, rows, cols)
     counts = {s: sum(j.status == s for j in jobs) for s in ("finished", "failed", "incomplete", "refused")}
@@ -420,8 +528,8 @@ def summarize(sweep_dir: str | os.PathLike, layers: Sequence[str] = ("conv3", "c
         f.unlink()
     writer = SummaryWriter(log_dir=str(files["tensorboard"]))
     try:
-        for tag, img in images.items():
-            writer.add_image(tag, img.clamp(0, 1), global_step=0)
+        for summary in images.values():
+            writer._get_file_writer().add_summary(summary, 0)
         writer.add_text("sweep/summary", table, global_step=0)
     finally:
         writer.close()
@@ -436,13 +544,13 @@ class SweepSummary(Callback):
     failure here is logged with the command to redo it, and does not fail the finished sweep."""
 
     def __init__(self, layers: Sequence[str] = ("conv3", "conv4"), image_index: int = 0,
-                 rows: str = "model.c3", cols: str = "model.c4", tile_size: int = 96,
+                 rows: str | None = None, cols: str | None = None, tile_size: int = 96,
                  unpool: str = "switches", panels: bool = True):
         self.kwargs = dict(layers=list(layers), image_index=image_index, rows=rows, cols=cols,
                            tile_size=tile_size, unpool=unpool, panels=panels)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        sweep_dir = Path(str(config.hydra.sweep.dir)).absolute()
+        sweep_dir = hydra_dir(config, "hydra.sweep.dir")
         try:
             result = summarize(sweep_dir, **self.kwargs)
         except Exception:
@@ -458,8 +566,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("sweep_dir", help="the sweep's hydra.sweep.dir")
     parser.add_argument("--layers", nargs="*", default=["conv3", "conv4"], help="layers of the panels")
     parser.add_argument("--image-index", type=int, default=0, help="the fixed test image (test split index)")
-    parser.add_argument("--rows", default="model.c3", help="config key of the grid's rows")
-    parser.add_argument("--cols", default="model.c4", help="config key of the grid's columns")
+    parser.add_argument("--rows", default=None, help="config key of the grid's rows (default: the key the "
+                        "sweep varies first, e.g. model.c3)")
+    parser.add_argument("--cols", default=None, help="config key of the grid's columns (default: the key "
+                        "the sweep varies next, e.g. model.c4)")
     parser.add_argument("--tile-size", type=int, default=96)
     parser.add_argument("--unpool", default="switches", choices=["switches", "fill"])
     parser.add_argument("--no-panels", action="store_true", help="skip the deconvnet panels")

@@ -1,8 +1,10 @@
 """Train a CNN and watch its filters in TensorBoard: `convlens-train [experiment=...] [overrides]`
 (or `python train.py ...` in a checkout).
 
-`train(cfg)` is the plain, testable function; `run_job` is it with the sweep bookkeeping of
-`convlens.jobs`; `main` is the thin Hydra entry point around that.
+`train(cfg)` is the plain, testable function; `run_job` is it with the run bookkeeping of
+`convlens.jobs` (it returns the config's `optimized_metric`, what a sweeper optimizes); `main` is the
+thin Hydra entry point around that, which first answers a mistyped key on the command line
+(`convlens.config.check_override_keys`).
 """
 from __future__ import annotations
 
@@ -18,12 +20,12 @@ import hydra
 import lightning.pytorch as pl
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from hydra.utils import instantiate
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
 from convlens import jobs
-from convlens.config import CONFIG_PATH, instantiate_dict
+from convlens.config import CONFIG_PATH, check_override_keys, instantiate_checked, instantiate_dict
+from convlens.run_status import is_rank_zero
 from convlens.errors import ConfigError, one_line, user_error
 from convlens.files import atomic_write_text
 from convlens.terminal import ModelSummary, log_to_run_file, quiet_lightning
@@ -70,7 +72,7 @@ def _resume(cfg: DictConfig, out: Path) -> None:
 
     ckpt = load_resume_checkpoint(cfg.ckpt_path)
     log.info("Resuming from %s (epoch %s, step %s)", cfg.ckpt_path, ckpt.get("epoch"), ckpt.get("global_step"))
-    if jobs._is_rank_zero():
+    if is_rank_zero():
         prepare_resume(out, cfg.ckpt_path, ckpt)
 
 
@@ -82,8 +84,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     out.mkdir(parents=True, exist_ok=True)
     if cfg.get("ckpt_path") is not None:
         _resume(cfg, out)
-    datamodule = instantiate(cfg.datamodule)
-    model = instantiate(cfg.model)
+    datamodule = instantiate_checked(cfg.datamodule, "datamodule")
+    model = instantiate_checked(cfg.model, "model")
     callbacks = instantiate_dict(cfg.get("callbacks"))
     fit_start = _FitStart()
     callbacks.append(fit_start)
@@ -96,7 +98,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         log.warning("trainer.sync_batchnorm=true needs GPUs (PyTorch's SyncBatchNorm layers only work on "
                     "GPU modules): set to false on the CPU, so each process normalizes its own batches")
         extra["sync_batchnorm"] = False
-    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **extra)
+    trainer: pl.Trainer = instantiate_checked(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False,
+                                              **extra)
 
     log.info("Training %s on %s for %s epochs; run dir %s", type(getattr(model, "net", model)).__name__,
              type(datamodule).__name__, cfg.trainer.get("max_epochs"), out)
@@ -184,7 +187,8 @@ def log_hparams(trainer: pl.Trainer, hparams: dict[str, Any], metrics: dict[str,
         lg.finalize("success")  # flush the events and save hparams.yaml
 
 
-#: `train` with the sweep bookkeeping (status.json, skip finished, retry, clashes)
+#: `train` with the run bookkeeping (status.json, skip finished, retry, clashes); returns the
+#: value of `cfg.optimized_metric`
 run_job = jobs.job(train)
 
 
@@ -203,13 +207,40 @@ def exit_on_user_error(error: BaseException) -> None:
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
-def main(cfg: DictConfig) -> float | None:
+def hydra_main(cfg: DictConfig) -> float | None:
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     log_to_run_file()
     try:
         return run_job(cfg, multirun=multirun)
     except Exception as e:
         exit_on_user_error(e)
+
+
+def check_command_line(argv: list[str]) -> None:
+    """`check_override_keys` on the overrides of a `convlens-train` command line (Hydra's own flags
+    parsed as Hydra does); skipped where Hydra is asked for something else (--help, --cfg, another
+    config)."""
+    from hydra._internal.utils import get_args_parser
+
+    try:
+        args, _ = get_args_parser().parse_known_args(argv)
+    except SystemExit:  # a malformed flag: Hydra says what is wrong
+        return
+    if (args.help or args.hydra_help or args.cfg or args.info or args.shell_completion or args.config_path
+            or args.config_name or args.config_dir or args.experimental_rerun):
+        return
+    check_override_keys(args.overrides)
+
+
+def main() -> float | None:
+    """`convlens-train`: a mistyped key is answered in one line (with the closest keys) before Hydra
+    starts, so no run dir is made; then the Hydra app."""
+    try:
+        check_command_line(sys.argv[1:])
+    except ConfigError as e:
+        print(f"convlens: {one_line(e)}", file=sys.stderr)
+        sys.exit(1)
+    return hydra_main()
 
 
 if __name__ == "__main__":

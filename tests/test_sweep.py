@@ -116,7 +116,9 @@ def test_failed_job_is_recorded_in_a_multirun_and_raised_in_a_single_run(tmp_pat
     assert run_job(cfg, multirun=True) is None  # the sweep goes on
     status = jobs.read_status(tmp_path)
     assert status["status"] == "failed"
-    assert status["error"].startswith("ValueError: c3 and c4 must be positive filter counts")
+    # a ValueError (ConfigError, a ValueError the user can fix), named by its root cause
+    assert status["error"].split(": ", 1)[0] in ("ValueError", "ConfigError")
+    assert status["error"].split(": ", 1)[1].startswith("c3 and c4 must be positive filter counts")
     assert "model.c3=0" in status["overrides"] and "Traceback" in status["traceback"]
     assert not (tmp_path / "metrics.json").exists()
     with pytest.raises(Exception, match="c3 and c4 must be positive"):
@@ -283,7 +285,8 @@ def test_rerun_skips_finished_jobs_and_records_the_failed_ones(sweep):
     assert set(rows) == set(first) | {"c3=0,c4=4", "c3=0,c4=8"}
     for name in ("c3=0,c4=4", "c3=0,c4=8"):
         assert rows[name]["status"] == "failed"
-        assert "ValueError: c3 and c4 must be positive filter counts" in rows[name]["error"]
+        assert any(f"{kind}: c3 and c4 must be positive filter counts" in rows[name]["error"]
+                   for kind in ("ValueError", "ConfigError"))
         assert jobs.read_status(sweep_dir / name)["status"] == "failed"
     for name, (_, metrics) in first.items():  # the others' results are kept
         assert rows[name]["status"] == "finished"
