@@ -8,6 +8,10 @@ probe images (one per class) from the validation loader, the display normalizati
 `Normalize` in its transforms, class names from the dataset's `classes`, layers from the model
 (`model.conv1`, `model.layer1.1.conv2`, ... as `print(model)` names them).
 
+The validation images are put in a seeded class-balanced order (the image folder is sorted by
+class), so a validation limited to its first batches (`--limit-val-batches`) measures every class.
+Each epoch's metrics are printed when it ends.
+
     python examples/resnet_cifar10.py --max-epochs 5                   # CIFAR-10 from $DATA_DIR
     python examples/resnet_cifar10.py --fake --limit-train-batches 20  # offline
     tensorboard --logdir runs
@@ -23,7 +27,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from lightning.pytorch.loggers import TensorBoardLogger
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import transforms as T
 
 from convlens.callbacks import DecodedFilters, DeconvProjection, FilterEvolution, OcclusionSensitivity  # convlens 1/3
@@ -44,8 +48,10 @@ class LitResNet(pl.LightningModule):
 
     def training_step(self, batch, batch_idx):
         x, y = batch
-        loss = F.cross_entropy(self(x), y)
-        self.log("train/loss", loss)
+        logits = self(x)
+        loss = F.cross_entropy(logits, y)
+        self.log("train/loss", loss, on_step=True, on_epoch=True)
+        self.log("train/acc", (logits.argmax(1) == y).float().mean(), on_step=False, on_epoch=True)
         return loss
 
     def validation_step(self, batch, batch_idx):
@@ -76,6 +82,41 @@ def datasets(data_dir: str | os.PathLike | None = None, fake: bool = False, imag
             torchvision.datasets.FakeData(fake_size // 4, shape, 10, val_tf, random_offset=fake_size))
 
 
+class PrintMetrics(pl.Callback):
+    """Prints each epoch's logged metrics when it ends (train loss and accuracy, validation loss and
+    accuracy: validation runs before the training epoch ends)."""
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()
+                   if not k.endswith("_step") and getattr(v, "numel", lambda: 1)() == 1}
+        shown = ", ".join(f"{k.removesuffix('_epoch')} {v:.4f}" for k, v in sorted(metrics.items()))
+        print(f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}: {shown}", flush=True)
+
+
+def class_balanced_order(labels, seed: int = 0) -> list[int]:
+    """The indices of `labels` with each class shuffled (seeded), then dealt out one class after
+    another: every prefix of the order holds the classes as evenly as it can, so the first
+    `ceil(classes / batch_size)` batches of a loader over it see every class."""
+    labels = torch.as_tensor(labels)
+    g = torch.Generator().manual_seed(seed)
+    per_class = [idx[torch.randperm(len(idx), generator=g)]
+                 for idx in ((labels == c).nonzero().flatten() for c in labels.unique())]
+    rounds = max(len(idx) for idx in per_class)
+    return [int(idx[i]) for i in range(rounds) for idx in per_class if i < len(idx)]
+
+
+def labels_of(dataset: Dataset) -> list[int]:
+    """The class of every item: an ImageFolder's `targets`, else read item by item (FakeData)."""
+    targets = getattr(dataset, "targets", None)
+    return list(targets) if targets is not None else [int(dataset[i][1]) for i in range(len(dataset))]
+
+
+def val_loader(val_set: Dataset, batch_size: int, **loader) -> DataLoader:
+    """The validation loader, in a fixed class-balanced order (see `class_balanced_order`)."""
+    return DataLoader(Subset(val_set, class_balanced_order(labels_of(val_set))), batch_size=batch_size,
+                      shuffle=False, **loader)
+
+
 def main(argv: list[str] | None = None) -> pl.Trainer:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", default=None, help="folder holding cifar10-jpg/ (default: $DATA_DIR or ./data)")
@@ -93,15 +134,15 @@ def main(argv: list[str] | None = None) -> pl.Trainer:
     train_set, val_set = datasets(args.data_dir, args.fake)
     loader = dict(batch_size=args.batch_size, num_workers=args.workers, persistent_workers=args.workers > 0)
     train_loader = DataLoader(train_set, shuffle=True, **loader)
-    val_loader = DataLoader(val_set, shuffle=False, **loader)
+    val = val_loader(val_set, **loader)
 
     callbacks = [DeconvProjection(), FilterEvolution(), DecodedFilters(), OcclusionSensitivity()]  # convlens 2/3
     trainer = pl.Trainer(max_epochs=args.max_epochs, accelerator="auto", devices=1,
                          limit_train_batches=args.limit_train_batches, limit_val_batches=args.limit_val_batches,
                          logger=TensorBoardLogger(args.out, name="resnet18_cifar10"),
-                         callbacks=[] if args.no_viz else callbacks,  # convlens 3/3
+                         callbacks=([] if args.no_viz else callbacks) + [PrintMetrics()],  # convlens 3/3
                          enable_checkpointing=False, enable_model_summary=False)
-    trainer.fit(LitResNet(), train_loader, val_loader)
+    trainer.fit(LitResNet(), train_loader, val)
     return trainer
 
 

@@ -62,9 +62,55 @@ def check_events(example, trainer, root: Path):
 
 
 @pytest.mark.slow
-def test_example_runs_offline_with_fake_data(tmp_path):
+def test_example_runs_offline_with_fake_data(tmp_path, capsys):
     example, trainer = run(tmp_path, "--fake")
     check_events(example, trainer, tmp_path / "runs")
+    # the epoch's metrics are printed, with the values the trainer holds
+    printed = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("epoch 1/1: ")]
+    assert len(printed) == 1, printed
+    metrics = trainer.callback_metrics
+    for key, shown in (("val/acc", "val/acc"), ("val/loss", "val/loss"), ("train/loss_epoch", "train/loss"),
+                       ("train/acc", "train/acc")):
+        assert f"{shown} {float(metrics[key]):.4f}" in printed[0], (key, printed[0])
+
+
+class SortedByClass(torch.utils.data.Dataset):
+    """Like an ImageFolder: items sorted by class, `targets` beside them."""
+
+    def __init__(self, classes: int, per_class: list[int]):
+        self.targets = [c for c in range(classes) for _ in range(per_class[c])]
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, i):
+        return torch.full((3, 4, 4), float(i)), self.targets[i]  # the image says which item it is
+
+
+def test_limited_validation_covers_every_class():
+    example = load_example()
+    per_class = [5, 3, 6, 5, 4, 5, 2, 5, 5, 7]  # unequal, as in a real folder
+    dataset = SortedByClass(10, per_class)
+    batch_size = 8
+    first = -(-10 // batch_size)  # the fewest batches that can hold 10 classes
+
+    def seen(loader, batches):
+        return [(int(x[j, 0, 0, 0]), int(y[j])) for x, y in list(loader)[:batches] for j in range(len(y))]
+
+    # the loader without it (sorted, not shuffled) sees the first classes only: what the order fixes
+    plain = seen(torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False), first)
+    assert {c for _, c in plain} == {0, 1, 2, 3}
+    balanced = seen(example.val_loader(dataset, batch_size=batch_size), first)
+    assert {c for _, c in balanced} == set(range(10))
+    # every image once, each with its own label; the same order on every run
+    everything = seen(example.val_loader(dataset, batch_size=batch_size), 10 ** 6)
+    assert sorted(i for i, _ in everything) == list(range(len(dataset)))
+    assert all(dataset.targets[i] == c for i, c in everything)
+    assert everything == seen(example.val_loader(dataset, batch_size=batch_size), 10 ** 6)
+    # any prefix is as balanced as it can be: class counts differ by at most 1 while every class has items left
+    for n in range(1, 2 * 10 + 1):
+        counts = [sum(1 for _, c in everything[:n] if c == k) for k in range(10)]
+        assert max(counts) - min(counts) <= 1, (n, counts)
 
 
 @pytest.mark.slow
