@@ -73,11 +73,11 @@ def log_image(trainer, tag: str, image: torch.Tensor, step: int, caption: str | 
     image = image.detach().float().clamp(0, 1).cpu()
     factor = readable_factor(image.shape[-1])
     pixels = _pixels(image)
-    png = None
+    png = summary = None  # each encoded once, for however many loggers take it
     what = f"image {tag!r}"
     for kind, target in _targets(trainer):
         if kind == "tensorboard":
-            summary = image_summary(tag, image, scale=factor)
+            summary = summary if summary is not None else image_summary(tag, image, scale=factor)
             _guarded(target, what, lambda: target.experiment._get_file_writer().add_summary(summary, step))
         elif kind == "wandb":
             big = pixels.repeat(factor, axis=0).repeat(factor, axis=1) if factor > 1 else pixels
