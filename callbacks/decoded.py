@@ -11,7 +11,7 @@ convs reached through the chain prefix from the input (`viz.decoding.decodable_l
 ResNet's stem). Default layers: every such Conv2d (a warning names the others, once); a configured
 layer off the chain fails at setup with the list of decodable ones.
 
-Logged per conv layer, at the step of the epoch's validation scalars (`callbacks.base.log_step`):
+Logged per conv layer, at the step of the epoch's validation scalars (`callbacks.lightning_compat.log_step`):
 - `decoded/<layer>`: the decoded filter bank as a grid, each tile scaled symmetrically on its own
   (zero is mid-gray, the tile's largest magnitude white or black; channels share the scale, so a
   colour filter keeps its hue), captioned with the filter's index in the layer;
@@ -35,7 +35,8 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
-from convlens.callbacks.base import VisualizationCallback, check_filters
+from convlens.callbacks.base import VisualizationCallback
+from convlens.callbacks.options import check_filters
 from convlens.errors import ConfigError
 from convlens.render import captioned_grid, scale_symmetric
 from convlens.viz.decoding import (DECODING_UNPOOL_MODES, decodable_layers, decode_filters, reconstruction_error,
@@ -60,9 +61,9 @@ class DecodedFilters(VisualizationCallback):
             least this fraction of its filter's largest magnitude (`threshold_decoded`'s q).
         compute_error: log the Eq. 3 error on the probe images (`decoded_error/<layer>`).
         tile_size: each tile is upscaled (nearest, integer factor) to about this many pixels.
-        every_n_epochs, num_probe, probe_per_class, probe_seed, probe, mean, std, batch_keys: see
-            VisualizationCallback; the probe images are what `most_active` and the Eq. 3 error are
-            measured on.
+        every_n_epochs: see VisualizationCallback; probe options (probe, num_probe, probe_per_class,
+            probe_seed, mean, std, batch_keys): see `ProbeSpec`; the probe images are what
+            `most_active` and the Eq. 3 error are measured on.
     """
 
     name = "decoded"
@@ -71,12 +72,8 @@ class DecodedFilters(VisualizationCallback):
     def __init__(self, layers: Sequence[str] | None = None, every_n_epochs: int = 1,
                  unpool: str = "nearest", max_filters: int | None = 64, selection: str = "most_active",
                  filters: Mapping[str, Sequence[int]] | None = None, threshold: float = 0.5,
-                 compute_error: bool = True, tile_size: int = 32, num_probe: int | None = None,
-                 probe_per_class: int = 1, probe_seed: int = 0, probe=None, mean=None, std=None,
-                 batch_keys: Sequence[str] | None = None):
-        super().__init__(layers=layers, every_n_epochs=every_n_epochs, num_probe=num_probe,
-                         probe_per_class=probe_per_class, probe_seed=probe_seed, probe=probe, mean=mean,
-                         std=std, batch_keys=batch_keys)
+                 compute_error: bool = True, tile_size: int = 32, **probe_options):
+        super().__init__(layers=layers, every_n_epochs=every_n_epochs, **probe_options)
         if unpool not in DECODING_UNPOOL_MODES:
             raise ConfigError(f"Unknown unpool mode {unpool!r}. Valid modes: {', '.join(DECODING_UNPOOL_MODES)}")
         if max_filters is not None and (isinstance(max_filters, bool) or not isinstance(max_filters, int)
@@ -107,7 +104,7 @@ class DecodedFilters(VisualizationCallback):
         """Explicit filters: in range now; among the drawn layers once those are known."""
         for layer, indices in self.explicit_filters.items():
             conv = get_layer(net, layer, nn.Conv2d)
-            if self.layers is not None and not self._tentative and layer not in self.layers:
+            if self.layers is not None and not self.layers_provisional and layer not in self.layers:
                 raise LayerError(f"filters names layer {layer!r}, which is not among the drawn layers "
                                  f"{self.layers}; add it to `layers` or remove it from `filters`")
             out_of_range = [i for i in indices if i >= conv.out_channels]
@@ -123,7 +120,7 @@ class DecodedFilters(VisualizationCallback):
             raise LayerError(f"{type(self).__name__}: layer {bad[0]!r} cannot be decoded: it is {self._WHY}. "
                              f"Decodable layers: {', '.join(usable) or 'none'}")
 
-    def usable_layers(self, net: nn.Module, image: torch.Tensor, layers) -> dict[str, str]:
+    def unusable_layers(self, net: nn.Module, image: torch.Tensor, layers) -> dict[str, str]:
         usable = set(decodable_layers(net, image))
         return {layer: self._WHY for layer in layers if layer not in usable}
 

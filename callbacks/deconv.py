@@ -9,7 +9,7 @@ the batch that activates it most, and its projection). The algorithm is `viz.dec
 path on a plain chain of modules, its general path, `viz.deconvnet_general`, on any other net:
 ResNet, DenseNet, MobileNet, ConvNeXt); this callback only chooses inputs, renders and logs.
 
-Logged per layer, at the step of the epoch's validation scalars (`callbacks.base.log_step`):
+Logged per layer, at the step of the epoch's validation scalars (`callbacks.lightning_compat.log_step`):
 - `deconv/<layer>`: one row per probe image: the image, then the projections of its `k` maps of
   highest maximum activation, best first, each captioned with its map index (`#12`);
 - `deconv_max/<layer>` (with `deconv_max=True`): over one validation batch (the `val_batch_index`-th
@@ -37,7 +37,9 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
-from convlens.callbacks.base import VisualizationCallback, check_int, split_batch
+from convlens.callbacks.base import VisualizationCallback
+from convlens.callbacks.options import check_int
+from convlens.callbacks.probe import split_batch
 from convlens.errors import ConfigError
 from convlens.render import (captioned_grid, class_caption, columns_that_fit, fit_caption, scale_each, tile_width,
                              to_pixels)
@@ -105,8 +107,8 @@ class DeconvProjection(VisualizationCallback):
             benchmarks/RESULTS.md; else float32), "float32" or "bfloat16". The forward pass and the
             ranking of maps stay in float32; the general path runs in the model's dtype.
         tile_size: tiles are upscaled (nearest, integer factor) to about this many pixels.
-        every_n_epochs, num_probe, probe_per_class, probe_seed, probe, mean, std, batch_keys: see
-            VisualizationCallback.
+        every_n_epochs: see VisualizationCallback; probe options (probe, num_probe, probe_per_class,
+            probe_seed, mean, std, batch_keys): see `ProbeSpec`.
     """
 
     name = "deconv"
@@ -115,12 +117,8 @@ class DeconvProjection(VisualizationCallback):
     def __init__(self, layers: Sequence[str] | None = None, k: int = 4, unpool: str = "switches",
                  deconv_max: bool = True, max_maps: int = 16, max_maps_by: str = "activation",
                  val_batch_index: int = 0, val_images: int = 64, precision: str = "auto",
-                 tile_size: int = 64, every_n_epochs: int = 1, num_probe: int | None = None,
-                 probe_per_class: int = 1, probe_seed: int = 0, probe=None, mean=None, std=None,
-                 batch_keys: Sequence[str] | None = None):
-        super().__init__(layers=layers, every_n_epochs=every_n_epochs, num_probe=num_probe,
-                         probe_per_class=probe_per_class, probe_seed=probe_seed, probe=probe, mean=mean,
-                         std=std, batch_keys=batch_keys)
+                 tile_size: int = 64, every_n_epochs: int = 1, **probe_options):
+        super().__init__(layers=layers, every_n_epochs=every_n_epochs, **probe_options)
         check_int("k (maps per probe image)", k, 1)
         if unpool not in DECONV_UNPOOL_MODES:
             raise ConfigError(f"Unknown unpool={unpool!r}; use one of {', '.join(DECONV_UNPOOL_MODES)} "
@@ -149,7 +147,7 @@ class DeconvProjection(VisualizationCallback):
     def default_layers(self, net: nn.Module, image: torch.Tensor | None = None) -> list[str]:
         return default_conv_layers(net, image)
 
-    def usable_layers(self, net: nn.Module, image: torch.Tensor, layers) -> dict[str, str]:
+    def unusable_layers(self, net: nn.Module, image: torch.Tensor, layers) -> dict[str, str]:
         # run now, on every rank, not after the first epoch; remembers the path for later draws
         self._path, problems = layer_problems(net, image, layers)
         return problems

@@ -8,7 +8,7 @@ The projection is `viz.deconvnet` (biases ignored, BatchNorm/Dropout as in eval 
 path on nets that are not a chain of modules).
 
 Logged every `every_n_epochs` epochs, at the step of the epoch's validation scalars
-(`callbacks.base.log_step`, so TensorBoard's step slider is the epoch axis of each tag):
+(`callbacks.lightning_compat.log_step`, so TensorBoard's step slider is the epoch axis of each tag):
 - `evolution/<layer>`: the fixed probe image (the `probe_index`-th probe image) beside the deconv
   projection of the layer's fixed map for it, min-max scaled on its own (`scale_each`);
 - `evolution/weights_<layer>`: the filters of `weights_layer` (default: the net's first Conv2d),
@@ -36,7 +36,9 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
 
-from convlens.callbacks.base import VisualizationCallback, check_filters, check_int, log_step
+from convlens.callbacks.base import VisualizationCallback
+from convlens.callbacks.lightning_compat import log_step
+from convlens.callbacks.options import check_filters, check_int
 from convlens.errors import ConfigError
 from convlens.render import (as_rgb, captioned_grid, class_caption, fit_caption, scale_each, scale_symmetric,
                              tile_width, to_pixels)
@@ -79,8 +81,8 @@ class FilterEvolution(VisualizationCallback):
         summary: log `evolution/summary` at fit end.
         summary_max_epochs: at most this many epoch columns in the summary.
         tile_size: tiles are upscaled (nearest, integer factor) to about this many pixels.
-        every_n_epochs, num_probe, probe_per_class, probe_seed, probe, mean, std, batch_keys: see
-            VisualizationCallback.
+        every_n_epochs: see VisualizationCallback; probe options (probe, num_probe, probe_per_class,
+            probe_seed, mean, std, batch_keys): see `ProbeSpec`.
     """
 
     name = "evolution"
@@ -89,11 +91,8 @@ class FilterEvolution(VisualizationCallback):
     def __init__(self, layers: Sequence[str] | None = None, filters: Mapping[str, Sequence[int] | int] | None = None,
                  probe_index: int = 0, unpool: str = "switches", weights_layer: str | None = None,
                  summary: bool = True, summary_max_epochs: int = 20, tile_size: int = 64,
-                 every_n_epochs: int = 1, num_probe: int | None = None, probe_per_class: int = 1,
-                 probe_seed: int = 0, probe=None, mean=None, std=None, batch_keys: Sequence[str] | None = None):
-        super().__init__(layers=layers, every_n_epochs=every_n_epochs, num_probe=num_probe,
-                         probe_per_class=probe_per_class, probe_seed=probe_seed, probe=probe, mean=mean,
-                         std=std, batch_keys=batch_keys)
+                 every_n_epochs: int = 1, **probe_options):
+        super().__init__(layers=layers, every_n_epochs=every_n_epochs, **probe_options)
         filters = {layer: indices[0] for layer, indices in check_filters(filters, one_per_layer=True).items()}
         check_int("probe_index (0: the first probe image)", probe_index, 0)
         if unpool not in DECONV_UNPOOL_MODES:
@@ -119,7 +118,7 @@ class FilterEvolution(VisualizationCallback):
     def default_layers(self, net: nn.Module, image: torch.Tensor | None = None) -> list[str]:
         return default_conv_layers(net, image)
 
-    def usable_layers(self, net: nn.Module, image: torch.Tensor, layers) -> dict[str, str]:
+    def unusable_layers(self, net: nn.Module, image: torch.Tensor, layers) -> dict[str, str]:
         # run now, on every rank, not after the first epoch; remembers the path for later draws
         self._path, problems = layer_problems(net, image, layers)
         return problems
@@ -127,7 +126,7 @@ class FilterEvolution(VisualizationCallback):
     def _check_filters(self, net: nn.Module) -> None:
         """The tracked maps: in range, and of tracked layers (once the layers are final)."""
         for layer, index in self.filters.items():
-            if layer not in self.layers and (not self._tentative or layer not in layer_names(net, nn.Conv2d)):
+            if layer not in self.layers and (not self.layers_provisional or layer not in layer_names(net, nn.Conv2d)):
                 raise LayerError(f"filters names layer {layer!r}, which is not tracked. Tracked layers: "
                                  f"{', '.join(self.layers)} (add it to `layers`, or fix the name)")
             maps = get_layer(net, layer, nn.Conv2d).out_channels

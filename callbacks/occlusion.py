@@ -28,11 +28,12 @@ from typing import Sequence
 import lightning.pytorch as pl
 import torch
 
-from convlens.callbacks.base import TARGETS, VisualizationCallback, check_choice, check_int
+from convlens.callbacks.base import VisualizationCallback
+from convlens.callbacks.display import resolve_targets
+from convlens.callbacks.options import TARGETS, check_choice, check_int
 from convlens.errors import ConfigError
 from convlens.render import (as_rgb, captioned_grid, class_caption, colorbar, fit_caption, heatmap, label_colors,
                              legend, stack_vertical, tile_width, to_pixels)
-from convlens.viz.layers import eval_mode
 from convlens.viz.occlusion import OcclusionError, default_patch, default_stride, maps_to_pixels, occlusion_maps
 
 
@@ -52,8 +53,8 @@ class OcclusionSensitivity(VisualizationCallback):
         tau: None for exact maps (computed incrementally where that pays), or a fraction in (0, 1)
             for Krypton's approximation (`viz.occlusion.occlusion_maps`).
         tile_size: each panel is upscaled (nearest, integer factor) to about this many pixels.
-        every_n_epochs, probe_per_class, probe_seed, and `probe_options` (probe, mean, std,
-            batch_keys): see VisualizationCallback.
+        every_n_epochs: see VisualizationCallback; the other probe options (probe, probe_per_class,
+            probe_seed, mean, std, batch_keys): see `ProbeSpec`.
     """
 
     name = "occlusion"
@@ -62,10 +63,9 @@ class OcclusionSensitivity(VisualizationCallback):
 
     def __init__(self, every_n_epochs: int = 1, num_probe: int | None = 4, patch: int | None = None,
                  stride: int | None = None, target: str = "true", cmap: str = "jet",
-                 max_batch: int | None = None, tile_size: int = 112, probe_per_class: int = 1,
-                 probe_seed: int = 0, tau: float | None = None, **probe_options):
-        super().__init__(layers=None, every_n_epochs=every_n_epochs, num_probe=num_probe,
-                         probe_per_class=probe_per_class, probe_seed=probe_seed, **probe_options)
+                 max_batch: int | None = None, tile_size: int = 112, tau: float | None = None,
+                 **probe_options):
+        super().__init__(layers=None, every_n_epochs=every_n_epochs, num_probe=num_probe, **probe_options)
         for arg, value in (("patch", patch), ("stride", stride)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise OcclusionError(f"{arg} must be an int >= 1 (pixels), or None to derive it from the "
@@ -111,10 +111,7 @@ class OcclusionSensitivity(VisualizationCallback):
     # -- the callback ----------------------------------------------------------------------------
     def targets(self, net: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The class whose probability is drawn, per image."""
-        if self.target == "true":
-            return labels
-        with torch.no_grad(), eval_mode(net):
-            return net(images).argmax(dim=1)
+        return resolve_targets(net, images, labels, self.target)
 
     def render(self, image_pixels: torch.Tensor, prob: torch.Tensor, label: torch.Tensor,
                patch: int, stride: int, num_classes: int, captions: Sequence[str]) -> torch.Tensor:

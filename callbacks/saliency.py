@@ -8,7 +8,7 @@ highlights the regions of the image that contributed the most"), after Selvaraju
 arXiv:1412.6806). The algorithms are `viz.saliency` (`grad_cam`, `guided_backprop`); this callback
 chooses the images, renders and logs.
 
-Logged at the step of the epoch's validation scalars (`callbacks.base.log_step`), one column per
+Logged at the step of the epoch's validation scalars (`callbacks.lightning_compat.log_step`), one column per
 probe image:
 - `saliency/gradcam`: row 1 the image (true colors, the datamodule's normalization undone),
   captioned with its true class; row 2 the Grad-CAM map of `layer` for the target class, upsampled
@@ -31,11 +31,13 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
-from convlens.callbacks.base import TARGETS, VisualizationCallback, check_choice, check_int
+from convlens.callbacks.base import VisualizationCallback
+from convlens.callbacks.display import resolve_targets
+from convlens.callbacks.options import TARGETS, check_choice, check_int
 from convlens.errors import ConfigError
 from convlens.render import (as_rgb, captioned_grid, class_caption, colorbar, fit_caption, heatmap, scale_symmetric,
                              stack_vertical, tile_width, to_pixels)
-from convlens.viz.layers import eval_mode, layer_names, layer_output
+from convlens.viz.layers import layer_names, layer_output
 from convlens.viz.saliency import default_saliency_layer, grad_cam, guided_backprop, upsample
 
 class Saliency(VisualizationCallback):
@@ -51,8 +53,8 @@ class Saliency(VisualizationCallback):
         alpha: opacity of the heat map over the image, in [0, 1].
         cmap: matplotlib colormap of the Grad-CAM heat map.
         tile_size: tiles are upscaled (nearest, integer factor) to about this many pixels.
-        every_n_epochs, num_probe, probe_per_class, probe_seed, probe, mean, std, batch_keys: see
-            VisualizationCallback.
+        every_n_epochs: see VisualizationCallback; probe options (probe, num_probe, probe_per_class,
+            probe_seed, mean, std, batch_keys): see `ProbeSpec`.
     """
 
     name = "saliency"
@@ -60,13 +62,11 @@ class Saliency(VisualizationCallback):
 
     def __init__(self, layer: str | None = None, target: str = "true", guided_gradcam: bool = True,
                  alpha: float = 0.5, cmap: str = "jet", tile_size: int = 64, every_n_epochs: int = 1,
-                 num_probe: int | None = None, probe_per_class: int = 1, probe_seed: int = 0, probe=None,
-                 mean=None, std=None, batch_keys=None):
+                 **probe_options):
         if layer is not None and (not isinstance(layer, str) or not layer):
             raise ConfigError(f"layer must be one layer name (a string) or None, got {layer!r}")
         super().__init__(layers=[layer] if layer is not None else None, every_n_epochs=every_n_epochs,
-                         num_probe=num_probe, probe_per_class=probe_per_class, probe_seed=probe_seed,
-                         probe=probe, mean=mean, std=std, batch_keys=batch_keys)
+                         **probe_options)
         check_choice("target", target, TARGETS, " ('true': explain each image's label, 'predicted': its prediction)")
         if not isinstance(guided_gradcam, bool):
             raise ConfigError(f"guided_gradcam must be true or false, got {guided_gradcam!r}")
@@ -92,7 +92,7 @@ class Saliency(VisualizationCallback):
             return convs[-1:]
         return [default_saliency_layer(net, image)]
 
-    def usable_layers(self, net: nn.Module, image: torch.Tensor, layers) -> dict[str, str]:
+    def unusable_layers(self, net: nn.Module, image: torch.Tensor, layers) -> dict[str, str]:
         problems = {}
         for layer in layers:
             out = layer_output(net, image, layer)
@@ -105,11 +105,7 @@ class Saliency(VisualizationCallback):
         net = self.net(pl_module)
         images, labels = self.probe(pl_module)
         names = self.class_names(trainer)
-        if self.target == "predicted":
-            with torch.no_grad(), eval_mode(net):
-                target = net(images).argmax(1)
-        else:
-            target = labels
+        target = resolve_targets(net, images, labels, self.target)
         cam = grad_cam(net, images, self.layer, target)                       # [N, h, w]
         guided = guided_backprop(net, images, target)                         # [N, C, H, W]
         cam = upsample(cam, images.shape[-2:], "bilinear")

@@ -9,7 +9,7 @@ For each layer, for each probe image, its `top_k` most active kernels (highest m
 or the layer's configured `filters`) are chosen at the first run and kept for the rest of the fit (and in
 the checkpoint), so that later runs show the same kernels. Each (image, kernel) pair gets its X̂, all
 pairs of a layer in one batched call. Logged per layer at the step of the epoch's validation
-scalars (`callbacks.base.log_step`):
+scalars (`callbacks.lightning_compat.log_step`):
 - `suppression/<layer>`: one row per (image, kernel): X (captioned with its class), X̂ (captioned
   with R., the fraction of the other kernels' mean square activation left), the kernel's map
   F_i(X) (captioned with the kernel index) and F_i(X̂) (captioned with S., the SSIM to F_i(X));
@@ -36,7 +36,8 @@ import torch.nn.functional as F
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 
-from convlens.callbacks.base import VisualizationCallback, check_filters, check_int
+from convlens.callbacks.base import VisualizationCallback
+from convlens.callbacks.options import check_filters, check_int
 from convlens.render import captioned_grid, class_caption, fit_caption, heatmap, tile_width, to_pixels
 from convlens.viz.layers import LayerError, default_conv_layers, get_layer, layer_output, rank_filters
 from convlens.viz.suppression import check_arguments, feature_maps, follows_relu, interpret_kernel, kernel_maps
@@ -84,8 +85,8 @@ class KernelSuppression(VisualizationCallback):
         rectify: None (auto: the maps after the ReLU that follows the layer, if any), True or False.
         tile_size: tiles are upscaled (nearest, integer factor) to about this many pixels.
         every_n_epochs: 0 (default) = only at the end of fit; n = every n epochs.
-        num_probe, probe_per_class, probe_seed, probe, mean, std, batch_keys: see
-            VisualizationCallback (default: 2 probe images).
+        num_probe and the other probe options (probe, probe_per_class, probe_seed, mean, std,
+            batch_keys): see `ProbeSpec` (default: 2 probe images).
     """
 
     name = "suppression"
@@ -94,11 +95,8 @@ class KernelSuppression(VisualizationCallback):
     def __init__(self, layers: Sequence[str] | None = None, filters: Mapping[str, Sequence[int]] | None = None,
                  top_k: int = 1, alpha: float = 0.5, beta: float = 0.25, steps: int = 300,
                  lr: float = 0.05, rectify: bool | None = None, tile_size: int = 64,
-                 every_n_epochs: int = 0, num_probe: int | None = 2, probe_per_class: int = 1,
-                 probe_seed: int = 0, probe=None, mean=None, std=None, batch_keys: Sequence[str] | None = None):
-        super().__init__(layers=layers, every_n_epochs=every_n_epochs, num_probe=num_probe,
-                         probe_per_class=probe_per_class, probe_seed=probe_seed, probe=probe, mean=mean,
-                         std=std, batch_keys=batch_keys)
+                 every_n_epochs: int = 0, num_probe: int | None = 2, **probe_options):
+        super().__init__(layers=layers, every_n_epochs=every_n_epochs, num_probe=num_probe, **probe_options)
         self.filters = check_filters(filters)
         check_int("top_k", top_k, 1, " (kernels per probe image)")
         check_int("tile_size", tile_size, 1, " (pixels)")
@@ -112,7 +110,7 @@ class KernelSuppression(VisualizationCallback):
     def default_layers(self, net: nn.Module, image: torch.Tensor | None = None) -> list[str]:
         return default_conv_layers(net, image)
 
-    def usable_layers(self, net: nn.Module, image: torch.Tensor, layers) -> dict[str, str]:
+    def unusable_layers(self, net: nn.Module, image: torch.Tensor, layers) -> dict[str, str]:
         return _spatial_problems(net, image, layers)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -126,7 +124,7 @@ class KernelSuppression(VisualizationCallback):
 
     def _check_filters(self, net: nn.Module) -> None:
         for layer, kernels in self.filters.items():
-            if not self._tentative and layer not in self.layers:
+            if not self.layers_provisional and layer not in self.layers:
                 raise LayerError(f"filters names layer {layer!r}, which is not drawn; the layers are "
                                  f"{', '.join(self.layers)} (add it to `layers`)")
             count = get_layer(net, layer).out_channels

@@ -20,7 +20,7 @@ shares with repeats) counts once. Under DDP every rank collects its share; the s
 gathered (`torch.distributed.all_gather_object`) at validation epoch end and merged on rank zero,
 which draws: the same result as one process over the whole validation set.
 
-Logged at the step of the epoch's validation scalars (`callbacks.base.log_step`; after validation,
+Logged at the step of the epoch's validation scalars (`callbacks.lightning_compat.log_step`; after validation,
 in `on_train_epoch_end`):
 - `top_activations/<layer>`: rows = the selected filters (titled `#<index>`), columns = the k
   patches, best first, each captioned with its activation value. Patches are the image's pixels
@@ -49,7 +49,8 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
-from convlens.callbacks.base import VisualizationCallback, check_choice, check_filters, check_int
+from convlens.callbacks.base import VisualizationCallback
+from convlens.callbacks.options import check_choice, check_filters, check_int
 from convlens.errors import ConfigError
 from convlens.render import as_rgb, captioned_grid
 from convlens.viz.common import VizError
@@ -112,9 +113,9 @@ class TopActivations(VisualizationCallback):
         filters: explicit filter indices per layer, e.g. {conv3: [0, 7, 42]} (other layers use
             `selection`).
         tile_size: tiles are upscaled (nearest, integer factor) to about this many pixels.
-        every_n_epochs, num_probe, probe_per_class, probe_seed, probe, mean, std, batch_keys: see
-            VisualizationCallback (the probe images serve "most_active" and, one of them, the
-            receptive-field geometry).
+        every_n_epochs: see VisualizationCallback; probe options (probe, num_probe, probe_per_class,
+            probe_seed, mean, std, batch_keys): see `ProbeSpec` (the probe images serve
+            "most_active" and, one of them, the receptive-field geometry).
     """
 
     name = "top_activations"
@@ -122,12 +123,8 @@ class TopActivations(VisualizationCallback):
 
     def __init__(self, layers: Sequence[str] | None = None, k: int = 4, max_filters: int = 8,
                  selection: str = "first", filters: Mapping[str, Sequence[int]] | None = None,
-                 tile_size: int = 64, every_n_epochs: int = 1, num_probe: int | None = None,
-                 probe_per_class: int = 1, probe_seed: int = 0, probe=None, mean=None, std=None,
-                 batch_keys: Sequence[str] | None = None):
-        super().__init__(layers=layers, every_n_epochs=every_n_epochs, num_probe=num_probe,
-                         probe_per_class=probe_per_class, probe_seed=probe_seed, probe=probe, mean=mean,
-                         std=std, batch_keys=batch_keys)
+                 tile_size: int = 64, every_n_epochs: int = 1, **probe_options):
+        super().__init__(layers=layers, every_n_epochs=every_n_epochs, **probe_options)
         check_int("k (patches per filter)", k, 1)
         check_int("max_filters (filters per layer)", max_filters, 1)
         check_int("tile_size (pixels)", tile_size, 1)
@@ -149,7 +146,7 @@ class TopActivations(VisualizationCallback):
     def default_layers(self, net: nn.Module, image: torch.Tensor | None = None) -> list[str]:
         return default_conv_layers(net, image)
 
-    def usable_layers(self, net: nn.Module, image: torch.Tensor, layers) -> dict[str, str]:
+    def unusable_layers(self, net: nn.Module, image: torch.Tensor, layers) -> dict[str, str]:
         problems = {}
         for layer in layers:
             try:
@@ -167,7 +164,7 @@ class TopActivations(VisualizationCallback):
 
     def _check_filters(self, net: nn.Module) -> None:
         for layer, idx in self.filters.items():
-            if not self._tentative and layer not in self.layers:
+            if not self.layers_provisional and layer not in self.layers:
                 raise LayerError(f"filters names layer {layer!r}, which is not drawn; the layers are "
                                  f"{', '.join(self.layers)} (add it to `layers`)")
             count = get_layer(net, layer).out_channels

@@ -212,7 +212,7 @@ def test_image_summary_decodes_to_what_add_image_writes(tmp_path):
     # the same pixels come back from the event file, gray and color
     from lightning.pytorch.loggers import TensorBoardLogger
 
-    from convlens.callbacks.base import image_summary
+    from convlens.events import image_summary
 
     torch.manual_seed(0)
     images = {"color": torch.rand(3, 37, 50), "gray": torch.rand(1, 20, 31)}

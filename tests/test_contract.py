@@ -386,3 +386,21 @@ def test_ddp_spawn_two_cpu_processes(tmp_path, callback_cfg, model):
     tags = read_events(tmp_path / "tb")
     if model == "chain":
         assert any(t.startswith("deconv/") for t in tags["images"])
+
+
+# -- the probe options: one object, the same keys ------------------------------------------------
+def test_probe_options_as_keywords_or_one_probe_spec_are_the_same(callback_cfg):
+    from convlens.callbacks import OcclusionSensitivity, Saliency
+    from convlens.callbacks.options import ProbeSpec
+    from convlens.errors import ConfigError
+
+    flat = Saliency(num_probe=3, probe_seed=2, mean=[0.5], std=[0.25])
+    spec = Saliency(probe=ProbeSpec(num_probe=3, probe_seed=2, mean=[0.5], std=[0.25]))
+    for name in ("num_probe", "probe_seed", "probe_per_class", "batch_keys"):
+        assert getattr(flat, name) == getattr(spec, name)
+    assert torch.equal(flat.probe_spec.mean_std[1], spec.probe_spec.mean_std[1])
+    assert OcclusionSensitivity().num_probe == 4  # a callback's own default still applies
+    with pytest.raises(ConfigError, match=r"no option num_prob; did you mean num_probe\?"):
+        Saliency(num_prob=3)
+    with pytest.raises(ConfigError, match="not both"):
+        Saliency(probe=ProbeSpec(num_probe=3), probe_seed=1)

@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from convlens.callbacks import DecodedFilters, DeconvProjection, FilterEvolution, OcclusionSensitivity, Saliency
-from convlens.callbacks.base import split_batch
+from convlens.callbacks.probe import split_batch
 from convlens.errors import ConfigError
 from convlens.events import read_events
 from convlens.viz.layers import LayerError

@@ -32,7 +32,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 
 from convlens.render import CAPTION_LINE_H, class_caption, fit_caption, to_pixels, upscale
-from convlens.callbacks.base import log_step
+from convlens.callbacks.lightning_compat import log_step
 from convlens.callbacks.suppression import KernelSuppression
 from conftest import FAST_SHAPES, compose_cfg, read_events
 from convlens.datamodules.shapes import ShapesDataModule
