@@ -1,4 +1,4 @@
-"""Every private Lightning internal the callbacks use, in one place.
+"""Every private Lightning (and TensorBoard writer) internal the callbacks use, in one place.
 
 Each use is pinned by `tests/test_lightning_compat.py`, which fails when Lightning changes it;
 nothing else in convlens touches a private Lightning name.
@@ -68,3 +68,9 @@ def val_loader(trainer):
 
 def val_dataset(trainer):
     return getattr(val_loader(trainer), "dataset", None)
+
+
+def tensorboard_file_writer(logger):
+    """The event-file writer behind a `TensorBoardLogger` (`SummaryWriter._get_file_writer()`), to
+    add an already encoded summary without encoding the image again."""
+    return logger.experiment._get_file_writer()

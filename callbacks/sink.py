@@ -38,6 +38,7 @@ import torch
 from lightning.pytorch.loggers import CSVLogger, Logger, MLFlowLogger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
+from convlens.callbacks.lightning_compat import tensorboard_file_writer
 from convlens.errors import ConvlensError
 from convlens.events import encode_png, image_summary
 from convlens.render import readable_factor
@@ -78,7 +79,7 @@ def log_image(trainer, tag: str, image: torch.Tensor, step: int, caption: str | 
     for kind, target in _targets(trainer):
         if kind == "tensorboard":
             summary = summary if summary is not None else image_summary(tag, image, scale=factor)
-            _guarded(target, what, lambda: target.experiment._get_file_writer().add_summary(summary, step))
+            _guarded(target, what, lambda: tensorboard_file_writer(target).add_summary(summary, step))
         elif kind == "wandb":
             big = pixels.repeat(factor, axis=0).repeat(factor, axis=1) if factor > 1 else pixels
             extra = {"caption": [caption]} if caption is not None else {}

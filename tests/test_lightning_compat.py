@@ -97,3 +97,12 @@ def test_state_key_is_lightnings_key_format():
                                                     every_n_train_steps=0, every_n_epochs=1,
                                                     train_time_interval=None)
     assert compat.state_key(Probe(None), layers=("conv1",)) == "Probe{'layers': ('conv1',)}"
+
+
+def test_tensorboard_file_writer_takes_an_encoded_summary(tmp_path):
+    from convlens.events import image_summary, read_images
+
+    logger = TensorBoardLogger(tmp_path, name="tb", version="")
+    compat.tensorboard_file_writer(logger).add_summary(image_summary("probe/x", torch.rand(3, 4, 4)), 7)
+    logger.experiment.flush()
+    assert [step for step, _ in read_images(tmp_path / "tb")["probe/x"]] == [7]
