@@ -132,6 +132,9 @@ class VisualizationCallback(pl.Callback):
     #: False for a callback that works on the whole model (e.g. occlusion): `setup` then skips
     #: choosing and validating layers
     needs_layers: bool = True
+    #: True for a method of convolutional layers: on a model with no nn.Conv2d it is switched off
+    #: (default layers) or refused at setup (named layers)
+    needs_conv: bool = True
     #: the options (attributes, as set by the constructor) that tell two instances of a class
     #: apart in a checkpoint: they make up its `state_key`. Not the probe options: a resumed run
     #: keeps its probe images even when those change.
@@ -269,7 +272,7 @@ class VisualizationCallback(pl.Callback):
         if not self.layers:
             raise LayerError(f"{type(self).__name__}: layers is an empty list; name layers to draw, or null for "
                              f"the defaults (layers of the kind it draws: {', '.join(kind_names or []) or 'none'})")
-        if not any(isinstance(m, nn.Conv2d) for m in net.modules()):
+        if self.needs_conv and not any(isinstance(m, nn.Conv2d) for m in net.modules()):
             raise LayerError(f"{type(self).__name__}: layers={self.layers} cannot be drawn: there is no nn.Conv2d in "
                              "the model")
         if kind_names is not None:
@@ -367,7 +370,7 @@ class VisualizationCallback(pl.Callback):
             # default layers: the usable ones, the others named once
             self._tentative = False
             with _from_defaults(True):
-                if not any(isinstance(m, nn.Conv2d) for m in net.modules()):
+                if self.needs_conv and not any(isinstance(m, nn.Conv2d) for m in net.modules()):
                     raise LayerError("there is no nn.Conv2d in the model, and this method draws convolutional "
                                      "layers; use it on a CNN")
                 candidates = list(self.default_layers(net, image))

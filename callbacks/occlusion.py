@@ -59,6 +59,7 @@ class OcclusionSensitivity(VisualizationCallback):
 
     name = "occlusion"
     needs_layers = False
+    needs_conv = False  # any classifier: a patch over the input
     layer_kind = None
 
     def __init__(self, every_n_epochs: int = 1, num_probe: int | None = 4, patch: int | None = None,
