@@ -272,6 +272,10 @@ def markdown_table(jobs: Sequence[JobResult], rows: str | None = None, cols: str
 # Fig. 6: test accuracy against parameters
 # ----------------------------------------------------------------------------------------------
 
+def _short(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
 def accuracy_plot(jobs: Sequence[JobResult], rows: str | None = None, cols: str | None = None):
     """Test accuracy (%) against parameters (thousands) of the finished jobs: one line per row value
     (e.g. one per C3, through its C4 values), each point labelled with its column value. Returns an
@@ -290,10 +294,11 @@ def accuracy_plot(jobs: Sequence[JobResult], rows: str | None = None, cols: str 
         members = sorted(members, key=lambda j: j.params)
         x = [j.params / 1e3 for j in members]
         y = [100 * j.test_acc for j in members]
-        label = f"{_axis_name(rows)}={row}" if row is not None else "runs"
+        label = f"{_axis_name(rows)}={_short(row)}" if row is not None else "runs"
         ax.plot(x, y, "o-", label=label)
         for j, xi, yi in zip(members, x, y):
-            text = f"{_axis_name(cols)}={j.col}" if j.col is not None else j.name
+            # each point by its column value; by its name only where the sweep has no axis at all
+            text = f"{_axis_name(cols)}={_short(j.col)}" if j.col is not None else "" if row is not None else j.name
             ax.annotate(text, (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7)
     if not done:
         ax.text(0.5, 0.5, "no finished job", ha="center", va="center", transform=ax.transAxes)

@@ -101,9 +101,9 @@ def test_default_sweep_dir_is_resolved_for_the_sweeper(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_cli_default_dirs_warn_nothing_and_a_finished_run_is_refused(tmp_path):
-    def cli(*args):
-        return subprocess.run([sys.executable, str(ROOT / "train.py"), *QUICK, *args], cwd=tmp_path, text=True,
-                              capture_output=True, env=dict(os.environ, PYTHONUNBUFFERED="1"), timeout=300)
+    def cli(*args, flags=()):
+        return subprocess.run([sys.executable, str(ROOT / "train.py"), *flags, *QUICK, *args], cwd=tmp_path,
+                              text=True, capture_output=True, env=dict(os.environ, PYTHONUNBUFFERED="1"), timeout=300)
 
     first = cli()
     assert first.returncode == 0, first.stderr[-3000:]
@@ -114,7 +114,7 @@ def test_cli_default_dirs_warn_nothing_and_a_finished_run_is_refused(tmp_path):
     assert again.returncode == 1 and "Traceback" not in again.stderr
     last = [ln for ln in again.stderr.splitlines() if ln.strip()][-1]
     assert last.startswith("convlens: RunDirExistsError") and str(run) in last
-    sweep = cli("-m", "seed=1,2")
+    sweep = cli("seed=1,2", flags=["-m"])
     assert sweep.returncode == 0, sweep.stderr[-3000:]
     assert "RunGuard" not in sweep.stderr and "HydraConfig was not set" not in sweep.stderr, sweep.stderr
     (sweep_dir,) = (tmp_path / "logs" / "debug" / "multiruns").iterdir()
