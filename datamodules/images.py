@@ -83,8 +83,13 @@ def load_image_folder(root: str | Path, size: int, channels: int = 3, classes: l
         st = f.stat()
         key.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns};".encode())
     cache = cache_dir() / f"imagefolder-{root.name}-{key.hexdigest()[:16]}.pt"
+    data = None
     if cache.is_file():
-        data = torch.load(cache, weights_only=True)
+        try:
+            data = torch.load(cache, weights_only=True)
+        except Exception:  # a damaged cache file is ours, not the user's data: decode the folder again
+            data = None
+    if data is not None:
         if not with_sizes:
             return data["images"], data["labels"], found
         sizes = Counter({(w, h): n for w, h, n in data["sizes"]}) if "sizes" in data else _stored_sizes(files)

@@ -112,3 +112,20 @@ def test_sizes_come_back_from_the_cache_and_from_a_cache_written_without_them(tm
                 if torch.equal(torch.load(p, weights_only=True)["images"], first[0])]
     torch.save({"images": first[0], "labels": first[1]}, cache)
     assert load_image_folder(root, 10, 1, with_sizes=True)[3] == {(8, 6): 6}
+
+
+def test_a_damaged_cache_file_is_decoded_again(tmp_path):
+    import torch
+
+    from convlens.datamodules.base import cache_dir
+
+    write_folder(tmp_path / "g", {"train": 2}, classes=("a", "b"), size=(5, 7))
+    root = tmp_path / "g" / "train"
+    before = set(cache_dir().glob("imagefolder-train-*.pt"))
+    first = load_image_folder(root, 9, 1)
+    (cache,) = set(cache_dir().glob("imagefolder-train-*.pt")) - before
+    cache.write_bytes(b"not a torch file")
+    again = load_image_folder(root, 9, 1, with_sizes=True)
+    assert torch.equal(again[0], first[0]) and torch.equal(again[1], first[1])
+    assert again[3] == {(5, 7): 4}
+    torch.load(cache, weights_only=True)  # written anew
