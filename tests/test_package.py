@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 import textwrap
 
 import pytest
@@ -92,6 +93,11 @@ def test_plain_pip_install_into_a_fresh_venv(tmp_path):
     r = run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     py = venv / "bin" / "python"
+    # the dependencies: this interpreter's site-packages, whatever it is (the system's, or a venv's
+    # own, whose packages the new venv's --system-site-packages does not see), after the venv's own
+    purelib = run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], cwd=tmp_path)
+    ours = [p for p in sys.path if p.rstrip("/").endswith(("site-packages", "dist-packages")) and Path(p).is_dir()]
+    (Path(purelib.stdout.strip()) / "convlens-test-deps.pth").write_text("\n".join(ours) + "\n")
     # copy the tree (no build dirs) so the build never writes into the checkout
     src = tmp_path / "src"
     shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", "logs", "outputs", "*.egg-info", "build",

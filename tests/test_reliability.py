@@ -313,6 +313,7 @@ def test_resume_in_place_rewrites_last_ckpt_and_logs_each_step_once(tmp_path):
 # --------------------------------------------------------------------------------------------
 
 @pytest.mark.slow
+@pytest.mark.root_faults
 def test_kill_while_last_ckpt_is_put_in_place_leaves_the_previous_one(tmp_path):
     tmpdir = tmp_path / "tmpdir"  # $TMPDIR on the root filesystem; the run dir on a tmpfs
     tmpdir.mkdir()
@@ -333,6 +334,7 @@ def test_kill_while_last_ckpt_is_put_in_place_leaves_the_previous_one(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.root_faults
 def test_full_disk_keeps_checkpoints_intact_and_records_the_failure(tmp_path):
     tmpdir = tmp_path / "tmpdir"
     tmpdir.mkdir()
@@ -619,7 +621,7 @@ def test_vgg16_imagenet_weights_are_downloaded_into_convlens_cache(tmp_path, mon
     assert Path(seen["model_dir"]).is_relative_to(tmp_path / "cache") and seen["weights_only"] is True
 
 
-@pytest.mark.parametrize("how", ["not_a_folder", "read_only_mount"])
+@pytest.mark.parametrize("how", ["not_a_folder", pytest.param("read_only_mount", marks=pytest.mark.root_faults)])
 def test_unwritable_cache_falls_back_to_no_cache_with_one_warning(how, tmp_path, monkeypatch):
     import warnings
 
@@ -642,6 +644,7 @@ def test_unwritable_cache_falls_back_to_no_cache_with_one_warning(how, tmp_path,
         assert len([w for w in caught if "CONVLENS_CACHE" in str(w.message)]) == 1
 
 
+@pytest.mark.root_faults
 def test_mnist_in_data_dir_runs_with_a_read_only_cache(shared_data, tmp_path, monkeypatch):
     from convlens.datamodules.mnist import MNISTDataModule
 
@@ -690,6 +693,7 @@ def test_callback_constructor_error_is_one_line(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.root_faults
 def test_read_only_run_dir(tmp_path):
     with mounted(tmp_path / "ro", "ro,size=1m") as ro:
         r = cli(TINY + ["callbacks=none", f"hydra.run.dir={ro / 'run'}"])
@@ -697,6 +701,7 @@ def test_read_only_run_dir(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.root_faults
 def test_immutable_run_dir(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
