@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+from pathlib import Path
 import inspect
 import os
 import re
@@ -80,6 +81,19 @@ OmegaConf.register_new_resolver("convlens_dirname", short_dirname, replace=True)
 OmegaConf.register_new_resolver("convlens_precision", fast_precision, replace=True)
 # `${convlens_folder:num_classes,${.root}}` in conf/datamodule/imagefolder.yaml: read off the folder
 OmegaConf.register_new_resolver("convlens_folder", _folder_value, replace=True)
+
+
+def beside_checkpoint(ckpt_path: str | None, fallback: str) -> str:
+    """Where `convlens-visualize` writes: `<run dir>/visualize` for a checkpoint in a run's
+    `checkpoints/` folder, else a `visualize` folder beside the checkpoint; without one, `fallback`."""
+    if not ckpt_path:
+        return fallback
+    folder = Path(str(ckpt_path)).expanduser().absolute().parent
+    return str((folder.parent if folder.name == "checkpoints" else folder) / "visualize")
+
+
+# `${convlens_beside:${oc.select:ckpt_path,""},...}` in conf/visualize.yaml
+OmegaConf.register_new_resolver("convlens_beside", beside_checkpoint, replace=True)
 
 
 def compose_config(overrides: Sequence[str] = (), output_dir: str | os.PathLike | None = None,

@@ -8,6 +8,7 @@ that all of these agree with this table.
 """
 from __future__ import annotations
 
+import difflib
 import importlib
 from dataclasses import dataclass
 
@@ -47,9 +48,18 @@ METHODS: dict[str, Method] = {m.name: m for m in (
 
 
 def method(name: str) -> Method:
-    """The method called `name`; a ConfigError listing the valid names otherwise."""
+    """The method called `name` (or one of its `ALIASES`); a ConfigError listing the valid names
+    otherwise."""
     from convlens.errors import ConfigError
 
+    name = ALIASES.get(name, name)
     if name not in METHODS:
-        raise ConfigError(f"Unknown method {name!r}; use one of {', '.join(METHODS)}")
+        close = difflib.get_close_matches(str(name), list(METHODS) + list(ALIASES), n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
+        raise ConfigError(f"Unknown method {name!r}; {hint}use one of {', '.join(METHODS)}")
     return METHODS[name]
+
+
+#: other names users know a method by (pytorch-grad-cam, tf-explain, Captum)
+ALIASES = {"gradcam": "saliency", "grad_cam": "saliency", "guided_backprop": "saliency",
+           "guided_gradcam": "saliency", "deconvnet": "deconv"}

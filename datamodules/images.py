@@ -58,6 +58,32 @@ def _decode(path: Path, size: int, channels: int) -> tuple[np.ndarray, tuple[int
     return (a[None] if channels == 1 else a.transpose(2, 0, 1)), stored
 
 
+#: at most this many of a folder's images are read by `read_image_files`
+MAX_IMAGE_FILES = 64
+
+
+def read_image_files(path: str | Path, size: int, channels: int) -> tuple[torch.Tensor, list[Path]]:
+    """A user's own images: one image file, or the image files of a folder (and its sub-folders, in
+    sorted order, at most MAX_IMAGE_FILES), decoded as the image datamodules decode theirs: uint8
+    [N, channels, size, size] and the files read. A DataError names a path that holds none."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        files = sorted(f for f in path.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
+        if not files:
+            raise DataError(f"{path} holds no image files ({'/'.join(IMAGE_EXTENSIONS)}); pass image=<file or folder>")
+        files = files[:MAX_IMAGE_FILES]
+    elif path.is_file():
+        files = [path]
+    else:
+        raise DataError(f"image={path} does not exist; pass an image file or a folder of images")
+    decoded = [(f, _decode(f, size, channels)) for f in files]
+    bad = [str(f) for f, d in decoded if d is None]
+    if bad:
+        raise DataError(f"cannot read {bad[0]} as an image{f' (and {len(bad) - 1} more)' if len(bad) > 1 else ''}; "
+                        "pass image files PIL can open")
+    return torch.from_numpy(np.stack([d[0] for _, d in decoded])), files
+
+
 def _stored_sizes(files: list[tuple[Path, int]]) -> Counter:
     """(width, height) -> count, from the files' headers (for a cache written without them)."""
     sizes = Counter()

@@ -36,7 +36,14 @@ def test_default_set_is_the_registrys(tmp_path):
 
 def test_unknown_method_lists_the_valid_names():
     with pytest.raises(ConfigError, match=", ".join(METHODS)):
-        method("gradcam")
+        method("gradkam")
+    with pytest.raises(ConfigError, match="did you mean gradcam"):
+        method("gradkam")
+
+
+def test_aliases_name_their_method():
+    assert method("gradcam") is method("guided_backprop") is METHODS["saliency"]
+    assert method("deconvnet") is METHODS["deconv"]
 
 
 @pytest.mark.slow
