@@ -93,3 +93,9 @@ def test_custom_scalars_layout_groups_the_runs_curves(tmp_path):
                   "decoding error (Rafegas & Vanrell, Eq. 3), by layer", "seconds per visualization callback"):
         matched = [t for t in scalars if any(re.fullmatch(r, t) for r in charts[title])]
         assert matched, (title, sorted(scalars))
+
+
+def test_the_all_group_lists_every_method(tmp_path):
+    """conf/callbacks/all.yaml (what convlens-visualize composes, so any method's options can be set)."""
+    cfg = compose_cfg(["callbacks=all"], tmp_path)
+    assert sorted(cfg.callbacks) == sorted(METHODS)
