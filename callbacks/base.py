@@ -50,6 +50,7 @@ from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from torch import nn
 
 from convlens.callbacks import sink
+from convlens.callbacks.budget import DEFAULT_BUDGET, check_budget, epoch_seconds, epoch_started, spacing, spent
 from convlens.callbacks.display import Display
 from convlens.callbacks.lightning_compat import log_step, state_key
 from convlens.callbacks.options import ProbeSpec, check_int, check_layers
@@ -144,16 +145,22 @@ class VisualizationCallback(pl.Callback):
         super().__init_subclass__(**kwargs)
         _guard_hooks(cls)
 
-    def __init__(self, layers: Sequence[str] | None = None, every_n_epochs: int = 1, probe: Any = None,
-                 **probe_options):
+    def __init__(self, layers: Sequence[str] | None = None, every_n_epochs: int | None = None, probe: Any = None,
+                 budget: float | None = DEFAULT_BUDGET, **probe_options):
         """`layers`: layer names (None: the method's defaults). `every_n_epochs`: how often it draws
-        (0: only at fit end). `probe` and `probe_options` (num_probe, probe_per_class, probe_seed,
+        (0: only at fit end; None: every epoch, spaced out when over the time `budget`, see
+        `callbacks.budget`). `probe` and `probe_options` (num_probe, probe_per_class, probe_seed,
         mean, std, batch_keys): see `ProbeSpec`; `probe` may also be a `ProbeSpec`."""
-        check_int("every_n_epochs", every_n_epochs, 0, " (0: only at fit end)")
+        if every_n_epochs is not None:
+            check_int("every_n_epochs", every_n_epochs, 0, " (0: only at fit end; null: every epoch, within budget)")
         layers = check_layers(layers)
         self.layers: list[str] | None = layers
         self._configured_layers = None if layers is None else tuple(layers)
-        self.every_n_epochs = every_n_epochs
+        #: the epochs it draws: as configured, or spaced out by the budget (`every_n_epochs=None`)
+        self.every_n_epochs = 1 if every_n_epochs is None else every_n_epochs
+        self.every_n_epochs_given = every_n_epochs is not None
+        self.budget = check_budget(budget)
+        self._budget_said = False
         own = [n for n in inspect.signature(type(self).__init__).parameters if n not in ('self', 'probe_options')]
         self.probe_spec = ProbeSpec.from_options(type(self).__name__, probe, own_options=own, **probe_options)
         self.probe_images: torch.Tensor | None = None
@@ -444,11 +451,41 @@ class VisualizationCallback(pl.Callback):
     @rank_zero_only
     def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         start = time.perf_counter()
+        epoch_time = epoch_seconds(trainer, start)
         # offline runs (trainer.validate) call this inside inference mode; methods that need
         # gradients (saliency, suppression) must see ordinary tensors
         with torch.inference_mode(False):
             self.visualize(trainer, pl_module)
-        self.log_scalars(trainer, {f"viz_time/{self.name}": time.perf_counter() - start})
+        seconds = time.perf_counter() - start
+        spent(trainer, seconds)
+        self.log_scalars(trainer, {f"viz_time/{self.name}": seconds})
+        if epoch_time is not None and self.every_n_epochs > 0:
+            self._keep_within_budget(trainer, seconds, epoch_time)
+
+    def _keep_within_budget(self, trainer: pl.Trainer, seconds: float, epoch_time: float) -> None:
+        """Space the drawings out when this one took more than its part of the budget (see `budget`)."""
+        others = [cb for cb in trainer.callbacks if isinstance(cb, VisualizationCallback) and not cb.declined]
+        k = spacing(seconds, epoch_time, self.budget, len(others))
+        if k <= self.every_n_epochs:
+            return
+        what = (f"{type(self).__name__} took {seconds:.1f} s, {seconds / epoch_time:.0%} of the epoch's "
+                f"{epoch_time:.1f} s (the budget: {self.budget:.0%} of an epoch for {len(others)} visualization(s))")
+        if self.every_n_epochs_given:
+            if not self._budget_said:
+                self._budget_said = True
+                self._warn_once(f"{what}; every_n_epochs={self.every_n_epochs} was set, so it is kept; "
+                                f"every_n_epochs={k} would keep it within budget")
+            return
+        self.every_n_epochs = k
+        if not self._budget_said:  # said once; a later, wider spacing shows in the viz_time scalars
+            self._budget_said = True
+            self._warn_once(f"{what}: it now draws every {k} epochs (set every_n_epochs to choose, or "
+                            "callbacks.budget=null for no budget)")
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        epoch_started(trainer)
+        if trainer.world_size > 1 and not self.every_n_epochs_given:  # every rank draws (collects) alike
+            self.every_n_epochs = trainer.strategy.broadcast(self.every_n_epochs, src=0)
 
     # -- checkpointing ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -459,7 +496,8 @@ class VisualizationCallback(pl.Callback):
             pool = (self.probe_images, self.probe_labels) if self.probe_images is not None else None
             index = None
         return {"probe_pool": pool, "probe_index": index, "layers": self.layers,
-                "declined": self.declined, "declined_reason": self.declined_reason}
+                "declined": self.declined, "declined_reason": self.declined_reason,
+                "every_n_epochs": self.every_n_epochs}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         pool = state_dict.get("probe_pool")
@@ -469,6 +507,8 @@ class VisualizationCallback(pl.Callback):
             self._set_probe((state_dict["probe_images"], state_dict.get("probe_labels")), None)
         if state_dict.get("layers") is not None:
             self.layers, self._tentative = list(state_dict["layers"]), False
+        if not self.every_n_epochs_given and isinstance(state_dict.get("every_n_epochs"), int):
+            self.every_n_epochs = state_dict["every_n_epochs"]  # as spaced out by the budget
         if state_dict.get("declined"):  # switched off in the run this one resumes: off again, said once
             self._decline(state_dict.get("declined_reason") or "it was switched off in the run this one resumes")
 

@@ -41,7 +41,7 @@ from convlens.errors import ConfigError
 from convlens.render import captioned_grid, scale_symmetric
 from convlens.viz.decoding import (DECODING_UNPOOL_MODES, decodable_layers, decode_filters, reconstruction_error,
                                    threshold_decoded)
-from convlens.viz.layers import LayerError, get_layer, layer_maxima, rank_filters
+from convlens.viz.layers import LayerError, default_conv_layers, get_layer, layer_maxima, rank_filters
 
 SELECTIONS = ("most_active", "first")
 
@@ -69,7 +69,7 @@ class DecodedFilters(VisualizationCallback):
     name = "decoded"
     layer_kind = nn.Conv2d
 
-    def __init__(self, layers: Sequence[str] | None = None, every_n_epochs: int = 1,
+    def __init__(self, layers: Sequence[str] | None = None, every_n_epochs: int | None = None,
                  unpool: str = "nearest", max_filters: int | None = 64, selection: str = "most_active",
                  filters: Mapping[str, Sequence[int]] | None = None, threshold: float = 0.5,
                  compute_error: bool = True, tile_size: int = 32, **probe_options):
@@ -119,6 +119,10 @@ class DecodedFilters(VisualizationCallback):
         if bad:
             raise LayerError(f"{type(self).__name__}: layer {bad[0]!r} cannot be decoded: it is {self._WHY}. "
                              f"Decodable layers: {', '.join(usable) or 'none'}")
+
+    def default_layers(self, net: nn.Module, image: torch.Tensor | None = None) -> list[str]:
+        # one conv per stage on deep nets (VGG16: 5 of 13; each decoded layer costs a pass per filter)
+        return default_conv_layers(net, image)
 
     def unusable_layers(self, net: nn.Module, image: torch.Tensor, layers) -> dict[str, str]:
         usable = set(decodable_layers(net, image))

@@ -117,7 +117,7 @@ class DeconvProjection(VisualizationCallback):
     def __init__(self, layers: Sequence[str] | None = None, k: int = 4, unpool: str = "switches",
                  deconv_max: bool = True, max_maps: int = 16, max_maps_by: str = "activation",
                  val_batch_index: int = 0, val_images: int = 64, precision: str = "auto",
-                 tile_size: int = 64, every_n_epochs: int = 1, **probe_options):
+                 tile_size: int = 64, every_n_epochs: int | None = None, **probe_options):
         super().__init__(layers=layers, every_n_epochs=every_n_epochs, **probe_options)
         check_int("k (maps per probe image)", k, 1)
         if unpool not in DECONV_UNPOOL_MODES:

@@ -91,7 +91,7 @@ class FilterEvolution(VisualizationCallback):
     def __init__(self, layers: Sequence[str] | None = None, filters: Mapping[str, Sequence[int] | int] | None = None,
                  probe_index: int = 0, unpool: str = "switches", weights_layer: str | None = None,
                  summary: bool = True, summary_max_epochs: int = 20, tile_size: int = 64,
-                 every_n_epochs: int = 1, **probe_options):
+                 every_n_epochs: int | None = None, **probe_options):
         super().__init__(layers=layers, every_n_epochs=every_n_epochs, **probe_options)
         filters = {layer: indices[0] for layer, indices in check_filters(filters, one_per_layer=True).items()}
         check_int("probe_index (0: the first probe image)", probe_index, 0)

@@ -62,7 +62,7 @@ class OcclusionSensitivity(VisualizationCallback):
     needs_conv = False  # any classifier: a patch over the input
     layer_kind = None
 
-    def __init__(self, every_n_epochs: int = 1, num_probe: int | None = 4, patch: int | None = None,
+    def __init__(self, every_n_epochs: int | None = None, num_probe: int | None = 4, patch: int | None = None,
                  stride: int | None = None, target: str = "true", cmap: str = "jet",
                  max_batch: int | None = None, tile_size: int = 112, tau: float | None = None,
                  **probe_options):

@@ -61,7 +61,7 @@ class Saliency(VisualizationCallback):
     layer_kind = None  # Grad-CAM works on any layer with spatial maps (a conv, its ReLU, a pool)
 
     def __init__(self, layer: str | None = None, target: str = "true", guided_gradcam: bool = True,
-                 alpha: float = 0.5, cmap: str = "jet", tile_size: int = 64, every_n_epochs: int = 1,
+                 alpha: float = 0.5, cmap: str = "jet", tile_size: int = 64, every_n_epochs: int | None = None,
                  **probe_options):
         if layer is not None and (not isinstance(layer, str) or not layer):
             raise ConfigError(f"layer must be one layer name (a string) or None, got {layer!r}")

@@ -123,7 +123,7 @@ class TopActivations(VisualizationCallback):
 
     def __init__(self, layers: Sequence[str] | None = None, k: int = 4, max_filters: int = 8,
                  selection: str = "first", filters: Mapping[str, Sequence[int]] | None = None,
-                 tile_size: int = 64, every_n_epochs: int = 1, **probe_options):
+                 tile_size: int = 64, every_n_epochs: int | None = None, **probe_options):
         super().__init__(layers=layers, every_n_epochs=every_n_epochs, **probe_options)
         check_int("k (patches per filter)", k, 1)
         check_int("max_filters (filters per layer)", max_filters, 1)

@@ -42,6 +42,13 @@ def shared_data():
 
 
 @pytest.fixture(autouse=True)
+def _no_time_budget(monkeypatch):
+    """Tests check what each epoch draws: the visualizations' time budget (which spaces slow ones
+    out, callbacks/budget.py) is off unless a test turns it on (tests/test_budget.py)."""
+    monkeypatch.setenv("CONVLENS_BUDGET", "off")
+
+
+@pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
     """Caches go to a per-session tmp dir unless CONVLENS_CACHE is set by the caller."""
     if "CONVLENS_CACHE" not in os.environ:

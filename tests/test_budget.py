@@ -1,0 +1,136 @@
+"""The visualizations' time budget (callbacks/budget.py): a callback over its part of the budget
+draws every k epochs (the smallest k that fits), says so once; an explicit every_n_epochs is kept
+and only warned about; budget=None never spaces out.
+
+Oracles: `spacing` on hand-computed cases; in a real fit with a drawing of known length (a sleep)
+on epochs of known length, the epochs drawn (event-file steps) against the k `spacing` gives for
+the measured times.
+"""
+from __future__ import annotations
+
+import time
+import warnings
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from convlens.callbacks import OcclusionSensitivity
+from convlens.callbacks import budget as budget_lib
+from convlens.errors import ConfigError
+from convlens.events import read_events
+
+
+def test_spacing_hand_computed(monkeypatch):
+    monkeypatch.delenv("CONVLENS_BUDGET", raising=False)
+    # 5% of a 100 s epoch shared by 2 callbacks: 2.5 s each
+    assert budget_lib.spacing(2.4, 100.0, 0.05, 2) == 1
+    assert budget_lib.spacing(2.6, 100.0, 0.05, 2) == 2
+    assert budget_lib.spacing(10.0, 100.0, 0.05, 2) == 4
+    assert budget_lib.spacing(803.0, 480.0, 0.05, 4) == 134  # VGG16's decoded filters after an 8-min epoch
+    assert budget_lib.spacing(1.9, 1.0, 0.05, 1) == 1  # under MIN_SECONDS: never spaced out
+    assert budget_lib.spacing(10.0, 100.0, None, 2) == 1
+    monkeypatch.setenv("CONVLENS_BUDGET", "off")
+    assert budget_lib.spacing(10.0, 100.0, 0.05, 2) == 1
+    with pytest.raises(ConfigError, match="budget must be a share"):
+        OcclusionSensitivity(budget=5)
+
+
+class Slow(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 6 * 6, 2))
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        time.sleep(0.05)  # epochs of a known, steady length
+        return F.cross_entropy(self(batch[0]), batch[1])
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val/acc", (self(batch[0]).argmax(1) == batch[1]).float().mean())
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def fit(tmp_path, callback, epochs=7):
+    data = DataLoader(TensorDataset(torch.rand(16, 1, 8, 8), torch.arange(16) % 2), batch_size=4)
+    seen = {}
+    original = budget_lib.spacing
+
+    def spy(seconds, epoch_time, budget, callbacks):
+        seen.setdefault("k", []).append(original(seconds, epoch_time, budget, callbacks))
+        return seen["k"][-1]
+
+    def slow_visualize(trainer, pl_module):
+        time.sleep(0.1)
+        callback.log_image(trainer, "occlusion/0", torch.zeros(1, 4, 4))
+
+    callback.visualize = slow_visualize
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        import convlens.callbacks.base as base
+
+        base.spacing, saved = spy, base.spacing
+        try:
+            pl.Trainer(default_root_dir=tmp_path, max_epochs=epochs, accelerator="cpu", callbacks=[callback],
+                       logger=TensorBoardLogger(tmp_path, name="tb", version=""), enable_progress_bar=False,
+                       enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0,
+                       limit_val_batches=1).fit(Slow(), data, data)
+        finally:
+            base.spacing = saved
+    drawn = sorted(read_events(tmp_path / "tb")["images"].get("occlusion/0", []))
+    val = sorted(read_events(tmp_path / "tb")["scalars"]["val/acc"])
+    said = [str(w.message) for w in record if str(w.message).startswith("OcclusionSensitivity took")]
+    return drawn, val, seen.get("k", []), said
+
+
+@pytest.fixture
+def budget_on(monkeypatch):
+    monkeypatch.delenv("CONVLENS_BUDGET", raising=False)
+    monkeypatch.setattr(budget_lib, "MIN_SECONDS", 0.0)
+
+
+def test_a_callback_over_budget_draws_every_k_epochs_and_says_so_once(tmp_path, budget_on):
+    # a 0.1 s drawing against epochs of about 0.2 s: 5% is about 0.01 s, so k is about 10
+    callback = OcclusionSensitivity(budget=0.05)
+    drawn, val, ks, said = fit(tmp_path, callback)
+    assert ks[0] > 1 and drawn[0] == val[0]  # the first epoch draws (its cost is not known before)
+    # the oracle: replay the schedule with the k measured at each drawing (a spacing only widens)
+    expected, every, measured = [], 1, iter(ks)
+    for epoch in range(len(val)):
+        if (epoch + 1) % every == 0:
+            expected.append(val[epoch])
+            every = max(every, next(measured))
+    assert drawn == expected and callback.every_n_epochs == every
+    assert len(said) == 1 and f"every {ks[0]} epochs" in said[0]
+
+
+def test_an_explicit_every_n_epochs_is_kept_and_warned_about(tmp_path, budget_on):
+    callback = OcclusionSensitivity(budget=0.05, every_n_epochs=1)
+    drawn, val, ks, said = fit(tmp_path, callback, epochs=3)
+    assert callback.every_n_epochs == 1 and drawn == val
+    assert len(said) == 1 and "every_n_epochs=1 was set, so it is kept" in said[0]
+
+
+def test_no_budget_never_spaces_out(tmp_path, budget_on):
+    callback = OcclusionSensitivity(budget=None)
+    drawn, val, _, said = fit(tmp_path, callback, epochs=3)
+    assert drawn == val and not said and callback.every_n_epochs == 1
+
+
+def test_the_spacing_is_kept_in_the_checkpoint_state():
+    callback = OcclusionSensitivity()
+    callback.every_n_epochs = 6
+    resumed = OcclusionSensitivity()
+    resumed.load_state_dict(callback.state_dict())
+    assert resumed.every_n_epochs == 6
+    explicit = OcclusionSensitivity(every_n_epochs=2)
+    explicit.load_state_dict(callback.state_dict())
+    assert explicit.every_n_epochs == 2  # the user's choice wins over a saved spacing
