@@ -187,6 +187,13 @@ def _check_maps(maps: Mapping[str, Tensor], images: Tensor) -> dict[str, Tensor]
     return out
 
 
+def _target_probability(logits: Tensor, targets: Tensor) -> Tensor:
+    """[N] float64: softmax probability of each row's target class (in float32 at least, so a
+    bfloat16 model's probabilities are not rounded to its few digits)."""
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return logits.softmax(1).gather(1, targets[:, None])[:, 0].double()
+
+
 def _probabilities(model: nn.Module, total: int, make: Callable[[Tensor], tuple[Tensor, Tensor]],
                    max_batch: int, device) -> Tensor:
     """[total]: p(target) of perturbed copies 0..total-1, `make(indices)` building (copies, targets)
@@ -195,8 +202,7 @@ def _probabilities(model: nn.Module, total: int, make: Callable[[Tensor], tuple[
     for start in range(0, total, max_batch):
         flat = torch.arange(start, min(start + max_batch, total), device=device)
         copies, targets = make(flat)
-        logits = model(copies)
-        out[flat] = logits.float().softmax(1).gather(1, targets[:, None])[:, 0].double()
+        out[flat] = _target_probability(model(copies), targets)
     return out
 
 
@@ -206,8 +212,7 @@ def _prepare(model: nn.Module, images: Tensor, target, max_batch) -> tuple[Tenso
     max_batch = default_max_batch(c, h, w) if max_batch is None else _check_int("max_batch", max_batch, 1)
     logits = torch.cat([model(images[i:i + max_batch]) for i in range(0, n, max_batch)])
     targets = class_targets(target, logits, FaithfulnessError)
-    p = logits.float().softmax(1).gather(1, targets[:, None])[:, 0].double()
-    return targets, p, max_batch
+    return targets, _target_probability(logits, targets), max_batch
 
 
 @dataclass(frozen=True)
@@ -580,8 +585,8 @@ def explanation_maps(model: nn.Module, images: Tensor, target=None, methods: Seq
             p = patch if patch is not None else default_patch(side)
             s = stride if stride is not None else default_stride(side, p)
             prob, _ = occlusion_maps(model, images, targets, patch=p, stride=s, pixel_to_input=pixel_to_input)
-            p0 = logits.float().softmax(1).gather(1, targets[:, None])[:, 0]
-            out[method] = maps_to_pixels(p0.view(-1, 1, 1) - prob.float(), (h, w), p, s)
+            p0 = _target_probability(logits, targets).to(prob.dtype)
+            out[method] = maps_to_pixels(p0.view(-1, 1, 1) - prob, (h, w), p, s)
         elif method == "deconv":
             recording = record(model, images, layer)
             _, top = recording.top_maps(1)
