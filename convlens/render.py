@@ -85,6 +85,15 @@ MIN_LOGGED_WIDTH = 480
 #: grids that lay out tiles in a strip wrap onto new rows beyond this width (a wider image is
 #: shrunk to the card's width by TensorBoard, and its captions become unreadable)
 MAX_GRID_WIDTH = 640
+#: about the widest image a TensorBoard card shows at its own size: a captioned grid wider than
+#: this is laid out again in bands of columns, one under the other
+CARD_WIDTH = 1000
+
+
+def downscale_factor(h: int, w: int, size: int) -> int:
+    """The integer factor that brings tiles much larger than `size` (over twice) down to at most
+    twice it (VGG's 224-px images at tile_size 64: 2), so a strip of them fits a card; 1 otherwise."""
+    return max(1, -(-max(h, w) // (2 * size)))
 
 
 def upscale_factor(h: int, w: int, size: int) -> int:
@@ -101,7 +110,8 @@ def upscale(x: torch.Tensor, size: int) -> torch.Tensor:
 def tile_width(images: torch.Tensor, tile_size: int) -> int:
     """The width in pixels of a tile of `images` ([..., h, w]) once `upscale`d to `tile_size`."""
     h, w = images.shape[-2:]
-    return w * upscale_factor(h, w, tile_size)
+    shrink = downscale_factor(h, w, tile_size)
+    return -(-w // shrink) if shrink > 1 else w * upscale_factor(h, w, tile_size)
 
 
 def fit_caption(text: str, width_px: int, lines: int = 1) -> str:
@@ -134,11 +144,41 @@ def class_caption(label, names: Sequence[str]) -> str:
 def captioned_grid(tiles: torch.Tensor, nrow: int, captions: Sequence[str] | None = None,
                    row_titles: Sequence[str] | None = None, col_titles: Sequence[str] | None = None,
                    tile_size: int = 64, padding: int = 2) -> torch.Tensor:
-    """Tiles [N, 1|3, h, w] in [0, 1] as one [3, H, W] grid, upscaled to ~`tile_size`, with an
-    optional caption under each tile, a title left of each row and above each column."""
-    tiles = upscale(as_rgb(tiles.float().cpu().clamp(0, 1)), tile_size)
+    """Tiles [N, 1|3, h, w] in [0, 1] as one [3, H, W] grid, upscaled to ~`tile_size` (tiles over
+    twice that are averaged down, `downscale_factor`), with an optional caption under each tile, a
+    title left of each row and above each column. A grid wider than a TensorBoard card
+    (`CARD_WIDTH`) is laid out in bands of columns, one under the other, so that TensorBoard does
+    not shrink it and its captions stay readable."""
+    tiles = as_rgb(tiles.float().cpu().clamp(0, 1))
+    shrink = downscale_factor(*tiles.shape[-2:], tile_size)
+    tiles = F.avg_pool2d(tiles, shrink, ceil_mode=True) if shrink > 1 else upscale(tiles, tile_size)
     if not (captions or row_titles or col_titles):
         return make_grid(tiles, nrow=nrow, padding=padding, pad_value=1.0)
+    left = 8 + 6 * max((len(t) for t in row_titles), default=0) if row_titles else 0
+    tw = tiles.shape[-1]
+    fit = max(1, (CARD_WIDTH - left - padding) // (tw + padding))
+    if min(nrow, tiles.shape[0]) > fit:
+        return _in_bands(tiles, nrow, fit, captions, row_titles, col_titles, padding)
+    return _grid(tiles, nrow, captions, row_titles, col_titles, padding)
+
+
+def _in_bands(tiles, nrow, fit, captions, row_titles, col_titles, padding):
+    """The grid cut into bands of at most `fit` columns (each with the row titles and its columns'
+    titles), stacked; missing tiles of a last, short row are left blank."""
+    n = tiles.shape[0]
+    blank = torch.ones_like(tiles[0])
+    bands = []
+    for first in range(0, nrow, fit):
+        cols = range(first, min(first + fit, nrow))
+        index = [r * nrow + c for r in range(-(-n // nrow)) for c in cols]
+        band = torch.stack([tiles[i] if i < n else blank for i in index])
+        band_captions = [(captions[i] if i < len(captions) else "") for i in index] if captions else None
+        band_cols = [col_titles[c] for c in cols if c < len(col_titles)] if col_titles else None
+        bands.append(_grid(band, len(cols), band_captions, row_titles, band_cols, padding))
+    return stack_vertical(bands, gap=6)
+
+
+def _grid(tiles, nrow, captions, row_titles, col_titles, padding):
     font = caption_font()
     th, tw = tiles.shape[-2:]
     # one caption line is 12 px; captions made by fit_caption(..., lines=2) may take two

@@ -150,3 +150,39 @@ def test_image_summary_enlarges_like_pil_nearest(channels):
     small = Image.fromarray(pixels[:, :, 0] if channels == 1 else pixels)
     expected = np.asarray(small.resize((33, 21), Image.NEAREST))
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(summary.encoded_image_string))), expected)
+
+
+def test_large_tiles_are_averaged_down_so_a_strip_fits_a_card():
+    """VGG's 224-px tiles at tile_size 64: averaged down by 2 (an oracle: avg_pool2d), so a strip of
+    an image and four projections is 5 x 112 px, not 1,132 px, and tile_width agrees."""
+    import torch.nn.functional as F
+
+    from convlens.render import CARD_WIDTH, captioned_grid, tile_width
+
+    tiles = torch.rand(5, 3, 224, 224)
+    grid = captioned_grid(tiles, nrow=5, captions=["x"] * 5, tile_size=64, padding=2)
+    assert grid.shape[-1] == 5 * (112 + 2) + 2 < CARD_WIDTH
+    assert tile_width(tiles, 64) == 112
+    first = grid[:, 2:2 + 112, 2:2 + 112]
+    want = F.avg_pool2d(tiles[:1], 2)[0]
+    assert (first - want).abs().max() <= 1 / 255 + 1e-6  # the PNG canvas's 8-bit rounding
+
+
+def test_a_grid_wider_than_a_card_is_laid_out_in_bands():
+    """The oracle: the same grid drawn band by band (the first `fit` columns, then the rest) and
+    stacked; every tile and caption is kept, and the result fits a card."""
+    from convlens.render import CARD_WIDTH, _grid, captioned_grid, stack_vertical
+
+    g = torch.Generator().manual_seed(0)
+    tiles = torch.rand(2 * 12, 3, 90, 90, generator=g)  # 2 rows x 12 columns of 90-px tiles: 1,106 px wide
+    captions = [f"t{i}" for i in range(24)]
+    titles = ["image", "map"]
+    grid = captioned_grid(tiles, nrow=12, captions=captions, row_titles=titles, tile_size=90)
+    assert grid.shape[-1] <= CARD_WIDTH
+    left = 8 + 6 * len("image")
+    fit = (CARD_WIDTH - left - 2) // 92
+    bands = []
+    for cols in (range(0, fit), range(fit, 12)):
+        index = [r * 12 + c for r in range(2) for c in cols]
+        bands.append(_grid(tiles[index], len(cols), [captions[i] for i in index], titles, None, 2))
+    assert torch.equal(grid, stack_vertical(bands, gap=6))
