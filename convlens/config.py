@@ -174,7 +174,19 @@ def closest_keys(key: str, tree: dict, n: int = 3) -> list[str]:
 
 
 def _keys_near(key: str, tree: dict, n: int = 3) -> str:
-    """`did you mean ...?`, or else what the deepest existing parent of `key` holds."""
+    """`did you mean ...?`, or else what the deepest existing parent of `key` holds; for an argument
+    the parent's `_target_` takes but the config does not set, how to add it (`+key=...`)."""
+    path, node = _deepest_parent(key, tree)
+    rest = key.split(".")[len(path):]
+    if len(rest) == 1 and isinstance(node, dict) and isinstance(node.get("_target_"), str):
+        try:
+            from hydra.utils import get_object
+
+            takes = inspect.signature(get_object(node["_target_"])).parameters
+        except Exception:  # noqa: BLE001  a target that cannot be inspected: no such advice
+            takes = {}
+        if rest[0] in takes:
+            return f"`{rest[0]}` is an argument of {node['_target_']}: add it with `+{key}=...`"
     near = closest_keys(key, tree, n)
     if near:
         return f"did you mean {' or '.join(f'`{k}`' for k in near)}?"

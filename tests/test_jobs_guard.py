@@ -186,6 +186,8 @@ def test_closest_keys_prefer_the_siblings_of_the_missing_key():
     (["model.optimizer.learning_rate=0.1"], "`model.optimizer.lr`"),
     (["experiment=cifar10_grid", "model.c5=8,16"], "`model.c3`"),   # in a sweep too
     (["callbacks=none", "callbacks.deconv.k=1"], "`callbacks` has: model_checkpoint"),
+    # an argument the Trainer takes but the config does not set: how to add it
+    (["trainer.limit_train_batches=2"], "add it with `+trainer.limit_train_batches=...`"),
 ])
 def test_mistyped_key_is_answered_with_the_closest_keys(overrides, suggested):
     with pytest.raises(ConfigError) as e:
