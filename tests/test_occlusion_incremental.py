@@ -392,7 +392,8 @@ def test_state_is_restored_after_the_call_and_after_errors():
 def test_clear_errors():
     net = tricky_chain()
     images = torch.randn(1, 3, 61, 53, dtype=torch.float64)
-    for kwargs, message in [(dict(tau=0), r"tau must be a fraction in \(0, 1\)"), (dict(tau=1.0), "tau must"),
+    # tau=1.0 is allowed since issue #23 (it thresholds nothing: exact maps, tested with the drill-down)
+    for kwargs, message in [(dict(tau=0), r"tau must be a fraction in \(0, 1\]"), (dict(tau=1.5), "tau must"),
                             (dict(tau=True), "tau must"), (dict(tau="0.5"), "tau must"),
                             (dict(tau=0.5, incremental=False), "tau=None with incremental=False"),
                             (dict(incremental="yes"), "incremental must be None")]:

@@ -22,6 +22,7 @@ from torch import nn
 
 from convlens.viz import occlusion_incremental
 from convlens.viz.common import eval_mode
+from convlens.viz.occlusion_approximate import OcclusionResult, check_tau, drill_down, resolve
 from convlens.viz.occlusion_incremental import OcclusionError
 
 # With max_batch=None, a batch holds at most this many input elements, and at most
@@ -65,7 +66,8 @@ def occlusion_maps(model: nn.Module, images: torch.Tensor, targets: torch.Tensor
                    patch: int = 7, stride: int = 1, fill: float | torch.Tensor | None = None,
                    pixel_to_input: Callable[[torch.Tensor], torch.Tensor] | None = None,
                    max_batch: int | None = None, incremental: bool | None = None,
-                   tau: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   tau: float | None = None, approximate: str | None = None, coarse: int | None = None,
+                   drill: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Occlusion sensitivity maps of a classifier for `images` (N, C, H, W), in the model's input space.
 
     A `patch` x `patch` square, top-left corner at `(i * stride, j * stride)`, replaces the image
@@ -93,17 +95,44 @@ def occlusion_maps(model: nn.Module, images: torch.Tensor, targets: torch.Tensor
     BatchNorm2d, activation, Dropout and Identity modules, and recomputes each of those layers only
     on the window of its output the patch can reach; the model's own forward runs the rest. Its
     maps equal the full forward's up to floating-point rounding.
-    `tau`: None (exact), or a fraction in (0, 1) for Krypton's projective-field thresholding: in
+    `tau`: None (exact), or a fraction in (0, 1] for Krypton's projective-field thresholding: in
     each layer computed incrementally (with incremental=True: the whole chain; automatically: up
     to where the full forward takes over) the changed region is cut to at most
     max(1, floor(tau * side)) outputs per axis around its center, and changes outside it are
     ignored. Faster, not exact; only on the incremental path (where the model has none and
-    `incremental` is None, the maps are exact).
+    `incremental` is None, the maps are exact; 1 cuts nothing).
+    `approximate`: None (exact maps, unless the knobs below ask otherwise) or "fast", the preset
+    of `viz.occlusion_approximate.PRESETS`: Krypton's adaptive drill-down (a coarse stride first,
+    then the fine `stride` only where the coarse map changes most, the rest interpolated) with its
+    `tau`. The raw knobs, each overriding the preset's where not None: `coarse` (the coarse stride
+    in strides; 1: no drill-down), `drill` (the fraction of the other positions computed at the
+    fine stride; 1: all of them, exact) and `tau`. The maps keep the shape of the exact ones.
+
+    Nothing inside the loop over positions waits for the device (no host synchronization), so on
+    CUDA tensors the copies are queued back to back.
 
     The model runs in eval mode under torch.inference_mode; every submodule's mode is restored.
     The model must return logits (N, num_classes). Returns `prob` (N, H', W') in the logits' dtype
     and `label` (N, H', W') int64, on the images' device.
     """
+    result = occlusion_result(model, images, targets, patch, stride, fill, pixel_to_input, max_batch, incremental,
+                              tau, approximate, coarse, drill)
+    return result.prob, result.label
+
+
+def occlusion_result(model: nn.Module, images: torch.Tensor, targets: torch.Tensor | Sequence[int] | None = None,
+                     patch: int = 7, stride: int = 1, fill: float | torch.Tensor | None = None,
+                     pixel_to_input: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                     max_batch: int | None = None, incremental: bool | None = None,
+                     tau: float | None = None, approximate: str | None = None, coarse: int | None = None,
+                     drill: float | None = None, previous: OcclusionResult | None = None,
+                     reuse_tol: float | None = None) -> OcclusionResult:
+    """`occlusion_maps` with what a later call can reuse: an `OcclusionResult` (prob, label, which
+    positions are known rather than interpolated, the node probabilities they were computed with,
+    the number of occluded copies forwarded). `previous`, `reuse_tol`: with a drill-down, positions
+    `previous` knew keep their values while their cell's node probabilities moved less than
+    `reuse_tol` since they were computed (`viz.occlusion_approximate.drill_down`); `previous` from
+    other maps (another shape or targets) is ignored. The other arguments: `occlusion_maps`."""
     if not torch.is_tensor(images) or images.ndim != 4:
         shape = tuple(images.shape) if torch.is_tensor(images) else type(images).__name__
         raise OcclusionError(f"images must be a (N, C, H, W) tensor, got {shape}")
@@ -121,13 +150,16 @@ def occlusion_maps(model: nn.Module, images: torch.Tensor, targets: torch.Tensor
         raise OcclusionError(f"max_batch must be a positive integer, got {max_batch!r}")
     if incremental is not None and not isinstance(incremental, bool):
         raise OcclusionError(f"incremental must be None (automatic), True or False, got {incremental!r}")
-    if tau is not None:
-        if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not 0 < tau < 1:
-            raise OcclusionError(f"tau must be a fraction in (0, 1), or None for exact maps; got {tau!r}")
-        if incremental is False:
-            raise OcclusionError("tau approximates the incremental path only; pass incremental=None or True "
-                                 "with tau, or tau=None with incremental=False")
-        tau = float(tau)
+    if tau is not None and incremental is False:
+        check_tau(tau)
+        raise OcclusionError("tau approximates the incremental path only; pass incremental=None or True "
+                             "with tau, or tau=None with incremental=False")
+    approximation = resolve(approximate, coarse, drill, tau)
+    # a preset's tau applies where there is an incremental path (none with incremental=False)
+    tau = approximation.tau if incremental is not False else None
+    if reuse_tol is not None and (isinstance(reuse_tol, bool) or not isinstance(reuse_tol, (int, float))
+                                  or not reuse_tol >= 0):
+        raise OcclusionError(f"reuse_tol must be a probability change >= 0, or None (no reuse); got {reuse_tol!r}")
     fill = _fill_tensor(fill, pixel_to_input, (C, H, W), images)
 
     rows_out, cols_out = (H - patch) // stride + 1, (W - patch) // stride + 1
@@ -167,19 +199,51 @@ def occlusion_maps(model: nn.Module, images: torch.Tensor, targets: torch.Tensor
         if recorded is not None:
             runner = occlusion_incremental.prepare(model, images, recorded, patch, stride, fill, tau,
                                                    force=incremental is True)
-        prob = torch.empty(N * positions, dtype=logits.dtype, device=images.device)
-        label = torch.empty(N * positions, dtype=torch.long, device=images.device)
+        base_prob = logits.softmax(dim=1).gather(1, targets[:, None])[:, 0]
         with runner if runner is not None else contextlib.nullcontext(), torch.inference_mode():
-            for start in range(0, N * positions, max_batch):
-                flat = torch.arange(start, min(start + max_batch, N * positions), device=images.device)
-                image, position = flat // positions, flat % positions
-                mask = row_mask[position // cols_out][:, :, None] & col_mask[position % cols_out][:, None, :]
-                occluded = torch.where(mask[:, None], fill, images[image])
-                out = model(occluded) if runner is None else runner(occluded, image, position)
-                prob[flat] = out.softmax(dim=1).gather(1, targets[image][:, None])[:, 0]
-                label[flat] = out.argmax(dim=1)
+            evaluate = _Evaluate(model, runner, images, fill, targets, row_mask, col_mask, cols_out, max_batch,
+                                 logits.dtype)
+            if approximation.coarse > 1 and approximation.drill < 1:
+                result = drill_down(evaluate, base_prob, targets, rows_out, cols_out, approximation.coarse,
+                                    approximation.drill, previous, reuse_tol)
+            else:
+                flat = torch.arange(N * positions, device=images.device)
+                prob, label = evaluate(flat // positions, flat % positions)
+                known = torch.ones(N, rows_out, cols_out, dtype=torch.bool, device=images.device)
+                result = OcclusionResult(prob.view(N, rows_out, cols_out), label.view(N, rows_out, cols_out), known,
+                                         None, targets, N * positions)
     # clones made outside inference mode are ordinary tensors, usable with autograd afterwards
-    return prob.view(N, rows_out, cols_out).clone(), label.view(N, rows_out, cols_out).clone()
+    result.prob, result.label, result.known, result.targets = (t.clone() for t in (
+        result.prob, result.label, result.known, result.targets))
+    if result.reference is not None:
+        result.reference = result.reference.clone()
+    return result
+
+
+class _Evaluate:
+    """p(target) and the predicted label of occluded copies: `(image, position)` index tensors [M]
+    (positions flat, row-major over the map) -> prob [M] in the logits' dtype, label [M] int64,
+    forwarded in chunks of `max_batch` copies. No host synchronization: the chunks are slices of
+    the index tensors, the results written with index_put."""
+
+    def __init__(self, model, runner, images, fill, targets, row_mask, col_mask, columns: int, max_batch: int,
+                 dtype: torch.dtype):
+        self.model, self.runner, self.images, self.fill, self.targets = model, runner, images, fill, targets
+        self.row_mask, self.col_mask, self.columns, self.max_batch = row_mask, col_mask, columns, max_batch
+        self.dtype = dtype
+
+    def __call__(self, image: torch.Tensor, position: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        count = image.shape[0]
+        prob = torch.empty(count, dtype=self.dtype, device=image.device)
+        label = torch.empty(count, dtype=torch.long, device=image.device)
+        for start in range(0, count, self.max_batch):
+            im, pos = image[start:start + self.max_batch], position[start:start + self.max_batch]
+            mask = self.row_mask[pos // self.columns][:, :, None] & self.col_mask[pos % self.columns][:, None, :]
+            occluded = torch.where(mask[:, None], self.fill, self.images[im])
+            out = self.model(occluded) if self.runner is None else self.runner(occluded, im, pos)
+            prob[start:start + self.max_batch] = out.softmax(dim=1).gather(1, self.targets[im][:, None])[:, 0]
+            label[start:start + self.max_batch] = out.argmax(dim=1)
+        return prob, label
 
 
 # --------------------------------------------------------------------------------------------

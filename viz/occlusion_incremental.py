@@ -522,7 +522,8 @@ class IncrementalRunner:
         """`base` [B, h, w, C]: the cached values of a crop whose rows are inputs t['ycrop'][pi] + r
         (columns likewise); paste the changed values of `window_` [B, h', w', C] (inputs
         t['ysrc'][pi] + r) into it. With `indexing`, the whole window, which lies inside the crop;
-        otherwise, under a mask, the part inside the crop, only over the changed intervals."""
+        otherwise, under a mask, the part inside the crop, only over the changed intervals (a new
+        tensor is returned)."""
         ay, ax = axes
         b = torch.arange(base.shape[0], device=base.device)[:, None, None]
         hy, hx = window_.shape[1], window_.shape[2]
@@ -531,16 +532,15 @@ class IncrementalRunner:
             cols = (t["xsrc"][pj] - t["xcrop"][pj])[:, None] + torch.arange(hx, device=base.device)
             base[b, rows[:, :, None], cols[:, None, :]] = window_
             return base
-        # the window's entries that land inside the crop and are changed, written one by one
-        y = t["ysrc"][pi][:, None] + torch.arange(hy, device=base.device)   # input rows of the window
-        x = t["xsrc"][pj][:, None] + torch.arange(hx, device=base.device)
-        ty, tx = y - t["ycrop"][pi][:, None], x - t["xcrop"][pj][:, None]  # rows in the crop
-        keep_y = (ty >= 0) & (ty < base.shape[1]) & (y >= t["ylo"][pi][:, None]) & (y < t["yhi"][pi][:, None])
-        keep_x = (tx >= 0) & (tx < base.shape[2]) & (x >= t["xlo"][pj][:, None]) & (x < t["xhi"][pj][:, None])
-        keep = keep_y[:, :, None] & keep_x[:, None, :]
-        flat = (b * base.shape[1] + ty[:, :, None]) * base.shape[2] + tx[:, None, :]
-        base.view(-1, base.shape[3])[flat[keep]] = window_[keep]
-        return base
+        # every entry of the crop that holds a changed value of the window, chosen with a mask over
+        # the crop (a gather and a where: no boolean indexing, which would wait for the device)
+        rows = t["ycrop"][pi][:, None] + torch.arange(base.shape[1], device=base.device)   # input rows of the crop
+        cols = t["xcrop"][pj][:, None] + torch.arange(base.shape[2], device=base.device)
+        wy, wx = rows - t["ysrc"][pi][:, None], cols - t["xsrc"][pj][:, None]              # rows in the window
+        keep_y = (wy >= 0) & (wy < hy) & (rows >= t["ylo"][pi][:, None]) & (rows < t["yhi"][pi][:, None])
+        keep_x = (wx >= 0) & (wx < hx) & (cols >= t["xlo"][pj][:, None]) & (cols < t["xhi"][pj][:, None])
+        values = window_[b, wy.clamp(0, hy - 1)[:, :, None], wx.clamp(0, hx - 1)[:, None, :]]
+        return torch.where((keep_y[:, :, None] & keep_x[:, None, :])[..., None], values, base)
 
     def full_maps(self, image: Tensor, position: Tensor) -> Tensor:
         """The chain's last output for a chunk of occluded copies, [B, C, H, W]."""
