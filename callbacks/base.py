@@ -438,7 +438,17 @@ class VisualizationCallback(pl.Callback):
             return False
         if at_fit_end:
             return self.every_n_epochs == 0
-        return self.every_n_epochs > 0 and (trainer.current_epoch + 1) % self.every_n_epochs == 0
+        return self.every_n_epochs > 0 and self.due_epoch(trainer)
+
+    def due_epoch(self, trainer: pl.Trainer) -> bool:
+        """Whether this epoch is one it draws: every `every_n_epochs`-th, and, once the budget has
+        spaced it out, the last epoch of the run too (so the trained net is drawn)."""
+        epoch = trainer.current_epoch + 1
+        if epoch % self.every_n_epochs == 0:
+            return True
+        spaced = self.every_n_epochs > 1 and not self.every_n_epochs_given
+        last = trainer.max_epochs if isinstance(trainer.max_epochs, int) and trainer.max_epochs > 0 else None
+        return spaced and epoch == last
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._due(trainer):
@@ -479,8 +489,8 @@ class VisualizationCallback(pl.Callback):
         self.every_n_epochs = k
         if not self._budget_said:  # said once; a later, wider spacing shows in the viz_time scalars
             self._budget_said = True
-            self._warn_once(f"{what}: it now draws every {k} epochs (set every_n_epochs to choose, or "
-                            "callbacks.budget=null for no budget)")
+            self._warn_once(f"{what}: it now draws every {k} epochs and at the last one (set every_n_epochs "
+                            "to choose, or callbacks.budget=null for no budget)")
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         epoch_started(trainer)

@@ -197,7 +197,7 @@ class TopActivations(VisualizationCallback):
             last = trainer.max_epochs is None or trainer.max_epochs < 0 \
                 or trainer.current_epoch + 1 >= trainer.max_epochs
             return last
-        return (trainer.current_epoch + 1) % self.every_n_epochs == 0
+        return self.due_epoch(trainer)
 
     def _choose_filters(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, list[int]]:
         net = self.net(pl_module)

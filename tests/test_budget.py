@@ -105,7 +105,7 @@ def test_a_callback_over_budget_draws_every_k_epochs_and_says_so_once(tmp_path, 
     # the oracle: replay the schedule with the k measured at each drawing (a spacing only widens)
     expected, every, measured = [], 1, iter(ks)
     for epoch in range(len(val)):
-        if (epoch + 1) % every == 0:
+        if (epoch + 1) % every == 0 or (every > 1 and epoch == len(val) - 1):  # and the last epoch
             expected.append(val[epoch])
             every = max(every, next(measured))
     assert drawn == expected and callback.every_n_epochs == every
