@@ -9,6 +9,7 @@ from convlens.callbacks.base import VisualizationCallback
 from convlens.callbacks.decoded import DecodedFilters
 from convlens.callbacks.deconv import DeconvProjection
 from convlens.callbacks.evolution import FilterEvolution
+from convlens.callbacks.faithfulness import Faithfulness
 from convlens.callbacks.layout import TensorBoardLayout
 from convlens.callbacks.occlusion import OcclusionSensitivity
 from convlens.callbacks.saliency import Saliency
@@ -16,4 +17,4 @@ from convlens.callbacks.suppression import KernelSuppression
 from convlens.callbacks.top_activations import TopActivations
 
 __all__ = ["VisualizationCallback", "DeconvProjection", "FilterEvolution", "DecodedFilters", "OcclusionSensitivity",
-           "Saliency", "TopActivations", "KernelSuppression", "TensorBoardLayout"]
+           "Saliency", "TopActivations", "KernelSuppression", "Faithfulness", "TensorBoardLayout"]

@@ -180,6 +180,12 @@ class Faithfulness(VisualizationCallback):
                                 pixel_to_input=normalization)
 
     def prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # offline, this runs at validation start, inside inference mode; the gradient methods need
+        # ordinary tensors
+        with torch.inference_mode(False):
+            self._prepare_reference(trainer, pl_module)
+
+    def _prepare_reference(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         net = self.net(pl_module)
         images, labels = self.probe(pl_module)
         targets = resolve_targets(net, images, labels, self.target)

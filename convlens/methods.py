@@ -44,6 +44,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            "Grad-CAM, guided backpropagation and guided Grad-CAM of the probe images"),
     Method("evolution", "FilterEvolution", "deconvnet", True,
            "one fixed map per layer projected every epoch, the first layer's weights, weight change"),
+    Method("faithfulness", "Faithfulness", "faithfulness", False,
+           "deletion / insertion AUC, ROAD and the model-randomization sanity check of each explanation"),
 )}
 
 

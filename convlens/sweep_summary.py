@@ -14,6 +14,8 @@ The summary (`summarize(sweep_dir)`; run by the Hydra callback `SweepSummary` wh
 or `convlens-sweep-summary <sweep_dir>` for an existing sweep) writes into the sweep dir:
 - `summary.csv`, `summary.md`: one row per job (grid axes, params, best val acc, test acc, seconds
   per epoch, epochs, status, error), accuracies as fractions in the CSV, percent in the markdown;
+  where the jobs ran the `faithfulness` callback, each model's last faithfulness scores too (CSV
+  columns `faithfulness/<method>/<score>`, a markdown table of deletion / insertion AUC);
 - `test_acc_vs_params.png`: test accuracy against parameters (Fig. 6), one line per row value;
 - `deconv_<layer>.png`: for one fixed test image (`image_index` into the test split of the first
   finished job's datamodule, read through its test dataloader), each model's map of `layer` with
@@ -44,6 +46,7 @@ import torch
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from convlens.callbacks.faithfulness import final_scores, scores_markdown
 from convlens.checkpoints import load_file, load_state_checked, pick_checkpoint
 from convlens.errors import ConvlensError
 from convlens.files import atomic_write
@@ -236,15 +239,17 @@ CSV_COLUMNS = ("params", "val_acc_best", "test_acc", "seconds_per_epoch", "epoch
 
 
 def write_csv(jobs: Sequence[JobResult], path: Path, rows: str | None = None, cols: str | None = None) -> None:
+    # then the Faithfulness callback's last scores (`faithfulness/<method>/<score>`), where jobs logged them
+    extra = sorted({k for j in jobs for k in j.metrics if k.startswith("faithfulness/")})
     with path.open("w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["run", *(_axis_name(k) for k, _ in _axes(None, rows, cols)), *CSV_COLUMNS])
+        w.writerow(["run", *(_axis_name(k) for k, _ in _axes(None, rows, cols)), *CSV_COLUMNS, *extra])
         for j in jobs:
             m = j.metrics
             w.writerow([j.name, *(v for _, v in _axes(j, rows, cols)), j.params if j.params is not None else "",
                         _fmt(j.val_acc, "{:.4f}"), _fmt(j.test_acc, "{:.4f}"),
                         _fmt(m.get("seconds_per_epoch"), "{:.2f}"), _fmt(m.get("epochs"), "{:.0f}"),
-                        j.status, (j.error or "").replace("\n", " ")])
+                        j.status, (j.error or "").replace("\n", " "), *(_fmt(m.get(k), "{:.4f}") for k in extra)])
 
 
 def _fmt(value, spec: str) -> str:
@@ -485,6 +490,9 @@ def summarize(sweep_dir: str | os.PathLike, layers: Sequence[str] = ("conv3", "c
     sweep_dir = Path(sweep_dir)
     rows, cols = grid_axes(sweep_dir, rows, cols)
     jobs = collect(sweep_dir, rows, cols)
+    faithfulness = {j.name: final_scores(j.dir) for j in jobs if j.status == "finished"}  # {} without the callback
+    for j in jobs:
+        j.metrics.update({f"faithfulness/{k}": v for k, v in faithfulness.get(j.name, {}).items()})
     files = {"csv": sweep_dir / "summary.csv", "md": sweep_dir / "summary.md",
              "plot": sweep_dir / "test_acc_vs_params.png", "tensorboard": sweep_dir / "summary"}
     write_csv(jobs, files["csv"], rows, cols)
@@ -513,6 +521,9 @@ def summarize(sweep_dir: str | os.PathLike, layers: Sequence[str] = ("conv3", "c
         md.append(f"Best test accuracy: {100 * best.test_acc:.1f}% ({best.name}, "
                   f"{_fmt(best.params, '{:,}')} parameters).")
     md += ["", table, ""]
+    if scores_markdown(faithfulness):
+        md += ["## Faithfulness of each model's explanations, last epoch (deletion AUC, lower is more faithful / "
+               "insertion AUC, higher is more faithful)", "", scores_markdown(faithfulness), ""]
     problems = [j for j in jobs if j.status != "finished"]
     if problems:
         md += ["## Not finished (failed jobs are retried and interrupted ones resumed when the sweep is "

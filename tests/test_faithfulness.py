@@ -491,7 +491,7 @@ def fit(tmp_path, callback, epochs: int = 2, lr: float = 0.05, net=None):
     torch.manual_seed(0)
     net = net if net is not None else cnn()
     module = Module(net, lr)
-    trainer = pl.Trainer(max_epochs=epochs, limit_train_batches=2, limit_val_batches=1, accelerator="cpu",
+    trainer = pl.Trainer(callbacks=[callback], max_epochs=epochs, limit_train_batches=2, limit_val_batches=1, accelerator="cpu",
                          devices=1, enable_progress_bar=False, enable_model_summary=False,
                          enable_checkpointing=False, num_sanity_val_steps=0, default_root_dir=tmp_path,
                          logger=TensorBoardLogger(tmp_path, name="tensorboard", version=""))
@@ -599,8 +599,8 @@ def test_offline_validate_compares_with_a_randomized_copy(tmp_path):
     net = cnn().eval()
     before = {k: v.clone() for k, v in net.state_dict().items()}
     callback = Faithfulness(**SMALL)
-    trainer = pl.Trainer(accelerator="cpu", devices=1, enable_progress_bar=False, enable_model_summary=False,
-                         limit_val_batches=1, default_root_dir=tmp_path,
+    trainer = pl.Trainer(callbacks=[callback], accelerator="cpu", devices=1, enable_progress_bar=False,
+                         enable_model_summary=False, limit_val_batches=1, default_root_dir=tmp_path,
                          logger=TensorBoardLogger(tmp_path, name="tensorboard", version=""))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

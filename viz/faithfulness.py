@@ -564,7 +564,8 @@ def explanation_maps(model: nn.Module, images: Tensor, target=None, methods: Seq
     n, _, h, w = images.shape
     with eval_mode(model), torch.no_grad():
         logits = model(images)
-    targets = class_targets(target, logits, FaithfulnessError)
+    with torch.inference_mode(False):  # a target made in inference mode cannot index a graph's scores
+        targets = class_targets(target, logits, FaithfulnessError).clone()
     if layer is None and {"gradcam", "guided_gradcam", "deconv"} & set(methods):
         layer = default_saliency_layer(model, images[:1])
     out: dict[str, Tensor] = {}
@@ -608,11 +609,11 @@ def randomizable_layers(model: nn.Module) -> list[str]:
 def _reinitialize(module: nn.Module, seed: int) -> None:
     """`module.reset_parameters()` drawn on the CPU from `seed` (the same weights on every device),
     copied into the module's own tensors in place."""
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), torch.inference_mode(False):
         torch.manual_seed(seed)
         fresh = copy.deepcopy(module).cpu()
         fresh.reset_parameters()
-    with torch.no_grad():
+    with torch.inference_mode(False), torch.no_grad():
         for (_, mine), (_, new) in zip(module.named_parameters(recurse=False), fresh.named_parameters(recurse=False)):
             mine.copy_(new)
         for (_, mine), (_, new) in zip(module.named_buffers(recurse=False), fresh.named_buffers(recurse=False)):
@@ -635,7 +636,8 @@ def randomized_copy(model: nn.Module, layers: Sequence[str] | None = None, seed:
     drawn again by each module's `reset_parameters` (seeded; layer i with `seed + i`): Adebayo et
     al.'s full model randomization. `model` itself is not changed."""
     layers = _check_layers(model, layers)
-    twin = copy.deepcopy(model)
+    with torch.inference_mode(False):  # a copy made in inference mode would hold inference tensors
+        twin = copy.deepcopy(model)
     for i, name in enumerate(layers):
         _reinitialize(twin.get_submodule(name), seed + i)
     return twin
@@ -667,7 +669,8 @@ def cascading_randomization(model: nn.Module, explain: Callable[[nn.Module], Map
     given `model` is never changed, nor hooked; its copy is hooked once to read the order in which
     layers run."""
     layers = _check_layers(model, layers)
-    twin = copy.deepcopy(model)
+    with torch.inference_mode(False):  # a copy made in inference mode would hold inference tensors
+        twin = copy.deepcopy(model)
     if images is not None:
         check_images(images, FaithfulnessError)
         layers = _execution_order(twin, images, layers)
