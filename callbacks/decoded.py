@@ -36,14 +36,13 @@ import torch
 from torch import nn
 
 from convlens.callbacks.base import VisualizationCallback
-from convlens.callbacks.options import check_filters
+from convlens.callbacks.options import UNIT_SELECTIONS, check_filters
 from convlens.errors import ConfigError
 from convlens.render import captioned_grid, scale_symmetric
 from convlens.viz.decoding import (DECODING_UNPOOL_MODES, decodable_layers, decode_filters, reconstruction_error,
                                    threshold_decoded)
 from convlens.viz.layers import LayerError, default_conv_layers, get_layer, layer_maxima, rank_filters
 
-SELECTIONS = ("most_active", "first")
 
 
 class DecodedFilters(VisualizationCallback):
@@ -79,8 +78,8 @@ class DecodedFilters(VisualizationCallback):
         if max_filters is not None and (isinstance(max_filters, bool) or not isinstance(max_filters, int)
                                         or max_filters < 1):
             raise ConfigError(f"max_filters must be an int >= 1 or None (all filters), got {max_filters!r}")
-        if selection not in SELECTIONS:
-            raise ConfigError(f"Unknown selection {selection!r}. Use one of {', '.join(SELECTIONS)}, "
+        if selection not in UNIT_SELECTIONS:
+            raise ConfigError(f"Unknown selection {selection!r}. Use one of {', '.join(UNIT_SELECTIONS)}, "
                              f"or give explicit indices per layer with filters={{layer: [indices]}}")
         if not 0 < threshold <= 1:
             raise ConfigError(f"threshold must be a fraction of the largest magnitude in (0, 1], got {threshold}")

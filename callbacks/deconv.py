@@ -16,8 +16,8 @@ Logged per layer, at the step of the epoch's validation scalars (`callbacks.ligh
   batch of the first val loader, its first `val_images` images, captured as validation runs), for
   each of `max_maps` maps: the image that activates it most, captioned with its class, beside its
   projection of that map, captioned with the map index. Maps are the `max_maps` most active ones
-  over the batch, most active first (`max_maps_by="activation"`), or maps 0..max_maps-1
-  (`max_maps_by="index"`, the blog's "features 1-32").
+  over the batch, most active first (`max_maps_by="most_active"`), or maps 0..max_maps-1
+  (`max_maps_by="first"`, the blog's "features 1-32").
 
 Normalization: the input images are shown in their true colors (the datamodule's normalization
 undone); each projection is min-max scaled on its own over all its channels (`scale_each`): only
@@ -38,7 +38,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from convlens.callbacks.base import VisualizationCallback
-from convlens.callbacks.options import check_int
+from convlens.callbacks.options import UNIT_SELECTIONS, check_int
 from convlens.callbacks.probe import split_batch
 from convlens.errors import ConfigError
 from convlens.render import (captioned_grid, class_caption, columns_that_fit, fit_caption, scale_each, tile_width,
@@ -46,7 +46,8 @@ from convlens.render import (captioned_grid, class_caption, columns_that_fit, fi
 from convlens.viz.deconvnet import DECONV_UNPOOL_MODES, fast_dtype, layer_problems, record_layers
 from convlens.viz.layers import default_conv_layers
 
-MAX_MAPS_BY = ("activation", "index")
+#: the earlier names of `max_maps_by`'s choices (UNIT_SELECTIONS), still accepted
+MAX_MAPS_BY_ALIASES = {"activation": "most_active", "index": "first"}
 PRECISIONS = ("auto", "float32", "bfloat16")
 
 
@@ -99,7 +100,8 @@ class DeconvProjection(VisualizationCallback):
         unpool: "switches" (Zeiler & Fergus) or "fill" (the blog's cheaper unpooling).
         deconv_max: also draw `deconv_max/<layer>` from a validation batch.
         max_maps: maps drawn in `deconv_max/<layer>` (at most the layer's map count).
-        max_maps_by: "activation" (the most active maps over the batch) or "index" (the first ones).
+        max_maps_by: "most_active" (the most active maps over the batch) or "first" (the first ones);
+            the earlier names "activation" and "index" are accepted.
         val_batch_index: which batch of the validation loader (0: the first) is searched.
         val_images: at most this many images of that batch are searched.
         precision: dtype of the chain path's reverse pass: "auto" (bfloat16 on GPUs and CPUs with
@@ -115,7 +117,7 @@ class DeconvProjection(VisualizationCallback):
     layer_kind = nn.Conv2d
 
     def __init__(self, layers: Sequence[str] | None = None, k: int = 4, unpool: str = "switches",
-                 deconv_max: bool = True, max_maps: int = 16, max_maps_by: str = "activation",
+                 deconv_max: bool = True, max_maps: int = 16, max_maps_by: str = "most_active",
                  val_batch_index: int = 0, val_images: int = 64, precision: str = "auto",
                  tile_size: int = 64, every_n_epochs: int | None = None, **probe_options):
         super().__init__(layers=layers, every_n_epochs=every_n_epochs, **probe_options)
@@ -126,9 +128,11 @@ class DeconvProjection(VisualizationCallback):
         if not isinstance(deconv_max, bool):
             raise ConfigError(f"deconv_max must be true or false, got {deconv_max!r}")
         check_int("max_maps (maps drawn in deconv_max)", max_maps, 1)
-        if max_maps_by not in MAX_MAPS_BY:
-            raise ConfigError(f"Unknown max_maps_by={max_maps_by!r}; use 'activation' (the most active "
-                             "maps over the batch) or 'index' (maps 0..max_maps-1)")
+        max_maps_by = MAX_MAPS_BY_ALIASES.get(max_maps_by, max_maps_by)
+        if max_maps_by not in UNIT_SELECTIONS:
+            raise ConfigError(f"Unknown max_maps_by={max_maps_by!r}; use 'most_active' (the most active "
+                             "maps over the batch) or 'first' (maps 0..max_maps-1); the earlier names "
+                             "'activation' and 'index' still work")
         check_int("val_batch_index (0: the first validation batch)", val_batch_index, 0)
         check_int("val_images (images of the validation batch searched)", val_images, 1)
         check_int("tile_size (pixels)", tile_size, 1)
@@ -211,7 +215,7 @@ class DeconvProjection(VisualizationCallback):
         for layer, rec in record_layers(net, images.to(device), self.layers, self._path).items():
             values, which = rec.max_activating_images()
             count = min(self.max_maps, rec.num_maps)
-            if self.max_maps_by == "activation":
+            if self.max_maps_by == "most_active":
                 maps = values.argsort(descending=True, stable=True)[:count]
             else:
                 maps = torch.arange(count, device=values.device)

@@ -241,11 +241,12 @@ class FilterEvolution(VisualizationCallback):
     # -- checkpointing ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
-        state["filters"] = dict(self.chosen)
+        state["tracked_units"] = dict(self.chosen)  # layer -> the one unit tracked
         state["history"] = [dict(e, tiles=dict(e["tiles"])) for e in self.history]
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
-        self.chosen = {str(k): int(v) for k, v in (state_dict.get("filters") or {}).items()}
+        tracked = state_dict.get("tracked_units", state_dict.get("filters"))  # "filters": convlens <= 0.2
+        self.chosen = {str(k): int(v) for k, v in (tracked or {}).items()}
         self.history = list(state_dict.get("history") or [])

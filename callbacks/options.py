@@ -17,6 +17,9 @@ from convlens.errors import ConfigError
 
 #: target values every callback that explains a class accepts
 TARGETS = ("true", "predicted")
+#: how a callback picks the units (output channels) of a layer it draws when `filters` does not
+#: name them: the most active on the probe images, or the first ones (0, 1, ...)
+UNIT_SELECTIONS = ("most_active", "first")
 #: the options of `ProbeSpec`, as a callback's constructor (and its Hydra config) takes them
 PROBE_OPTIONS = ("probe", "num_probe", "probe_per_class", "probe_seed", "mean", "std", "batch_keys")
 

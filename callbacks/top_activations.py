@@ -50,7 +50,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from convlens.callbacks.base import VisualizationCallback
-from convlens.callbacks.options import check_choice, check_filters, check_int
+from convlens.callbacks.options import UNIT_SELECTIONS, check_choice, check_filters, check_int
 from convlens.errors import ConfigError
 from convlens.render import as_rgb, captioned_grid
 from convlens.viz.common import VizError
@@ -58,7 +58,6 @@ from convlens.viz.layers import LayerError, default_conv_layers, get_layer, laye
 from convlens.viz.receptive_field import ReceptiveField, crop_patches, receptive_field
 from convlens.viz.top_activations import RunningTopK, content_ids, spatial_max
 
-SELECTIONS = ("first", "most_active")
 #: the color of tile pixels outside a unit's receptive field (RGB in [0, 1])
 OUTSIDE_COLOR = (0.72, 0.82, 0.95)
 
@@ -128,7 +127,7 @@ class TopActivations(VisualizationCallback):
         check_int("k (patches per filter)", k, 1)
         check_int("max_filters (filters per layer)", max_filters, 1)
         check_int("tile_size (pixels)", tile_size, 1)
-        check_choice("selection", selection, SELECTIONS,
+        check_choice("selection", selection, UNIT_SELECTIONS,
                      " ('first': filters 0..max_filters-1, 'most_active': the most active on the probe images)")
         self.k, self.max_filters, self.selection, self.tile_size = k, max_filters, selection, tile_size
         self.filters: dict[str, list[int]] = check_filters(filters)

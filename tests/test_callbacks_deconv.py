@@ -357,7 +357,7 @@ def test_resume_keeps_probe_images_filter_choice_and_history(tmp_path):
     net.load_state_dict({k[4:]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")})
     least = int(conv_maps(net, evo1.probe_images[:1], "conv1").amax(dim=(2, 3))[0].argmin())
     assert least != evo1.chosen["conv1"]
-    state["filters"]["conv1"] = least
+    state["tracked_units"]["conv1"] = least
     torch.save(ckpt, tmp_path / "resume.ckpt")
 
     second = make(seed=1)  # a fresh selection with seed 1 would pick other probe images

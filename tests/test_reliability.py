@@ -318,7 +318,7 @@ def test_resume_in_place_rewrites_last_ckpt_and_logs_each_step_once(tmp_path):
         state = torch.load(path, weights_only=True)["callbacks"]
         return next(v for k, v in state.items() if k.startswith("FilterEvolution"))
     a, b = evolution(last), evolution(clean / "checkpoints" / "last.ckpt")
-    assert a["filters"] == b["filters"] and len(a["history"]) == len(b["history"]) == 3
+    assert a["tracked_units"] == b["tracked_units"] and len(a["history"]) == len(b["history"]) == 3
 
 
 # --------------------------------------------------------------------------------------------
