@@ -46,6 +46,7 @@ from typing import Any, Sequence
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from torch import nn
 
@@ -439,6 +440,22 @@ class VisualizationCallback(pl.Callback):
         if at_fit_end:
             return self.every_n_epochs == 0
         return self.every_n_epochs > 0 and self.due_epoch(trainer)
+
+    def collects_validation(self, trainer: pl.Trainer) -> bool:
+        """Whether a callback that collects during the validation loop (top_activations, dissection)
+        collects this one: an offline `validate` run; in a fit, the validation of each epoch it draws
+        (with every_n_epochs=0, the last epoch's, or every epoch's when max_epochs is unlimited);
+        never the sanity check or fast_dev_run."""
+        if trainer.sanity_checking or trainer.fast_dev_run or self.probe_images is None:
+            return False
+        if trainer.state.fn == TrainerFn.VALIDATING:
+            return True
+        if trainer.state.fn != TrainerFn.FITTING:
+            return False
+        if self.every_n_epochs == 0:
+            last = trainer.max_epochs is None or trainer.max_epochs < 0
+            return last or trainer.current_epoch + 1 >= trainer.max_epochs
+        return self.due_epoch(trainer)
 
     def due_epoch(self, trainer: pl.Trainer) -> bool:
         """Whether this epoch is one it draws: every `every_n_epochs`-th, and, once the budget has

@@ -45,7 +45,6 @@ from typing import Any, Mapping, Sequence
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
@@ -54,7 +53,8 @@ from convlens.callbacks.options import UNIT_SELECTIONS, check_choice, check_filt
 from convlens.errors import ConfigError
 from convlens.render import as_rgb, captioned_grid
 from convlens.viz.common import VizError
-from convlens.viz.layers import LayerError, default_conv_layers, get_layer, layer_maxima, rank_filters
+from convlens.viz.layers import (LayerError, default_conv_layers, get_layer, input_module, layer_maxima,
+                                 rank_filters)
 from convlens.viz.receptive_field import ReceptiveField, crop_patches, receptive_field
 from convlens.viz.top_activations import RunningTopK, content_ids, spatial_max
 
@@ -85,18 +85,6 @@ def _as_index(filters: Sequence[int], device) -> range | torch.Tensor:
     if list(filters) == list(range(filters[0], filters[0] + len(filters))):
         return range(filters[0], filters[0] + len(filters))
     return torch.tensor(list(filters), device=device)
-
-
-def _input_module(net: nn.Module, layers: Sequence[str]) -> nn.Module:
-    """The module whose input is the images: the net, or, when every layer lies inside one
-    container child of it (a LightningModule's `self.model`), that child, which also sees the images
-    when validation_step calls it directly rather than through forward."""
-    heads = {layer.split(".")[0] for layer in layers}
-    if len(heads) == 1 and all("." in layer for layer in layers):
-        child = getattr(net, next(iter(heads)), None)
-        if isinstance(child, nn.Module) and list(child.children()):
-            return child
-    return net
 
 
 class TopActivations(VisualizationCallback):
@@ -185,19 +173,6 @@ class TopActivations(VisualizationCallback):
         self.fields = {layer: receptive_field(net, image, layer) for layer in self.layers}
 
     # -- which epochs collect ----------------------------------------------------------------------
-    def _collects(self, trainer: pl.Trainer) -> bool:
-        if trainer.sanity_checking or trainer.fast_dev_run or self.probe_images is None:
-            return False
-        if trainer.state.fn == TrainerFn.VALIDATING:
-            return True  # an offline run (visualize.py): collect over its validation pass
-        if trainer.state.fn != TrainerFn.FITTING:
-            return False
-        if self.every_n_epochs == 0:
-            last = trainer.max_epochs is None or trainer.max_epochs < 0 \
-                or trainer.current_epoch + 1 >= trainer.max_epochs
-            return last
-        return self.due_epoch(trainer)
-
     def _choose_filters(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, list[int]]:
         net = self.net(pl_module)
         chosen = {}
@@ -217,7 +192,7 @@ class TopActivations(VisualizationCallback):
     # -- collecting during validation -----------------------------------------------------------
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._remove_hooks()
-        if not self._collects(trainer):
+        if not self.collects_validation(trainer):
             return
         start = time.perf_counter()
         net = self.net(pl_module)
@@ -243,7 +218,7 @@ class TopActivations(VisualizationCallback):
                 self._records[-1]["maps"][layer] = spatial_max(out.detach(), channels[layer])
             self.collect_seconds += time.perf_counter() - t0
 
-        self._handles = [_input_module(net, self.layers).register_forward_pre_hook(net_input)]
+        self._handles = [input_module(net, self.layers).register_forward_pre_hook(net_input)]
         for layer in self.layers:
             self._handles.append(get_layer(net, layer).register_forward_hook(partial(layer_output, layer=layer)))
         self.collect_seconds += time.perf_counter() - start

@@ -15,7 +15,8 @@ from torch import nn
 from convlens.viz.common import LayerError, eval_mode, forward_until
 
 __all__ = ["LayerError", "layer_names", "get_layer", "eval_mode", "trace_chain", "layer_output",
-           "check_chain", "chain_prefix", "default_conv_layers", "layer_maxima", "rank_filters", "ALL_CONVS_UP_TO"]
+           "check_chain", "chain_prefix", "default_conv_layers", "layer_maxima", "rank_filters", "ALL_CONVS_UP_TO",
+           "input_module"]
 
 
 def _show(names: list[str], limit: int = 40) -> str:
@@ -305,3 +306,15 @@ def rank_filters(activity: torch.Tensor, k: int | None = None, per_image: bool =
     if per_image:
         return activity.argsort(dim=1, descending=True, stable=True)[:, :count]
     return activity.float().mean(0).argsort(descending=True, stable=True)[:count]
+
+
+def input_module(net: nn.Module, layers: Sequence[str]) -> nn.Module:
+    """The module whose input is the images: the net, or, when every layer lies inside one
+    container child of it (a LightningModule's `self.model`), that child, which also sees the images
+    when validation_step calls it directly rather than through forward."""
+    heads = {layer.split(".")[0] for layer in layers}
+    if len(heads) == 1 and all("." in layer for layer in layers):
+        child = getattr(net, next(iter(heads)), None)
+        if isinstance(child, nn.Module) and list(child.children()):
+            return child
+    return net
