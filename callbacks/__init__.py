@@ -10,6 +10,7 @@ from convlens.callbacks.decoded import DecodedFilters
 from convlens.callbacks.deconv import DeconvProjection
 from convlens.callbacks.evolution import FilterEvolution
 from convlens.callbacks.faithfulness import Faithfulness
+from convlens.callbacks.feature_viz import FeatureVisualization
 from convlens.callbacks.layout import TensorBoardLayout
 from convlens.callbacks.occlusion import OcclusionSensitivity
 from convlens.callbacks.saliency import Saliency
@@ -17,4 +18,4 @@ from convlens.callbacks.suppression import KernelSuppression
 from convlens.callbacks.top_activations import TopActivations
 
 __all__ = ["VisualizationCallback", "DeconvProjection", "FilterEvolution", "DecodedFilters", "OcclusionSensitivity",
-           "Saliency", "TopActivations", "KernelSuppression", "Faithfulness", "TensorBoardLayout"]
+           "Saliency", "TopActivations", "KernelSuppression", "Faithfulness", "FeatureVisualization", "TensorBoardLayout"]

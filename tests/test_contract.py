@@ -107,6 +107,7 @@ SMALL = {  # small drawings, so the matrix stays fast; every other option is the
                     "callbacks.suppression.top_k=1"],
     "top_activations": ["callbacks.top_activations.max_filters=2", "callbacks.top_activations.k=2"],
     "evolution": [],
+    "feature_viz": ["callbacks.feature_viz.steps=2", "callbacks.feature_viz.max_units=2"],
     "faithfulness": ["callbacks.faithfulness.num_probe=2", "callbacks.faithfulness.steps=4",
                      "callbacks.faithfulness.road_percentiles=[0.5]"],
 }
