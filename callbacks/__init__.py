@@ -18,4 +18,5 @@ from convlens.callbacks.suppression import KernelSuppression
 from convlens.callbacks.top_activations import TopActivations
 
 __all__ = ["VisualizationCallback", "DeconvProjection", "FilterEvolution", "DecodedFilters", "OcclusionSensitivity",
-           "Saliency", "TopActivations", "KernelSuppression", "Faithfulness", "FeatureVisualization", "TensorBoardLayout"]
+           "Saliency", "TopActivations", "KernelSuppression", "Faithfulness", "FeatureVisualization",
+           "TensorBoardLayout"]
