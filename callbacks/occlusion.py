@@ -20,6 +20,17 @@ closer to the border than half a patch show the outermost positions.
 Patch and stride default to values from the image side (`default_patch`, `default_stride`):
 7/2 at 28x28, 7/3 at 32x32 (the report's 7x7 patch), 25/25 at 224x224; explicit values override.
 The patch is mid-gray in pixel space, mapped through the datamodule's normalization.
+
+Approximate maps (`approximate="fast"`, or the raw knobs `coarse`, `drill`, `tau`; see
+`viz.occlusion.occlusion_maps`): Krypton's adaptive drill-down and projective-field thresholding
+(Nakandala, Kumar & Papakonstantinou, SIGMOD 2019, DOI 10.1145/3299869.3319874). What they cost
+is measured, not assumed: on their first drawing and every `check_every` epochs after it, the
+exact maps are computed as well, and per probe image i the SSIM (scikit-image's default window,
+data range 1, the heat map's fixed scale) and the largest |p - p_exact| are logged as
+`occlusion_ssim/<i>` and `occlusion_max_abs_diff/<i>`; the heat map's caption shows the latest
+SSIM. `occlusion_copies/fraction` is the share of the exact map's occluded copies forwarded.
+With `reuse_tol`, positions computed in an earlier epoch keep their value while the coarse map
+around them moved less than `reuse_tol` (`viz.occlusion_result`).
 """
 from __future__ import annotations
 
@@ -34,7 +45,10 @@ from convlens.callbacks.options import TARGETS, check_choice, check_int
 from convlens.errors import ConfigError
 from convlens.render import (as_rgb, captioned_grid, class_caption, colorbar, fit_caption, heatmap, label_colors,
                              legend, stack_vertical, tile_width, to_pixels)
-from convlens.viz.occlusion import OcclusionError, default_patch, default_stride, maps_to_pixels, occlusion_maps
+from convlens.viz.faithfulness import ssim
+from convlens.viz.occlusion import (OcclusionError, OcclusionResult, default_patch, default_stride, maps_to_pixels,
+                                    occlusion_maps, occlusion_result)
+from convlens.viz.occlusion_approximate import PRESETS, resolve
 
 
 class OcclusionSensitivity(VisualizationCallback):
@@ -50,8 +64,16 @@ class OcclusionSensitivity(VisualizationCallback):
             every callback) or "predicted" (the model's prediction on the unoccluded image).
         cmap: matplotlib colormap of the probability heat map.
         max_batch: occluded copies per forward pass (None: `occlusion_maps`' memory budget).
-        tau: None for exact maps (computed incrementally where that pays), or a fraction in (0, 1)
-            for Krypton's approximation (`viz.occlusion.occlusion_maps`).
+        approximate: None (exact maps) or "fast" (Krypton's drill-down and thresholding, a preset);
+            coarse, drill, tau: the raw knobs, overriding the preset's (`viz.occlusion.occlusion_maps`):
+            coarse: the coarse stride in strides (1: no drill-down); drill: the fraction of the other
+            positions computed at the fine stride; tau: None, or a fraction in (0, 1] for Krypton's
+            projective-field thresholding.
+        check_every: approximate maps are compared with exact ones on their first drawing and then
+            every `check_every` epochs (0: only the first); logged as occlusion_ssim/<i> and
+            occlusion_max_abs_diff/<i>.
+        reuse_tol: None (default), or a probability change: positions computed in an earlier epoch
+            are kept while the coarse map around them moved less than this (with a drill-down only).
         tile_size: each panel is upscaled (nearest, integer factor) to about this many pixels.
         every_n_epochs: see VisualizationCallback; the other probe options (probe, probe_per_class,
             probe_seed, mean, std, batch_keys): see `ProbeSpec`.
@@ -65,7 +87,8 @@ class OcclusionSensitivity(VisualizationCallback):
     def __init__(self, every_n_epochs: int | None = None, num_probe: int | None = 4, patch: int | None = None,
                  stride: int | None = None, target: str = "true", cmap: str = "jet",
                  max_batch: int | None = None, tile_size: int = 112, tau: float | None = None,
-                 **probe_options):
+                 approximate: str | None = None, coarse: int | None = None, drill: float | None = None,
+                 check_every: int = 10, reuse_tol: float | None = None, **probe_options):
         super().__init__(layers=None, every_n_epochs=every_n_epochs, num_probe=num_probe, **probe_options)
         for arg, value in (("patch", patch), ("stride", stride)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
@@ -79,11 +102,28 @@ class OcclusionSensitivity(VisualizationCallback):
 
         if cmap not in matplotlib.colormaps:
             raise ConfigError(f"Unknown matplotlib colormap {cmap!r}; e.g. jet, viridis, inferno, gray")
-        if tau is not None and (isinstance(tau, bool) or not isinstance(tau, (int, float)) or not 0 < tau < 1):
-            raise ConfigError(f"tau must be a fraction in (0, 1) (Krypton's approximation) or null (exact maps), "
+        if tau is not None and (isinstance(tau, bool) or not isinstance(tau, (int, float)) or not 0 < tau <= 1):
+            raise ConfigError(f"tau must be a fraction in (0, 1] (Krypton's approximation) or null (exact maps), "
                               f"got {tau!r}")
+        if approximate is not None and approximate not in PRESETS:
+            raise ConfigError(f"approximate must be null (exact maps) or one of {', '.join(sorted(PRESETS))}, "
+                              f"got {approximate!r}")
+        try:
+            self.approximation = resolve(approximate, coarse, drill, tau)
+        except OcclusionError as e:
+            raise ConfigError(str(e)) from None
+        check_int("check_every", check_every, 0, " (epochs between exact checks; 0: only the first drawing)")
+        if reuse_tol is not None and (isinstance(reuse_tol, bool) or not isinstance(reuse_tol, (int, float))
+                                      or not reuse_tol >= 0):
+            raise ConfigError(f"reuse_tol must be a probability change >= 0 (e.g. 0.01) or null (no reuse), "
+                              f"got {reuse_tol!r}")
         self.patch, self.stride, self.target, self.tau = patch, stride, target, tau
+        self.approximate, self.coarse, self.drill = approximate, coarse, drill
+        self.check_every, self.reuse_tol = check_every, reuse_tol
         self.cmap, self.max_batch, self.tile_size = cmap, max_batch, tile_size
+        self._previous: OcclusionResult | None = None  # the last approximate maps, for reuse
+        self._checked_epoch: int | None = None          # the epoch of the last exact check
+        self._ssim: torch.Tensor | None = None          # its SSIM per image, shown in the captions
 
     def patch_and_stride(self, height: int, width: int) -> tuple[int, int]:
         """The patch and stride used on images of this size (the configured ones, else the defaults
@@ -133,19 +173,50 @@ class OcclusionSensitivity(VisualizationCallback):
         patch, stride = self.patch_and_stride(*images.shape[-2:])
         normalization = self.normalization(trainer)
         targets = self.targets(net, images, labels)
-        prob, label = occlusion_maps(net, images, targets, patch=patch, stride=stride,
-                                     pixel_to_input=normalization, max_batch=self.max_batch, tau=self.tau)
+        geometry = dict(patch=patch, stride=stride, pixel_to_input=normalization, max_batch=self.max_batch)
+        approx = self.approximation
+        if approx.coarse > 1 and approx.drill < 1:  # a drill-down: what it computed is kept for reuse
+            result = occlusion_result(net, images, targets, tau=self.tau, approximate=self.approximate,
+                                      coarse=self.coarse, drill=self.drill, previous=self._previous,
+                                      reuse_tol=self.reuse_tol, **geometry)
+            prob, label = result.prob, result.label
+            self._previous = result if self.reuse_tol is not None else None
+            self.log_scalars(trainer, {"occlusion_copies/fraction": result.copies / result.prob.numel()})
+        else:
+            prob, label = occlusion_maps(net, images, targets, tau=approx.tau, **geometry)
+        if not approx.exact:
+            self._measure(trainer, net, images, targets, prob, geometry)
         names = self.class_names(trainer)
         num_classes = max(len(names), int(label.max()) + 1)
         names = list(names) + [str(c) for c in range(len(names), num_classes)]
         pixels = to_pixels(images, normalization)
         key = None
         for i in range(len(images)):
-            captions = [class_caption(labels[i], names), f"p({class_caption(targets[i], names)})",
-                        "predicted label"]
+            p_caption = f"p({class_caption(targets[i], names)})"
+            if self._ssim is not None and not self.approximation.exact:
+                p_caption += f" ~ SSIM {float(self._ssim[i]):.2f}"
+            captions = [class_caption(labels[i], names), p_caption, "predicted label"]
             panels = self.render(pixels[i], prob[i], label[i], patch, stride, num_classes, captions)
             if key is None:  # the same colour scale and legend under every probe
                 colors = label_colors(torch.arange(num_classes)[:, None, None], num_classes)[:, :, 0, 0]
                 scale = colorbar(self.cmap, 0, 1, min(panels.shape[-1], 240), "p(target)")
                 key = stack_vertical([scale, legend(names, colors, panels.shape[-1])])
             self.log_image(trainer, f"occlusion/{i}", stack_vertical([panels, key]))
+
+    def _measure(self, trainer: pl.Trainer, net: torch.nn.Module, images: torch.Tensor, targets: torch.Tensor,
+                 prob: torch.Tensor, geometry: dict) -> None:
+        """For approximate maps, when a check is due: the SSIM and the largest difference against
+        the exact maps, per image."""
+        epoch = getattr(trainer, "current_epoch", 0)  # stand-in trainers in tests have none
+        due = self._checked_epoch is None or (self.check_every > 0 and epoch - self._checked_epoch >= self.check_every)
+        if not due:
+            return
+        exact, _ = occlusion_maps(net, images, targets, **geometry)
+        self._checked_epoch = epoch
+        self._ssim = ssim(prob, exact, data_range=1.0).cpu()
+        worst = (prob.double() - exact.double()).abs().flatten(1).amax(1).cpu()
+        scalars = {}
+        for i in range(len(images)):
+            scalars[f"occlusion_ssim/{i}"] = float(self._ssim[i])
+            scalars[f"occlusion_max_abs_diff/{i}"] = float(worst[i])
+        self.log_scalars(trainer, scalars)
