@@ -81,7 +81,7 @@ class Faithfulness(VisualizationCallback):
             with those of the initialised net is at least this.
         sanity_warmup: epochs trained before a method can be flagged.
         cascading: at fit end, Adebayo et al.'s cascading randomization (on a copy of the net).
-        max_batch: perturbed copies per forward (None: occlusion's memory budget).
+        max_batch: perturbed and occluded copies per forward (None: `viz.faithfulness.default_batch`).
         seed: the seed of the random reference map, of ROAD's noise and of re-drawn weights.
         every_n_epochs: see VisualizationCallback; probe options (probe, num_probe, probe_per_class,
             probe_seed, mean, std, batch_keys): see `ProbeSpec`.
@@ -177,7 +177,7 @@ class Faithfulness(VisualizationCallback):
              normalization) -> dict[str, torch.Tensor]:
         """{method: map} of the enabled methods (`viz.faithfulness.explanation_maps`)."""
         return explanation_maps(net, images, targets, self.methods, self.layer, self.patch, self.stride,
-                                pixel_to_input=normalization)
+                                pixel_to_input=normalization, max_batch=self.max_batch)
 
     def prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # offline, this runs at validation start, inside inference mode; the gradient methods need

@@ -52,11 +52,11 @@ from torch import Tensor, nn
 
 from convlens.viz.common import VizError, check_images, class_targets, eval_mode
 from convlens.viz.deconvnet import record
-from convlens.viz.occlusion import default_max_batch, default_patch, default_stride, maps_to_pixels, occlusion_maps
+from convlens.viz.occlusion import default_patch, default_stride, maps_to_pixels, occlusion_maps
 from convlens.viz.saliency import default_saliency_layer, grad_cam, guided_backprop, upsample
 
 __all__ = ["FaithfulnessError", "EXPLANATIONS", "REFERENCES", "Curves", "RoadCurves", "Similarity",
-           "pixel_relevance", "relevance_ranks", "pixel_counts", "gray_fill", "gaussian_blur",
+           "pixel_relevance", "relevance_ranks", "default_batch", "pixel_counts", "gray_fill", "gaussian_blur",
            "deletion_insertion", "deletion_insertion_many", "noisy_linear_imputation", "road", "road_many",
            "spearman", "ssim", "randomization_similarity", "reference_maps", "explanation_maps",
            "randomizable_layers", "randomized_copy", "cascading_randomization", "NEIGHBOUR_WEIGHTS"]
@@ -168,6 +168,17 @@ def default_blur_sigma(height: int, width: int) -> float:
 # Batched forwards of perturbed copies
 # --------------------------------------------------------------------------------------------
 
+#: with max_batch=None, a forward holds at most this many input elements (and 256 images): mid-sized
+#: batches run fastest on CPUs, where a large batch's activations no longer fit the caches (about
+#: three times slower per image at 1024 CIFAR images than at 64, benchmarks/RESULTS.md)
+BATCH_ELEMENTS = 2**18
+
+
+def default_batch(channels: int, height: int, width: int) -> int:
+    """Perturbed copies per forward when `max_batch` is None (85 for CIFAR's 3x32x32, 1 at 224x224)."""
+    return max(1, min(256, BATCH_ELEMENTS // (channels * height * width)))
+
+
 def _check_int(name: str, value, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         raise FaithfulnessError(f"{name} must be an int >= {minimum}, got {value!r}")
@@ -209,7 +220,7 @@ def _probabilities(model: nn.Module, total: int, make: Callable[[Tensor], tuple[
 def _prepare(model: nn.Module, images: Tensor, target, max_batch) -> tuple[Tensor, Tensor, int]:
     """(targets [N], p(target) of the images [N], max_batch); runs in the caller's eval/no_grad block."""
     n, c, h, w = images.shape
-    max_batch = default_max_batch(c, h, w) if max_batch is None else _check_int("max_batch", max_batch, 1)
+    max_batch = default_batch(c, h, w) if max_batch is None else _check_int("max_batch", max_batch, 1)
     logits = torch.cat([model(images[i:i + max_batch]) for i in range(0, n, max_batch)])
     targets = class_targets(target, logits, FaithfulnessError)
     return targets, _target_probability(logits, targets), max_batch
@@ -294,8 +305,8 @@ def deletion_insertion(model: nn.Module, images: Tensor, maps: Tensor, target=No
     baseline) to `steps` (the deletion baseline; the image). Defaults: deletion to mid-gray in
     display space mapped through `pixel_to_input` (occlusion's patch), insertion into the image
     blurred by a Gaussian of `blur_sigma` pixels (`default_blur_sigma`); a float or a tensor
-    broadcastable to the images overrides either. `max_batch` copies per forward (None: occlusion's
-    memory budget, `viz.occlusion.default_max_batch`). Curves in float64."""
+    broadcastable to the images overrides either. `max_batch` copies per forward (None:
+    `default_batch`). Curves in float64."""
     if not torch.is_tensor(maps):
         raise FaithfulnessError(f"maps must be a tensor [N, H, W] or [N, C, H, W], got {type(maps).__name__}")
     return deletion_insertion_many(model, images, {"map": maps}, target, steps, deletion_baseline,
@@ -307,18 +318,20 @@ def deletion_insertion(model: nn.Module, images: Tensor, maps: Tensor, target=No
 # --------------------------------------------------------------------------------------------
 
 def noisy_linear_imputation(images: Tensor, removed: Tensor, noise: float = 0.01, seed: int | Sequence[int] = 0,
-                            tol: float = 1e-6, max_iter: int | None = None) -> Tensor:
+                            tol: float | None = None, max_iter: int | None = None) -> Tensor:
     """`images` [B, C, H, W] with the pixels where `removed` [B, H, W] is True replaced, in every
     channel, by Rong et al.'s noisy linear imputation: the values x solving, at every removed pixel
     i, d_i x_i = sum_j w_ij x_j over its in-image neighbours j (w of `NEIGHBOUR_WEIGHTS`, d_i their
     sum; known neighbours give their value), plus `noise` times standard normal noise.
 
     Solved by conjugate gradients (the system is symmetric positive definite wherever the removed
-    region touches a kept pixel), batched over images and channels, until the residual is below
-    `tol` times the right-hand side's norm or after `max_iter` iterations (None: 10 (H + W)). A
-    region with no kept neighbour at all (every pixel removed) is set to 0 before the noise. The
-    noise of image b comes from a generator seeded with `seed` (an int, or one per image), on the
-    CPU, so it does not depend on the device or on how images are batched."""
+    region touches a kept pixel), batched over images and channels, each system until its residual
+    is below `tol` times its right-hand side's norm (None: 1e-4 in float32, where the imputed values
+    then differ from the exact solution by far less than Rong et al.'s noise, 1e-10 in float64) or
+    after `max_iter` iterations (None: 10 (H + W)). A region with no kept neighbour at all (every
+    pixel removed) is set to 0 before the noise. The noise of image b comes from a generator seeded
+    with `seed` (an int, or one per image), on the CPU, so it does not depend on the device or on
+    how images are batched."""
     check_images(images, FaithfulnessError)
     b, c, h, w = images.shape
     if not torch.is_tensor(removed) or removed.dtype != torch.bool or removed.shape != (b, h, w):
@@ -331,40 +344,53 @@ def noisy_linear_imputation(images: Tensor, removed: Tensor, noise: float = 0.01
     if len(seeds) != b:
         raise FaithfulnessError(f"seed must be an int or one int per image ({b}), got {len(seeds)}")
     dtype = images.dtype if images.dtype in (torch.float32, torch.float64) else torch.float32
-    x_img = images.to(dtype)
-    kernel = torch.tensor(NEIGHBOUR_WEIGHTS, dtype=dtype, device=images.device).view(1, 1, 3, 3)
+    if tol is None:
+        tol = 1e-4 if dtype == torch.float32 else 1e-10
+    tiny = torch.finfo(dtype).tiny
 
-    def neighbours(x: Tensor) -> Tensor:  # sum_j w_ij x_j over in-image neighbours (zero padding)
-        return F.conv2d(x.reshape(-1, 1, h, w), kernel, padding=1).view(x.shape)
+    def neighbours(x: Tensor) -> Tensor:
+        # sum_j w_ij x_j over in-image neighbours of [S, H, W]: the kernel is
+        # (outer([1, 2, 1], [1, 2, 1]) - 4 delta) / 12, two [1, 2, 1] passes (cheaper than a 3x3 convolution)
+        padded = F.pad(x, (1, 1, 1, 1))
+        rows = padded[:, :-2] + 2 * padded[:, 1:-1] + padded[:, 2:]
+        return (rows[:, :, :-2] + 2 * rows[:, :, 1:-1] + rows[:, :, 2:] - 4 * x) / 12
 
-    unknown = removed[:, None].to(dtype)                                          # [B, 1, H, W]
-    diag = neighbours(torch.ones(1, 1, h, w, dtype=dtype, device=images.device))  # d_i
-    rhs = neighbours(x_img * (1 - unknown)) * unknown
-
-    def apply(x: Tensor) -> Tensor:
-        return (diag * x - neighbours(x)) * unknown
-
-    x = torch.zeros_like(rhs)
-    r = rhs.clone()
-    p = r.clone()
-    rs = (r * r).sum((2, 3), keepdim=True)
-    bound = (tol ** 2) * rs.clamp_min(torch.finfo(dtype).tiny)
-    for _ in range(max_iter):
-        if bool((rs <= bound).all()):
-            break
-        ap = apply(p)
-        pap = (p * ap).sum((2, 3), keepdim=True)
-        alpha = torch.where(pap > 0, rs / pap.clamp_min(torch.finfo(dtype).tiny), torch.zeros_like(pap))
+    # one system per image and channel: [S = B * C, H, W]
+    values = images.to(dtype).reshape(b * c, h, w)
+    unknown = removed.repeat_interleave(c, 0).to(dtype)
+    diag = neighbours(torch.ones(1, h, w, dtype=dtype, device=images.device))            # d_i
+    rhs = neighbours(values * (1 - unknown)) * unknown
+    solution = torch.zeros_like(rhs)
+    active = torch.arange(b * c, device=images.device)
+    x, r, p, u = torch.zeros_like(rhs), rhs, rhs.clone(), unknown
+    rs = (r * r).sum((1, 2))
+    bound = tol ** 2 * rs
+    iteration = 0
+    while True:
+        if iteration % 8 == 0 or iteration >= max_iter:  # set converged systems aside: later iterations are cheaper
+            done = (rs <= bound) | (iteration >= max_iter)
+            if bool(done.any()):
+                solution[active[done]] = x[done]
+                keep = ~done
+                active, x, r, p, u, rs, bound = (t[keep] for t in (active, x, r, p, u, rs, bound))
+            if not active.numel():
+                break
+        ap = (diag * p - neighbours(p)) * u
+        pap = (p * ap).sum((1, 2))
+        alpha = torch.where(pap > 0, rs / pap.clamp_min(tiny), torch.zeros_like(pap))[:, None, None]
         x = x + alpha * p
         r = r - alpha * ap
-        rs_new = (r * r).sum((2, 3), keepdim=True)
-        p = r + torch.where(rs > 0, rs_new / rs.clamp_min(torch.finfo(dtype).tiny), torch.zeros_like(rs)) * p
+        rs_new = (r * r).sum((1, 2))
+        beta = torch.where(rs > 0, rs_new / rs.clamp_min(tiny), torch.zeros_like(rs))[:, None, None]
+        p = r + beta * p
         rs = rs_new
+        iteration += 1
+    solution = solution.view(b, c, h, w)
     if noise:
         draws = torch.stack([torch.randn((c, h, w), generator=torch.Generator().manual_seed(s), dtype=dtype)
                              for s in seeds]).to(images.device)
-        x = x + noise * draws
-    return torch.where(removed[:, None], x, x_img).to(images.dtype)
+        solution = solution + noise * draws
+    return torch.where(removed[:, None], solution, images.to(dtype)).to(images.dtype)
 
 
 @dataclass(frozen=True)
@@ -386,7 +412,7 @@ def _check_percentiles(percentiles) -> list[float]:
 
 def road_many(model: nn.Module, images: Tensor, maps: Mapping[str, Tensor], target=None,
               percentiles: Sequence[float] = (0.1, 0.3, 0.5, 0.7, 0.9), noise: float = 0.01, seed: int = 0,
-              max_batch: int | None = None, tol: float = 1e-6) -> dict[str, RoadCurves]:
+              max_batch: int | None = None, tol: float | None = None) -> dict[str, RoadCurves]:
     """`road` for several maps of the same images at once ({name: RoadCurves})."""
     check_images(images, FaithfulnessError)
     qs = _check_percentiles(percentiles)
@@ -418,7 +444,7 @@ def road_many(model: nn.Module, images: Tensor, maps: Mapping[str, Tensor], targ
 
 def road(model: nn.Module, images: Tensor, maps: Tensor, target=None,
          percentiles: Sequence[float] = (0.1, 0.3, 0.5, 0.7, 0.9), noise: float = 0.01, seed: int = 0,
-         max_batch: int | None = None, tol: float = 1e-6) -> RoadCurves:
+         max_batch: int | None = None, tol: float | None = None) -> RoadCurves:
     """ROAD (Rong et al. 2022) of `maps` for `images`: for each fraction q of `percentiles`, the
     round(q * H*W) most relevant pixels (MoRF), or the least relevant ones (LeRF), are removed and
     filled by `noisy_linear_imputation` (noise `noise`, seeded by `seed`), and p(target) is read,
@@ -542,7 +568,7 @@ def reference_maps(n: int, height: int, width: int, seed: int = 0, device=None,
 def explanation_maps(model: nn.Module, images: Tensor, target=None, methods: Sequence[str] = EXPLANATIONS,
                      layer: str | None = None, patch: int | None = None, stride: int | None = None,
                      pixel_to_input: Callable[[Tensor], Tensor] | None = None,
-                     unpool: str = "switches") -> dict[str, Tensor]:
+                     unpool: str = "switches", max_batch: int | None = None) -> dict[str, Tensor]:
     """{method: map} of `images` by each of `methods` (names of `EXPLANATIONS`), from the project's
     own `viz` functions:
 
@@ -555,7 +581,8 @@ def explanation_maps(model: nn.Module, images: Tensor, target=None, methods: Seq
     - deconv: `viz.deconvnet`'s projection of each image's top map of `layer` (highest maximum
       activation), not specific to a class [N, C, H, W].
 
-    `layer` (None: `default_saliency_layer`, the last Conv2d with maps larger than 1x1)."""
+    `layer` (None: `default_saliency_layer`, the last Conv2d with maps larger than 1x1); `max_batch`:
+    occluded copies per forward (None: `default_batch`)."""
     check_images(images, FaithfulnessError)
     unknown = [m for m in methods if m not in EXPLANATIONS]
     if unknown or not methods:
@@ -585,7 +612,8 @@ def explanation_maps(model: nn.Module, images: Tensor, target=None, methods: Seq
             side = min(h, w)
             p = patch if patch is not None else default_patch(side)
             s = stride if stride is not None else default_stride(side, p)
-            prob, _ = occlusion_maps(model, images, targets, patch=p, stride=s, pixel_to_input=pixel_to_input)
+            prob, _ = occlusion_maps(model, images, targets, patch=p, stride=s, pixel_to_input=pixel_to_input,
+                                     max_batch=default_batch(*images.shape[1:]) if max_batch is None else max_batch)
             p0 = _target_probability(logits, targets).to(prob.dtype)
             out[method] = maps_to_pixels(p0.view(-1, 1, 1) - prob, (h, w), p, s)
         elif method == "deconv":
