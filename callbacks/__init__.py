@@ -12,11 +12,12 @@ from convlens.callbacks.evolution import FilterEvolution
 from convlens.callbacks.faithfulness import Faithfulness
 from convlens.callbacks.feature_viz import FeatureVisualization
 from convlens.callbacks.layout import TensorBoardLayout
+from convlens.callbacks.mistakes import Mistakes
 from convlens.callbacks.occlusion import OcclusionSensitivity
 from convlens.callbacks.saliency import Saliency
 from convlens.callbacks.suppression import KernelSuppression
 from convlens.callbacks.top_activations import TopActivations
 
 __all__ = ["VisualizationCallback", "DeconvProjection", "FilterEvolution", "DecodedFilters", "OcclusionSensitivity",
-           "Saliency", "TopActivations", "KernelSuppression", "Faithfulness", "FeatureVisualization",
+           "Saliency", "TopActivations", "KernelSuppression", "Faithfulness", "FeatureVisualization", "Mistakes",
            "TensorBoardLayout"]

@@ -46,6 +46,9 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            "one fixed map per layer projected every epoch, the first layer's weights, weight change"),
     Method("faithfulness", "Faithfulness", "faithfulness", False,
            "deletion / insertion AUC, ROAD and the model-randomization sanity check of each explanation"),
+    Method("mistakes", "Mistakes", "knn", False,
+           "misclassified validation images beside their nearest training images, the confusion matrix, "
+           "per-class accuracy, the embedding projector"),
     Method("feature_viz", "FeatureVisualization", "feature_visualization", False,
            "the image each selected unit wants to see, by optimization (Olah et al.), warm-started each epoch"),
 )}
