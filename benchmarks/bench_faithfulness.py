@@ -162,8 +162,20 @@ def cost(a, report: Report) -> dict:
                  f"| >= 10x: {'met' if speedup >= 10 else 'MISSED'} |")
     report.print(f"| ROAD, {len(qs)} percentiles x MoRF/LeRF | {road_s:.3f} | {road_single_s:.3f} | "
                  f"{road_single_s / road_s:.1f}x | {road_gap:.1e} | |")
+    # a net as small as LeNet, where a forward's fixed cost outweighs its arithmetic
+    from convlens.models.lenet import LeNet
+
+    torch.manual_seed(0)
+    lenet, small = LeNet().eval(), torch.randn(10, 1, 28, 28)
+    small_labels = torch.arange(10)
+    small_maps = explanation_maps(lenet, small, small_labels, ["gradcam"])["gradcam"]
+    lenet_s, _ = timed(lambda: deletion_insertion(lenet, small, small_maps, small_labels, steps=20))
+    lenet_single_s, _ = timed(lambda: one_per_forward_curves(lenet, small, small_maps, small_labels, 20), repeats=1)
+    report.print(f"| LeNet 28x28 (untrained), deletion + insertion, 20 steps | {lenet_s:.3f} | {lenet_single_s:.3f} "
+                 f"| {lenet_single_s / lenet_s:.1f}x | | |")
     return {"epoch_s": epoch_s, "callback_s": steady, "callback_first_s": times[0], "batched_s": batched_s,
-            "single_s": single_s, "road_batched_s": road_s, "road_single_s": road_single_s}
+            "single_s": single_s, "road_batched_s": road_s, "road_single_s": road_single_s,
+            "lenet_batched_s": lenet_s, "lenet_single_s": lenet_single_s}
 
 
 # -- study --------------------------------------------------------------------------------------------
