@@ -29,7 +29,7 @@ Logged at the step of the epoch's validation scalars (`callbacks.lightning_compa
 - `feature_viz_objective/<layer>/unit<u>` (scalar): that objective (the mean of the unit's map, or
   its centre value with `objective="neuron"`) on the image as the net receives it;
 - at fit end, `feature_viz_summary/<layer>`: rows = epochs (at most `summary_max_epochs`, spread
-  evenly, first and last kept), columns = the units.
+  out, first and last kept), columns = the units.
 """
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ def _number(name: str, value: Any, positive: bool = False) -> float:
 
 def _thin(history: list[dict], keep: int) -> list[dict]:
     """At most `keep` entries: drop, one at a time, the inner entry whose neighbours are closest in
-    epochs (the first and the last stay), so the kept epochs stay evenly spread."""
+    epochs (the first and the last stay), so that the kept epochs stay spread over the run."""
     history = list(history)
     while len(history) > max(keep, 2):
         gaps = [history[i + 1]["epoch"] - history[i - 1]["epoch"] for i in range(1, len(history) - 1)]
