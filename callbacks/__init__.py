@@ -8,6 +8,7 @@ One callback per method of `convlens.methods.METHODS`; `VisualizationCallback` i
 from convlens.callbacks.base import VisualizationCallback
 from convlens.callbacks.decoded import DecodedFilters
 from convlens.callbacks.deconv import DeconvProjection
+from convlens.callbacks.dissection import UnitDissection
 from convlens.callbacks.evolution import FilterEvolution
 from convlens.callbacks.faithfulness import Faithfulness
 from convlens.callbacks.feature_viz import FeatureVisualization
@@ -20,4 +21,4 @@ from convlens.callbacks.top_activations import TopActivations
 
 __all__ = ["VisualizationCallback", "DeconvProjection", "FilterEvolution", "DecodedFilters", "OcclusionSensitivity",
            "Saliency", "TopActivations", "KernelSuppression", "Faithfulness", "FeatureVisualization", "Mistakes",
-           "TensorBoardLayout"]
+           "UnitDissection", "TensorBoardLayout"]

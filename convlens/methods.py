@@ -49,6 +49,9 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("mistakes", "Mistakes", "knn", False,
            "misclassified validation images beside their nearest training images, the confusion matrix, "
            "per-class accuracy, the embedding projector"),
+    Method("dissection", "UnitDissection", "dissection", False,
+           "every unit each epoch: its Neuron Feature, class and colour selectivity (Rafegas et al.), "
+           "Morcos et al.'s class selectivity, dead units; a CSV of every unit"),
     Method("feature_viz", "FeatureVisualization", "feature_visualization", False,
            "the image each selected unit wants to see, by optimization (Olah et al.), warm-started each epoch"),
 )}

@@ -110,6 +110,7 @@ SMALL = {  # small drawings, so the matrix stays fast; every other option is the
     "feature_viz": ["callbacks.feature_viz.steps=2", "callbacks.feature_viz.max_units=2"],
     "faithfulness": ["callbacks.faithfulness.num_probe=2", "callbacks.faithfulness.steps=4",
                      "callbacks.faithfulness.road_percentiles=[0.5]"],
+    "dissection": ["callbacks.dissection.n=4", "callbacks.dissection.strip_units=2"],
     "mistakes": ["callbacks.mistakes.num_mistakes=2", "callbacks.mistakes.k=2", "callbacks.mistakes.num_suspects=2"],
 }
 

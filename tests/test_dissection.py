@@ -1,0 +1,523 @@
+"""viz/dissection.py (streamed top-N, Neuron Features, selectivity indexes) and the UnitDissection
+callback (callbacks/dissection.py), in one process and under DDP.
+
+Oracles: a two-pass reference that keeps every map of every image, finds each map's maximum and
+its first position with Python loops and sorts each unit's images with Python's `sorted` by
+(-value, id); the NF as a naive loop of weighted crops cut by slicing the receptive-field boxes;
+hand-computed class frequencies, class indexes, population codes and Morcos CSIs; nets built so
+that a unit ignores colour (first layer summing the channels equally: colour index 0) or dies
+when greyed (R - G: colour index 1); greying each entry's receptive field alone, one forward per
+entry, for the one-forward-per-image shortcut; the class-conditional means computed directly; a
+single-process run for the DDP run.
+"""
+from __future__ import annotations
+
+import csv
+import math
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from conftest import read_events
+from convlens.callbacks.dissection import CSV_COLUMNS, UnitDissection, sort_order
+from convlens.callbacks.display import Normalization
+from convlens.errors import ConfigError
+from convlens.viz.dissection import (DissectionError, UnitCollector, class_frequencies, class_selectivity,
+                                     color_selectivity, dissect, grey_responses, morcos_csi, neuron_features,
+                                     opponent_grey, population_code, top_class)
+from convlens.viz.receptive_field import receptive_field
+from convlens.viz.top_activations import content_ids, spatial_max
+
+
+# -- nets and data ----------------------------------------------------------------------------------
+def small_net(padding: int = 1, channels: int = 3, classes: int = 3) -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(channels, 5, 3, padding=padding), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Conv2d(5, 6, 3, padding=padding), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(6, classes))
+
+
+def data(n: int = 30, side: int = 12, channels: int = 3, classes: int = 3, seed: int = 0, repeat: int = 2):
+    """Random images, labels by position; the first `repeat` images appear again at the end (a dataset
+    with duplicates: each must count once)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, channels, side, side, generator=g)
+    y = torch.arange(n) % classes
+    return torch.cat([x, x[:repeat]]), torch.cat([y, y[:repeat]])
+
+
+def maps_of(net: nn.Module, images: torch.Tensor, layers) -> dict[str, torch.Tensor]:
+    out = {}
+    hooks = [dict(net.named_modules())[layer].register_forward_hook(
+        lambda _m, _a, o, layer=layer: out.__setitem__(layer, o.detach().clone())) for layer in layers]
+    try:
+        with torch.no_grad():
+            net.eval()
+            net(images)
+    finally:
+        for h in hooks:
+            h.remove()
+    return out
+
+
+def collect(net, images, labels, layers, n, batch=8) -> UnitCollector:
+    units = {layer: dict(net.named_modules())[layer].out_channels for layer in layers}
+    c = UnitCollector(units, n)
+    for s in range(0, len(images), batch):
+        maps = maps_of(net, images[s:s + batch], layers)
+        c.update(images[s:s + batch], labels[s:s + batch], {k: spatial_max(v) for k, v in maps.items()})
+    return c
+
+
+def reference(net, images, labels, layer, n):
+    """Two passes: every map kept, each map's max and first (row-major) position by loops, each
+    unit's distinct images sorted by (-value, id)."""
+    maps = maps_of(net, images, [layer])[layer]
+    ids = content_ids(images).tolist()
+    first = {}
+    for m, i in enumerate(ids):
+        first.setdefault(i, m)
+    rows = sorted(first.values())
+    units = maps.shape[1]
+    top = []
+    for u in range(units):
+        entries = []
+        for m in rows:
+            flat = maps[m, u].flatten().tolist()
+            best = max(flat)
+            pos = flat.index(best)
+            entries.append((-best, ids[m], m, divmod(pos, maps.shape[3])))
+        top.append(sorted(entries)[:n])
+    means = {}
+    for c in sorted(set(labels.tolist())):
+        members = [m for m in rows if int(labels[m]) == c]
+        means[c] = [sum(max(0.0, max(maps[m, u].flatten().tolist())) for m in members) / len(members)
+                    for u in range(units)]
+    return top, means
+
+
+# -- the streamed top-N and the class means equal the two-pass reference ----------------------------
+@pytest.mark.parametrize("batch", [1, 7, 64])
+def test_streaming_top_n_and_class_means_equal_the_two_pass_reference(batch):
+    net = small_net()
+    with torch.no_grad():
+        net[3].weight[2] = 0  # a constant unit (its bias everywhere): ties, broken by image id
+    images, labels = data()
+    c = collect(net, images, labels, ["0", "3"], n=6, batch=batch)
+    for layer in ("0", "3"):
+        top, means = reference(net, images, labels, layer, 6)
+        t = c.tops[layer]
+        for u, entries in enumerate(top):
+            assert t.image_ids[u].tolist() == [e[1] for e in entries]
+            assert torch.allclose(t.values[u], torch.tensor([-e[0] for e in entries]), atol=1e-6)
+            assert [tuple(p) for p in t.positions[u].tolist()] == [e[3] for e in entries]
+            assert t.payload[u].tolist() == [int(labels[e[2]]) for e in entries]
+        counts = c.class_counts.tolist()
+        assert counts == [10, 10, 10]  # the two repeated images counted once
+        for cls, row in means.items():
+            assert torch.allclose(c.class_sums[layer][cls] / counts[cls], torch.tensor(row, dtype=torch.float64),
+                                  atol=1e-6)
+    # the pool holds exactly the images the top entries refer to
+    assert set(c.pool) == c.referenced_ids()
+    for i, image in c.pool.items():
+        assert content_ids(image[None]).item() == i
+
+
+def test_merge_of_overlapping_shares_equals_one_pass():
+    """Shares as DDP's sampler makes them: each rank every other image, the last rank's share padded
+    with a repeat of the first image (in its last batch)."""
+    net = small_net()
+    images, labels = data(n=25, repeat=0)
+    whole = collect(net, images, labels, ["0", "3"], n=5)
+    index = list(range(25)) + [0]
+    shares = [index[r::2] for r in range(2)]
+    states = [collect(net, images[s], labels[s], ["0", "3"], n=5, batch=4).state_dict() for s in shares]
+    merged = UnitCollector.merge(states)
+    assert merged.unresolved == 0
+    for layer in ("0", "3"):
+        assert torch.equal(merged.tops[layer].image_ids, whole.tops[layer].image_ids)
+        assert torch.allclose(merged.tops[layer].values, whole.tops[layer].values)
+        assert torch.equal(merged.tops[layer].payload, whole.tops[layer].payload)
+        assert torch.allclose(merged.class_sums[layer], whole.class_sums[layer], atol=1e-9)
+    assert torch.equal(merged.class_counts, whole.class_counts)
+    assert set(merged.pool) == set(whole.pool)
+    # a repeat in no share's last batch cannot be taken back: counted, and said
+    early = [[0, 1, 2, 3, 4, 5], [0, 6, 7, 8, 9, 10, 11, 12, 13]]
+    states = [collect(net, images[s], labels[s], ["0"], n=3, batch=3).state_dict() for s in early]
+    assert UnitCollector.merge(states).unresolved == 1
+
+
+def test_collector_errors():
+    with pytest.raises(DissectionError, match="n must be"):
+        UnitCollector({"0": 3}, 0)
+    c = UnitCollector({"0": 3}, 2)
+    with pytest.raises(DissectionError, match="every layer"):
+        c.update(torch.zeros(2, 3, 4, 4), None, {})
+    with pytest.raises(DissectionError, match=r"\[B, U\]"):
+        c.update(torch.zeros(2, 3, 4, 4), None, {"0": (torch.zeros(2, 4), torch.zeros(2, 4, 2, dtype=torch.long))})
+    with pytest.raises(DissectionError, match="different layers"):
+        UnitCollector.merge([c.state_dict(), UnitCollector({"1": 3}, 2).state_dict()])
+
+
+# -- Neuron Features ----------------------------------------------------------------------------------
+def test_nf_equals_the_naive_weighted_mean_of_the_crops():
+    net = small_net(padding=0)  # no padding: every box is the full field, cut by plain slicing
+    images, labels = data(side=14)
+    c = collect(net, images, labels, ["3"], n=5)
+    field = receptive_field(net, images[:1], "3")
+    tables = dissect(c, {"3": field})
+    t = tables["3"]
+    for u in range(t.num_units):
+        a = t.values[u].clamp_min(0).double()
+        if a.max() <= 0:
+            assert torch.isnan(t.neuron_features[u]).all()
+            continue
+        w = a / a.max()
+        acc = torch.zeros(3, *field.patch_size, dtype=torch.float64)
+        for s in range(5):
+            image = c.pool[int(t.image_ids[u, s])]
+            y0, x0, y1, x1 = field.box(*t.positions[u, s].tolist())
+            acc += w[s] * image[:, y0:y1, x0:x1].double().clamp(0, 1)
+        assert torch.allclose(t.neuron_features[u].double(), acc / w.sum(), atol=1e-6), u
+
+
+def test_nf_leaves_out_crops_that_do_not_reach_a_pixel():
+    crops = torch.tensor([[[[[1.0, math.nan]]], [[[3.0, 5.0]]], [[[7.0, 7.0]]]]])  # [1 unit, 3, 1, 1, 2]
+    nf = neuron_features(crops, torch.tensor([[4.0, 2.0, -1.0]]))                 # weights 1, 1/2, 0
+    assert torch.allclose(nf.flatten(), torch.tensor([(1 + 1.5) / 1.5, 5.0]))
+    dead = neuron_features(crops, torch.tensor([[-1.0, 0.0, -2.0]]))
+    assert torch.isnan(dead).all()
+
+
+# -- class selectivity, population code, Morcos ---------------------------------------------------------
+def test_class_frequencies_and_index_by_hand():
+    labels = torch.tensor([[0, 0, 1, 2], [1, 1, 1, 1], [2, 0, 1, 1]])
+    values = torch.tensor([[4.0, 3.0, 2.0, 1.0], [5.0, 1.0, 1.0, 1.0], [0.0, 0.0, -3.0, 0.0]])
+    f = class_frequencies(labels, values, num_classes=3)
+    assert torch.allclose(f[0], torch.tensor([0.7, 0.2, 0.1], dtype=torch.float64))
+    assert torch.allclose(f[1], torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64))
+    assert f[2].sum() == 0
+    for threshold, expected in ((1.0, 1 / 3), (0.95, 1 / 3), (0.9, 2 / 3), (0.7, 1.0)):
+        index, m = class_selectivity(f, 4, threshold)
+        assert index[0].item() == pytest.approx(expected), threshold
+        assert index[1].item() == 1.0  # one class only: 1, whatever the threshold
+        assert math.isnan(index[2].item()) and m[2] == 0
+    count, classes = population_code(f, 0.1)
+    assert count.tolist() == [3, 1, 0] and classes == [[0, 1, 2], [1], []]
+    assert population_code(f, 0.15)[0].tolist() == [2, 1, 0]
+    assert top_class(f).tolist() == [0, 1, -1]
+    # N different classes among N images: 0
+    spread = class_frequencies(torch.tensor([[0, 1, 2]]), torch.ones(1, 3), num_classes=3)
+    assert class_selectivity(spread, 3)[0].item() == 0.0
+
+
+def test_morcos_csi_by_hand_and_against_direct_class_means():
+    means = torch.tensor([[2.0, 1.0, 3.0, 0.0], [0.0, 1.0, 1.0, 0.0], [0.0, 1.0, 1.0, 0.0]])
+    csi = morcos_csi(means)
+    assert csi[:3].tolist() == [1.0, 0.0, 0.5] and math.isnan(csi[3])
+    assert morcos_csi(means[:1]).isnan().all()  # one class: undefined
+    # on a collector: the class means of the reference, through the formula written out
+    net = small_net()
+    images, labels = data()
+    c = collect(net, images, labels, ["3"], n=4)
+    t = dissect(c)["3"]
+    _, ref = reference(net, images, labels, "3", 4)
+    for u in range(t.num_units):
+        mu = [ref[cls][u] for cls in sorted(ref)]
+        best = max(mu)
+        rest = (sum(mu) - best) / (len(mu) - 1)
+        expected = (best - rest) / (best + rest) if best + rest > 0 else math.nan
+        assert (math.isnan(expected) and math.isnan(t.csi[u])) or t.csi[u].item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_a_one_class_unit_has_class_index_one():
+    """A unit that fires only on class-0 images (a bright red square only they carry)."""
+    g = torch.Generator().manual_seed(1)
+    images = torch.rand(24, 3, 10, 10, generator=g) * 0.2
+    labels = torch.arange(24) % 3
+    images[labels == 0, 0, 3:6, 3:6] = 1.0
+    net = nn.Sequential(nn.Conv2d(3, 2, 3), nn.ReLU(), nn.Flatten())
+    with torch.no_grad():
+        net[0].weight.zero_()
+        net[0].weight[0, 0] = 1.0            # unit 0: the red channel, 3x3 sum ...
+        net[0].bias[0] = -5.0                # ... above 5: only the red square
+        net[0].weight[1, 1] = 0.1            # unit 1: the green channel, random in every class
+        net[0].bias[1] = 0.0
+    c = collect(net, images, labels, ["0"], n=8)
+    t = dissect(c, num_classes=3)["0"]
+    assert t.class_selectivity[0].item() == 1.0 and t.top_class[0].item() == 0
+    assert t.population_code[0].item() == 1 and t.csi[0].item() == pytest.approx(1.0)
+    assert t.class_selectivity[1].item() < 1.0
+
+
+# -- colour selectivity ----------------------------------------------------------------------------------
+def test_opponent_grey_zeroes_the_chromatic_components():
+    x = torch.rand(2, 3, 4, 4)
+    g = opponent_grey(x)
+    r, gr, b = g.unbind(1)
+    assert torch.allclose(r - gr, torch.zeros_like(r), atol=1e-7)          # O1 = 0
+    assert torch.allclose(r + gr - 2 * b, torch.zeros_like(r), atol=1e-6)  # O2 = 0
+    assert torch.allclose(g.sum(1), x.sum(1), atol=1e-6)                    # O3 kept
+    with pytest.raises(DissectionError, match="RGB"):
+        opponent_grey(torch.rand(2, 1, 4, 4))
+
+
+def test_colour_index_zero_for_a_colour_blind_unit_and_one_for_a_unit_greying_kills():
+    net = nn.Sequential(nn.Conv2d(3, 2, 3, padding=1), nn.ReLU(), nn.Conv2d(2, 2, 3), nn.ReLU(), nn.Flatten())
+    with torch.no_grad():
+        net[0].weight.zero_()
+        net[0].bias.zero_()
+        net[0].weight[0] = torch.randn(1, 3, 3)          # unit 0: the same filter on R, G and B (sums them)
+        net[0].weight[1, 0], net[0].weight[1, 1] = 1.0, -1.0  # unit 1: R - G, which grey pixels cancel
+        net[2].weight.zero_()
+        net[2].bias.zero_()
+        net[2].weight[0, 0] = torch.randn(3, 3).abs()    # deeper, still colour-blind
+        net[2].weight[1, 1] = torch.randn(3, 3).abs()    # deeper, still fed by R - G only
+    images, labels = data(side=10)
+    images = images.abs()
+    c = collect(net, images, labels, ["0", "2"], n=6)
+    tables = dissect(c, model=net)
+    for layer in ("0", "2"):
+        col = tables[layer].color_selectivity
+        assert abs(col[0].item()) < 1e-5, layer
+        assert col[1].item() == 1.0, layer
+
+
+def test_greying_the_whole_image_equals_greying_each_receptive_field_alone():
+    """The one-forward-per-image shortcut against one forward per entry with only its field greyed
+    (display space through a per-channel normalization)."""
+    net = small_net()
+    norm = Normalization([0.2, 0.5, 0.7], [0.3, 0.2, 0.4])
+    images, labels = data(side=12)
+    c = collect(net, images, labels, ["0", "3"], n=4)
+    ids = sorted(c.pool)
+    pool = torch.stack([c.pool[i] for i in ids])
+    for layer in ("0", "3"):
+        t = c.tops[layer]
+        index = torch.tensor([[ids.index(i) for i in row] for row in t.image_ids.tolist()])
+        fast = grey_responses(net, pool, {layer: (index, t.positions)}, norm, batch_size=5)[layer]
+        field = receptive_field(net, pool[:1], layer)
+        for u in range(index.shape[0]):
+            for s in range(index.shape[1]):
+                x = norm.inverse(pool[index[u, s]][None]).clone()
+                y0, x0, y1, x1 = field.box(*t.positions[u, s].tolist())
+                x[:, :, y0:y1, x0:x1] = x[:, :, y0:y1, x0:x1].mean(1, keepdim=True)
+                i, j = t.positions[u, s].tolist()
+                slow = maps_of(net, norm(x), [layer])[layer][0, u, i, j]
+                assert fast[u, s].item() == pytest.approx(slow.item(), abs=1e-5), (layer, u, s)
+
+
+def test_colour_index_by_hand_and_rectified():
+    a = torch.tensor([[2.0, 2.0], [1.0, -1.0], [0.0, 0.0]])
+    grey = torch.tensor([[1.0, 3.0], [-2.0, 5.0], [1.0, 1.0]])
+    col = color_selectivity(a, grey)
+    assert col[0].item() == 0.0          # 1 - 4/4
+    assert col[1].item() == -4.0         # 1 - (0 + 5) / (1 + 0): both rectified; greying made it respond more
+    assert color_selectivity(a[1:2], torch.tensor([[-2.0, 0.0]]))[0].item() == 1.0
+    assert math.isnan(col[2].item())     # nothing to compare with
+
+
+# -- the callback ----------------------------------------------------------------------------------------
+class Module(pl.LightningModule):
+    def __init__(self, net, lr=0.0):
+        super().__init__()
+        self.net, self.lr = net, lr
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val/acc", (self(x).argmax(1) == y).float().mean())
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+def fit(tmp_path, callbacks, images, labels, epochs=2, **kwargs):
+    trainer = pl.Trainer(default_root_dir=tmp_path, accelerator="cpu", devices=1, max_epochs=epochs,
+                         callbacks=callbacks, logger=TensorBoardLogger(tmp_path, name="tb", version=""),
+                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                         num_sanity_val_steps=0, limit_train_batches=2, **kwargs)
+    return trainer
+
+
+def test_callback_dissects_every_unit_and_logs_grid_histograms_scalars_text_and_csv(tmp_path):
+    net = small_net()
+    images, labels = data(n=40)
+    cb = UnitDissection(n=5, strip_units=2, budget=None)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        fit(tmp_path, [cb], images, labels).fit(Module(net), DataLoader(TensorDataset(images, labels), batch_size=8),
+                                                DataLoader(TensorDataset(images, labels), batch_size=8))
+    assert not cb.declined, cb.declined_reason
+    assert cb.layers == ["0", "3"]  # a plain chain: every conv
+    assert not [w for w in record if str(w.message).startswith("UnitDissection")]
+    # the last epoch's tables are the reference's (lr = 0: the weights never change)
+    for layer in cb.layers:
+        top, _ = reference(net, images, labels, layer, 5)
+        t = cb.tables[layer]
+        assert t.num_units == dict(net.named_modules())[layer].out_channels
+        assert [row for row in t.image_ids.tolist()] == [[e[1] for e in entries] for entries in top]
+    events = read_events(tmp_path / "tb")
+    for layer in cb.layers:
+        assert sorted(events["images"][f"dissection/{layer}"]) == sorted(events["scalars"]["val/acc"])
+        assert f"dissection_strip/{layer}" in events["images"]
+        for key in ("mean_class", "mean_color", "mean_csi", "dead"):
+            assert f"dissection_{key}/{layer}" in events["scalars"]
+    assert "viz_time/dissection" in events["scalars"] and "viz_time/dissection_collect" in events["scalars"]
+    rows = list(csv.DictReader((tmp_path / "tb" / "dissection" / "units.csv").open()))
+    assert tuple(rows[0]) == CSV_COLUMNS
+    assert [(r["epoch"], r["layer"]) for r in rows].count(("1", "3")) == 6
+    assert {r["epoch"] for r in rows} == {"0", "1"}
+    t = cb.tables["3"]
+    for r in [r for r in rows if r["epoch"] == "1" and r["layer"] == "3"]:
+        u = int(r["unit"])
+        assert float(r["class_selectivity"]) == pytest.approx(t.class_selectivity[u].item())
+        assert float(r["color_selectivity"]) == pytest.approx(t.color_selectivity[u].item())
+        assert int(r["dead"]) == int(t.dead[u])
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(next((tmp_path / "tb").glob("events.out.tfevents.*"))), size_guidance={"tensors": 0})
+    acc.Reload()
+    tensors = acc.Tags()["tensors"]
+    assert "dissection_table/3/text_summary" in tensors
+    assert "dissection_class/0" in acc.Tags()["histograms"]
+
+
+def test_dead_units_and_grayscale_images_skip_the_colour_index_with_one_warning(tmp_path):
+    net = small_net(channels=1)
+    with torch.no_grad():
+        net[0].bias[1] = -100.0  # unit 1 of layer 0 never positive: dead
+    images, labels = data(n=24, channels=1)
+    cb = UnitDissection(n=4, budget=None)
+    loader = DataLoader(TensorDataset(images, labels), batch_size=8)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        fit(tmp_path, [cb], images, labels).fit(Module(net), loader, loader)
+    said = [str(w.message) for w in record if str(w.message).startswith("UnitDissection")]
+    assert len(said) == 1 and "colour selectivity index is undefined on 1-channel images" in said[0]
+    t = cb.tables["0"]
+    assert t.color_selectivity.isnan().all() and not t.class_selectivity[~t.dead].isnan().any()
+    assert t.dead.tolist() == [False, True, False, False, False]
+    assert math.isnan(t.class_selectivity[1]) and t.top_class[1] == -1
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(next((tmp_path / "tb").glob("events.out.tfevents.*"))))
+    acc.Reload()
+    assert acc.Scalars("dissection_dead/0")[-1].value == pytest.approx(0.2)  # 1 of 5 units
+    assert "dissection_color/0" not in acc.Tags()["histograms"]             # nothing to show
+    rows = list(csv.DictReader((tmp_path / "tb" / "dissection" / "units.csv").open()))
+    assert all(r["color_selectivity"] == "" for r in rows)
+
+
+def test_grid_is_sorted_by_the_chosen_index():
+    net = small_net()
+    images, labels = data()
+    t = dissect(collect(net, images, labels, ["3"], n=5), model=net)["3"]
+    order = sort_order(t, "class_selectivity")
+    values = [t.class_selectivity[u].item() for u in order if math.isfinite(t.class_selectivity[u])]
+    assert values == sorted(values, reverse=True)
+    assert sort_order(t, "unit") == list(range(t.num_units))
+
+
+def test_options_are_checked():
+    with pytest.raises(ConfigError, match="n \\(top images per unit\\)"):
+        UnitDissection(n=0)
+    with pytest.raises(ConfigError, match="sort_by"):
+        UnitDissection(sort_by="colour")
+    with pytest.raises(ConfigError, match="class_threshold"):
+        UnitDissection(class_threshold=0)
+    with pytest.raises(ConfigError, match="population_threshold"):
+        UnitDissection(population_threshold=1.5)
+
+
+def test_state_dict_keeps_the_nf_history():
+    cb = UnitDissection()
+    cb.history = {"0": [(0, torch.zeros(2, 3, 4, 4, dtype=torch.uint8)),
+                        (1, torch.ones(2, 3, 4, 4, dtype=torch.uint8))]}
+    other = UnitDissection()
+    other.load_state_dict(cb.state_dict())
+    assert [e for e, _ in other.history["0"]] == [0, 1] and torch.equal(other.history["0"][1][1], cb.history["0"][1][1])
+
+
+# -- DDP: two CPU processes give the single-process result ----------------------------------------
+DDP_SCRIPT = textwrap.dedent("""
+    import sys
+
+    import lightning.pytorch as pl
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from convlens.callbacks.dissection import UnitDissection
+
+    class Module(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = nn.Sequential(nn.Conv2d(3, 5, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(5, 6, 3),
+                                     nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 3))
+        def forward(self, x):
+            return self.net(x)
+        def training_step(self, batch, batch_idx):
+            return F.cross_entropy(self(batch[0]), batch[1])
+        def validation_step(self, batch, batch_idx):
+            pass
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.0)
+
+    if __name__ == "__main__":
+        out, devices = sys.argv[1], int(sys.argv[2])
+        torch.set_num_threads(1)
+        g = torch.Generator().manual_seed(0)
+        x, y = torch.rand(45, 3, 12, 12, generator=g), torch.arange(45) % 3  # 45: DDP repeats an image
+        loader = DataLoader(TensorDataset(x, y), batch_size=8)
+        cb = UnitDissection(n=4, budget=None)
+        trainer = pl.Trainer(strategy="ddp" if devices > 1 else "auto", accelerator="cpu", devices=devices,
+                             max_epochs=1, default_root_dir=out, logger=False, callbacks=[cb],
+                             enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                             num_sanity_val_steps=0)
+        trainer.fit(Module(), loader, loader)
+        if trainer.is_global_zero:
+            keep = ("values", "image_ids", "positions", "labels", "neuron_features", "class_selectivity",
+                    "color_selectivity", "csi", "class_means", "dead", "population_code")
+            torch.save({{layer: {{k: getattr(t, k) for k in keep}} for layer, t in cb.tables.items()}},
+                       out + f"/dissection{{devices}}.pt")
+        print("RANK", trainer.global_rank, "DONE")
+""")
+
+
+@pytest.mark.slow  # three interpreters (2 DDP ranks, then 1 process)
+def test_ddp_two_processes_equal_one_process(tmp_path):
+    script = tmp_path / "ddp_dissection.py"
+    script.write_text(DDP_SCRIPT.format())
+    results = {}
+    for devices in (2, 1):
+        proc = subprocess.run([sys.executable, str(script), str(tmp_path), str(devices)], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        results[devices] = torch.load(tmp_path / f"dissection{devices}.pt", weights_only=True)
+    ddp, single = results[2], results[1]
+    assert set(ddp) == set(single) == {"0", "3"}
+    for layer in single:
+        for key, value in single[layer].items():
+            other = ddp[layer][key]
+            if value.is_floating_point():
+                assert torch.allclose(other, value, atol=1e-6, equal_nan=True), (layer, key)
+            else:
+                assert torch.equal(other, value), (layer, key)

@@ -1,0 +1,572 @@
+"""Unit dissection: every unit of a layer characterized from one pass over a dataset, by its Neuron
+Feature and selectivity indexes.
+
+Follows Rafegas, Vanrell, Alexandre & Arias, "Understanding trained CNNs by indexing neuron
+selectivity", Pattern Recognition Letters 136:318-325, 2020 (doi 10.1016/j.patrec.2019.10.013;
+arXiv:1702.00382), pointed to by Vanrell & Arias's lecture ("Neuron Analysis", activation
+maximization), and Morcos et al., "On the importance of single directions for generalization",
+ICLR 2018 (arXiv:1803.06959) for the class selectivity over the whole dataset. Every measure is on
+rectified responses: an activation below zero counts as zero, whether or not the layer is followed
+by a ReLU.
+
+Per unit, with its top-N images (N = 100 in the paper; the highest spatial maxima of its map over
+the dataset, each at its argmax position, `RunningTopK`) and `a_i` their rectified activations:
+
+- **Neuron Feature** (NF): the activation-weighted mean of the top-N receptive-field crops, weights
+  `w_i = a_i / a_max`, normalized by their sum so that the NF is an image in the crops' range:
+  `NF = sum_i w_i crop_i / sum_i w_i` (a_max cancels). Per pixel, crops that do not reach it (a
+  field clipped at the image border) are left out of the sum and of the weights.
+- **Class selectivity index** (the paper's): the activation-weighted relative frequency of each
+  class among the top N, `f_c = sum_{i: label_i = c} a_i / sum_i a_i`, sorted descending; `M` = the
+  fewest classes whose frequencies sum to at least `threshold`; index `(N - M) / (N - 1)`, N the
+  number of top images (1: all of one class; 0: N different classes). The lecture does not give
+  the threshold; the authors' released tool (nefesi, github.com/CVC-CIC/nefesi) defaults to 1.0,
+  the whole weighted activity, which is `CLASS_THRESHOLD` here. With few classes this index is
+  squeezed near 1 (10 classes and N = 100: at least (100 - 10) / 99 = 0.909), hence Morcos's
+  index beside it.
+- **Population code**: the number of classes whose relative frequency is at least a threshold
+  (nefesi's default 0.1, `POPULATION_THRESHOLD`), and which; the top class is the most frequent
+  (ties: the lower class index).
+- **Colour selectivity index**: `1 - sum_i a'_i / sum_i a_i`, with `a'_i` the unit's rectified
+  activation at the same position once the receptive field of image i is made grey (0: the unit
+  ignores colour; 1: greying kills its response; below 0: greying makes it respond more).
+  The grey is the opponent colour space's achromatic axis: O1 = (R - G)/sqrt 2 and
+  O2 = (R + G - 2B)/sqrt 6 set to zero, keeping O3 = (R + G + B)/sqrt 3, i.e. each pixel replaced
+  by the mean of its R, G, B (in display space: the normalization undone, greyed, applied again).
+  nefesi instead projects the field's opponent-space pixels on their first principal component,
+  rescaled to 0..255, which also changes the field's intensity and contrast; the achromatic axis
+  changes only colour. It is pointwise, so greying the whole image leaves the unit's activation at
+  its position exactly as greying only its receptive field would (the activation depends on no
+  pixel outside the field): one forward of each distinct greyed image serves every unit and
+  position of every layer (`grey_responses`). Undefined on images that are not 3-channel RGB.
+- **Morcos et al.'s class selectivity** (CSI): `(mu_max - mu_-max) / (mu_max + mu_-max)`, from the
+  class-conditional means of the unit's rectified spatial maximum over the whole dataset, mu_max the
+  largest, mu_-max the mean of the other classes' (0: no preference; 1: responds to one class only).
+- **Dead** units: never positive over the dataset (their top activation <= 0). Every index of a
+  dead unit is undefined (NaN).
+
+`UnitCollector` streams a dataset batch by batch (the spatial maxima and argmax positions of every
+unit, `spatial_max`): per layer a `RunningTopK` of N entries per unit with the image's label as
+payload, and per class the sum of each unit's rectified maximum and the image count. Images are
+told apart by content (`content_ids`): an image seen twice counts once. The images the top-N
+entries refer to are kept (a pool shared by every unit and layer, evicted as entries leave), for
+the NF crops and the grey re-run. Memory: per layer units x N (value, id, position, label), per
+class one sum per unit, 8 bytes per distinct image seen (its id), and the pool: at most
+min(distinct images, sum of units x N) images. `merge` combines collectors of disjoint or
+overlapping shares (DDP ranks) into what one collector over their union would hold.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, ContextManager, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from convlens.viz.common import VizError, check_int, eval_mode
+from convlens.viz.layers import get_layer
+from convlens.viz.receptive_field import ReceptiveField, crop_patches
+from convlens.viz.top_activations import RunningTopK, content_ids
+
+__all__ = ["DissectionError", "UnitCollector", "UnitTable", "dissect", "neuron_features", "class_frequencies",
+           "class_selectivity", "population_code", "top_class", "color_selectivity", "morcos_csi",
+           "opponent_grey", "grey_responses", "DEFAULT_N", "CLASS_THRESHOLD", "POPULATION_THRESHOLD"]
+
+#: top images per unit (the paper's N)
+DEFAULT_N = 100
+#: the class selectivity index's coverage threshold (nefesi's default: the whole weighted activity)
+CLASS_THRESHOLD = 1.0
+#: the population code's threshold on a class's relative frequency (nefesi's default)
+POPULATION_THRESHOLD = 0.1
+
+
+class DissectionError(VizError):
+    """Bad arguments to a dissection function or state."""
+
+
+# --------------------------------------------------------------------------------------------
+# The measures, on tensors
+# --------------------------------------------------------------------------------------------
+
+def _check_top(values: Tensor, filled: Tensor | None) -> tuple[Tensor, Tensor]:
+    if not torch.is_tensor(values) or values.dim() != 2:
+        raise DissectionError(f"values must be [U, N] (units x top entries), got "
+                              f"{list(values.shape) if torch.is_tensor(values) else type(values).__name__}")
+    filled = torch.ones_like(values, dtype=torch.bool) if filled is None else filled.bool()
+    if filled.shape != values.shape:
+        raise DissectionError(f"filled must be [U, N] = {list(values.shape)}, got {list(filled.shape)}")
+    return values.double().clamp_min(0).masked_fill(~filled, 0), filled
+
+
+def neuron_features(crops: Tensor, values: Tensor, filled: Tensor | None = None) -> Tensor:
+    """[U, C, Ph, Pw]: each unit's Neuron Feature, the mean of its crops [U, N, C, Ph, Pw] (NaN where
+    a crop has no pixel) weighted by w_i = a_i / a_max, a = `values` [U, N] rectified (empty slots,
+    `filled` False, weigh nothing). NaN where no crop with a positive weight has a pixel (a dead unit:
+    everywhere)."""
+    a, filled = _check_top(values, filled)
+    if not torch.is_tensor(crops) or crops.dim() != 5 or crops.shape[:2] != values.shape:
+        raise DissectionError(f"crops must be [U, N, C, Ph, Pw] with [U, N] = {list(values.shape)}, got "
+                              f"{list(crops.shape) if torch.is_tensor(crops) else type(crops).__name__}")
+    a_max = a.amax(1, keepdim=True)
+    w = torch.where(a_max > 0, a / a_max.clamp_min(torch.finfo(a.dtype).tiny), 0.0)
+    w = w.to(crops.device)[:, :, None, None, None]
+    present = ~torch.isnan(crops)
+    num = (w * crops.double().nan_to_num(0)).sum(1)
+    den = (w * present).sum(1)
+    return torch.where(den > 0, num / den.clamp_min(torch.finfo(torch.float64).tiny), math.nan).to(crops.dtype)
+
+
+def class_frequencies(labels: Tensor, values: Tensor, filled: Tensor | None = None,
+                      num_classes: int | None = None) -> Tensor:
+    """[U, K] float64: per unit, each class's activation-weighted relative frequency among its top
+    entries, `f_c = sum_{label_i = c} a_i / sum_i a_i` (a rectified; entries with label < 0 are left
+    out). A row is all zeros where no labelled entry is positive."""
+    a, filled = _check_top(values, filled)
+    if labels.shape != values.shape:
+        raise DissectionError(f"labels must be [U, N] = {list(values.shape)}, got {list(labels.shape)}")
+    labels = labels.long().to(a.device)
+    known = filled & (labels >= 0)
+    k = int(num_classes) if num_classes is not None else int(labels[known].max()) + 1 if known.any() else 1
+    if known.any() and int(labels[known].max()) >= k:
+        raise DissectionError(f"a label ({int(labels[known].max())}) is >= num_classes={k}")
+    weights = torch.zeros(values.shape[0], k, dtype=torch.float64, device=a.device)
+    weights.scatter_add_(1, labels.clamp_min(0), a.masked_fill(~known, 0))
+    total = weights.sum(1, keepdim=True)
+    return torch.where(total > 0, weights / total.clamp_min(torch.finfo(torch.float64).tiny), 0.0)
+
+
+def class_selectivity(frequencies: Tensor, n: Tensor | int,
+                      threshold: float = CLASS_THRESHOLD) -> tuple[Tensor, Tensor]:
+    """(index [U] float64, M [U] long): the paper's class selectivity index `(N - M) / (N - 1)`, M the
+    fewest classes whose sorted frequencies (`class_frequencies`) reach `threshold` (in (0, 1]), N =
+    `n` the number of top images per unit (an int or [U]). N = 1 gives 1. NaN (and M = 0) where the
+    frequencies are all zero (a dead unit, or no labels)."""
+    if not 0 < float(threshold) <= 1:
+        raise DissectionError(f"threshold must be in (0, 1] (the share of the weighted activity covered), got "
+                              f"{threshold!r}")
+    f = frequencies.double()
+    ordered = f.sort(dim=1, descending=True).values
+    cum = ordered.cumsum(1)
+    total = cum[:, -1:]
+    # rounding: a cumulative sum that should equal the threshold may miss it by an ulp
+    reached = cum >= threshold * total - 1e-9 * total
+    m = (~reached).sum(1) + 1
+    m = torch.minimum(m, (ordered > 0).sum(1))     # never more classes than have any activity
+    live = total[:, 0] > 0
+    n = torch.as_tensor(n, dtype=torch.float64, device=f.device).expand(f.shape[0])
+    index = torch.where(n > 1, (n - m) / (n - 1).clamp_min(1), 1.0)
+    return index.masked_fill(~live, math.nan), m.masked_fill(~live, 0)
+
+
+def population_code(frequencies: Tensor, threshold: float = POPULATION_THRESHOLD) -> tuple[Tensor, list[list[int]]]:
+    """(count [U] long, classes): the classes whose relative frequency is at least `threshold`, per
+    unit, most frequent first (ties: lower class first)."""
+    f = frequencies.double()
+    above = (f >= threshold) & (f > 0)
+    order = f.argsort(dim=1, descending=True, stable=True)
+    classes = [[int(c) for c in order[u].tolist() if above[u, c]] for u in range(f.shape[0])]
+    return above.sum(1), classes
+
+
+def top_class(frequencies: Tensor) -> Tensor:
+    """[U] long: each unit's most frequent class (ties: the lower index), -1 where there is none."""
+    f = frequencies.double()
+    best = f.argmax(1)  # the first maximum
+    return best.masked_fill(f.amax(1) <= 0, -1)
+
+
+def color_selectivity(values: Tensor, grey_values: Tensor, filled: Tensor | None = None) -> Tensor:
+    """[U]: `1 - sum_i a'_i / sum_i a_i` over each unit's top entries, a = `values` and a' =
+    `grey_values` ([U, N], the activations once greyed) both rectified; NaN where sum a = 0."""
+    a, filled = _check_top(values, filled)
+    if grey_values.shape != values.shape:
+        raise DissectionError(f"grey_values must be [U, N] = {list(values.shape)}, got {list(grey_values.shape)}")
+    g = grey_values.double().to(a.device).nan_to_num(0).clamp_min(0).masked_fill(~filled, 0)
+    total = a.sum(1)
+    return torch.where(total > 0, 1 - g.sum(1) / total.clamp_min(torch.finfo(torch.float64).tiny), math.nan)
+
+
+def morcos_csi(class_means: Tensor) -> Tensor:
+    """[U]: Morcos et al.'s class selectivity `(mu_max - mu_-max) / (mu_max + mu_-max)` from the
+    class-conditional means [K, U] of the units' rectified responses (K >= 2 classes present);
+    NaN where both are zero, or with fewer than 2 classes."""
+    mu = class_means.double().clamp_min(0)
+    if mu.dim() != 2:
+        raise DissectionError(f"class_means must be [K, U], got {list(mu.shape)}")
+    if mu.shape[0] < 2:
+        return torch.full((mu.shape[1],), math.nan, dtype=torch.float64)
+    top, best = mu.max(0)
+    rest = (mu.sum(0) - top) / (mu.shape[0] - 1)
+    den = top + rest
+    return torch.where(den > 0, (top - rest) / den.clamp_min(torch.finfo(torch.float64).tiny), math.nan)
+
+
+def opponent_grey(pixels: Tensor) -> Tensor:
+    """[N, 3, H, W] display-space images with their opponent chromatic components (O1, O2) set to
+    zero: each pixel's R, G and B replaced by their mean (O3, the intensity, kept)."""
+    if not torch.is_tensor(pixels) or pixels.dim() != 4 or pixels.shape[1] != 3:
+        raise DissectionError(f"greying needs RGB images [N, 3, H, W], got "
+                              f"{list(pixels.shape) if torch.is_tensor(pixels) else type(pixels).__name__}")
+    return pixels.mean(1, keepdim=True).expand_as(pixels).contiguous()
+
+
+def _grey_model_input(images: Tensor, normalization: Any | None) -> Tensor:
+    if normalization is None:
+        return opponent_grey(images)
+    return normalization(opponent_grey(normalization.inverse(images))).to(images.dtype)
+
+
+class _AllSeen(Exception):
+    pass
+
+
+def grey_responses(model: nn.Module, images: Tensor, entries: Mapping[str, tuple[Tensor, Tensor]],
+                   normalization: Any | None = None, grey: bool = True, batch_size: int = 64,
+                   context: Callable[[], ContextManager] | None = None) -> dict[str, Tensor]:
+    """{layer: [U, N]}: the activation of unit u of `layer` at `positions[u, s]` on image
+    `images[index[u, s]]` (model input [M, C, H, W]) greyed by `opponent_grey` (in display space,
+    through `normalization`; `grey=False`: as it is), for `entries[layer] = (index [U, N] long, -1 for
+    none, positions [U, N, 2])`; NaN where index < 0. One forward (eval mode, no gradients, stopped
+    after the last layer) per batch of `batch_size` images serves every layer, unit and position;
+    `context()` wraps each (e.g. the trainer's autocast). Modes and hooks are restored."""
+    check_int("batch_size", batch_size, 1, DissectionError)
+    modules = {layer: get_layer(model, layer) for layer in entries}
+    device = next((p.device for p in model.parameters()), images.device)
+    out = {layer: torch.full(index.shape, math.nan) for layer, (index, _) in entries.items()}
+    plan = {}
+    for layer, (index, positions) in entries.items():
+        unit, slot = (index >= 0).nonzero(as_tuple=True)
+        plan[layer] = (index[unit, slot].cpu(), unit.cpu(), slot.cpu(), positions[unit, slot].cpu())
+    captured: dict[str, Tensor] = {}
+
+    def keep(layer):
+        def hook(_module, _args, output):
+            if layer not in captured and torch.is_tensor(output):
+                captured[layer] = output.detach()
+                if len(captured) == len(modules):
+                    raise _AllSeen
+        return hook
+
+    handles = [m.register_forward_hook(keep(layer)) for layer, m in modules.items()]
+    try:
+        with torch.no_grad(), eval_mode(model):
+            for start in range(0, images.shape[0], batch_size):
+                x = images[start:start + batch_size].to(device)
+                x = _grey_model_input(x, normalization) if grey else x
+                captured.clear()
+                try:
+                    if context is not None:
+                        with context():
+                            model(x)
+                    else:
+                        model(x)
+                except _AllSeen:
+                    pass
+                for layer, (img, unit, slot, pos) in plan.items():
+                    here = (img >= start) & (img < start + x.shape[0])
+                    if not here.any():
+                        continue
+                    maps = captured[layer]
+                    rows, u, p = img[here] - start, unit[here], pos[here]
+                    dev = maps.device
+                    values = maps[rows.to(dev), u.to(dev), p[:, 0].to(dev), p[:, 1].to(dev)]
+                    out[layer][unit[here], slot[here]] = values.float().cpu()
+    finally:
+        for h in handles:
+            h.remove()
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Streaming over a dataset
+# --------------------------------------------------------------------------------------------
+
+class UnitCollector:
+    """The streaming state of a dissection over a dataset, for every unit of `units` = {layer:
+    unit count} (see the module docstring). `update` once per batch; `merge` to combine shares."""
+
+    def __init__(self, units: Mapping[str, int], n: int = DEFAULT_N):
+        check_int("n", n, 1, DissectionError, " (top images per unit)")
+        if not units:
+            raise DissectionError("units must name at least one layer: {layer: unit count}")
+        self.n, self.units = n, {layer: int(u) for layer, u in units.items()}
+        self.tops = {layer: RunningTopK(n, u) for layer, u in self.units.items()}
+        #: per layer [K, U] float64: the sum over the distinct images of class k of each unit's rectified maximum
+        self.class_sums = {layer: torch.zeros(0, u, dtype=torch.float64) for layer, u in self.units.items()}
+        #: [K] long: distinct images per class
+        self.class_counts = torch.zeros(0, dtype=torch.long)
+        self.seen: set[int] = set()
+        #: id -> image (model input, on the CPU) of every image some top entry refers to
+        self.pool: dict[int, Tensor] = {}
+        #: the images the last update counted: their ids, labels and rectified maxima per layer (what
+        #: `merge` subtracts for an image two shares both counted: DDP pads the ranks' last batches)
+        self.tail: dict[str, Any] = {"ids": torch.zeros(0, dtype=torch.long),
+                                     "labels": torch.zeros(0, dtype=torch.long),
+                                     "values": {layer: torch.zeros(0, u, dtype=torch.float64)
+                                                for layer, u in self.units.items()}}
+        #: copies of an image counted by two shares that `merge` could not take back (see `merge`)
+        self.unresolved = 0
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.class_counts.numel())
+
+    def _grow(self, k: int) -> None:
+        if k > self.num_classes:
+            extra = k - self.num_classes
+            self.class_counts = torch.cat([self.class_counts, torch.zeros(extra, dtype=torch.long)])
+            for layer, sums in self.class_sums.items():
+                self.class_sums[layer] = torch.cat([sums, sums.new_zeros(extra, sums.shape[1])])
+
+    def update(self, images: Tensor, labels: Tensor | None,
+               maxima: Mapping[str, tuple[Tensor, Tensor]]) -> "UnitCollector":
+        """Add a batch: `images` [B, C, H, W] (model input), `labels` [B] (class indices; None or
+        < 0: unknown, left out of the class measures) and, per layer, `spatial_max` of its output
+        (values [B, U], positions [B, U, 2]). Returns self."""
+        if not torch.is_tensor(images) or images.dim() != 4:
+            raise DissectionError("images must be a batch [B, C, H, W]")
+        b = images.shape[0]
+        if set(maxima) != set(self.units):
+            raise DissectionError(f"maxima must hold every layer ({', '.join(self.units)}), got {', '.join(maxima)}")
+        if labels is None:
+            labels = torch.full((b,), -1, dtype=torch.long)
+        labels = torch.as_tensor(labels).long()
+        if labels.shape != (b,):
+            raise DissectionError(f"labels must be [B] = [{b}], got {list(labels.shape)}")
+        ids = content_ids(images)
+        id_list = ids.tolist()
+        fresh, batch_ids = [], set()
+        for row, i in enumerate(id_list):
+            if i not in self.seen and i not in batch_ids:
+                fresh.append(row)
+                batch_ids.add(i)
+        self.seen |= batch_ids
+        fresh_rows = torch.tensor(fresh, dtype=torch.long)
+        fresh_labels = labels.cpu()[fresh_rows]
+        known = fresh_labels >= 0
+        if known.any():
+            self._grow(int(fresh_labels[known].max()) + 1)
+            self.class_counts += torch.bincount(fresh_labels[known], minlength=self.num_classes)
+        payload_labels = labels.to(ids.device)
+        tail_values = {}
+        for layer, (values, positions) in maxima.items():
+            if values.shape != (b, self.units[layer]):
+                raise DissectionError(f"maxima[{layer!r}] must be [B, U] = [{b}, {self.units[layer]}], got "
+                                      f"{list(values.shape)}")
+            values = values.detach().float()
+            self.tops[layer].update(values, ids.to(values.device), positions,
+                                    payload=lambda rows, _pos: payload_labels[rows.to(payload_labels.device)])
+            rectified = values.cpu()[fresh_rows].double().clamp_min(0)
+            if known.any():
+                self.class_sums[layer].index_add_(0, fresh_labels[known], rectified[known])
+            tail_values[layer] = rectified
+        self.tail = {"ids": ids.cpu()[fresh_rows], "labels": fresh_labels, "values": tail_values}
+        self._refresh_pool(images, id_list)
+        return self
+
+    def referenced_ids(self) -> set[int]:
+        """The ids of the images some top entry refers to."""
+        ids = torch.cat([top.image_ids.flatten() for top in self.tops.values()])
+        return set(ids[ids >= 0].unique().tolist())
+
+    def _refresh_pool(self, images: Tensor | None = None, id_list: Sequence[int] = ()) -> None:
+        referenced = self.referenced_ids()
+        for row, i in enumerate(id_list):
+            if i in referenced and i not in self.pool:
+                self.pool[i] = images[row].detach().to("cpu", copy=True)
+        for i in [i for i in self.pool if i not in referenced]:
+            del self.pool[i]
+
+    # -- merging -----------------------------------------------------------------------------------
+    def state_dict(self, pool: bool = True) -> dict[str, Any]:
+        """Plain tensors (on the CPU), e.g. for `torch.distributed.all_gather_object`; `pool=False`
+        leaves the images out (see `merge`)."""
+        return {"n": self.n, "units": dict(self.units),
+                "tops": {layer: top.state_dict() for layer, top in self.tops.items()},
+                "class_sums": {k: v.clone() for k, v in self.class_sums.items()},
+                "class_counts": self.class_counts.clone(),
+                "seen": torch.tensor(sorted(self.seen), dtype=torch.long),
+                "tail": self.tail, "unresolved": self.unresolved,
+                "pool": dict(self.pool) if pool else None}
+
+    @classmethod
+    def from_state_dict(cls, state: Mapping[str, Any]) -> "UnitCollector":
+        c = cls(state["units"], int(state["n"]))
+        c.tops = {layer: RunningTopK.from_state_dict(s) for layer, s in state["tops"].items()}
+        c.class_sums = {k: v.clone() for k, v in state["class_sums"].items()}
+        c.class_counts = state["class_counts"].clone()
+        c.seen = set(state["seen"].tolist())
+        c.tail, c.unresolved = state["tail"], int(state.get("unresolved", 0))
+        c.pool = dict(state["pool"] or {})
+        return c
+
+    @classmethod
+    def merge(cls, states: Sequence[Mapping[str, Any]]) -> "UnitCollector":
+        """One collector from the states of several (`state_dict`), as one collector over the union
+        of their streams would be: top-N merged, class sums and counts added, and each image that
+        more than one share counted taken back once per extra copy, from the share whose last batch
+        holds it (`tail`; where DDP's sampler puts the repeats). A repeat found in no tail (an image
+        present twice in the dataset, on two ranks) stays counted twice: `unresolved` counts them.
+        Pools are joined; a state without one adds no images."""
+        if not states:
+            raise DissectionError("merge needs at least one state")
+        first = states[0]
+        for s in states[1:]:
+            if s["units"] != first["units"] or s["n"] != first["n"]:
+                raise DissectionError("cannot merge dissections of different layers, units or N")
+        merged = cls.from_state_dict({**first, "pool": None})
+        for s in states[1:]:
+            for layer in merged.tops:
+                merged.tops[layer].merge(RunningTopK.from_state_dict(s["tops"][layer]))
+            merged._grow(int(s["class_counts"].numel()))
+            counts = s["class_counts"]
+            merged.class_counts[:counts.numel()] += counts
+            for layer, sums in s["class_sums"].items():
+                merged.class_sums[layer][:sums.shape[0]] += sums
+            merged.unresolved += int(s.get("unresolved", 0))
+        seen = torch.cat([s["seen"] for s in states])
+        ids, copies = seen.unique(return_counts=True)
+        repeats = {int(i): int(c) - 1 for i, c in zip(ids.tolist(), copies.tolist()) if c > 1}
+        tails: dict[int, tuple[int, dict[str, Tensor]]] = {}
+        for s in states:
+            for row, i in enumerate(s["tail"]["ids"].tolist()):
+                tails.setdefault(i, (int(s["tail"]["labels"][row]), {layer: v[row] for layer, v in
+                                                                     s["tail"]["values"].items()}))
+        for i, extra in repeats.items():
+            if i not in tails:
+                merged.unresolved += extra
+                continue
+            label, values = tails[i]
+            if label >= 0:
+                merged.class_counts[label] -= extra
+                for layer, v in values.items():
+                    merged.class_sums[layer][label] -= extra * v
+        merged.seen = set(ids.tolist())
+        for s in states:
+            for i, image in (s.get("pool") or {}).items():
+                merged.pool.setdefault(i, image)
+        merged._refresh_pool()
+        return merged
+
+
+# --------------------------------------------------------------------------------------------
+# The table of every unit
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class UnitTable:
+    """Every unit of one layer, dissected (see the module docstring); [U] tensors unless said."""
+    layer: str
+    values: Tensor                 # [U, N] the top-N activations (as the layer gave them), best first
+    image_ids: Tensor              # [U, N] long, -1 in empty slots
+    positions: Tensor              # [U, N, 2] long (i, j) of each activation in its map
+    labels: Tensor                 # [U, N] long, the images' labels (-1: unknown)
+    filled: Tensor                 # [U, N] bool
+    neuron_features: Tensor | None  # [U, C, Ph, Pw] in display space, NaN where no crop reaches
+    frequencies: Tensor            # [U, K] float64 weighted relative class frequencies
+    class_selectivity: Tensor      # float64, NaN: dead or unlabelled
+    top_class: Tensor              # long, -1: none
+    population_code: Tensor        # long
+    population_classes: list[list[int]]
+    color_selectivity: Tensor      # float64, NaN: undefined (dead, or not RGB)
+    csi: Tensor                    # float64, Morcos et al.
+    dead: Tensor                   # bool
+    class_means: Tensor            # [K, U] float64 (NaN for a class with no image)
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def num_units(self) -> int:
+        return int(self.values.shape[0])
+
+
+def dissect(collector: UnitCollector, fields: Mapping[str, ReceptiveField] | None = None,
+            model: nn.Module | None = None,
+            normalization: Any | None = None, num_classes: int | None = None,
+            class_threshold: float = CLASS_THRESHOLD, population_threshold: float = POPULATION_THRESHOLD,
+            color: bool = True, batch_size: int = 64, context: Callable[[], ContextManager] | None = None,
+            crop_elements: int = 2**25) -> dict[str, UnitTable]:
+    """{layer: UnitTable} from a finished (merged) collector. NFs need `fields` (per layer; none: no
+    NF); the colour index needs `model` and RGB images (`color=False`, no model or other channel
+    counts: NaN). Crops are cut from the pool's images in display space (`normalization.inverse`,
+    clamped to [0, 1]) in chunks of units of about `crop_elements` values. The colour index costs one
+    forward of each distinct pool image (`grey_responses`)."""
+    if not 0 <= float(population_threshold) <= 1:
+        raise DissectionError(f"population_threshold must be in [0, 1], got {population_threshold!r}")
+    ids = sorted(collector.pool)
+    slot_of = {i: s for s, i in enumerate(ids)}
+    images = torch.stack([collector.pool[i] for i in ids]) if ids else None
+    k = max(collector.num_classes, int(num_classes or 0))
+    for top in collector.tops.values():
+        if top.payload is not None and (top.payload[top.image_ids >= 0] >= 0).any():
+            k = max(k, int(top.payload[top.image_ids >= 0].max()) + 1)
+    index = {}
+    for layer, top in collector.tops.items():
+        missing = [i for i in top.image_ids[top.image_ids >= 0].unique().tolist() if i not in slot_of]
+        if missing:
+            raise DissectionError(f"the pool lacks {len(missing)} image(s) of layer {layer!r}'s top entries; merge "
+                                  "the shares' pools (state_dict(pool=True))")
+        index[layer] = torch.tensor([[slot_of.get(i, -1) for i in row] for row in top.image_ids.cpu().tolist()],
+                                    dtype=torch.long).reshape(top.image_ids.shape)
+    rgb = images is not None and images.shape[1] == 3
+    grey = {}
+    if color and rgb and model is not None:
+        grey = grey_responses(model, images, {layer: (index[layer], top.positions)
+                                              for layer, top in collector.tops.items()},
+                              normalization, batch_size=batch_size, context=context)
+    pixels = None
+    if images is not None and fields:
+        pixels = (normalization.inverse(images) if normalization is not None else images).float().clamp(0, 1)
+    tables = {}
+    for layer, top in collector.tops.items():
+        values, filled = top.values.float().cpu(), (top.image_ids >= 0).cpu()
+        labels = top.payload.cpu().long() if top.payload is not None else torch.full_like(top.image_ids, -1)
+        labels = labels.masked_fill(~filled, -1)
+        freqs = class_frequencies(labels, values, filled, k)
+        n = filled.sum(1)
+        cls_index, _ = class_selectivity(freqs, n, class_threshold)
+        pc, pc_classes = population_code(freqs, population_threshold)
+        dead = ~(values.masked_fill(~filled, -math.inf).amax(1) > 0)
+        sums = collector.class_sums[layer]
+        counts = collector.class_counts
+        sums = torch.cat([sums, sums.new_zeros(max(0, k - sums.shape[0]), sums.shape[1])])
+        counts = torch.cat([counts, counts.new_zeros(max(0, k - counts.numel()))])
+        present = counts > 0
+        means = torch.full_like(sums, math.nan)
+        means[present] = sums[present] / counts[present, None]
+        csi = morcos_csi(means[present])
+        col = color_selectivity(values, grey[layer], filled) if layer in grey else \
+            torch.full((values.shape[0],), math.nan, dtype=torch.float64)
+        nf = None
+        if pixels is not None and layer in fields:
+            nf = _neuron_features(pixels, index[layer], top.positions.cpu(), values, filled, fields[layer],
+                                  crop_elements)
+        cls_index = cls_index.masked_fill(dead, math.nan)
+        tables[layer] = UnitTable(
+            layer=layer, values=values, image_ids=top.image_ids.cpu(), positions=top.positions.cpu(), labels=labels,
+            filled=filled, neuron_features=nf, frequencies=freqs, class_selectivity=cls_index,
+            top_class=top_class(freqs).masked_fill(dead, -1), population_code=pc.masked_fill(dead, 0),
+            population_classes=[[] if d else c for d, c in zip(dead.tolist(), pc_classes)],
+            color_selectivity=col.masked_fill(dead, math.nan), csi=csi.masked_fill(dead, math.nan), dead=dead,
+            class_means=means)
+    return tables
+
+
+def _neuron_features(pixels: Tensor, index: Tensor, positions: Tensor, values: Tensor, filled: Tensor,
+                     field_: ReceptiveField, crop_elements: int) -> Tensor:
+    u_count, n = index.shape
+    c = pixels.shape[1]
+    ph, pw = field_.patch_size
+    chunk = max(1, crop_elements // max(1, n * c * ph * pw))
+    out = []
+    for s in range(0, u_count, chunk):
+        idx, pos = index[s:s + chunk], positions[s:s + chunk]
+        flat = idx.flatten()
+        crops = torch.full((flat.numel(), c, ph, pw), math.nan)
+        ok = flat >= 0
+        if ok.any():
+            p = pos.reshape(-1, 2)[ok]
+            crops[ok] = crop_patches(pixels[flat[ok]], field_, p[:, 0], p[:, 1]).float()
+        crops = crops.view(idx.shape[0], n, c, ph, pw)
+        out.append(neuron_features(crops, values[s:s + chunk], filled[s:s + chunk]))
+    return torch.cat(out)
