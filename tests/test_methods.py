@@ -48,10 +48,11 @@ def test_aliases_name_their_method():
 
 @pytest.mark.slow
 def test_every_logged_tag_starts_with_its_methods_name(tmp_path):
-    # all seven callbacks in one short run: each one's tags are <name>/... or <name>_<kind>/...
+    # every callback in one short run: each one's tags are <name>/... or <name>_<kind>/...
     train(compose_cfg(["experiment=shapes_demo", "debug=limit", "datamodule.n_train=256", "datamodule.val_size=64",
-                       "datamodule.n_test=64", "callbacks=[default,saliency,top_activations,suppression]",
-                       "callbacks.suppression.steps=5", "test=false"], tmp_path))
+                       "datamodule.n_test=64", "callbacks=[default,saliency,top_activations,suppression,faithfulness]",
+                       "callbacks.suppression.steps=5", "callbacks.faithfulness.num_probe=2",
+                       "callbacks.faithfulness.steps=4", "test=false"], tmp_path))
     events = read_events(tmp_path / "tensorboard")
     lightning = ("train/", "val/", "test/", "epoch", "hp/", "hparams")
     tags = [t for kind in ("images", "scalars") for t in events[kind] if not t.startswith(lightning)]
