@@ -66,12 +66,18 @@ def test_knn_equals_brute_force(metric, block):
 @pytest.mark.parametrize("metric", K.METRICS)
 @pytest.mark.parametrize("block", [2**22, 12, 5])
 def test_knn_ties_go_to_the_lower_index(metric, block):
-    """Integer features (exact dot products): many bank rows at exactly the same distance, also
-    across blocks and beyond the few extra candidates each block fetches."""
+    """Features whose distances are exact in float32 and float64 alike (integers; for cosine, the
+    signed unit vectors +-e_i, which no two of are parallel, and queries of -1/0/1 entries): many bank
+    rows at exactly the same distance, also across blocks and beyond the few extra candidates each
+    block fetches."""
     g = torch.Generator().manual_seed(2)
-    base = torch.randint(-2, 3, (6, 3), generator=g).float()
+    if metric == "cosine":
+        base = torch.cat([torch.eye(3), -torch.eye(3)])
+        queries = torch.cat([base[:3], torch.randint(-1, 2, (4, 3), generator=g).float()])
+    else:
+        base = torch.randint(-2, 3, (6, 3), generator=g).float()
+        queries = torch.cat([base[:3], torch.randint(-2, 3, (4, 3), generator=g).float()])
     bank = base[torch.randint(0, 6, (60,), generator=g)]  # each row repeated about 10 times
-    queries = torch.cat([base[:3], torch.randint(-2, 3, (4, 3), generator=g).float()])
     for k in (1, 3, 12, 60):
         d, i = K.knn(queries, bank, k, metric, block_elements=block)
         d_ref, i_ref = brute_force(queries, bank, k, metric)
@@ -88,13 +94,13 @@ def test_knn_k_larger_than_the_bank_and_a_zero_vector():
 
 def test_knn_never_holds_a_query_by_bank_matrix(monkeypatch):
     shapes = []
-    original = K._distances
+    original = K._scores
 
     def spy(q, b, metric, b_sq):
         shapes.append((q.shape[0], b.shape[0]))
         return original(q, b, metric, b_sq)
 
-    monkeypatch.setattr(K, "_distances", spy)
+    monkeypatch.setattr(K, "_scores", spy)
     K.knn(torch.randn(100, 4), torch.randn(5000, 4), 5, block_elements=4096)
     assert max(q * b for q, b in shapes) <= 4096
     assert sum(q * b for q, b in shapes) == 100 * 5000  # every pair once
@@ -325,7 +331,7 @@ def test_neighbour_disagreement_points_at_the_planted_label_noise(tmp_path):
     assert noisy["disagreement"] == pytest.approx(1.0) and clean["disagreement"] == pytest.approx(3 / 15)
     assert not set(clean["suspects"].tolist()) & set(PLANTED)
     logged = scalars(tmp_path / "True" / "tb")
-    assert logged["mistakes/neighbour_disagreement"] == pytest.approx([1.0])
+    assert logged["mistakes/neighbour_disagreement"] == pytest.approx([1.0])  # as in one process (test above)
 
 
 def test_confusion_matrix_ranking_and_class_accuracy_match_an_independent_pass(tmp_path):
@@ -544,3 +550,31 @@ def test_an_unknown_layer_fails_at_setup_and_a_named_layer_gives_its_features(tm
     cb = Mistakes(layer="0", pool="flatten", k=2, probe=(train.tensors[0][:3], train.tensors[1][:3]))
     fit(tmp_path / "named", cb, train, val)
     assert cb.source == K.FeatureSource("2", "0", "output") and cb.result["neighbours"] is not None
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_log_what_one_process_logs(tmp_path):
+    """ddp_spawn on 2 CPU processes: each rank collects its half of the validation set (the odd count
+    makes DDP pad one rank with a repeated image), rank zero merges and draws: the same count of
+    mistakes and per-class accuracy as the single-process oracle."""
+    import os
+
+    os.environ.setdefault("MASTER_PORT", str(29600 + os.getpid() % 1000))
+    train, val = planted_data()
+    probe = (train.tensors[0][:3], train.tensors[1][:3])
+    trainer = pl.Trainer(default_root_dir=tmp_path, max_epochs=1, accelerator="cpu", devices=2,
+                         strategy="ddp_spawn", enable_progress_bar=False, enable_model_summary=False,
+                         enable_checkpointing=False, num_sanity_val_steps=0, use_distributed_sampler=True,
+                         logger=TensorBoardLogger(tmp_path, name="tb", version=""),
+                         callbacks=[Mistakes(k=3, metric="euclidean", probe=probe)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(Module(fixed_net()), DataLoader(train, batch_size=8), DataLoader(val, batch_size=8))
+    x, y = val.tensors
+    with torch.no_grad():
+        preds = fixed_net()(x).argmax(1)
+    logged = scalars(tmp_path / "tb")
+    assert logged["mistakes/count"] == [float((preds != y).sum())]
+    for cls in range(3):
+        assert logged[f"mistakes/class_acc/{cls}"] == pytest.approx([float((preds[y == cls] == cls).float().mean())])
+    assert logged["mistakes/neighbour_disagreement"] == pytest.approx([1.0])  # as in one process (test above)

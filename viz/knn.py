@@ -137,11 +137,13 @@ def layer_features(net: nn.Module, images: Tensor, layer: str | None = None, poo
     return captured[0]
 
 
-def _distances(q: Tensor, b: Tensor, metric: str, b_sq: Tensor | None) -> Tensor:
-    if metric == "cosine":  # q and b are unit rows already
-        return 1 - q @ b.T
-    d2 = (q * q).sum(1, keepdim=True) + b_sq[None] - 2 * (q @ b.T)
-    return d2.clamp_min_(0).sqrt_()
+def _scores(q: Tensor, b: Tensor, metric: str, b_sq: Tensor | None) -> Tensor:
+    """A [q, b] block of scores that order the bank rows as the distance does, in one matrix
+    product: cosine -q.b (unit rows; `q` comes negated), Euclidean |b|^2 - 2 q.b (|q|^2, the same for
+    the whole row, is added to the k chosen ones only)."""
+    if metric == "cosine":
+        return q @ b.T
+    return torch.addmm(b_sq[None], q, b.T, alpha=-2)
 
 
 def _sorted_by_value_then_index(values: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
@@ -188,10 +190,11 @@ def knn(queries: Tensor, bank: Tensor, k: int, metric: str = "cosine",
     out_d, out_i = [], []
     for qs in range(0, queries.shape[0], q_rows):
         q = queries[qs:qs + q_rows]
+        q = -q if metric == "cosine" else q
         best_d = torch.empty(q.shape[0], 0, device=device)
         best_i = torch.empty(q.shape[0], 0, dtype=torch.long, device=device)
         for bs in range(0, n, b_rows):
-            d = _distances(q, bank[bs:bs + b_rows], metric, b_sq[bs:bs + b_rows] if b_sq is not None else None)
+            d = _scores(q, bank[bs:bs + b_rows], metric, b_sq[bs:bs + b_rows] if b_sq is not None else None)
             take = min(kk + 8, d.shape[1])  # a few extra, so that ties at the k-th place are all seen
             vals, idx = d.topk(take, dim=1, largest=False, sorted=True)
             if take < d.shape[1] and bool((vals[:, kk - 1] == vals[:, -1]).any()):
@@ -203,6 +206,10 @@ def knn(queries: Tensor, bank: Tensor, k: int, metric: str = "cosine",
             cand_d, cand_i = torch.cat([best_d, vals], 1), torch.cat([best_i, idx], 1)
             order = cand_d.argsort(dim=1, stable=True)[:, :kk]
             best_d, best_i = cand_d.gather(1, order), cand_i.gather(1, order)
+        if metric == "cosine":
+            best_d = 1 + best_d
+        else:
+            best_d = ((q * q).sum(1, keepdim=True) + best_d).clamp_min(0).sqrt()
         out_d.append(best_d)
         out_i.append(best_i)
     if not out_d:
