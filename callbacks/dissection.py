@@ -301,6 +301,10 @@ class UnitDissection(VisualizationCallback):
             return
         result, self.result = self.result, None
         epoch = self.result_epoch
+        if not result.seen:
+            self._warn_once(f"{type(self).__name__}: the validation loop of epoch {epoch} never ran the net on an "
+                            "image batch (validation_step calls no forward of the net?); nothing to dissect")
+            return
         images = next(iter(result.pool.values()), None)
         rgb = images is not None and images.shape[0] == 3
         if self.color and images is not None and not rgb:

@@ -477,7 +477,7 @@ DDP_SCRIPT = textwrap.dedent("""
         def training_step(self, batch, batch_idx):
             return F.cross_entropy(self(batch[0]), batch[1])
         def validation_step(self, batch, batch_idx):
-            pass
+            self(batch[0])
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=0.0)
 

@@ -101,20 +101,19 @@ def _check_top(values: Tensor, filled: Tensor | None) -> tuple[Tensor, Tensor]:
 
 def neuron_features(crops: Tensor, values: Tensor, filled: Tensor | None = None) -> Tensor:
     """[U, C, Ph, Pw]: each unit's Neuron Feature, the mean of its crops [U, N, C, Ph, Pw] (NaN where
-    a crop has no pixel) weighted by w_i = a_i / a_max, a = `values` [U, N] rectified (empty slots,
-    `filled` False, weigh nothing). NaN where no crop with a positive weight has a pixel (a dead unit:
-    everywhere)."""
+    a crop has no pixel, the same in every channel) weighted by w_i = a_i / a_max, a = `values`
+    [U, N] rectified (empty slots, `filled` False, weigh nothing). NaN where no crop with a positive
+    weight has a pixel (a dead unit: everywhere). Sums in float32 (the crops' precision)."""
     a, filled = _check_top(values, filled)
     if not torch.is_tensor(crops) or crops.dim() != 5 or crops.shape[:2] != values.shape:
         raise DissectionError(f"crops must be [U, N, C, Ph, Pw] with [U, N] = {list(values.shape)}, got "
                               f"{list(crops.shape) if torch.is_tensor(crops) else type(crops).__name__}")
     a_max = a.amax(1, keepdim=True)
-    w = torch.where(a_max > 0, a / a_max.clamp_min(torch.finfo(a.dtype).tiny), 0.0)
-    w = w.to(crops.device)[:, :, None, None, None]
-    present = ~torch.isnan(crops)
-    num = (w * crops.double().nan_to_num(0)).sum(1)
-    den = (w * present).sum(1)
-    return torch.where(den > 0, num / den.clamp_min(torch.finfo(torch.float64).tiny), math.nan).to(crops.dtype)
+    w = torch.where(a_max > 0, a / a_max.clamp_min(torch.finfo(a.dtype).tiny), 0.0).float().to(crops.device)
+    present = (~torch.isnan(crops[:, :, 0])).float()                               # [U, N, Ph, Pw]
+    num = torch.einsum("un,unchw->uchw", w, crops.float().nan_to_num(0))
+    den = torch.einsum("un,unhw->uhw", w, present)[:, None]
+    return torch.where(den > 0, num / den.clamp_min(torch.finfo(torch.float32).tiny), math.nan).to(crops.dtype)
 
 
 def class_frequencies(labels: Tensor, values: Tensor, filled: Tensor | None = None,
@@ -496,7 +495,7 @@ def dissect(collector: UnitCollector, fields: Mapping[str, ReceptiveField] | Non
     ids = sorted(collector.pool)
     slot_of = {i: s for s, i in enumerate(ids)}
     images = torch.stack([collector.pool[i] for i in ids]) if ids else None
-    k = max(collector.num_classes, int(num_classes or 0))
+    k = max(1, collector.num_classes, int(num_classes or 0))
     for top in collector.tops.values():
         if top.payload is not None and (top.payload[top.image_ids >= 0] >= 0).any():
             k = max(k, int(top.payload[top.image_ids >= 0].max()) + 1)
