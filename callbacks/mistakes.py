@@ -76,7 +76,7 @@ from convlens.callbacks.options import check_choice, check_int
 from convlens.callbacks.probe import split_batch
 from convlens.errors import ConfigError, one_line
 from convlens.render import (as_rgb, captioned_grid, class_caption, colorbar, fit_caption, heatmap, legend,
-                             stack_vertical, tile_width, to_pixels)
+                             stack_vertical, tile_width, to_pixels, upscale)
 from convlens.viz.knn import (METRICS, POOLS, SPRITE_LIMIT, FeatureSource, class_accuracy, confusion_matrix,
                               feature_source, knn, layer_features, pool_features, rank_mistakes, sprite_capacity,
                               suspects)
@@ -149,10 +149,11 @@ def _thumbnails(pixels: torch.Tensor, side: int) -> torch.Tensor:
 
 
 def _shrunk(pixels: torch.Tensor, size: int) -> torch.Tensor:
-    """Tiles larger than `size` a side shrunk to fit it (the grid only enlarges)."""
+    """Tiles scaled to about `size` a side: shrunk (area) when larger, enlarged by an integer factor
+    (nearest) when smaller, so that frames drawn on them keep the same width at any image size."""
     h, w = pixels.shape[-2:]
     if max(h, w) <= size:
-        return pixels
+        return upscale(pixels, size)
     f = size / max(h, w)
     return F.interpolate(pixels, size=(max(1, round(h * f)), max(1, round(w * f))), mode="area")
 
@@ -674,9 +675,8 @@ class Mistakes(VisualizationCallback):
                               col_titles=["mistake"] + [f"nn {j + 1}" for j in range(k)], tile_size=self.tile_size)
         if not k:
             return grid
-        key = legend([f"* red frame: label differs from the mistake's true class ({self.metric} distance d)"],
-                     torch.tensor([DIFFERS_COLOR]), grid.shape[-1])
-        return stack_vertical([grid, key])
+        return stack_vertical([grid, _notes(["* red frame: another label", "than the true class",
+                                              f"d: {self.metric} distance"], grid.shape[-1])])
 
     def render_suspects(self, images: torch.Tensor, result: dict, names: Sequence[str], normalization) -> torch.Tensor:
         pixels = _shrunk(as_rgb(to_pixels(images, normalization)), self.tile_size)
@@ -685,9 +685,8 @@ class Mistakes(VisualizationCallback):
                     for r, y, n in zip(result["suspects"], result["suspect_labels"], result["suspect_counts"])]
         nrow = max(1, min(len(pixels), 8))
         grid = captioned_grid(pixels, nrow=nrow, captions=captions, tile_size=self.tile_size)
-        key = legend(["training images most often a neighbour of a mistake with another label: label, count, row"],
-                     torch.tensor([DIFFERS_COLOR]), grid.shape[-1])
-        return stack_vertical([grid, key])
+        return stack_vertical([grid, _notes(["most often a neighbour", "of a mistake of another class:",
+                                             "label, count, #dataset row"], grid.shape[-1])])
 
     def write_projector(self, trainer: pl.Trainer, c: dict, names: Sequence[str]) -> dict | None:
         """The kept validation features, labels, predictions and thumbnails to every TensorBoardLogger's
@@ -806,11 +805,17 @@ def render_confusion(matrix: torch.Tensor, names: Sequence[str], tile_size: int 
         tiles = heatmap(fraction.view(-1, 1, 1), "Blues", 0.0, 1.0)
         captions = [str(int(v)) for v in matrix.flatten()]
         width = max(12, 8 + 6 * max(len(str(n)) for n in names))
-        row_titles = [f"{fit_caption(class_caption(i, names), min(width, 96))} ({i})".replace("\n", " ")
-                      for i in range(c)]
+        row_titles = [name if name == str(i) else f"{name} ({i})" for i in range(c)
+                      for name in [fit_caption(class_caption(i, names), min(width, 96)).replace("\n", " ")]]
         grid = captioned_grid(tiles, nrow=c, captions=captions, row_titles=row_titles,
                               col_titles=[str(i) for i in range(c)], tile_size=cell)
     scale = colorbar("Blues", 0, 1, min(grid.shape[-1], 320), "fraction of the true class (row)")
-    note = legend(["rows: true class, columns: predicted class (index)"], torch.tensor([[1.0, 1.0, 1.0]]),
-                  grid.shape[-1])
-    return stack_vertical([grid, scale, note])
+    return stack_vertical([grid, scale, _notes(["rows: true class", "columns: predicted"], grid.shape[-1], red=False)])
+
+
+def _notes(texts: Sequence[str], width: int, red: bool = True) -> torch.Tensor:
+    """Short notes under a grid (wrapping between notes), the first with a red swatch."""
+    colors = torch.ones(len(texts), 3)
+    if red:
+        colors[0] = torch.tensor(DIFFERS_COLOR)
+    return legend(list(texts), colors, max(width, 1))
