@@ -41,7 +41,8 @@ from convlens.errors import ConfigError
 from convlens.render import captioned_grid, scale_symmetric
 from convlens.viz.decoding import (DECODING_UNPOOL_MODES, decodable_layers, decode_filters, reconstruction_error,
                                    threshold_decoded)
-from convlens.viz.layers import LayerError, default_conv_layers, get_layer, layer_maxima, rank_filters
+from convlens.viz.layers import (ALL_CONVS_UP_TO, LayerError, default_conv_layers, get_layer, layer_maxima,
+                                 layer_names, rank_filters)
 
 
 
@@ -120,7 +121,11 @@ class DecodedFilters(VisualizationCallback):
                              f"Decodable layers: {', '.join(usable) or 'none'}")
 
     def default_layers(self, net: nn.Module, image: torch.Tensor | None = None) -> list[str]:
-        # one conv per stage on deep nets (VGG16: 5 of 13; each decoded layer costs a pass per filter)
+        # every conv; one per stage when more than ALL_CONVS_UP_TO of them can be decoded (VGG16:
+        # 5 of 13; each decoded layer costs a pass per filter)
+        convs = layer_names(net, nn.Conv2d)
+        if image is None or len(decodable_layers(net, image)) <= ALL_CONVS_UP_TO:
+            return convs
         return default_conv_layers(net, image)
 
     def unusable_layers(self, net: nn.Module, image: torch.Tensor, layers) -> dict[str, str]:

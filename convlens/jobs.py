@@ -180,7 +180,10 @@ def job(task: Callable[[DictConfig], dict[str, float]]) -> Callable[..., float |
             write_status(out, "failed", overrides, error=describe_error(e), traceback=tb.format_exc())
             remove_empty_tensorboard_run(out, before)
             if not multirun:
-                if is_rank_zero() and run_guard.made_by_this_run(out) and remove_unstarted_run_dir(out):
+                # a configuration refused before anything ran (a ConfigError) leaves no folder; any
+                # other failure (data not found, ...) keeps its train.log and status.json to read
+                refused = in_chain(e, lambda x: isinstance(x, ConfigError)) is not None
+                if refused and is_rank_zero() and run_guard.made_by_this_run(out) and remove_unstarted_run_dir(out):
                     log.info("Removed the run dir %s: the run failed before it started", out)
                 raise
             log.error("Job %s failed (recorded in status.json; the sweep goes on): %s",
