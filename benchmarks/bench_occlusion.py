@@ -27,6 +27,20 @@ Cases, run --repeats times interleaved (VGG16: --vgg-repeats), best time reporte
   the fraction of positions with the same predicted label, and of images whose map minimum (the
   position that hides the most) is the same position.
 
+--approximate (issue #23, written to occlusion_approximate.json through results_json): Krypton's
+adaptive drill-down (`approximate="fast"` and a more aggressive setting) against the exact
+incremental path, the batched full forward and captum's Occlusion, with the quality of each map
+against the exact one (SSIM over the data range 1, the heat map's fixed scale, and over each exact
+map's own range; max |p - p_exact|; top-1 label agreement) and reuse across two training epochs:
+* cifar: CifarConvNet(256, 64) trained here, seeded, on 10,000 CIFAR-10 training images from
+  $DATA_DIR/cifar10-jpg (2 epochs of Adam, lr 1e-3; random weights when the data is missing), 16
+  test images, patch 7, stride 1, the gray patch, the true labels; reuse: the maps of epoch 1
+  reused at epoch 2, and those of epoch 2 at a third epoch at lr 1e-5 (late training);
+* vgg16: random weights (no trained VGG16 weights on this offline machine), 4 random images
+  3x224x224, patch 25, strides 8 and 4. The batched forward and captum cost the same per copy
+  whatever the positions, so they are timed on one image at stride 25 (64 copies) and scaled to
+  the copies of each case; the exact and approximate paths run in full.
+
 Memory: each variant runs again in a fresh Python subprocess, over a subset of positions (at least
 three chunks of the same batch), and reports the rise of its peak resident set size over the
 resident set after building the model and images (the peak, VmHWM, is reset then through
@@ -48,10 +62,16 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from convlens.viz import occlusion_incremental
+from convlens.viz.faithfulness import ssim
 from convlens.viz.common import eval_mode
-from convlens.viz.occlusion import default_max_batch, occlusion_maps
+from convlens.viz.occlusion import default_max_batch, occlusion_maps, occlusion_result
+from convlens.viz.occlusion_approximate import PRESETS
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results_json import Report  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 TARGETS = {"vgg16": 3.0, "cifar": 1.5, "lenet": 1.0}  # incremental (automatic) speed-up over batched
@@ -305,6 +325,199 @@ def cpu_model() -> str:
     return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
 
 
+# --------------------------------------------------------------------------------------------
+# --approximate: Krypton's drill-down (issue #23)
+# --------------------------------------------------------------------------------------------
+
+#: the settings compared: the preset, and a coarser one that trades quality for speed
+APPROXIMATIONS = {"fast": dict(approximate="fast"), "coarse 4, drill 0.05": dict(coarse=4, drill=0.05)}
+APPROX_TARGETS = {"vgg16": (35.0, 0.9), "cifar": (5.0, 0.95)}  # speed-up over batched, at SSIM >= this
+
+
+def quality(approx, exact) -> dict:
+    """SSIM per image (data range 1, and the exact map's own range), max |diff|, label agreement."""
+    p, q = approx.prob.double(), exact.prob.double()
+    low, high = q.amin((1, 2), keepdim=True), q.amax((1, 2), keepdim=True)
+    span = (high - low).clamp_min(1e-30)
+    unit, own = ssim(p, q, 1.0), ssim((p - low) / span, (q - low) / span, 1.0)
+    return dict(ssim_mean=float(unit.mean()), ssim_min=float(unit.min()), ssim_own_range_mean=float(own.mean()),
+                ssim_own_range_min=float(own.min()), max_abs=float((p - q).abs().max()),
+                label_agreement=float((approx.label == exact.label).double().mean()))
+
+
+def trained_cifar(log, device, quick=False):
+    """CifarConvNet(256, 64) after 1 and 2 epochs on 10,000 CIFAR-10 training images, 16 test images
+    with labels, and the normalization; random weights and images without the data."""
+    from convlens.datamodules.cifar10 import CIFAR10_CLASSES
+    from convlens.datamodules.images import load_image_folder
+    from convlens.models.cifar import CifarConvNet
+
+    root = Path(os.environ.get("DATA_DIR", HERE.parent.parent / "shared" / "datasets")) / "cifar10-jpg"
+    torch.manual_seed(0)
+    net = CifarConvNet(c3=256, c4=64)
+    if not root.is_dir():
+        log(f"  no CIFAR-10 under {root}: random weights and images")
+        images = torch.randn(16, 3, 32, 32)
+        return [net.state_dict()] * 3, net, images, torch.zeros(16, dtype=torch.long), 0.0, "random"
+    x, y = load_image_folder(root / "train", size=32, channels=3, classes=list(CIFAR10_CLASSES))[:2]
+    pick = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:1000 if quick else 10000]
+    x, y = x[pick].float() / 255, y[pick]
+    mean, std = x.mean((0, 2, 3), keepdim=True), x.std((0, 2, 3), keepdim=True)
+    x = (x - mean) / std
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
+    states = []
+    for epoch in range(3):
+        if epoch == 2:  # late training: a hundredth of the learning rate, the maps move little
+            for group in optimizer.param_groups:
+                group["lr"] = 1e-5
+        net.train()
+        for batch in torch.randperm(len(x)).split(64):
+            loss = F.cross_entropy(net(x[batch]), y[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        states.append({k: v.clone() for k, v in net.state_dict().items()})
+    net.load_state_dict(states[1])  # the net of the comparisons: after epoch 2
+    tx, ty = load_image_folder(root / "test", size=32, channels=3, classes=list(CIFAR10_CLASSES))[:2]
+    pick = torch.randperm(len(tx), generator=torch.Generator().manual_seed(1))
+    test = (tx[pick[:2000]].float() / 255 - mean) / std
+    net.eval()
+    with torch.no_grad():
+        accuracy = float((net(test).argmax(1) == ty[pick[:2000]]).double().mean())
+    log(f"  trained: test accuracy {accuracy:.3f} on 2,000 test images")
+    fill = ((0.5 - mean) / std)[0]
+    return states, net, test[:16].to(device), ty[pick[:16]].to(device), fill.to(device), f"trained, {accuracy:.3f}"
+
+
+def timed(run):
+    start = time.perf_counter()
+    out = run()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return out, time.perf_counter() - start
+
+
+def per_copy_seconds(model, images, targets, patch, stride, fill, log) -> tuple[float, float, int]:
+    """(batched, best captum) seconds per occluded copy of `images` at `stride`, and captum's best
+    perturbations_per_eval among half, once and twice our batch (divided by the image count: captum
+    evaluates that many positions of every image per forward pass)."""
+    N, C, H, W = images.shape
+    copies = N * ((H - patch) // stride + 1) * ((W - patch) // stride + 1)
+    _, batched = timed(lambda: occlusion_maps(model, images, targets, patch=patch, stride=stride, fill=fill,
+                                              incremental=False))
+    batch = default_max_batch(C, H, W)
+    seconds = {}
+    for per_eval in sorted({max(1, batch // N // 2), max(1, batch // N), max(1, 2 * batch // N)}):
+        _, seconds[per_eval] = timed(captum_runner(model, images, targets, patch, stride, fill, per_eval))
+        log(f"  captum perturbations_per_eval={per_eval}: {seconds[per_eval] / copies:.3f} s per copy")
+    best = min(seconds, key=seconds.get)
+    return batched / copies, seconds[best] / copies, best
+
+
+def approximate_cases(report, name, model, images, targets, patch, stride, fill, batched_per_copy, captum, log):
+    """One table: exact incremental, each approximation, batched and captum (scaled), with quality."""
+    N, _, H, W = images.shape
+    copies = N * ((H - patch) // stride + 1) * ((W - patch) // stride + 1)
+    kwargs = dict(patch=patch, stride=stride, fill=fill)
+    exact, exact_s = timed(lambda: occlusion_result(model, images, targets, **kwargs))
+    log(f"  {name} exact incremental: {exact_s:.1f} s")
+    batched_s = batched_per_copy * copies if captum else None
+    rows = {}
+    for label, options in APPROXIMATIONS.items():
+        approx, seconds = timed(lambda: occlusion_result(model, images, targets, **kwargs, **options))
+        rows[label] = dict(seconds=seconds, copies=approx.copies, **quality(approx, exact))
+        log(f"  {name} {label}: {seconds:.1f} s, {rows[label]}")
+    if batched_s is None:  # small nets: the batched forward in full
+        _, batched_s = timed(lambda: occlusion_maps(model, images, targets, incremental=False, **kwargs))
+    report.print(f"\n### {name}: {N} images {H}x{W}, patch {patch}, stride {stride}, {copies} copies\n")
+    report.print("| case | seconds | copies | x batched | x exact incremental | SSIM mean (min) | "
+                 "SSIM own range mean (min) | max abs diff | labels same |")
+    report.print("|---|---|---|---|---|---|---|---|---|")
+    report.print(f"| batched full forward{' (scaled)' if captum else ''} | {batched_s:.1f} | {copies} | 1.00 | "
+                 f"{exact_s / batched_s:.2f} | - | - | - | - |")
+    if captum:
+        captum_per_copy, per_eval = captum
+        report.print(f"| captum Occlusion, perturbations_per_eval={per_eval} (scaled) | {captum_per_copy * copies:.1f} "
+                     f"| {copies} | {batched_s / (captum_per_copy * copies):.2f} | - | - | - | - | - |")
+    report.print(f"| exact incremental | {exact_s:.1f} | {copies} | {batched_s / exact_s:.2f} | 1.00 | 1 | 1 | 0 | 1 |")
+    for label, r in rows.items():
+        report.print(f"| {label} | {r['seconds']:.1f} | {r['copies']} | {batched_s / r['seconds']:.2f} | "
+                     f"{exact_s / r['seconds']:.2f} | {r['ssim_mean']:.3f} ({r['ssim_min']:.3f}) | "
+                     f"{r['ssim_own_range_mean']:.3f} ({r['ssim_own_range_min']:.3f}) | {r['max_abs']:.2e} | "
+                     f"{r['label_agreement']:.4f} |")
+    return dict(batched_s=batched_s, exact_s=exact_s, copies=copies, approximations=rows), exact
+
+
+def bench_approximate(nets: list[str], strides: list[int], device: str, quick: bool, log) -> None:
+    report = Report("occlusion_approximate")
+    report.print(f"device {device}; presets {PRESETS}")
+    results = {}
+    if "cifar" in nets:
+        log("training the CIFAR net")
+        states, net, images, labels, fill, weights = trained_cifar(log, device, quick)
+        if quick:
+            images, labels = images[:4], labels[:4]
+        net.to(device)
+        report.print(f"\ncifar: CifarConvNet(256, 64), {weights}")
+        # captum's best perturbations_per_eval, probed at stride 3 (a ninth of the copies)
+        per_copy, captum_s, per_eval = per_copy_seconds(net, images, labels, 7, 3, fill, log)
+        results["cifar"], exact = approximate_cases(report, "cifar", net, images, labels, 7, 1, fill, per_copy,
+                                                    None, log)
+        # captum in full on the small net
+        _, captum_full = timed(captum_runner(net, images, labels, 7, 1, fill, per_eval))
+        report.print(f"\ncaptum Occlusion (perturbations_per_eval={per_eval}) in full: {captum_full:.1f} s "
+                     f"({results['cifar']['batched_s'] / captum_full:.2f}x the batched forward)")
+        # reuse across epochs: the maps of one epoch reused in the next
+        report.print("\nreuse across epochs (fast preset; the maps of the earlier epoch reused in the later one; "
+                     "quality against the later epoch's exact maps):\n")
+        report.print("| epochs | reuse_tol | seconds | copies | x batched | SSIM mean (min) | max abs diff | "
+                     "labels same |")
+        report.print("|---|---|---|---|---|---|---|---|")
+        reuse = {}
+        kwargs = dict(patch=7, stride=1, fill=fill, approximate="fast")
+        for before, after, what in ((0, 1, "1 -> 2"), (1, 2, "2 -> 3 (lr 1e-5)")):
+            net.load_state_dict(states[before])
+            first = occlusion_result(net.eval(), images, labels, **kwargs)
+            net.load_state_dict(states[after])
+            exact_after = exact if after == 1 else occlusion_result(net, images, labels, patch=7, stride=1, fill=fill)
+            for tol in (None, 0.005, 0.02, 0.05):
+                out, seconds = timed(lambda: occlusion_result(net, images, labels, **kwargs, previous=first,
+                                                              reuse_tol=tol))
+                q = quality(out, exact_after)
+                reuse[f"{what}, {tol}"] = dict(seconds=seconds, copies=out.copies, **q)
+                report.print(f"| {what} | {tol if tol is not None else 'off'} | {seconds:.1f} | {out.copies} | "
+                             f"{results['cifar']['batched_s'] / seconds:.2f} | {q['ssim_mean']:.3f} "
+                             f"({q['ssim_min']:.3f}) | {q['max_abs']:.2e} | {q['label_agreement']:.4f} |")
+        net.load_state_dict(states[1])
+        results["cifar"].update(reuse=reuse, weights=weights, captum_full_s=captum_full)
+        report.save(extra=dict(results=results))
+    if "vgg16" in nets:
+        from convlens.models.vgg import VGG16
+
+        torch.manual_seed(0)
+        side, count = (64, 1) if quick else (224, 4)
+        model = VGG16(num_classes=1000, weights=None).eval().to(device)
+        images = torch.randn(count, 3, side, side, device=device)
+        with torch.inference_mode():
+            targets = model(images).argmax(1)
+        per_copy, captum_s, per_eval = per_copy_seconds(model, images[:1], targets[:1], 25, 25, 0.0, log)
+        report.print(f"\nvgg16: random weights; batched {per_copy:.3f} s and captum {captum_s:.3f} s per copy "
+                     f"(perturbations_per_eval={per_eval}), timed on 1 image at stride 25")
+        for stride in strides:
+            results[f"vgg16_stride{stride}"], _ = approximate_cases(
+                report, f"vgg16 stride {stride}", model, images, targets, 25, stride, 0.0, per_copy,
+                (captum_s, per_eval), log)
+            report.save(extra=dict(results=results))
+    for name, r in results.items():
+        speed, level = APPROX_TARGETS["cifar" if name == "cifar" else "vgg16"]
+        for label, a in r["approximations"].items():
+            x = r["batched_s"] / a["seconds"]
+            met = x >= speed and a["ssim_mean"] >= level
+            report.print(f"target {name} {label}: >= {speed}x at SSIM >= {level}: {x:.1f}x, SSIM {a['ssim_mean']:.3f} "
+                         f"(own range {a['ssim_own_range_mean']:.3f}) -> {'met' if met else 'MISSED'}")
+    report.save(extra=dict(results=results))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--nets", default="vgg16,cifar,lenet")
@@ -315,6 +528,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small settings, for trying the script out")
     parser.add_argument("--print", metavar="JSON", help="print the tables of a saved run and exit")
     parser.add_argument("--memory-child", nargs=2, metavar=("NET", "VARIANT"), help=argparse.SUPPRESS)
+    parser.add_argument("--approximate", action="store_true", help="the drill-down benchmark (issue #23)")
+    parser.add_argument("--strides", default="8,4", help="VGG16 strides of --approximate")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (--approximate)")
     args = parser.parse_args()
     if args.memory_child:
         memory_child(*args.memory_child, args.quick)
@@ -326,6 +542,10 @@ def main() -> None:
     def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
+    if args.approximate:
+        nets = args.nets.split(",") if args.nets != parser.get_default("nets") else ["cifar", "vgg16"]
+        bench_approximate(nets, [int(s) for s in args.strides.split(",")], args.device, args.quick, log)
+        return
     taus = [float(t) for t in args.taus.split(",") if t]
     started = time.strftime("%Y-%m-%d %H:%M")
     report = dict(date=started, command=" ".join([Path(sys.argv[0]).name] + sys.argv[1:]),

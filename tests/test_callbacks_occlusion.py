@@ -277,3 +277,88 @@ def test_minimum_of_the_probability_map_lies_on_the_object(tmp_path, monkeypatch
                             for i in range(h) for j in range(w)]).float().mean()
     assert anywhere < 0.6, f"a random position hides the box {anywhere:.0%} of the time: the check is too lax"
     assert on_object >= 0.9, f"the minimum lies on the object in only {on_object:.0%} of the images"
+
+
+# --------------------------------------------------------------------------------------------
+# Approximate maps (issue #23): the quality logged against exact maps, reuse across epochs
+# --------------------------------------------------------------------------------------------
+
+def approximate_callback(tmp_path, **options):
+    torch.manual_seed(0)
+    net = CifarConvNet(c3=16, c4=8)
+    norm = make_normalization("none", torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
+    module = ClassifierModule(net, optimizer=partial(torch.optim.SGD, lr=0.1))
+    trainer = stub_trainer(norm, image_size=32, tmp_path=tmp_path)
+    cb = OcclusionSensitivity(num_probe=None, patch=7, stride=1, **options)
+    cb.probe_images, cb.probe_labels = torch.randn(2, 3, 32, 32), torch.tensor([1, 2])
+    logged, scalars = capture(cb), []
+    cb.log_scalars = lambda trainer, values: scalars.append(dict(values))
+    return cb, trainer, module, norm, logged, scalars
+
+
+def test_approximate_maps_log_ssim_and_max_difference_against_exact_maps(tmp_path):
+    metrics = pytest.importorskip("skimage.metrics")
+    cb, trainer, module, norm, logged, scalars = approximate_callback(tmp_path, approximate="fast", check_every=3)
+    net, images, labels = module.net, cb.probe_images, cb.probe_labels
+    for epoch in range(5):
+        trainer.current_epoch = epoch
+        cb.visualize(trainer, module)
+    checks = [(i, s) for i, s in enumerate(scalars) if "occlusion_ssim/0" in s]
+    # first use (epoch 0) and check_every epochs later (epoch 3); every drawing logs its copies
+    assert [i for i, _ in checks] == [1, 5] and len(scalars) == 7
+    approx = occlusion_maps(net, images, labels, patch=7, stride=1, pixel_to_input=norm, approximate="fast")[0]
+    exact = occlusion_maps(net, images, labels, patch=7, stride=1, pixel_to_input=norm)[0]
+    _, values = checks[0]
+    for i in range(2):
+        expected = metrics.structural_similarity(approx[i].double().numpy(), exact[i].double().numpy(), data_range=1.0)
+        assert values[f"occlusion_ssim/{i}"] == pytest.approx(expected, rel=1e-6)
+        assert values[f"occlusion_max_abs_diff/{i}"] == pytest.approx(float((approx[i] - exact[i]).abs().max()),
+                                                                        rel=1e-6)
+    assert 0 < scalars[0]["occlusion_copies/fraction"] < 0.5
+    assert sorted(logged) == ["occlusion/0", "occlusion/1"]
+
+
+def test_exact_maps_log_no_quality_and_check_every_0_checks_once(tmp_path):
+    cb, trainer, module, _, _, scalars = approximate_callback(tmp_path)
+    trainer.current_epoch = 0
+    cb.visualize(trainer, module)
+    assert scalars == []  # exact maps: nothing to measure
+    cb, trainer, module, _, _, scalars = approximate_callback(tmp_path, coarse=3, drill=0.2, check_every=0)
+    for epoch in range(3):
+        trainer.current_epoch = epoch
+        cb.visualize(trainer, module)
+    assert sum("occlusion_ssim/0" in s for s in scalars) == 1
+
+
+def test_reuse_tol_passes_the_previous_maps(tmp_path, monkeypatch):
+    calls = []
+    real = occlusion_module.occlusion_result
+
+    def recording(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(occlusion_module, "occlusion_result", recording)
+    cb, trainer, module, _, _, scalars = approximate_callback(tmp_path, approximate="fast", reuse_tol=0.01)
+    for epoch in range(2):
+        trainer.current_epoch = epoch
+        cb.visualize(trainer, module)
+    assert calls[0]["previous"] is None and calls[1]["previous"] is not None and calls[1]["reuse_tol"] == 0.01
+    copies = [s["occlusion_copies/fraction"] for s in scalars if "occlusion_copies/fraction" in s]
+    assert copies[1] < copies[0]  # the same net: the known positions are reused
+    cb, trainer, module, _, _, _ = approximate_callback(tmp_path, approximate="fast")
+    calls.clear()
+    for epoch in range(2):
+        trainer.current_epoch = epoch
+        cb.visualize(trainer, module)
+    assert calls[1]["previous"] is None  # off by default
+
+
+def test_approximate_options_are_checked():
+    for options, message in [(dict(approximate="faster"), "approximate must be null"),
+                             (dict(drill=0.5), "needs a coarse grid"), (dict(coarse=0), "coarse must"),
+                             (dict(check_every=-1), "check_every must"), (dict(reuse_tol=-0.1), "reuse_tol must"),
+                             (dict(tau=1.5), "tau must be a fraction")]:
+        with pytest.raises(ValueError, match=message):
+            OcclusionSensitivity(**options)
+    assert OcclusionSensitivity(tau=1.0).approximation.exact

@@ -382,3 +382,40 @@ def test_on_cuda_the_maps_are_the_cpu_maps():
             net.cpu()
         torch.testing.assert_close(gpu[0].cpu(), cpu[0], rtol=1e-3, atol=1e-5)
         assert (gpu[1].cpu() == cpu[1]).double().mean() > 0.99
+
+
+@pytest.mark.slow  # trains the CIFAR net for an epoch on 4,000 real CIFAR-10 images
+def test_fast_labels_agree_with_exact_on_the_trained_cifar_net(shared_data):
+    """The issue's bar: the approximate map's top-1 label map agrees with the exact one on at least
+    95% of positions, on the CIFAR net trained on CIFAR-10 (patch 7, stride 1, the gray patch)."""
+    from convlens.datamodules.cifar10 import CIFAR10_CLASSES
+    from convlens.datamodules.images import load_image_folder
+
+    root = shared_data / "cifar10-jpg"
+    if not root.is_dir():
+        pytest.skip(f"no cifar10-jpg under {shared_data}")
+    x, y = load_image_folder(root / "test", size=32, channels=3, classes=list(CIFAR10_CLASSES))[:2]
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    x = x[order].float() / 255
+    y = y[order]
+    mean, std = x[:4000].mean((0, 2, 3), keepdim=True), x[:4000].std((0, 2, 3), keepdim=True)
+    x = (x - mean) / std
+    torch.manual_seed(0)
+    net = CifarConvNet(c3=256, c4=64)
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
+    for batch in torch.arange(4000).split(64):  # one epoch on the first 4,000 images
+        loss = torch.nn.functional.cross_entropy(net(x[batch]), y[batch])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    net.eval()
+    with torch.no_grad():
+        accuracy = (net(x[4000:5000]).argmax(1) == y[4000:5000]).double().mean()
+    assert accuracy > 0.25, f"the test net did not learn (held-out accuracy {accuracy:.2f})"
+    images, labels = x[5000:5008], y[5000:5008]
+    fill = ((0.5 - mean) / std)[0]
+    exact = occlusion_maps(net, images, labels, patch=7, stride=1, fill=fill)
+    fast = occlusion_maps(net, images, labels, patch=7, stride=1, fill=fill, approximate="fast")
+    agreement = (fast[1] == exact[1]).double().mean()
+    assert agreement >= 0.95, f"labels agree on {agreement:.3f} of the positions"
+    assert not torch.equal(fast[0], exact[0])  # approximate: not the exact map
