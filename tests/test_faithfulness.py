@@ -491,8 +491,8 @@ def fit(tmp_path, callback, epochs: int = 2, lr: float = 0.05, net=None):
     torch.manual_seed(0)
     net = net if net is not None else cnn()
     module = Module(net, lr)
-    trainer = pl.Trainer(callbacks=[callback], max_epochs=epochs, limit_train_batches=2, limit_val_batches=1, accelerator="cpu",
-                         devices=1, enable_progress_bar=False, enable_model_summary=False,
+    trainer = pl.Trainer(callbacks=[callback], max_epochs=epochs, limit_train_batches=2, limit_val_batches=1,
+                         accelerator="cpu", devices=1, enable_progress_bar=False, enable_model_summary=False,
                          enable_checkpointing=False, num_sanity_val_steps=0, default_root_dir=tmp_path,
                          logger=TensorBoardLogger(tmp_path, name="tensorboard", version=""))
     with warnings.catch_warnings(record=True) as record:
@@ -641,6 +641,26 @@ def test_without_a_layer_method_it_works_on_a_net_without_conv(tmp_path):
     assert "faithfulness/occlusion/deletion_auc" in read_events(tmp_path / "tensorboard")["scalars"]
     with pytest.raises(ConvlensError):
         Faithfulness(methods=[])
+
+
+def test_final_scores_without_a_logger_come_from_the_scalars_file(tmp_path):
+    from convlens.callbacks.faithfulness import final_scores
+
+    callback = Faithfulness(methods=["gradcam"], **SMALL)
+    torch.manual_seed(0)
+    trainer = pl.Trainer(callbacks=[callback], max_epochs=2, limit_train_batches=1, limit_val_batches=1,
+                         accelerator="cpu", devices=1, enable_progress_bar=False, enable_model_summary=False,
+                         enable_checkpointing=False, num_sanity_val_steps=0, default_root_dir=tmp_path, logger=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(Module(cnn()), loader(), loader(1))
+    with open(tmp_path / "viz" / "scalars.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r["tag"] == "faithfulness/gradcam/deletion_auc"]
+    assert len(rows) == 2
+    scores = final_scores(tmp_path)
+    assert scores["gradcam/deletion_auc"] == pytest.approx(float(rows[-1]["value"]))
+    assert callback.history[-1]["auc"]["gradcam"]["deletion_auc"] == pytest.approx(scores["gradcam/deletion_auc"])
+    assert final_scores(tmp_path / "nothing") == {}
 
 
 # -- the sweep summary ------------------------------------------------------------------------------
