@@ -357,8 +357,8 @@ def trained_cifar(log, device, quick=False):
     net = CifarConvNet(c3=256, c4=64)
     if not root.is_dir():
         log(f"  no CIFAR-10 under {root}: random weights and images")
-        images = torch.randn(16, 3, 32, 32)
-        return [net.state_dict()] * 3, net, images, torch.zeros(16, dtype=torch.long), 0.0, "random"
+        images = torch.randn(16, 3, 32, 32, device=device)
+        return [net.state_dict()] * 3, net, images, torch.zeros(16, dtype=torch.long, device=device), 0.0, "random"
     x, y = load_image_folder(root / "train", size=32, channels=3, classes=list(CIFAR10_CLASSES))[:2]
     pick = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:1000 if quick else 10000]
     x, y = x[pick].float() / 255, y[pick]

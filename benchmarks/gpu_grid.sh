@@ -6,6 +6,7 @@
 #      resident on the GPU, N_JOBS jobs sharing the GPU through the joblib launcher; wall time
 #   3. the grid's summary (per-model test accuracy, seconds per epoch, Fig. 6 plot) and each
 #      callback's share of the time (viz_time/* against the epoch time), from the sweep's files
+#   4. occlusion on the device: its CUDA test and bench_occlusion --approximate (issue #23)
 #
 #   DATA_DIR=../shared/datasets bash benchmarks/gpu_grid.sh          # on the GPU machine
 #   GRID_TINY=1 DATA_DIR=../shared/datasets bash benchmarks/gpu_grid.sh  # CPU dry run: 2 models, 3 batches
@@ -55,3 +56,11 @@ echo "grid exit code $grid_rc, wall ${wall} s"
 echo "== 3. summary and the callbacks' share ($(date -u +%H:%M:%S))"
 python benchmarks/grid_share.py "$OUT/sweep" --wall "$wall" --exit-code "$grid_rc" --json "$OUT/gpu_grid.json"
 cat "$OUT/sweep/summary.md" 2>/dev/null || true
+
+# issue #23: occlusion on CUDA tensors (the approximate and incremental paths, no host syncs in the
+# loop): the CUDA test, then bench_occlusion --approximate (-> $OUT/occlusion_approximate.json)
+echo "== 4. occlusion on the device ($(date -u +%H:%M:%S))"
+if [ -n "${GRID_TINY:-}" ]; then OCCLUSION_ARGS=(--quick --nets cifar --device cpu); else OCCLUSION_ARGS=(--device cuda); fi
+python -m pytest -q tests/test_occlusion_approximate.py -k cuda 2>&1 | tail -3 | tee "$OUT/occlusion_cuda_test.txt" || true
+python benchmarks/bench_occlusion.py --approximate "${OCCLUSION_ARGS[@]}" 2>&1 | tail -60 | tee "$OUT/occlusion.txt" \
+  || echo "step 4 failed: see above"
