@@ -48,7 +48,7 @@ from convlens.callbacks.lightning_compat import log_step
 from convlens.callbacks.options import check_choice, check_filters, check_int
 from convlens.errors import ConfigError
 from convlens.render import as_rgb, captioned_grid, fit_caption, tile_width, to_pixels
-from convlens.viz.feature_visualization import OBJECTIVES, color_sqrt, optimize_units
+from convlens.viz.feature_visualization import OBJECTIVES, SQUASHES, color_sqrt, optimize_units
 from convlens.viz.layers import LayerError, default_conv_layers, layer_maxima, layer_output, rank_filters
 
 SELECTIONS = ("first", "most_active")
@@ -94,6 +94,8 @@ class FeatureVisualization(VisualizationCallback):
         transforms: random shifts, scaling and rotation sized to the image (False: none).
         color: "probe", "imagenet" or "none" (see the module docstring).
         decay_power: the exponent of the 1/frequency scale of the Fourier coefficients.
+        squash: "clip" or "sigmoid" (Lucent's): how values are brought into the pixel range
+            (`viz.feature_visualization.fourier_image`).
         seed: seeds the start coefficients and the transforms.
         summary: log `feature_viz_summary/<layer>` at fit end. summary_max_epochs: its rows, at most.
         tile_size: tiles are upscaled (nearest, integer factor) to about this many pixels.
@@ -107,9 +109,9 @@ class FeatureVisualization(VisualizationCallback):
 
     def __init__(self, layers: Sequence[str] | None = None, filters: Mapping[str, Sequence[int]] | None = None,
                  max_units: int = 16, selection: str = "first", steps: int = 32, offline_steps: int = 512,
-                 lr: float = 0.05, objective: str = "channel", warm_start: bool = True, transforms: bool = True,
-                 color: str = "probe", decay_power: float = 1.0, seed: int = 0, summary: bool = True,
-                 summary_max_epochs: int = 10, tile_size: int = 48, every_n_epochs: int = 1, **probe_options):
+                 lr: float = 0.005, objective: str = "channel", warm_start: bool = True, transforms: bool = True,
+                 color: str = "probe", decay_power: float = 1.0, squash: str = "clip", seed: int = 0,
+                 summary: bool = True, summary_max_epochs: int = 10, tile_size: int = 48, every_n_epochs: int = 1, **probe_options):
         super().__init__(layers=layers, every_n_epochs=every_n_epochs, **probe_options)
         self.filters: dict[str, list[int]] = check_filters(filters)
         check_int("max_units (units per layer)", max_units, 1)
@@ -123,12 +125,14 @@ class FeatureVisualization(VisualizationCallback):
         for flag, value in (("warm_start", warm_start), ("transforms", transforms), ("summary", summary)):
             if not isinstance(value, bool):
                 raise ConfigError(f"{flag} must be true or false, got {value!r}")
+        check_choice("squash", squash, SQUASHES, " (how values are brought into the pixel range)")
         check_int("seed", seed, 0)
         check_int("summary_max_epochs", summary_max_epochs, 2)
         check_int("tile_size (pixels)", tile_size, 1)
         self.max_units, self.selection, self.steps, self.offline_steps = max_units, selection, steps, offline_steps
         self.lr = _number("lr", lr, positive=True)
         self.decay_power = _number("decay_power", decay_power)
+        self.squash = squash
         self.objective, self.warm_start, self.transforms, self.color = objective, warm_start, transforms, color
         self.seed, self.summary, self.summary_max_epochs, self.tile_size = seed, summary, summary_max_epochs, tile_size
         #: layer -> the units drawn (configured, borrowed or chosen at the first run; kept in state_dict)
@@ -236,7 +240,7 @@ class FeatureVisualization(VisualizationCallback):
             base = self.seed * 1_000_003 + 10_007 * index + (7_919 * self.runs if previous is not None else 0)
             result = optimize_units(net, layer, units, shape, steps=steps, lr=self.lr, objective=self.objective,
                                     transforms=self.transforms, pixel_to_input=normalization,
-                                    color=self._color_matrix, decay_power=self.decay_power,
+                                    color=self._color_matrix, decay_power=self.decay_power, squash=self.squash,
                                     init=previous.to(pl_module.device) if previous is not None else None, seed=base)
             if self.warm_start:
                 self.coefficients[layer] = result.coefficients.detach().cpu().clone()

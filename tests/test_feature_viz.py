@@ -85,17 +85,28 @@ def test_fourier_image_is_the_scaled_inverse_dft_through_colour_and_sigmoid(h, w
     g = torch.Generator().manual_seed(1)
     coefficients = torch.randn(2, 3, h, w // 2 + 1, 2, generator=g) * 0.1
     color = torch.tensor([[0.5, 0.2, 0.0], [0.1, 0.6, -0.2], [0.3, 0.0, 0.4]])
-    pixels = fourier_image(coefficients, h, w, decay_power=1.0, color=color)
+    pixels = fourier_image(coefficients, h, w, decay_power=1.0, color=color, squash="sigmoid")
+    clipped = fourier_image(coefficients, h, w, decay_power=1.0, color=color, squash="clip")
     scale = fourier_scale(h, w).double()
     for n in range(2):
         waves = torch.stack([naive_inverse(torch.view_as_complex(coefficients[n, c].double()) * scale, h, w)
                              for c in range(3)]) * math.sqrt(h * w) * FOURIER_GAIN
-        expected = torch.sigmoid(torch.einsum("ij,jhw->ihw", color.double(), waves))
-        torch.testing.assert_close(pixels[n].double(), expected, atol=1e-6, rtol=0)
-    gray = fourier_image(coefficients[:, :1], h, w)  # one channel: no colour mixing
+        mixed = torch.einsum("ij,jhw->ihw", color.double(), waves)
+        torch.testing.assert_close(pixels[n].double(), torch.sigmoid(mixed), atol=1e-6, rtol=0)
+        torch.testing.assert_close(clipped[n].double(), (mixed + 0.5).clamp(0, 1), atol=1e-6, rtol=0)
+    gray = fourier_image(coefficients[:, :1], h, w, squash="sigmoid")  # one channel: no colour mixing
     wave = naive_inverse(torch.view_as_complex(coefficients[0, 0].double()) * scale, h, w)
     torch.testing.assert_close(gray[0, 0].double(), torch.sigmoid(wave * math.sqrt(h * w) * FOURIER_GAIN),
                                atol=1e-6, rtol=0)
+
+
+def test_clip_passes_the_gradient_that_leads_back_into_the_range():
+    x = torch.tensor([-0.7, -0.7, 0.2, 0.7, 0.7], requires_grad=True)   # pixels -0.2, -0.2, 0.7, 1.2, 1.2
+    pixels = fourier_image.__globals__["_ClipToBox"].apply(x)
+    torch.testing.assert_close(pixels, torch.tensor([0.0, 0.0, 0.7, 1.0, 1.0]))
+    (grad,) = torch.autograd.grad(pixels, x, torch.tensor([-1.0, 1.0, 1.0, 1.0, -1.0]))
+    # a descent step moves a pixel by -grad: up from below the range, down from above it
+    torch.testing.assert_close(grad, torch.tensor([-1.0, 0.0, 1.0, 1.0, 0.0]))
 
 
 def test_fourier_scale_by_hand():

@@ -14,8 +14,12 @@ frequency in cycles per pixel, and turned into pixels by the inverse real FFT. A
 "decorrelated space" of the article, in which the natural images' 1/f spectrum is flat.
 - 3-channel inputs: the three channels are decorrelated colours, mapped to RGB by a square root of
   the colour covariance (`color_sqrt`; by default Lucid's ImageNet matrix, `IMAGENET_COLOR_SQRT`;
-  the callback uses its probe images' own statistics), then squashed to [0, 1] by a sigmoid.
-- 1-channel inputs (and any other channel count): plain Fourier, each channel through the sigmoid.
+  the callback uses its probe images' own statistics).
+- 1-channel inputs (and any other channel count): plain Fourier, no mixing.
+Then into [0, 1] (`squash`): by default mid-gray plus the value, clamped, with the gradient passed
+wherever a step leads back into the range; Lucent's sigmoid (`squash="sigmoid"`) loses the gradient
+of a pixel that saturated early on the wrong side for good, which on LeNet's linear conv1 left a
+quarter of the image's border wrong and the objective below the best MNIST digit's.
 The pixels are in display space ([0, 1]); `pixel_to_input` (the datamodule's normalization) maps them
 to the model's input space, so the images are what the net sees from real, displayable pictures.
 
@@ -40,6 +44,10 @@ Objectives, on the layer's output (the module's own output, before any ReLU that
   the layer's units (Lucid's diversity term: the images differ in style, not only in position);
 - `l2` (optional): minus `l2` times the squared distance of the image from mid-gray (display space,
   summed over pixels): a norm constraint in Lagrange form.
+Optimizer: Adam, by default at lr 0.005, not Lucent's 0.05: on our 28- and 32-px nets 0.05 makes
+the objective oscillate from step to step (on a briefly trained CIFAR net's conv4, 3 units of 8
+beat their best validation image after 512 steps at 0.02, all 8 at 0.005; benchmarks/RESULTS.md).
+
 All images of a request are optimized together, one forward pass up to the layer per step; in eval
 mode, with Adam's per-coefficient steps and per-image random transforms, each image's result is the
 one it would get alone (with the same seed).
@@ -61,8 +69,8 @@ from torch import Tensor, nn
 from convlens.viz.common import VizError, check_int, check_number, forward_until, frozen, gradients
 from convlens.viz.layers import LayerError, get_layer
 
-__all__ = ["FeatureVizError", "OBJECTIVES", "IMAGENET_COLOR_SQRT", "Transforms", "transforms_for", "fourier_scale",
-           "fourier_image", "color_sqrt", "random_coefficients", "transform_images", "unit_objective",
+__all__ = ["FeatureVizError", "OBJECTIVES", "SQUASHES", "IMAGENET_COLOR_SQRT", "Transforms", "transforms_for",
+           "fourier_scale", "fourier_image", "color_sqrt", "random_coefficients", "transform_images", "unit_objective",
            "FeatureVizResult", "optimize_units", "visualize_units", "measure_units"]
 
 OBJECTIVES = ("channel", "neuron")
@@ -70,7 +78,7 @@ OBJECTIVES = ("channel", "neuron")
 #: opponent directions), used when no colour statistics are given
 IMAGENET_COLOR_SQRT = ((0.26, 0.09, 0.02), (0.27, 0.00, -0.05), (0.27, -0.09, 0.03))
 #: Lucid's gain on the inverse FFT: with coefficients drawn at `INIT_STD` the first image is faint
-#: noise around mid-gray, and Adam's first steps of `lr` do not saturate the sigmoid
+#: noise around mid-gray
 FOURIER_GAIN = 0.25
 INIT_STD = 0.01
 #: mid-gray in display space: the fill of everything the transforms bring in from outside the image
@@ -182,18 +190,40 @@ def color_sqrt(pixels: Tensor | None = None) -> Tensor:
     return (root / peak).float()
 
 
+class _ClipToBox(torch.autograd.Function):
+    """x + gray clamped to [0, 1]; the gradient passes inside the box, and outside it only where a
+    descent step moves the value back towards the box (a pixel stuck on the wrong side can leave it)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return (x + GRAY).clamp(0, 1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        y = x + GRAY
+        passes = ((y >= 0) & (y <= 1)) | ((y > 1) & (grad > 0)) | ((y < 0) & (grad < 0))
+        return grad * passes
+
+
+SQUASHES = ("clip", "sigmoid")
+
+
 def fourier_image(coefficients: Tensor, height: int, width: int, decay_power: float = 1.0,
-                  color: Tensor | None = None) -> Tensor:
-    """Pixels [N, C, H, W] in (0, 1) from coefficients [N, C, H, W//2+1, 2] (see the module
+                  color: Tensor | None = None, squash: str = "clip") -> Tensor:
+    """Pixels [N, C, H, W] in [0, 1] from coefficients [N, C, H, W//2+1, 2] (see the module
     docstring): the inverse real FFT of the 1/f-scaled spectrum (orthonormal, times sqrt(H W), so a
     coefficient's wave has the same amplitude at every size, times `FOURIER_GAIN`); for C = 3
-    mixed by `color` [3, 3] (decorrelated colours to RGB; None: no mixing); then a sigmoid."""
+    mixed by `color` [3, 3] (decorrelated colours to RGB; None: no mixing); then into [0, 1] by
+    `squash`: "clip" (mid-gray + x, clamped, with the gradient that leads back into the range) or
+    "sigmoid" (Lucent's)."""
     scale = fourier_scale(height, width, decay_power, coefficients.device).to(coefficients.dtype)
     spectrum = torch.view_as_complex(coefficients.contiguous()) * scale
     x = torch.fft.irfft2(spectrum, s=(height, width), norm="ortho") * (math.sqrt(height * width) * FOURIER_GAIN)
     if color is not None:
         x = torch.einsum("ij,njhw->nihw", color.to(x), x)
-    return torch.sigmoid(x)
+    return torch.sigmoid(x) if squash == "sigmoid" else _ClipToBox.apply(x)
 
 
 def random_coefficients(seeds: Sequence[int], channels: int, height: int, width: int) -> Tensor:
@@ -309,12 +339,12 @@ def measure_units(model: nn.Module, images: Tensor, layer: str, units, objective
         return unit_objective(maps.float(), units, objective)
 
 
-def optimize_units(model: nn.Module, layer: str, units, image_shape, steps: int = 512, lr: float = 0.05,
+def optimize_units(model: nn.Module, layer: str, units, image_shape, steps: int = 512, lr: float = 0.005,
                    objective: str = "channel", diversity: float = 0.0, l2: float = 0.0,
                    transforms: Transforms | bool | None = True, keep_size: bool = True,
                    pixel_to_input: Callable[[Tensor], Tensor] | None = None, color: Tensor | str | None = "imagenet",
-                   decay_power: float = 1.0, init: Tensor | None = None, seed: int | Sequence[int] = 0,
-                   ) -> FeatureVizResult:
+                   decay_power: float = 1.0, squash: str = "clip", init: Tensor | None = None,
+                   seed: int | Sequence[int] = 0) -> FeatureVizResult:
     """Optimize one image per entry of `units` (unit indices of `layer`; repeat a unit for several
     images of it) for `steps` Adam steps at `lr`, all in one batch. See the module docstring.
 
@@ -325,6 +355,7 @@ def optimize_units(model: nn.Module, layer: str, units, image_shape, steps: int 
         keep_size: the net sees its own input size (False: Lucent's growing canvas).
         pixel_to_input: display-space pixels [N, C, H, W] -> model input (the datamodule's
             normalization); None: the pixels are the input.
+        squash: "clip" or "sigmoid" (`fourier_image`).
         color: for C = 3, the colour mixing [3, 3] (`color_sqrt` of some images), "imagenet"
             (Lucid's matrix) or None (no decorrelation); ignored for other channel counts.
         init: start coefficients [N, C, H, W//2+1, 2] (a previous result's `coefficients`: a warm
@@ -335,6 +366,8 @@ def optimize_units(model: nn.Module, layer: str, units, image_shape, steps: int 
     """
     if objective not in OBJECTIVES:
         raise FeatureVizError(f"Unknown objective {objective!r}; use one of {', '.join(OBJECTIVES)}")
+    if squash not in SQUASHES:
+        raise FeatureVizError(f"Unknown squash {squash!r}; use one of {', '.join(SQUASHES)}")
     steps = check_int("steps", steps, 0, FeatureVizError, " (optimization steps)")
     lr = check_number("lr", lr, 0, True, FeatureVizError, " (Adam's learning rate)")
     diversity = check_number("diversity", diversity, 0, False, FeatureVizError)
@@ -380,7 +413,7 @@ def optimize_units(model: nn.Module, layer: str, units, image_shape, steps: int 
     units_dev = units.to(device)
 
     def render() -> Tensor:
-        return fourier_image(coefficients, h, w, decay_power, color)
+        return fourier_image(coefficients, h, w, decay_power, color, squash)
 
     def measure(pixels: Tensor) -> Tensor:
         with torch.no_grad():
