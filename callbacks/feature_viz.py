@@ -111,7 +111,8 @@ class FeatureVisualization(VisualizationCallback):
                  max_units: int = 16, selection: str = "first", steps: int = 32, offline_steps: int = 512,
                  lr: float = 0.005, objective: str = "channel", warm_start: bool = True, transforms: bool = True,
                  color: str = "probe", decay_power: float = 1.0, squash: str = "clip", seed: int = 0,
-                 summary: bool = True, summary_max_epochs: int = 10, tile_size: int = 48, every_n_epochs: int = 1, **probe_options):
+                 summary: bool = True, summary_max_epochs: int = 10, tile_size: int = 48, every_n_epochs: int = 1,
+                 **probe_options):
         super().__init__(layers=layers, every_n_epochs=every_n_epochs, **probe_options)
         self.filters: dict[str, list[int]] = check_filters(filters)
         check_int("max_units (units per layer)", max_units, 1)
