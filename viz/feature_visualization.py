@@ -196,15 +196,16 @@ class _ClipToBox(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return (x + GRAY).clamp(0, 1)
+        y = x + GRAY
+        # +1 above the range, -1 below it, 0 inside: all the backward pass needs, in one byte a value
+        ctx.save_for_backward((y > 1).to(torch.int8) - (y < 0).to(torch.int8))
+        return y.clamp(0, 1)
 
     @staticmethod
     def backward(ctx, grad):
-        (x,) = ctx.saved_tensors
-        y = x + GRAY
-        passes = ((y >= 0) & (y <= 1)) | ((y > 1) & (grad > 0)) | ((y < 0) & (grad < 0))
-        return grad * passes
+        (side,) = ctx.saved_tensors
+        # outside the range, a descent step (-grad) must point back into it: side * grad >= 0
+        return grad.masked_fill(side * grad < 0, 0)
 
 
 SQUASHES = ("clip", "sigmoid")
