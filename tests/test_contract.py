@@ -32,7 +32,7 @@ from convlens.callbacks import VisualizationCallback
 from convlens.errors import ConvlensError
 from convlens.events import read_events
 from convlens.methods import METHODS
-from tests.conftest import compose_cfg
+from tests.conftest import SMALL, compose_cfg
 
 NUM_CLASSES = 4
 ALL = list(METHODS)  # every visualization method, new ones included
@@ -98,21 +98,6 @@ def loader(n: int = 16, side: int = 16, seed: int = 0) -> DataLoader:
 
 
 # -- the callbacks, as the Hydra configs build them -----------------------------------------------
-SMALL = {  # small drawings, so the matrix stays fast; every other option is the config's
-    "deconv": ["callbacks.deconv.k=2", "callbacks.deconv.max_maps=2"],
-    "decoded": ["callbacks.decoded.max_filters=2"],
-    "occlusion": ["callbacks.occlusion.num_probe=1"],
-    "saliency": ["callbacks.saliency.num_probe=2"],
-    "suppression": ["callbacks.suppression.steps=2", "callbacks.suppression.num_probe=1",
-                    "callbacks.suppression.top_k=1"],
-    "top_activations": ["callbacks.top_activations.max_filters=2", "callbacks.top_activations.k=2"],
-    "evolution": [],
-    "feature_viz": ["callbacks.feature_viz.steps=2", "callbacks.feature_viz.max_units=2"],
-    "faithfulness": ["callbacks.faithfulness.num_probe=2", "callbacks.faithfulness.steps=4",
-                     "callbacks.faithfulness.road_percentiles=[0.5]"],
-    "dissection": ["callbacks.dissection.n=4", "callbacks.dissection.strip_units=2"],
-    "mistakes": ["callbacks.mistakes.num_mistakes=2", "callbacks.mistakes.k=2", "callbacks.mistakes.num_suspects=2"],
-}
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,8 @@ from convlens.events import read_events
 from convlens.methods import METHODS
 
 PUBLIC = ["DeconvProjection", "FilterEvolution", "DecodedFilters", "OcclusionSensitivity", "Saliency",
-          "TopActivations", "KernelSuppression"]
+          "TopActivations", "KernelSuppression", "UnitDissection", "Faithfulness", "FeatureVisualization",
+          "Mistakes"]
 TINY = ["experiment=shapes_demo", "debug=limit", "datamodule.n_train=256", "datamodule.val_size=64",
         "datamodule.n_test=64"]
 

@@ -8,7 +8,7 @@ from functools import partial
 import pytest
 import torch
 
-from conftest import FAST_SHAPES, compose_cfg
+from conftest import FAST_SHAPES, SMALL, compose_cfg
 from convlens import config
 from convlens.events import read_events
 from convlens.methods import METHODS
@@ -63,8 +63,8 @@ def test_channels_last_computes_what_contiguous_computes():
 @pytest.mark.slow
 def test_every_callback_draws_under_bf16_mixed(tmp_path):
     cfg = compose_cfg(FAST_SHAPES + ["trainer.max_epochs=1", "trainer.precision=bf16-mixed",
-                                     "callbacks=[default,saliency,top_activations,suppression]",
-                                     "callbacks.suppression.steps=5", "test=false"], tmp_path)
+                                     f"callbacks=[{','.join(METHODS)}]", "test=false"]
+                      + [o for m in METHODS for o in SMALL[m]], tmp_path)
     metrics = train(cfg)
     assert metrics["val/acc"] > 0.1
     events = read_events(tmp_path / "tensorboard")

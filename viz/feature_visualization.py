@@ -66,7 +66,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from convlens.viz.common import VizError, check_int, check_number, forward_until, frozen, gradients
+from convlens.viz.common import VizError, check_int, check_number, eval_mode, forward_until, frozen, gradients
 from convlens.viz.layers import LayerError, get_layer
 
 __all__ = ["FeatureVizError", "OBJECTIVES", "SQUASHES", "IMAGENET_COLOR_SQRT", "Transforms", "transforms_for",
@@ -324,8 +324,6 @@ def _maps(model: nn.Module, x: Tensor, module: nn.Module, layer: str) -> Tensor:
 def measure_units(model: nn.Module, images: Tensor, layer: str, units, objective: str = "channel") -> Tensor:
     """[N]: each image's objective for its unit (`unit_objective`), model input space images, eval
     mode, no gradients, the forward pass stopped after the layer (e.g. the objective of real images)."""
-    from convlens.viz.common import eval_mode
-
     if objective not in OBJECTIVES:
         raise FeatureVizError(f"Unknown objective {objective!r}; use one of {', '.join(OBJECTIVES)}")
     module = get_layer(model, layer)
