@@ -70,18 +70,18 @@ def main() -> None:
     def deconv_one_record(dtype=None):
         # one forward up to the deepest layer serves ranking and projection at every layer
         for rec in record_layers(model, images, LAYERS).values():
-            _, top = rec.top_maps(TOP_K)
+            _, top = rec.top_units(TOP_K)
             rec.project_many(top, dtype=dtype)
 
     def deconv_record_per_layer():
         for layer in LAYERS:
             rec = record(model, images, layer)
-            _, top = rec.top_maps(TOP_K)
+            _, top = rec.top_units(TOP_K)
             rec.project_many(top)
 
     per_layer = {}
     for layer, rec in record_layers(model, images, LAYERS).items():
-        _, top = rec.top_maps(TOP_K)
+        _, top = rec.top_units(TOP_K)
         per_layer[layer] = (timed(lambda: rec.project_many(top), args.repeats), top,
                             timed(lambda: rec.project_many(top, dtype=torch.bfloat16), args.repeats))
 

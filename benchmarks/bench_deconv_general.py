@@ -5,7 +5,7 @@ deconvnet does: the map's own activations sent back) of 16 images at 64x64, at o
 random-init ResNet-18 (eval mode), timed three ways in one run, interleaved, best of `--repeats`:
 
 - ours: `record(net, images, layer)` (one forward pass, stopped at the layer) then
-  `project_many(top_maps(9))` (9 backward passes over the 16 images, the first step by hand);
+  `project_many(top_units(9))` (9 backward passes over the 16 images, the first step by hand);
 - Captum pair by pair: `NeuronDeconvolution(net, layer).attribute(image, neuron_selector=
   sum(F_c * F_c.detach()))`, one call per projection (16 x 9 calls of one image);
 - Captum map by map: the same, once per distinct map c among the 16 x 9 selected pairs, on all the
@@ -18,7 +18,7 @@ All three attribution results are checked equal (max relative difference printed
 numbers as JSON next to RESULTS.md (`bench_deconv_general.json`).
 
 With `--chain-nets`, instead: the same top-9 task at every conv layer of the chain nets
-(CifarConvNet(256, 64) on 32x32x3, LeNet on 28x28x1; 16 images), one `record_layers` + `top_maps` +
+(CifarConvNet(256, 64) on 32x32x3, LeNet on 28x28x1; 16 images), one `record_layers` + `top_units` +
 `project_many` per layer, timed in float32 and with the reverse pass's convolutions in each
 `--dtypes` (e.g. bfloat16), interleaved, best of `--repeats`; the reduced-precision projections'
 largest error is given as a fraction of each projection's range (JSON: `bench_deconv_paths.json`).
@@ -87,7 +87,7 @@ def main():
 
         def ours():
             rec = record(net, images, layer)
-            _, top = rec.top_maps(a.k)
+            _, top = rec.top_units(a.k)
             return top, rec.project_many(top)
 
         top, reference = ours()
@@ -170,7 +170,7 @@ def chain_nets(a) -> None:
         def task(dtype, net=net, images=images):
             out = []
             for rec in deconvnet.record_layers(net, images, layers).values():
-                _, top = rec.top_maps(a.k)
+                _, top = rec.top_units(a.k)
                 out.append(rec.project_many(top, dtype=dtype))
             return out
 

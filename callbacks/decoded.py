@@ -42,7 +42,7 @@ from convlens.render import captioned_grid, scale_symmetric
 from convlens.viz.decoding import (DECODING_UNPOOL_MODES, decodable_layers, decode_filters, reconstruction_error,
                                    threshold_decoded)
 from convlens.viz.layers import (ALL_CONVS_UP_TO, LayerError, default_conv_layers, get_layer, layer_maxima,
-                                 layer_names, rank_filters)
+                                 layer_names, rank_units)
 
 
 
@@ -149,7 +149,7 @@ class DecodedFilters(VisualizationCallback):
             elif self.selection == "first":
                 chosen = list(range(self.max_filters))
             else:
-                chosen = rank_filters(layer_maxima(net, images, [layer])[layer], self.max_filters).tolist()
+                chosen = rank_units(layer_maxima(net, images, [layer])[layer], self.max_filters).tolist()
             self.chosen_filters[layer] = chosen
         return self.chosen_filters[layer]
 
@@ -166,7 +166,9 @@ class DecodedFilters(VisualizationCallback):
         net = self.net(pl_module)
         images, _ = self.probe(pl_module)
         errors = {}
-        for layer in self.layers:
+        # the layers in order, as the time budget allows (a first drawing stops at its deadline)
+        explicit = not self.uses_defaults or bool(self.explicit_filters)
+        for layer in self.within_budget(self.layers, "layers", explicit=explicit):
             chosen = self.filters_for(net, layer, images)
             decoded = decode_filters(net, layer, unpool=self.unpool, filters=chosen)
             indices = chosen if chosen is not None else range(decoded.shape[0])

@@ -59,7 +59,7 @@ def reverse_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if precision == "bfloat16" else None
 
 
-def top_maps_grid(pixels: torch.Tensor, projections: torch.Tensor, indices: torch.Tensor,
+def top_units_grid(pixels: torch.Tensor, projections: torch.Tensor, indices: torch.Tensor,
                   image_captions: Sequence[str], tile_size: int = 64) -> torch.Tensor:
     """One row per image: the image ([N, C, H, W] pixels in [0, 1]) then its k projections
     ([N, k, C, H, W], each min-max scaled on its own), captioned with the map indices [N, k]."""
@@ -186,13 +186,16 @@ class DeconvProjection(VisualizationCallback):
         # all tensor work first, then all rendering: on CPU, torch's worker threads fall asleep
         # during the (single-threaded) drawing and each first op after it pays for waking them
         drawn = []
-        for layer, rec in record_layers(net, images, self.layers, self._path).items():
-            _, indices = rec.top_maps(min(self.k, rec.num_maps))
+        recordings = record_layers(net, images, self.layers, self._path)
+        # the layers in order, as the time budget allows (a first drawing stops at its deadline)
+        for layer in self.within_budget(recordings, "layers", explicit=not self.uses_defaults):
+            rec = recordings[layer]
+            _, indices = rec.top_units(min(self.k, rec.num_units))
             drawn.append((layer, indices.cpu(), rec.project_many(indices, self.unpool, dtype=dtype).cpu()))
         maxima = self._max_activating(net, pl_module.device, dtype) if self.deconv_max else []
         for layer, indices, projections in drawn:
             self.log_image(trainer, f"deconv/{layer}",
-                           top_maps_grid(pixels, projections, indices, captions, self.tile_size))
+                           top_units_grid(pixels, projections, indices, captions, self.tile_size))
         for layer, images_of_maps, labels_of_maps, maps, projections in maxima:
             captions_of_maps = [class_caption(y, names) if y is not None else f"val {int(i)}"
                                 for i, y in zip(images_of_maps[0], labels_of_maps)]
@@ -211,10 +214,13 @@ class DeconvProjection(VisualizationCallback):
                 self._warned_no_val = True
             return []
         images, labels = self.val_batch
-        out = []
-        for layer, rec in record_layers(net, images.to(device), self.layers, self._path).items():
+        out, recordings = [], None
+        for layer in self.within_budget(self.layers, "deconv_max layers", explicit=not self.uses_defaults):
+            if recordings is None:  # one forward of the batch, once a first layer is due
+                recordings = record_layers(net, images.to(device), self.layers, self._path)
+            rec = recordings[layer]
             values, which = rec.max_activating_images()
-            count = min(self.max_maps, rec.num_maps)
+            count = min(self.max_maps, rec.num_units)
             if self.max_maps_by == "most_active":
                 maps = values.argsort(descending=True, stable=True)[:count]
             else:

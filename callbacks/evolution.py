@@ -43,7 +43,7 @@ from convlens.errors import ConfigError
 from convlens.render import (as_rgb, captioned_grid, class_caption, fit_caption, scale_each, scale_symmetric,
                              tile_width, to_pixels)
 from convlens.viz.deconvnet import DECONV_UNPOOL_MODES, layer_problems, record_layers
-from convlens.viz.layers import LayerError, default_conv_layers, get_layer, layer_names, rank_filters
+from convlens.viz.layers import LayerError, default_conv_layers, get_layer, layer_names, rank_units
 
 
 def relative_change(current: torch.Tensor, previous: torch.Tensor) -> float:
@@ -181,10 +181,13 @@ class FilterEvolution(VisualizationCallback):
         caption = class_caption(labels[self.probe_index], self.class_names(trainer))
         width = tile_width(image, self.tile_size)
         tiles: dict[str, torch.Tensor] = {}
-        for layer, rec in record_layers(net, image, self.layers, self._path).items():
+        recordings = record_layers(net, image, self.layers, self._path)
+        # the layers in order, as the time budget allows (a first drawing stops at its deadline)
+        for layer in self.within_budget(recordings, "layers", explicit=not self.uses_defaults or bool(self.filters)):
+            rec = recordings[layer]
             channel = self.tracked_map(layer)
             if channel is None:  # first run: the map the probe image activates most
-                channel = int(rank_filters(rec.map_maxima(), 1)[0])
+                channel = int(rank_units(rec.map_maxima(), 1)[0])
             self.chosen[layer] = channel
             tile = scale_each(rec.project(channel, self.unpool))
             tiles[layer] = (tile[0] * 255).round().to(torch.uint8)

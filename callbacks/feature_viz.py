@@ -49,7 +49,7 @@ from convlens.callbacks.options import check_choice, check_filters, check_int
 from convlens.errors import ConfigError
 from convlens.render import as_rgb, captioned_grid, fit_caption, tile_width, to_pixels
 from convlens.viz.feature_visualization import OBJECTIVES, SQUASHES, color_sqrt, optimize_units
-from convlens.viz.layers import LayerError, default_conv_layers, layer_maxima, layer_output, rank_filters
+from convlens.viz.layers import LayerError, default_conv_layers, layer_maxima, layer_output, rank_units
 
 SELECTIONS = ("first", "most_active")
 COLORS = ("probe", "imagenet", "none")
@@ -216,7 +216,7 @@ class FeatureVisualization(VisualizationCallback):
             units = self.filters.get(layer) or self._borrowed(trainer, layer)
             if units is None and self.selection == "most_active":
                 activity = layer_maxima(self.net(pl_module), self.probe_images.to(pl_module.device), [layer])[layer]
-                units = rank_filters(activity, self.max_units).tolist()
+                units = rank_units(activity, self.max_units).tolist()
             if units is None:
                 units = list(range(min(self.max_units, self._channels[layer])))
             self.chosen[layer] = [int(u) for u in units]

@@ -39,7 +39,7 @@ from torch import nn
 from convlens.callbacks.base import VisualizationCallback
 from convlens.callbacks.options import check_filters, check_int
 from convlens.render import captioned_grid, class_caption, fit_caption, heatmap, tile_width, to_pixels
-from convlens.viz.layers import LayerError, default_conv_layers, get_layer, layer_output, rank_filters
+from convlens.viz.layers import LayerError, default_conv_layers, get_layer, layer_output, rank_units
 from convlens.viz.suppression import check_arguments, feature_maps, follows_relu, interpret_kernel, kernel_maps
 
 
@@ -140,7 +140,7 @@ class KernelSuppression(VisualizationCallback):
             if layer in self.filters:
                 chosen = torch.tensor(self.filters[layer], dtype=torch.long).expand(maps.shape[0], -1)
             else:
-                chosen = rank_filters(maps.amax(dim=(2, 3)), self.top_k, per_image=True)
+                chosen = rank_units(maps.amax(dim=(2, 3)), self.top_k, per_image=True)
             self.chosen[layer] = chosen.detach().cpu().clone()
         return self.chosen[layer]
 

@@ -54,7 +54,7 @@ from convlens.errors import ConfigError
 from convlens.render import as_rgb, captioned_grid
 from convlens.viz.common import VizError
 from convlens.viz.layers import (LayerError, default_conv_layers, get_layer, input_module, layer_maxima,
-                                 rank_filters)
+                                 rank_units)
 from convlens.viz.receptive_field import ReceptiveField, crop_patches, receptive_field
 from convlens.viz.top_activations import RunningTopK, content_ids, spatial_max
 
@@ -183,7 +183,7 @@ class TopActivations(VisualizationCallback):
             if layer in self.filters:
                 chosen[layer] = list(self.filters[layer])
             elif layer in activity:
-                chosen[layer] = rank_filters(activity[layer], self.max_filters).tolist()
+                chosen[layer] = rank_units(activity[layer], self.max_filters).tolist()
             else:
                 chosen[layer] = list(range(min(self.max_filters, get_layer(net, layer).out_channels)))
         # every rank must track the same filters: rank zero's choice wins
@@ -302,7 +302,7 @@ class TopActivations(VisualizationCallback):
             patches = top.payload
             if patches is None:  # nothing was seen at all: blank tiles of the field's size
                 ph, pw = self.fields[layer].patch_size
-                patches = torch.full((top.num_channels, top.k, 1, ph, pw), math.nan)
+                patches = torch.full((top.num_units, top.k, 1, ph, pw), math.nan)
             self.log_image(trainer, f"{self.name}/{layer}",
                            top_activations_grid(patches, top.values, filled, self.chosen[layer], self.tile_size))
         self.log_scalars(trainer, {f"viz_time/{self.name}_collect": self.collect_seconds})

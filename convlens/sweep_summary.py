@@ -373,7 +373,7 @@ def most_activated_projection(net, image, layer: str, unpool: str = "switches"):
     from convlens.viz.deconvnet import record
 
     rec = record(net, image, layer)
-    _, top = rec.top_maps(1)
+    _, top = rec.top_units(1)
     return rec.project(top[:, 0], unpool)[0], int(top[0, 0])
 
 

@@ -25,7 +25,7 @@ from convlens.models.lenet import LeNet
 from convlens.models.vgg import VGG16
 from convlens.viz import deconvnet
 from convlens.viz.deconvnet import (DeconvnetError, fast_dtype, max_activating_images, project, project_many, record,
-                           top_maps)
+                           top_units)
 from convlens.viz.layers import LayerError, eval_mode, get_layer
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors
@@ -128,7 +128,7 @@ def randomize_batchnorm(model: nn.Module, seed: int = 1) -> None:
 
 
 def random_channels(model, images, layer, seed=0):
-    k = record(model, images, layer).num_maps
+    k = record(model, images, layer).num_units
     return torch.randint(0, k, (images.shape[0],), generator=torch.Generator().manual_seed(seed))
 
 
@@ -419,7 +419,7 @@ def test_inplace_relu_same_as_not_inplace(cifar_net):
 def test_project_many_equals_one_map_at_a_time(cifar_net, layer, unpool):
     images = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     rec = record(cifar_net, images, layer)
-    channels = torch.stack([torch.randperm(rec.num_maps)[:3] for _ in range(2)])
+    channels = torch.stack([torch.randperm(rec.num_units)[:3] for _ in range(2)])
     many = project_many(cifar_net, images, layer, channels, unpool=unpool)
     assert many.shape == (2, 3, 3, 32, 32)
     for n in range(2):
@@ -441,7 +441,7 @@ def test_bfloat16_reverse_pass_within_a_gray_level_of_the_oracle(net_name, layer
     images = torch.randn(4, *((1, 28, 28) if net_name == "lenet" else (3, 32, 32)))
     for layer in layers:
         rec = record(net, images, layer)
-        _, top = rec.top_maps(3)
+        _, top = rec.top_units(3)
         fast = rec.project_many(top, dtype=torch.bfloat16)
         assert fast.dtype == torch.float32
         for j in range(3):
@@ -514,7 +514,7 @@ def test_top_maps_against_brute_force(lenet):
     torch.manual_seed(3)
     images = torch.randn(4, 1, 28, 28, dtype=torch.float64)
     maps = nn.Sequential(*list(lenet)[:3])(images)  # conv1, pool1, conv2, without any hooks
-    values, indices = top_maps(lenet, images, "conv2", 5)
+    values, indices = top_units(lenet, images, "conv2", 5)
     for n in range(4):
         maxima = [max(maps[n, c].flatten().tolist()) for c in range(maps.shape[1])]
         ranked = sorted(range(len(maxima)), key=lambda c: -maxima[c])[:5]
@@ -538,7 +538,7 @@ def test_top_maps_feed_project_many(cifar_net):
     """The ranking's indices are what project_many takes; the top map has the largest maximum."""
     images = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     rec = record(cifar_net, images, "relu3")
-    values, indices = rec.top_maps(3)
+    values, indices = rec.top_units(3)
     out = rec.project_many(indices)
     assert out.shape == (2, 3, 3, 32, 32)
     assert torch.equal(values[:, 0], rec.maps.amax(dim=(1, 2, 3)))
@@ -555,7 +555,7 @@ def test_unknown_layer(lenet):
 
 @pytest.mark.parametrize("channel", [20, -1, torch.tensor([0, 20]), torch.tensor([-3, 0])])
 def test_channel_out_of_range(lenet, channel):
-    with pytest.raises(DeconvnetError, match=r"valid channels are 0\.\.19"):
+    with pytest.raises(DeconvnetError, match=r"valid units are 0\.\.19"):
         project(lenet, torch.randn(2, 1, 28, 28, dtype=torch.float64), "conv1", channel)
 
 
@@ -597,7 +597,7 @@ def test_spatial_layer_after_flatten_is_projected_through_the_reshapes():
 
 def test_vgg_classifier_has_no_spatial_maps(vgg):
     with pytest.raises(LayerError, match="Layers with spatial maps: features.0.*avgpool"):
-        top_maps(vgg, torch.randn(1, 3, 32, 32), "classifier.0", 1)
+        top_units(vgg, torch.randn(1, 3, 32, 32), "classifier.0", 1)
 
 
 def test_other_nonlinearity_gets_its_ordinary_gradient():
@@ -700,7 +700,7 @@ def test_bad_images(lenet, images):
 @pytest.mark.parametrize("k", [0, 21, 2.0])
 def test_bad_k(lenet, k):
     with pytest.raises(DeconvnetError, match=r"k must be an int in 1\.\.20"):
-        top_maps(lenet, torch.randn(1, 1, 28, 28, dtype=torch.float64), "conv1", k)
+        top_units(lenet, torch.randn(1, 1, 28, 28, dtype=torch.float64), "conv1", k)
 
 
 def test_blog_net_works():
@@ -757,7 +757,7 @@ def test_equals_captum_on_resnet18(resnet18, layer):
     """Residual sums, a ReLU module reused twice per block (in place), BatchNorm, a container layer."""
     images = torch.randn(3, 3, 64, 64)
     rec = record(resnet18, images, layer)
-    _, top = rec.top_maps(3)
+    _, top = rec.top_units(3)
     projections = rec.project_many(top)
     for j in range(3):
         assert_close_rel(projections[:, j], captum_projection(resnet18, images, layer, top[:, j]), 1e-5)
@@ -771,7 +771,7 @@ def test_equals_captum_on_densenet121(layer):
     net = torchvision.models.densenet121(num_classes=10).eval()
     images = torch.randn(2, 3, 32, 32)
     rec = record(net, images, layer)
-    _, top = rec.top_maps(2)
+    _, top = rec.top_units(2)
     projections = rec.project_many(top)
     for j in range(2):
         assert_close_rel(projections[:, j], captum_projection(net, images, layer, top[:, j]), 1e-5)
@@ -787,13 +787,13 @@ def test_record_layers_equals_the_oracle(lenet, cifar_net, net_name, shape, unpo
     for layer in layers:
         rec = recordings[layer]
         assert torch.equal(rec.maps, record(net, images, layer).maps)
-        _, top = rec.top_maps(3)
+        _, top = rec.top_units(3)
         projections = rec.project_many(top, unpool)
         for j in range(3):
             assert_close_rel(projections[:, j], oracle(net, images, layer, top[:, j], unpool))
         # pairs: each map's most activating image (rounds on the recording, or a re-recorded batch)
         _, which = rec.max_activating_images()
-        maps = torch.arange(min(6, rec.num_maps))
+        maps = torch.arange(min(6, rec.num_units))
         expected = torch.cat([oracle(net, images[i:i + 1], layer, [c], unpool)
                               for i, c in zip(which[maps].tolist(), maps.tolist())])
         assert_close_rel(rec.project_pairs(which[maps], maps, unpool), expected)

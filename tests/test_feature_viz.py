@@ -33,7 +33,7 @@ from convlens.viz.feature_visualization import (FOURIER_GAIN, IMAGENET_COLOR_SQR
                                                  _gram_diversity, color_sqrt, fourier_image, fourier_scale,
                                                  measure_units, optimize_units, random_coefficients, transform_images,
                                                  transforms_for, unit_objective, visualize_units)
-from convlens.viz.layers import LayerError, layer_maxima, rank_filters
+from convlens.viz.layers import LayerError, layer_maxima, rank_units
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors
 
@@ -455,7 +455,7 @@ def test_units_configured_borrowed_or_most_active(tmp_path, monkeypatch):
     active = FeatureVisualization(layers=["conv2"], selection="most_active", max_units=3, steps=1, summary=False)
     net = small_net()
     fit(tmp_path / "a", [active], Module(net, lr=0.0), epochs=1)
-    expected = rank_filters(layer_maxima(net, active.probe_images, ["conv2"])["conv2"], 3).tolist()
+    expected = rank_units(layer_maxima(net, active.probe_images, ["conv2"])["conv2"], 3).tolist()
     assert spy.calls[0]["units"] == expected == active.chosen["conv2"]
 
 

@@ -354,7 +354,7 @@ def test_clear_errors():
         interpret_kernel(net, x, "conv9", 0)
     with pytest.raises(LayerError, match="spatial feature maps"):
         interpret_kernel(net, x, "flatten", 0)
-    with pytest.raises(SuppressionError, match=r"channel 20 is out of range.*0\.\.19"):
+    with pytest.raises(SuppressionError, match=r"unit 20 is out of range.*0\.\.19"):
         interpret_kernel(net, x, "conv1", 20)
     with pytest.raises(SuppressionError, match=r"shape \[N\] = \[2\]"):
         interpret_kernel(net, x, "conv1", torch.tensor([0, 1, 2]))

@@ -167,7 +167,7 @@ def test_merge_equals_one_pass(parts):
 def test_running_topk_errors():
     with pytest.raises(TopActivationsError, match="k must be an int >= 1"):
         RunningTopK(0, 3)
-    with pytest.raises(TopActivationsError, match="num_channels"):
+    with pytest.raises(TopActivationsError, match="num_units"):
         RunningTopK(2, 0)
     top = RunningTopK(2, 3)
     with pytest.raises(TopActivationsError, match=r"\[N, C\] = \[N, 3\]"):
@@ -227,7 +227,7 @@ def test_max_activations_equals_an_independent_forward(net, shape, layer, cut):
     net.train()
     want_v, want_p = naive_max(maps)
     assert torch.equal(values, want_v) and torch.equal(positions, want_p)
-    v, p = max_activations(net, images, layer, channels=torch.tensor([2, 0]))
+    v, p = max_activations(net, images, layer, units=torch.tensor([2, 0]))
     assert torch.equal(v, want_v[:, [2, 0]]) and torch.equal(p, want_p[:, [2, 0]])
     assert all(m.training for m in net.modules())
     assert all(not m._forward_hooks for m in net.modules())

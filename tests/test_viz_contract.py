@@ -76,7 +76,7 @@ ENTRY_POINTS = {
     "deconvnet.project(fill)": (lambda m, x: deconvnet.project(m, x, "conv2", 1, unpool="fill"), NETS),
     "deconvnet.project_many": (lambda m, x: deconvnet.project_many(m, x, "conv2", torch.tensor([[0, 1]] * len(x))),
                                NETS),
-    "deconvnet.top_maps": (lambda m, x: deconvnet.top_maps(m, x, "conv2", 2), NETS),
+    "deconvnet.top_units": (lambda m, x: deconvnet.top_units(m, x, "conv2", 2), NETS),
     "deconvnet.max_activating_images": (lambda m, x: deconvnet.max_activating_images(m, x, "conv2"), NETS),
     "deconvnet.record_layers+pairs": (
         lambda m, x: deconvnet.record_layers(m, x, ["conv1", "conv2"])["conv2"].project_pairs(

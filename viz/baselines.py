@@ -46,7 +46,7 @@ from torch import Tensor, nn
 from convlens.viz.layers import eval_mode, get_layer, trace_chain
 from convlens.viz.common import frozen, gradients
 from convlens.viz.deconvnet import project
-from convlens.viz.suppression import SuppressionError, _as_channel, _check_images, _resolve_rectify, feature_maps
+from convlens.viz.suppression import SuppressionError, _as_unit, _check_images, _resolve_rectify, feature_maps
 
 __all__ = ["BASELINES", "SCALINGS", "BaselineError", "kernel_attribution", "as_input", "baseline_inputs"]
 
@@ -112,7 +112,7 @@ def _lrp_attributes_restored(modules: list[nn.Module]) -> Iterator[None]:
                     setattr(m, name, value)
 
 
-def _lrp(chain: nn.Sequential, x: Tensor, channel: Tensor) -> Tensor:
+def _lrp(chain: nn.Sequential, x: Tensor, unit: Tensor) -> Tensor:
     from captum.attr import LRP
     from captum.attr._core.lrp import SUPPORTED_LAYERS_WITH_RULES, SUPPORTED_NON_LINEAR_LAYERS
 
@@ -127,22 +127,22 @@ def _lrp(chain: nn.Sequential, x: Tensor, channel: Tensor) -> Tensor:
                             "which captum's LRP does not support")
     head = nn.Sequential(*chain, nn.AdaptiveAvgPool2d(1))
     with _lrp_attributes_restored(list(head)):
-        return LRP(head).attribute(x, target=[(int(c), 0, 0) for c in channel])
+        return LRP(head).attribute(x, target=[(int(c), 0, 0) for c in unit])
 
 
-def _guided_backprop(chain: nn.Sequential, x: Tensor, channel: Tensor) -> Tensor:
+def _guided_backprop(chain: nn.Sequential, x: Tensor, unit: Tensor) -> Tensor:
     from captum.attr import GuidedBackprop
 
     head = nn.Sequential(*chain, _HalfEnergy())
-    return GuidedBackprop(head).attribute(x, target=channel.tolist())
+    return GuidedBackprop(head).attribute(x, target=unit.tolist())
 
 
-def kernel_attribution(model: nn.Module, images: Tensor, layer: str, channel: int | Tensor,
+def kernel_attribution(model: nn.Module, images: Tensor, layer: str, unit: int | Tensor,
                        method: str, rectify: bool | None = None) -> Tensor:
-    """[N, C, H, W]: the raw attribution of kernel `channel`'s map of `layer` to each image's
+    """[N, C, H, W]: the raw attribution of kernel `unit`'s map of `layer` to each image's
     pixels by `method` ("deconv", "guided_backprop" or "lrp"; see the module docstring).
 
-    `channel`: an int (the same kernel for every image) or an integer tensor [N]. `rectify`: as in
+    `unit`: an int (the same kernel for every image) or an integer tensor [N]. `rectify`: as in
     `viz.suppression.feature_maps` (None: auto)."""
     check_method(method)
     _check_images(images)
@@ -156,7 +156,7 @@ def kernel_attribution(model: nn.Module, images: Tensor, layer: str, channel: in
             warnings.filterwarnings("ignore", message="Setting backward hooks on ReLU", category=UserWarning)
             chain = _chain(model, x, layer, rectify)
             k = feature_maps(model, x[:1], layer, rectify).shape[1]
-            c = _as_channel(channel, x.shape[0], k, layer, x.device)
+            c = _as_unit(unit, x.shape[0], k, layer, x.device)
             if method == "deconv":
                 out = project(chain, x, str(len(chain) - 1), c)
             elif method == "guided_backprop":
@@ -190,10 +190,10 @@ def as_input(attribution: Tensor, images: Tensor, scaling: str = "minmax") -> Te
     return out.reshape(images.shape)
 
 
-def baseline_inputs(model: nn.Module, images: Tensor, layer: str, channel: int | Tensor, method: str,
+def baseline_inputs(model: nn.Module, images: Tensor, layer: str, unit: int | Tensor, method: str,
                     scaling: str = "minmax", rectify: bool | None = None) -> Tensor:
-    """[N, C, H, W]: the estimated input X̂ of `method` for kernel `channel` of `layer`: its
+    """[N, C, H, W]: the estimated input X̂ of `method` for kernel `unit` of `layer`: its
     attribution (`kernel_attribution`) scaled into each image's range (`as_input`)."""
     if scaling not in SCALINGS:
         raise BaselineError(f"Unknown scaling {scaling!r}; use 'minmax' or 'symmetric'")
-    return as_input(kernel_attribution(model, images, layer, channel, method, rectify), images, scaling)
+    return as_input(kernel_attribution(model, images, layer, unit, method, rectify), images, scaling)

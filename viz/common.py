@@ -18,7 +18,7 @@ from torch.nn.modules.utils import _pair
 
 from convlens.errors import ConvlensError
 
-__all__ = ["VizError", "LayerError", "check_images", "check_int", "check_number", "check_channels", "class_targets",
+__all__ = ["VizError", "LayerError", "check_images", "check_int", "check_number", "check_units", "class_targets",
            "eval_mode", "frozen", "gradients", "forward_until", "Window", "window", "window_matrix",
            "adaptive_window_matrix"]
 
@@ -64,31 +64,35 @@ def check_number(name: str, value, minimum: float, strict: bool = False,
     return float(value)
 
 
-def check_channels(channels, n: int, k_maps: int, layer: str, error: type[Exception] = VizError,
-                   matrix: bool = False, what: str = "feature maps") -> Tensor:
-    """Validated LongTensor of channel (map) indices into a layer with `k_maps` maps: [n] (an int
-    or a 0-d tensor is broadcast), or [n, k] with `matrix`. A normal tensor (cloned), also when
-    the caller's is an inference tensor."""
+def check_units(units, n: int, num_units: int, layer: str, error: type[Exception] = VizError,
+                matrix: bool = False, what: str = "units") -> Tensor:
+    """Validated LongTensor of unit (output channel) indices into a layer with `num_units` units:
+    [n] (an int or a 0-d tensor is broadcast), or [n, k] with `matrix`. A normal tensor (cloned),
+    also when the caller's is an inference tensor."""
     want = f"[N, k] = [{n}, k]" if matrix else f"[N] = [{n}]"
-    if isinstance(channels, bool) or not (isinstance(channels, numbers.Integral) or torch.is_tensor(channels)):
-        raise error(f"channel must be an int or an integer tensor {want}, got {type(channels).__name__}")
-    if isinstance(channels, numbers.Integral):
+    if isinstance(units, bool) or not (isinstance(units, numbers.Integral) or torch.is_tensor(units)):
+        raise error(f"unit must be an int or an integer tensor {want}, got {type(units).__name__}")
+    if isinstance(units, numbers.Integral):
         if matrix:
-            raise error(f"channels must be an integer tensor {want}, got an int")
-        t = torch.full((n,), int(channels), dtype=torch.long)
+            raise error(f"units must be an integer tensor {want}, got an int")
+        t = torch.full((n,), int(units), dtype=torch.long)
     else:
-        if channels.is_floating_point() or channels.is_complex() or channels.dtype == torch.bool:
-            raise error(f"channel indices must be an integer tensor, got dtype {channels.dtype}")
-        if channels.dim() == 0 and not matrix:
-            channels = channels.expand(n)
-        if channels.dim() != (2 if matrix else 1) or channels.shape[0] != n:
-            raise error(f"channel tensor must have shape {want} (one row per image), got {list(channels.shape)}")
-        t = channels.long().clone()
-    if t.numel() and (t.min() < 0 or t.max() >= k_maps):
-        bad = t[(t < 0) | (t >= k_maps)][0].item()
-        raise error(f"channel {bad} is out of range for layer {layer!r}, which has {k_maps} {what}: "
-                    f"valid channels are 0..{k_maps - 1}")
+        if units.is_floating_point() or units.is_complex() or units.dtype == torch.bool:
+            raise error(f"unit indices must be an integer tensor, got dtype {units.dtype}")
+        if units.dim() == 0 and not matrix:
+            units = units.expand(n)
+        if units.dim() != (2 if matrix else 1) or units.shape[0] != n:
+            raise error(f"unit tensor must have shape {want} (one row per image), got {list(units.shape)}")
+        t = units.long().clone()
+    if t.numel() and (t.min() < 0 or t.max() >= num_units):
+        bad = t[(t < 0) | (t >= num_units)][0].item()
+        raise error(f"unit {bad} is out of range for layer {layer!r}, which has {num_units} {what}: "
+                    f"valid units are 0..{num_units - 1}")
     return t
+
+
+#: the earlier name of `check_units`
+check_channels = check_units
 
 
 def class_targets(target, scores: Tensor, error: type[Exception] = VizError) -> Tensor:

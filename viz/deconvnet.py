@@ -50,7 +50,7 @@ One implementation: a hand-written reverse pass for plain chains of modules used
 one; it was no faster in float32 and was removed (benchmarks/RESULTS.md, section 2).
 
 Conventions: images are ``[N, C, H, W]``; a layer is a dotted name from ``model.named_modules()``
-and its feature maps are that module's output ``[N, K, h, w]``; map ``c`` is channel ``c``.
+and its feature maps are that module's output ``[N, K, h, w]``: map ``c`` of an image is unit ``c``'s.
 The result equals the autograd oracle with the deconvnet's ReLU rule (tests/test_deconvnet.py) and
 Captum's `NeuronDeconvolution` with the activation-weighted selector on ResNet and DenseNet.
 """
@@ -66,12 +66,12 @@ from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 from torch.overrides import TorchFunctionMode
 
-from convlens.viz.common import (LayerError, VizError, adaptive_window_matrix, check_channels, check_images, frozen,
+from convlens.viz.common import (LayerError, VizError, adaptive_window_matrix, check_units, check_images, frozen,
                                  gradients, window_matrix)
 from convlens.viz.layers import get_layer
 
 __all__ = [
-    "DeconvnetError", "Recording", "record", "record_layers", "project", "project_many", "top_maps",
+    "DeconvnetError", "Recording", "record", "record_layers", "project", "project_many", "top_units",
     "max_activating_images", "fast_dtype", "layer_problems", "DECONV_UNPOOL_MODES", "PATHS",
 ]
 
@@ -83,7 +83,7 @@ PATHS = ("auto", "general")
 
 
 class DeconvnetError(VizError):
-    """Bad arguments (channel, k, unpool mode, dtype, images) for a deconvnet projection."""
+    """Bad arguments (unit, k, unpool mode, dtype, images) for a deconvnet projection."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -550,8 +550,8 @@ def _check_options(unpool, max_batch, dtype=None) -> None:
             "was, Zeiler & Fergus) or 'fill' (fill the whole pooling window with it, the blog's variant)")
 
 
-def _as_channels(channels, n: int, k_maps: int, layer: str, matrix: bool) -> Tensor:
-    return check_channels(channels, n, k_maps, layer, DeconvnetError, matrix=matrix)
+def _as_units(units, n: int, num_units: int, layer: str, matrix: bool) -> Tensor:
+    return check_units(units, n, num_units, layer, DeconvnetError, matrix=matrix)
 
 
 @dataclass(frozen=True, eq=False)
@@ -568,8 +568,12 @@ class Recording:
     _graph: _Graph = field(repr=False)
 
     @property
-    def num_maps(self) -> int:
+    def num_units(self) -> int:
+        """The layer's unit count K (each image has one map per unit)."""
         return self.maps.shape[1]
+
+    #: the earlier name of `num_units`
+    num_maps = num_units
 
     def at(self, layer: str) -> "Recording":
         """The recording at another layer: one recorded in the same pass as it is, else one that ran
@@ -586,29 +590,32 @@ class Recording:
         """[N, K]: each map's maximum activation, the score by which maps are ranked."""
         return self.maps.amax(dim=(2, 3))
 
-    def top_maps(self, k: int) -> tuple[Tensor, Tensor]:
-        """(values [N, k], indices [N, k]): each image's k maps of highest maximum activation,
-        best first."""
-        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= self.num_maps:
-            raise DeconvnetError(f"k must be an int in 1..{self.num_maps} (layer {self.layer!r} has "
-                                 f"{self.num_maps} maps), got {k!r}")
+    def top_units(self, k: int) -> tuple[Tensor, Tensor]:
+        """(values [N, k], indices [N, k]): each image's k units whose maps have the highest maximum
+        activation, best first."""
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= self.num_units:
+            raise DeconvnetError(f"k must be an int in 1..{self.num_units} (layer {self.layer!r} has "
+                                 f"{self.num_units} units), got {k!r}")
         return self.map_maxima().topk(int(k), dim=1)
 
+    #: the earlier name of `top_units`
+    top_maps = top_units
+
     def max_activating_images(self) -> tuple[Tensor, Tensor]:
-        """(values [K], image_index [K]): for each map, the highest maximum activation over the
-        batch and the image it comes from."""
+        """(values [K], image_index [K]): for each unit, the highest maximum activation of its maps
+        over the batch and the image it comes from."""
         return self.map_maxima().max(dim=0)
 
-    def project(self, channel: int | Tensor, unpool: str = "switches", max_batch: int | None = None,
+    def project(self, unit: int | Tensor, unpool: str = "switches", max_batch: int | None = None,
                 dtype: torch.dtype | None = None) -> Tensor:
-        """[N, C, H, W] like the images: for each image, the projection of map `channel` (an int for
-        all images, or an integer tensor [N], one map per image). See `project_many`."""
-        channel = _as_channels(channel, self.maps.shape[0], self.num_maps, self.layer, matrix=False)
-        return self.project_many(channel[:, None], unpool, max_batch, dtype)[:, 0]
+        """[N, C, H, W] like the images: for each image, the projection of its map of `unit` (an int
+        for all images, or an integer tensor [N], one unit per image). See `project_many`."""
+        unit = _as_units(unit, self.maps.shape[0], self.num_units, self.layer, matrix=False)
+        return self.project_many(unit[:, None], unpool, max_batch, dtype)[:, 0]
 
-    def project_many(self, channels: Tensor, unpool: str = "switches", max_batch: int | None = None,
+    def project_many(self, units: Tensor, unpool: str = "switches", max_batch: int | None = None,
                      dtype: torch.dtype | None = None) -> Tensor:
-        """[N, k, C, H, W]: the projection of map `channels[n, j]` of image n, for all n, j: k
+        """[N, k, C, H, W]: the projection of image n's map of unit `units[n, j]`, for all n, j: k
         backward passes, each over the N recorded images.
 
         `max_batch` caps the pseudo-batch where pairs are re-recorded (`project_pairs`). `dtype`
@@ -618,16 +625,16 @@ class Recording:
         """
         _check_options(unpool, max_batch, dtype)
         n = self.maps.shape[0]
-        channels = _as_channels(channels, n, self.num_maps, self.layer, matrix=True).to(self.maps.device)
-        k = channels.shape[1]
+        units = _as_units(units, n, self.num_units, self.layer, matrix=True).to(self.maps.device)
+        k = units.shape[1]
         samples = torch.arange(n, device=self.maps.device).repeat_interleave(k)
-        out = self._reverse(samples, channels.reshape(-1), unpool, dtype, max_batch)
+        out = self._reverse(samples, units.reshape(-1), unpool, dtype, max_batch)
         return out.reshape(n, k, *out.shape[1:])
 
-    def project_pairs(self, images: Tensor, channels: Tensor, unpool: str = "switches",
+    def project_pairs(self, images: Tensor, units: Tensor, unpool: str = "switches",
                       max_batch: int | None = None, dtype: torch.dtype | None = None) -> Tensor:
-        """[M, C, H, W]: the projection of map `channels[i]` of recorded image `images[i]`, for M
-        (image index, map) pairs given as two integer tensors [M], e.g. each map's most activating
+        """[M, C, H, W]: the projection of recorded image `images[i]`'s map of unit `units[i]`, for M
+        (image index, unit) pairs given as two integer tensors [M], e.g. each unit's most activating
         image of the batch (`max_activating_images`). When one image is in many pairs, just the
         pairs' images are recorded again as one pseudo-batch (of at most `max_batch`)."""
         _check_options(unpool, max_batch, dtype)
@@ -638,9 +645,9 @@ class Recording:
                                  f"{tuple(images.shape) if torch.is_tensor(images) else type(images).__name__}")
         if images.numel() and (images.min() < 0 or images.max() >= n):
             raise DeconvnetError(f"image index out of range: the recording holds {n} images (0..{n - 1})")
-        channels = _as_channels(channels, images.numel(), self.num_maps, self.layer, matrix=False)
+        units = _as_units(units, images.numel(), self.num_units, self.layer, matrix=False)
         device = self.maps.device
-        return self._reverse(images.long().to(device), channels.to(device), unpool, dtype, max_batch)
+        return self._reverse(images.long().to(device), units.to(device), unpool, dtype, max_batch)
 
     def _reverse(self, sample: Tensor, channel: Tensor, unpool: str, dtype: torch.dtype | None = None,
                  max_batch: int | None = None) -> Tensor:
@@ -654,7 +661,7 @@ def record(model: nn.Module, images: Tensor, layer: str, path: str = "auto") -> 
     """Run `images` through `model` (in eval mode) up to `layer` and keep what the deconvnet needs:
     the layer's feature maps and the forward's graph (with the pooling switches).
 
-    One recording serves ranking (`top_maps`, `max_activating_images`) and any number of
+    One recording serves ranking (`top_units`, `max_activating_images`) and any number of
     projections (`project`, `project_many`, `project_pairs`). Mode, hooks and `requires_grad` flags
     of `model` are left as they were. A module that runs several times (a shared ReLU) is taken at
     its first run. `path`: see `PATHS`.
@@ -672,13 +679,13 @@ def record_layers(model: nn.Module, images: Tensor, layers, path: str = "auto") 
             for layer in layers}
 
 
-def project(model: nn.Module, images: Tensor, layer: str, channel: int | Tensor,
+def project(model: nn.Module, images: Tensor, layer: str, unit: int | Tensor,
             unpool: str = "switches", max_batch: int | None = None, dtype: torch.dtype | None = None,
             path: str = "auto") -> Tensor:
-    """Deconvnet projection of feature map `channel` of `layer`, for each image: a tensor shaped
-    like `images` [N, C, H, W].
+    """Deconvnet projection of each image's map of unit `unit` of `layer`: a tensor shaped like
+    `images` [N, C, H, W].
 
-    `channel`: an int (the same map for every image) or an integer tensor [N] (one map per image).
+    `unit`: an int (the same unit for every image) or an integer tensor [N] (one unit per image).
     The map keeps its activation values; every other map of the layer is zero. Biases are ignored
     on the way back; BatchNorm2d and Dropout act as in eval mode, BatchNorm's affine scale is
     applied. `unpool`: "switches" (default, Zeiler & Fergus) or "fill" (the blog's cheaper variant:
@@ -687,17 +694,17 @@ def project(model: nn.Module, images: Tensor, layer: str, channel: int | Tensor,
     `torch.no_grad()` and `torch.inference_mode()`. The result is detached.
     """
     _check_options(unpool, max_batch, dtype)
-    return record(model, images, layer, path).project(channel, unpool, max_batch, dtype)
+    return record(model, images, layer, path).project(unit, unpool, max_batch, dtype)
 
 
-def project_many(model: nn.Module, images: Tensor, layer: str, channels: Tensor,
+def project_many(model: nn.Module, images: Tensor, layer: str, units: Tensor,
                  unpool: str = "switches", max_batch: int | None = None, dtype: torch.dtype | None = None,
                  path: str = "auto") -> Tensor:
-    """[N, k, C, H, W]: the projection of map `channels[n, j]` of `layer` for image n (`channels` an
-    integer tensor [N, k], e.g. the indices of `top_maps`), in k backward passes over the N images.
+    """[N, k, C, H, W]: the projection of image n's map of unit `units[n, j]` of `layer` (`units` an
+    integer tensor [N, k], e.g. the indices of `top_units`), in k backward passes over the N images.
     See `project`."""
     _check_options(unpool, max_batch, dtype)
-    return record(model, images, layer, path).project_many(channels, unpool, max_batch, dtype)
+    return record(model, images, layer, path).project_many(units, unpool, max_batch, dtype)
 
 
 def fast_dtype(device: torch.device | str) -> torch.dtype | None:
@@ -716,15 +723,19 @@ def fast_dtype(device: torch.device | str) -> torch.dtype | None:
     return None
 
 
-def top_maps(model: nn.Module, images: Tensor, layer: str, k: int, path: str = "auto") -> tuple[Tensor, Tensor]:
-    """(values [N, k], indices [N, k]): each image's k maps of `layer` with the highest maximum
-    activation, best first (how the report picks maps to show)."""
-    return record(model, images, layer, path).top_maps(k)
+def top_units(model: nn.Module, images: Tensor, layer: str, k: int, path: str = "auto") -> tuple[Tensor, Tensor]:
+    """(values [N, k], indices [N, k]): each image's k units of `layer` whose maps have the highest
+    maximum activation, best first (how the report picks the maps to show)."""
+    return record(model, images, layer, path).top_units(k)
+
+
+#: the earlier name of `top_units`
+top_maps = top_units
 
 
 def max_activating_images(model: nn.Module, images: Tensor, layer: str,
                           path: str = "auto") -> tuple[Tensor, Tensor]:
-    """(values [K], image_index [K]): for each map of `layer`, the image of the batch that activates
+    """(values [K], image_index [K]): for each unit of `layer`, the image of the batch that activates
     it most (highest maximum activation) and that activation (the blog's "maximum activations")."""
     return record(model, images, layer, path).max_activating_images()
 

@@ -618,7 +618,7 @@ def explanation_maps(model: nn.Module, images: Tensor, target=None, methods: Seq
             out[method] = maps_to_pixels(p0.view(-1, 1, 1) - prob, (h, w), p, s)
         elif method == "deconv":
             recording = record(model, images, layer)
-            _, top = recording.top_maps(1)
+            _, top = recording.top_units(1)
             out[method] = recording.project(top[:, 0], unpool)
     return out
 

@@ -15,7 +15,7 @@ from torch import nn
 from convlens.viz.common import LayerError, eval_mode, forward_until
 
 __all__ = ["LayerError", "layer_names", "get_layer", "eval_mode", "trace_chain", "layer_output",
-           "check_chain", "chain_prefix", "default_conv_layers", "layer_maxima", "rank_filters", "ALL_CONVS_UP_TO",
+           "check_chain", "chain_prefix", "default_conv_layers", "layer_maxima", "rank_units", "ALL_CONVS_UP_TO",
            "input_module"]
 
 
@@ -294,18 +294,22 @@ class _AllSeen(Exception):
     pass
 
 
-def rank_filters(activity: torch.Tensor, k: int | None = None, per_image: bool = False) -> torch.Tensor:
-    """The most active filters, most active first, from `activity` [N, K] (`layer_maxima`, or a
+def rank_units(activity: torch.Tensor, k: int | None = None, per_image: bool = False) -> torch.Tensor:
+    """The most active units, most active first, from `activity` [N, K] (`layer_maxima`, or a
     deconvnet recording's `map_maxima`): with `per_image`, each image's own top k ([N, k]);
     otherwise the top k of the mean over the images ([k]). Ties keep the lower index. `k=None`:
-    every filter."""
+    every unit."""
     if not torch.is_tensor(activity) or activity.dim() != 2:
-        raise LayerError(f"activity must be [N, K] (per image, per filter), got "
+        raise LayerError(f"activity must be [N, K] (per image, per unit), got "
                          f"{list(activity.shape) if torch.is_tensor(activity) else type(activity).__name__}")
     count = activity.shape[1] if k is None else min(int(k), activity.shape[1])
     if per_image:
         return activity.argsort(dim=1, descending=True, stable=True)[:, :count]
     return activity.float().mean(0).argsort(descending=True, stable=True)[:count]
+
+
+#: the earlier name of `rank_units`
+rank_filters = rank_units
 
 
 def input_module(net: nn.Module, layers: Sequence[str]) -> nn.Module:

@@ -1,4 +1,4 @@
-"""Receptive fields: the input region a unit of a layer sees, exact at padded borders and for strides.
+"""Receptive fields: the input region a position of a layer's maps sees, exact at padded borders and for strides.
 
 Follows Vanrell & Arias, "Understanding and visualizing CNNs" (lecture, Master in Computer Vision
 Barcelona), "Neuron Analysis / Receptive Field": the receptive field of a
@@ -9,7 +9,7 @@ corresponding indexes from Layer L to Layer L-1" is
                     stride_w (j - 1) : stride_w (j - 1) + kernel_w - 1)
 
 (1-based output index, inclusive input range). Applied from the layer back to the image, one module
-at a time, it gives the unit's receptive field. Here, with 0-based indices, a window module (conv,
+at a time, it gives the position's receptive field. Here, with 0-based indices, a window module (conv,
 max/avg/LP pool) connects output position ``o`` to input positions ``o * stride - pad + t * dilation``
 for ``t = 0 .. kernel - 1``; the taps that fall into the padding read no input pixel (zero padding,
 and pooling's implicit padding) and are dropped, or read the pixel the padding copies
@@ -20,11 +20,11 @@ activations, BatchNorm2d in eval mode, Dropout in eval mode, Identity) pass posi
 The connections are separable (a kernel tap links a row and a column independently), so the field
 is a set of rows times a set of columns, and both are computed exactly by composing 0/1 connection
 matrices per axis (`row_support`, `col_support`). This is the *structural* support: the pixels that
-can affect the unit for some weights. For one image, a max pool routes each output to one pixel
+can affect the activation at the position for some weights. For one image, a max pool routes each output to one pixel
 of its window, so the pixels that do affect it can be fewer; biases, weights that happen to be zero
 and dead ReLUs are likewise ignored.
 
-Conventions: the box of unit (i, j) (0-based row i, column j of the layer's output) is
+Conventions: the box of position (i, j) (0-based row i, column j of the layer's output) is
 ``(y0, x0, y1, x1)`` with exclusive ends, in input pixel coordinates, ``image[..., y0:y1, x0:x1]``.
 It is clipped to the image: a window reaching into the padding yields a smaller box, and a position
 of an intermediate map that lies in the padding contributes nothing (so the box can also be smaller
@@ -69,9 +69,10 @@ class ReceptiveFieldError(VizError):
 
 @dataclass(frozen=True)
 class ReceptiveField:
-    """The receptive fields of every unit of `layer` (output `output_size` = (h, w)) on images of
-    `input_size` = (H, W). `row_support[i]` ([h, H] bool) says which input rows unit row i sees,
-    `col_support[j]` ([w, W] bool) which columns; unit (i, j) sees their product.
+    """The receptive fields of every position of `layer`'s maps (output `output_size` = (h, w)) on
+    images of `input_size` = (H, W). `row_support[i]` ([h, H] bool) says which input rows map row i
+    sees, `col_support[j]` ([w, W] bool) which columns; position (i, j) sees their product (every
+    unit of the layer the same).
 
     `size`, `jump`, `start`: per axis (rows, columns), the unclipped closed-form geometry (see the
     module docstring); None when an adaptive pool is on the way.
@@ -88,7 +89,7 @@ class ReceptiveField:
     row_bounds: Tensor = field(init=False, repr=False)
     #: [w, 2] long: (x0, x1) of each output column, exclusive end
     col_bounds: Tensor = field(init=False, repr=False)
-    #: (Ph, Pw): the largest box height and width over all units (the field's size, at most the
+    #: (Ph, Pw): the largest box height and width over all positions (the field's size, at most the
     #: image's); the size of the tiles `crop_patches` returns
     patch_size: tuple[int, int] = field(init=False)
 
@@ -100,21 +101,21 @@ class ReceptiveField:
                                                 int((cols[:, 1] - cols[:, 0]).max())))
 
     def box(self, i: int, j: int) -> tuple[int, int, int, int]:
-        """(y0, x0, y1, x1), exclusive ends, clipped to the image: the input box unit (i, j) sees."""
+        """(y0, x0, y1, x1), exclusive ends, clipped to the image: the input box position (i, j) sees."""
         self._check_index(i, j)
         (y0, y1), (x0, x1) = self.row_bounds[i].tolist(), self.col_bounds[j].tolist()
         return y0, x0, y1, x1
 
     def boxes(self, i: Tensor | None = None, j: Tensor | None = None) -> Tensor:
-        """Long tensor [..., 4] of (y0, x0, y1, x1) for units (i[...], j[...]) (integer tensors of
-        the same shape); with no arguments, every unit: [h, w, 4]."""
+        """Long tensor [..., 4] of (y0, x0, y1, x1) for positions (i[...], j[...]) (integer tensors of
+        the same shape); with no arguments, every position: [h, w, 4]."""
         rows, cols = self.row_bounds, self.col_bounds
         if i is None and j is None:
             h, w = self.output_size
             i = torch.arange(h)[:, None].expand(h, w)
             j = torch.arange(w)[None, :].expand(h, w)
         elif i is None or j is None:
-            raise ReceptiveFieldError("boxes(i, j) needs both i and j (or neither, for every unit)")
+            raise ReceptiveFieldError("boxes(i, j) needs both i and j (or neither, for every position)")
         i, j = torch.as_tensor(i).long().cpu(), torch.as_tensor(j).long().cpu()
         if i.shape != j.shape:
             raise ReceptiveFieldError(f"i and j must have the same shape, got {list(i.shape)} and {list(j.shape)}")
@@ -124,7 +125,7 @@ class ReceptiveField:
         return torch.stack([rows[i, 0], cols[j, 0], rows[i, 1], cols[j, 1]], dim=-1)
 
     def support(self, i: int, j: int) -> Tensor:
-        """[H, W] bool: exactly the input pixels unit (i, j) is connected to."""
+        """[H, W] bool: exactly the input pixels position (i, j) is connected to."""
         self._check_index(i, j)
         return self.row_support[i][:, None] & self.col_support[j][None, :]
 
@@ -199,7 +200,7 @@ def _chain(model: nn.Module, images: Tensor, layer: str) -> list[ChainStep]:
 
 
 def receptive_field(model: nn.Module, images: Tensor, layer: str, path: str = "auto") -> ReceptiveField:
-    """The receptive field of every unit of `layer` on images shaped like `images` [N, C, H, W].
+    """The receptive field of every position of `layer`'s maps on images shaped like `images` [N, C, H, W].
 
     One image is run through `model` (eval mode) up to `layer` to find the module chain and the map
     sizes; the answer depends only on the geometry (kernel, stride, padding, dilation, ceil_mode,
@@ -210,7 +211,7 @@ def receptive_field(model: nn.Module, images: Tensor, layer: str, path: str = "a
     On a plain chain of window and element-wise modules the field is composed module by module
     (exact, with the closed form `size`/`jump`/`start`). Any other network (residual sums,
     concatenations, squeeze-excitation gates, functional pooling, Upsample, ...) gets the gradient
-    support (`gradient_support`): the input pixels on which the unit's gradient is nonzero, in a
+    support (`gradient_support`): the input pixels on which the gradient of the activation there is nonzero, in a
     linearized, all-positive reading of the forward that no weight or activation can cancel; the
     closed form is then None. Both give the same field on a chain. `path`: "auto" (the chain
     composition where it applies, else the gradient support), "chain" (a ReceptiveFieldError for
@@ -246,7 +247,7 @@ def receptive_field(model: nn.Module, images: Tensor, layer: str, path: str = "a
 # Gradient support: any network
 # --------------------------------------------------------------------------------------------
 
-#: element-wise nonlinearities, read as the identity: no dead unit or saturation hides a connection
+#: element-wise nonlinearities, read as the identity: no dead ReLU or saturation hides a connection
 _ACTIVATIONS = tuple(f for f in (
     F.relu, F.relu6, F.leaky_relu, F.elu, F.selu, F.celu, F.gelu, F.silu, F.mish, F.hardswish,
     F.hardsigmoid, F.hardtanh, F.softplus, F.sigmoid, F.tanh, F.prelu, F.rrelu, F.logsigmoid,
@@ -276,7 +277,7 @@ class _Structural(TorchFunctionMode):
     """The forward read for connectivity: every conv/linear weight as a positive averaging filter
     (1 / fan-in) and no bias, every element-wise activation, BatchNorm and channel-wise LayerNorm
     as the identity, max pools as their windows. With an all-positive input every value and every
-    local derivative is then positive, so a pixel connected to a unit has a nonzero gradient (in
+    local derivative is then positive, so a pixel connected to a position has a nonzero gradient (in
     float64, which no depth underflows)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -342,15 +343,15 @@ def _pair_(v) -> tuple[int, int]:
 
 
 def gradient_support(model: nn.Module, images: Tensor, layer: str) -> ReceptiveField:
-    """The receptive field of every unit of `layer` as a gradient support, for any network.
+    """The receptive field of every position of `layer`'s maps as a gradient support, for any network.
 
     The forward runs on one all-ones image shaped like `images[:1]` in float64, read for
     connectivity (`_Structural`: weights as positive averaging filters without biases, activations
     and normalizations as the identity,
     max pools as their windows, so nothing cancels or saturates). Row i of the layer connects to
-    the input rows where the gradient of its units (all channels and columns) is nonzero, and
+    the input rows where the gradient of its activations (all units and columns) is nonzero, and
     likewise for column j; one batched backward computes all h + w of them (the images repeated
-    h + w times, eval mode). Unit (i, j) sees rows(i) x cols(j): on a residual or concatenating
+    h + w times, eval mode). Position (i, j) sees rows(i) x cols(j): on a residual or concatenating
     net, the bounding product of its branches' fields. `size`, `jump` and `start` are None."""
     module = get_layer(model, layer)
     with torch.no_grad(), eval_mode(model):
@@ -367,8 +368,8 @@ def gradient_support(model: nn.Module, images: Tensor, layer: str) -> ReceptiveF
         seed = torch.zeros(h + w, k, h, w, dtype=out.dtype, device=out.device)
         rows = torch.arange(h, device=out.device)
         cols = torch.arange(w, device=out.device)
-        seed[rows, :, rows, :] = 1                       # sample i: every unit of row i
-        seed[h + cols, :, :, cols] = 1                   # sample h + j: every unit of column j
+        seed[rows, :, rows, :] = 1                       # sample i: every activation of row i
+        seed[h + cols, :, :, cols] = 1                   # sample h + j: every activation of column j
         (grad,) = torch.autograd.grad(out, x, seed, allow_unused=True)
     if grad is None:
         grad = torch.zeros_like(x)
@@ -402,12 +403,12 @@ def _closed_form(trace: list[ChainStep]):
 
 def crop_patches(images: Tensor, field: ReceptiveField, i: Tensor, j: Tensor,
                  fill: float = math.nan) -> Tensor:
-    """[M, C, Ph, Pw]: the receptive-field patch of unit (i[m], j[m]) in image `images[m]`
+    """[M, C, Ph, Pw]: the receptive-field patch of position (i[m], j[m]) in image `images[m]`
     ([M, C, H, W]), all of size `field.patch_size`.
 
-    Each patch shows the unit's box at the place it has in a full window: when the box is clipped
+    Each patch shows the position's box at the place it has in a full window: when the box is clipped
     at the top (left) image border it is aligned to the bottom (right) of the tile, otherwise to
-    the top (left); pixels of the tile outside the box, and pixels inside it the unit is not
+    the top (left); pixels of the tile outside the box, and pixels inside it the position is not
     connected to (holes from dilation), are `fill` (NaN by default, so a renderer can color them).
     """
     if not torch.is_tensor(images) or images.dim() != 4:

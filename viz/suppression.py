@@ -67,7 +67,7 @@ Metrics, per image, as in the paper's Table 1 (section 4.1):
   other kernels' mean square activation left; 1 = nothing suppressed).
 
 Conventions: images are [N, C, H, W] in the model's input space; `layer` is a dotted name from
-`model.named_modules()` whose output is [N, K, h, w]; `channel` is an int (the same kernel for every
+`model.named_modules()` whose output is [N, K, h, w]; `unit` is an int (the same kernel for every
 image) or an integer tensor [N] (one kernel per image: to interpret several kernels of one image,
 repeat the image). The model runs in eval mode (BatchNorm with running statistics, no dropout) and
 only up to `layer`. Biases are part of the model and kept (nothing is ignored).
@@ -80,7 +80,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from convlens.viz.common import (VizError, check_channels, check_images, check_int, check_number, eval_mode,
+from convlens.viz.common import (VizError, check_units, check_images, check_int, check_number, eval_mode,
                                  forward_until, frozen, gradients)
 from convlens.viz.layers import LayerError, get_layer
 
@@ -99,7 +99,7 @@ PLATEAU_THRESHOLD = 1e-4
 
 
 class SuppressionError(VizError):
-    """Bad arguments to the suppression method (images, channel, alpha, beta, steps, ...)."""
+    """Bad arguments to the suppression method (images, unit, alpha, beta, steps, ...)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -146,9 +146,9 @@ def check_arguments(alpha: float = 0.5, beta: float = 0.25, steps: int = 300, lr
     _check_rectify(rectify)
 
 
-def _as_channel(channel, n: int, k_maps: int, layer: str, device) -> Tensor:
+def _as_unit(unit, n: int, num_units: int, layer: str, device) -> Tensor:
     """A validated LongTensor [n] of kernel indices (an int is broadcast)."""
-    return check_channels(channel, n, k_maps, layer, SuppressionError, what="kernels (feature maps)").to(device)
+    return check_units(unit, n, num_units, layer, SuppressionError, what="units (kernels)").to(device)
 
 
 # --------------------------------------------------------------------------------------------
@@ -221,11 +221,11 @@ def feature_maps(model: nn.Module, images: Tensor, layer: str, rectify: bool | N
     return maps.relu() if rectify else maps
 
 
-def kernel_maps(model: nn.Module, images: Tensor, layer: str, channel: int | Tensor,
+def kernel_maps(model: nn.Module, images: Tensor, layer: str, unit: int | Tensor,
                 rectify: bool | None = None) -> Tensor:
-    """[N, h, w]: the map of kernel `channel` (an int, or an integer tensor [N]) for each image."""
+    """[N, h, w]: the map of kernel `unit` (an int, or an integer tensor [N]) for each image."""
     maps = feature_maps(model, images, layer, rectify)
-    c = _as_channel(channel, maps.shape[0], maps.shape[1], layer, maps.device)
+    c = _as_unit(unit, maps.shape[0], maps.shape[1], layer, maps.device)
     return maps[torch.arange(maps.shape[0], device=maps.device), c]
 
 
@@ -279,17 +279,17 @@ def ssim(x: Tensor, y: Tensor, data_range: float | Tensor, window_size: int = 11
     return s.mean(dim=(1, 2, 3)).to(out_dtype)
 
 
-def suppression_metrics(maps_hat: Tensor, maps: Tensor, channel: Tensor) -> dict[str, Tensor]:
+def suppression_metrics(maps_hat: Tensor, maps: Tensor, unit: Tensor) -> dict[str, Tensor]:
     """The paper's Table 1 metrics from the layer's maps for X̂ and X ([N, K, h, w] each) and the
-    kernel of interest of each image (`channel` [N]): {"ssim", "mse", "mse_original", "mse_relative"},
+    kernel of interest of each image (`unit` [N]): {"ssim", "mse", "mse_original", "mse_relative"},
     each [N] (see the module docstring)."""
     n, k = maps.shape[:2]
     rows = torch.arange(n, device=maps.device)
-    f_i, f_hat_i = maps[rows, channel], maps_hat[rows, channel]
+    f_i, f_hat_i = maps[rows, unit], maps_hat[rows, unit]
     flat = f_i.flatten(1)
     data_range = (flat.amax(1) - flat.amin(1)).clamp_min(torch.finfo(flat.dtype).tiny)
     others = torch.ones(n, k, dtype=torch.bool, device=maps.device)
-    others[rows, channel] = False
+    others[rows, unit] = False
     count = max((k - 1) * maps.shape[2] * maps.shape[3], 1)
 
     def mean_square_of_others(m):
@@ -304,10 +304,10 @@ def suppression_metrics(maps_hat: Tensor, maps: Tensor, channel: Tensor) -> dict
     }
 
 
-def evaluate(model: nn.Module, images: Tensor, x_hat: Tensor, layer: str, channel: int | Tensor,
+def evaluate(model: nn.Module, images: Tensor, x_hat: Tensor, layer: str, unit: int | Tensor,
              rectify: bool | None = None) -> dict[str, Tensor]:
     """The paper's metrics (`suppression_metrics`) of an input X̂ (`x_hat`, shaped like `images`) for
-    kernel `channel` of `layer`: how well it keeps the kernel's map of `images` and suppresses the
+    kernel `unit` of `layer`: how well it keeps the kernel's map of `images` and suppresses the
     others. Works for any X̂: ours, or a baseline's estimated input."""
     _check_images(images)
     _check_images(x_hat, "x_hat")
@@ -315,7 +315,7 @@ def evaluate(model: nn.Module, images: Tensor, x_hat: Tensor, layer: str, channe
         raise SuppressionError(f"x_hat must have the shape of images {list(images.shape)}, got {list(x_hat.shape)}")
     rectify = _resolve_rectify(model, images, layer, rectify)
     maps = feature_maps(model, images, layer, rectify)
-    c = _as_channel(channel, maps.shape[0], maps.shape[1], layer, maps.device)
+    c = _as_unit(unit, maps.shape[0], maps.shape[1], layer, maps.device)
     return suppression_metrics(feature_maps(model, x_hat, layer, rectify), maps, c)
 
 
@@ -323,29 +323,29 @@ def evaluate(model: nn.Module, images: Tensor, x_hat: Tensor, layer: str, channe
 # The optimization
 # --------------------------------------------------------------------------------------------
 
-def _loss_terms(maps_hat: Tensor, f_i: Tensor, rows: Tensor, channel: Tensor, others: Tensor,
+def _loss_terms(maps_hat: Tensor, f_i: Tensor, rows: Tensor, unit: Tensor, others: Tensor,
                 x_hat: Tensor, denominators: tuple[Tensor, Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
     """Per-image (Lp, Ls, Lr), each [N], with the scale-setting denominators precomputed."""
     d_p, d_s, d_r = denominators
-    lp = (maps_hat[rows, channel] - f_i).flatten(1).norm(dim=1) / d_p
+    lp = (maps_hat[rows, unit] - f_i).flatten(1).norm(dim=1) / d_p
     ls = (maps_hat.abs().sum(dim=(2, 3)) * others).sum(1) / d_s
     lr = x_hat.abs().flatten(1).sum(1) / d_r
     return lp, ls, lr
 
 
-def interpret_kernel(model: nn.Module, images: Tensor, layer: str, channel: int | Tensor,
+def interpret_kernel(model: nn.Module, images: Tensor, layer: str, unit: int | Tensor,
                      alpha: float = 0.5, beta: float = 0.25, steps: int = 300, lr: float = 0.05,
                      optimizer: str = "adam", patience: int = 20, max_decays: int = 4,
                      decay: float = 0.5, loss_scale: str = "relative",
                      rectify: bool | None = None) -> tuple[Tensor, dict[str, Tensor]]:
-    """X̂ [N, C, H, W] that keeps kernel `channel`'s map of `layer` and suppresses the layer's other
+    """X̂ [N, C, H, W] that keeps kernel `unit`'s map of `layer` and suppresses the layer's other
     kernels, for each image, and its metrics.
 
     Args:
         model: any nn.Module; run in eval mode up to `layer` only.
         images: [N, C, H, W] in the model's input space (X; the optimization starts from it).
         layer: a dotted module name with spatial output [N, K, h, w].
-        channel: the kernel to interpret: an int for every image, or an integer tensor [N].
+        unit: the kernel to interpret: an int for every image, or an integer tensor [N].
         alpha, beta: weights of the suppression and regularization terms (Eq. 4); their meaning
             depends on `loss_scale` (see the module docstring).
         steps: the most updates per image (the step budget).
@@ -384,22 +384,22 @@ def interpret_kernel(model: nn.Module, images: Tensor, layer: str, channel: int 
             maps0 = maps0.relu() if rectify else maps0
             n, k, h, w = maps0.shape
             rows = torch.arange(n, device=maps0.device)
-            channel = _as_channel(channel, n, k, layer, maps0.device)
+            unit = _as_unit(unit, n, k, layer, maps0.device)
             others = torch.ones(n, k, dtype=torch.bool, device=maps0.device)
-            others[rows, channel] = False
-            f_i = maps0[rows, channel]
+            others[rows, unit] = False
+            f_i = maps0[rows, unit]
             denominators = _denominators(maps0, f_i, others, x0, loss_scale)
 
             def loss_at(x):
                 maps = _run_to(model, x, layer, target)
                 maps = maps.relu() if rectify else maps
-                terms = _loss_terms(maps, f_i, rows, channel, others, x, denominators)
+                terms = _loss_terms(maps, f_i, rows, unit, others, x, denominators)
                 return terms[0] + alpha * terms[1] + beta * terms[2], terms, maps
 
             x_hat, steps_done = _optimize(loss_at, x0, steps, lr, optimizer, patience, max_decays, decay)
             with torch.no_grad():
                 total, terms, maps_hat = loss_at(x_hat)
-    metrics = suppression_metrics(maps_hat.detach(), maps0, channel)
+    metrics = suppression_metrics(maps_hat.detach(), maps0, unit)
     metrics.update(loss=total.detach(), preservation=terms[0].detach(), suppression=terms[1].detach(),
                    regularization=terms[2].detach(), steps=steps_done)
     return x_hat.to(images.dtype), metrics

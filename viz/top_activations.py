@@ -1,4 +1,4 @@
-"""Top activations: for each filter of a layer, the images (and the receptive-field patches) that
+"""Top activations: for each unit of a layer, the images (and the receptive-field patches) that
 activate it most, found in one pass over a dataset without keeping its activations.
 
 Follows Vanrell & Arias, "Understanding and visualizing CNNs" (lecture, Master in Computer Vision
@@ -10,16 +10,16 @@ map". Also Frans, "Visualizing Features from a Convolutional Neural Network" (bl
 "I passed in a whole batch of images and saved the maximum
 activations" (here: over a whole dataset, batch by batch).
 
-- `spatial_max` / `max_activations`: step 2 and the argmax of step 3, per image and channel.
-- `RunningTopK`: per channel, the k highest of those maxima seen so far, with the image's id,
+- `spatial_max` / `max_activations`: step 2 and the argmax of step 3, per image and unit.
+- `RunningTopK`: per unit, the k highest of those maxima seen so far, with the image's id,
   the argmax position and optionally a payload (the receptive-field patch, see
-  `viz.receptive_field.crop_patches`). O(k) state per channel; `merge` combines two states (e.g.
+  `viz.receptive_field.crop_patches`). O(k) state per unit; `merge` combines two states (e.g.
   the states of DDP ranks), giving exactly what one pass over the union would.
 - `content_ids`: image ids computed from the pixels, so that the same image seen twice (DDP's
   sampler repeats images to even out the ranks) counts once without knowing dataset indices.
 
 Ordering (deterministic ties): by value descending, then image id ascending. An image id appears at
-most once per channel (its highest value; the first-seen entry among equal values). Within one
+most once per unit (its highest value; the first-seen entry among equal values). Within one
 image's map the argmax is the first maximum in row-major order. NaN activations are not supported.
 """
 from __future__ import annotations
@@ -40,20 +40,20 @@ class TopActivationsError(VizError):
 
 
 def _check_k(k) -> None:
-    check_int("k", k, 1, TopActivationsError, " (entries kept per channel)")
+    check_int("k", k, 1, TopActivationsError, " (entries kept per unit)")
 
 
-def spatial_max(maps: Tensor, channels: Tensor | range | None = None) -> tuple[Tensor, Tensor]:
+def spatial_max(maps: Tensor, units: Tensor | range | None = None) -> tuple[Tensor, Tensor]:
     """(values [N, C], positions [N, C, 2] long (i, j)): each map's maximum and where it is (the
-    first maximum in row-major order), for maps [N, K, h, w], restricted to `channels` ([C] indices
-    into K: a tensor, a list or a range) when given."""
+    first maximum in row-major order), for maps [N, K, h, w], restricted to the maps of `units` ([C]
+    indices into K: a tensor, a list or a range) when given."""
     if not torch.is_tensor(maps) or maps.dim() != 4:
         raise TopActivationsError(f"maps must be [N, K, h, w] feature maps, got "
                                   f"{list(maps.shape) if torch.is_tensor(maps) else type(maps).__name__}")
-    if isinstance(channels, range) and channels.step == 1 and len(channels):
-        maps = maps[:, channels.start:channels.stop]   # a view: no copy of the maps
-    elif channels is not None:
-        maps = maps.index_select(1, torch.as_tensor(list(channels) if isinstance(channels, range) else channels,
+    if isinstance(units, range) and units.step == 1 and len(units):
+        maps = maps[:, units.start:units.stop]   # a view: no copy of the maps
+    elif units is not None:
+        maps = maps.index_select(1, torch.as_tensor(list(units) if isinstance(units, range) else units,
                                                      device=maps.device).long())
     w = maps.shape[3]
     values, flat = maps.flatten(2).max(dim=2)   # max returns the first maximal index
@@ -61,13 +61,13 @@ def spatial_max(maps: Tensor, channels: Tensor | range | None = None) -> tuple[T
 
 
 def max_activations(model: nn.Module, images: Tensor, layer: str,
-                    channels: Tensor | range | None = None) -> tuple[Tensor, Tensor]:
-    """(values [N, C], positions [N, C, 2]): for each image and channel of `layer` (all, or
-    `channels`), the maximum activation of its map and its (i, j) position (see `spatial_max`).
+                    units: Tensor | range | None = None) -> tuple[Tensor, Tensor]:
+    """(values [N, C], positions [N, C, 2]): for each image and unit of `layer` (all, or
+    `units`), the maximum activation of its map and its (i, j) position (see `spatial_max`).
 
     The forward pass runs in eval mode without gradients and stops after `layer`; modes and hooks
     are restored, also on error. LayerError for an unknown layer."""
-    return spatial_max(layer_output(model, images, layer), channels)
+    return spatial_max(layer_output(model, images, layer), units)
 
 
 # One random 64-bit weight per element, fixed by this seed: the same ids on every process.
@@ -98,24 +98,27 @@ def content_ids(images: Tensor, chunk_elements: int = 2**22) -> Tensor:
 
 
 class RunningTopK:
-    """Per channel, the `k` highest values seen, with their image ids, (i, j) positions and an
+    """Per unit, the `k` highest values seen, with their image ids, (i, j) positions and an
     optional payload, updated batch by batch.
 
     State (on the device of the first update): `values` [C, k] (float, -inf in empty slots),
     `image_ids` [C, k] (int64, -1 in empty slots), `positions` [C, k, 2] (long), `payload`
-    [C, k, *S] or None, each channel's entries best first (see the module docstring for ties).
+    [C, k, *S] or None, each unit's entries best first (see the module docstring for ties).
     `counts` [C]: how many slots are filled (fewer than k until k distinct images were seen).
     """
 
-    def __init__(self, k: int, num_channels: int):
+    def __init__(self, k: int, num_units: int):
         _check_k(k)
-        if isinstance(num_channels, bool) or not isinstance(num_channels, int) or num_channels < 1:
-            raise TopActivationsError(f"num_channels must be an int >= 1, got {num_channels!r}")
-        self.k, self.num_channels = k, num_channels
-        self.values = torch.full((num_channels, k), -torch.inf)
-        self.image_ids = torch.full((num_channels, k), -1, dtype=torch.long)
-        self.positions = torch.zeros(num_channels, k, 2, dtype=torch.long)
+        if isinstance(num_units, bool) or not isinstance(num_units, int) or num_units < 1:
+            raise TopActivationsError(f"num_units must be an int >= 1, got {num_units!r}")
+        self.k, self.num_units = k, num_units
+        self.values = torch.full((num_units, k), -torch.inf)
+        self.image_ids = torch.full((num_units, k), -1, dtype=torch.long)
+        self.positions = torch.zeros(num_units, k, 2, dtype=torch.long)
         self.payload: Tensor | None = None
+
+    #: the earlier name of `num_units`
+    num_channels = property(lambda self: self.num_units)
 
     @property
     def counts(self) -> Tensor:
@@ -123,20 +126,20 @@ class RunningTopK:
 
     def may_enter(self, values: Tensor) -> Tensor:
         """[N] bool: which rows of a batch `values` [N, C] could enter the top k (a value at least
-        a channel's current k-th); `update` ignores the others, so their ids need not be known."""
+        a unit's current k-th); `update` ignores the others, so their ids need not be known."""
         threshold = self.values[:, -1].masked_fill(self.image_ids[:, -1] < 0, -torch.inf)
         return (values >= threshold.to(values.device, values.dtype)).any(dim=1)
 
     def update(self, values: Tensor, image_ids: Tensor, positions: Tensor | None = None,
                payload: Callable[[Tensor, Tensor], Tensor] | None = None) -> "RunningTopK":
-        """Add a batch: `values` [N, C] (one value per image and channel), `image_ids` [N] (int,
+        """Add a batch: `values` [N, C] (one value per image and unit), `image_ids` [N] (int,
         >= 0), `positions` [N, C, 2] (or None: zeros). `payload(rows, positions)` is called, if
         given, with the batch rows [M] and positions [M, 2] of the entries that enter the top k
         (only those: e.g. cropping M patches, not N * C) and returns [M, *S]. Pass a payload on
         every update or on none. Returns self."""
         values, image_ids, positions = self._check_batch(values, image_ids, positions)
         self._to(values.device)
-        # only images at least as high as a channel's k-th value can enter (k distinct ids are
+        # only images at least as high as a unit's k-th value can enter (k distinct ids are
         # strictly better than anything below it): usually few after the first batches
         rows = self.may_enter(values).nonzero().flatten()
         if len(rows) == 0:
@@ -147,7 +150,7 @@ class RunningTopK:
                 inner = payload
                 payload = lambda r, pos: inner(rows[r], pos)  # noqa: E731 - rows of the full batch
         n, c = values.shape
-        # candidates per channel: the current k entries, then the batch's n
+        # candidates per unit: the current k entries, then the batch's n
         cand_values = torch.cat([self.values, values.t()], dim=1)
         cand_ids = torch.cat([self.image_ids, image_ids[None, :].expand(c, n)], dim=1)
         cand_pos = torch.cat([self.positions, positions.transpose(0, 1)], dim=1)
@@ -167,7 +170,7 @@ class RunningTopK:
                                           f"entry ({len(ch)}), got {getattr(fresh, 'shape', type(fresh))}")
             fresh = fresh.to(values.device)
             if self.payload is None:
-                self.payload = fresh.new_zeros(self.num_channels, self.k, *fresh.shape[1:])
+                self.payload = fresh.new_zeros(self.num_units, self.k, *fresh.shape[1:])
             new_payload = _gather_slots(self.payload, pick.clamp(max=self.k - 1))
             new_payload[ch, slot] = fresh.to(new_payload.dtype)
         elif self.payload is not None:
@@ -177,13 +180,13 @@ class RunningTopK:
         return self
 
     def merge(self, other: "RunningTopK") -> "RunningTopK":
-        """Combine with `other` (same k and channel count) in place: the result is what one pass
+        """Combine with `other` (same k and unit count) in place: the result is what one pass
         over both streams would keep. Returns self."""
         if not isinstance(other, RunningTopK):
             raise TopActivationsError(f"merge needs a RunningTopK, got {type(other).__name__}")
-        if (other.k, other.num_channels) != (self.k, self.num_channels):
-            raise TopActivationsError(f"cannot merge a top-{other.k} of {other.num_channels} channels into "
-                                      f"a top-{self.k} of {self.num_channels} channels")
+        if (other.k, other.num_units) != (self.k, self.num_units):
+            raise TopActivationsError(f"cannot merge a top-{other.k} of {other.num_units} units into "
+                                      f"a top-{self.k} of {self.num_units} units")
         dev = self.values.device
         payloads = [self.payload, other.payload.to(dev) if other.payload is not None else None]
         filled = [bool((self.counts > 0).any()), bool((other.counts > 0).any())]
@@ -216,13 +219,14 @@ class RunningTopK:
 
     def state_dict(self) -> dict[str, Tensor | int | None]:
         """Plain tensors (on the CPU) and ints, e.g. for `torch.distributed.all_gather_object`."""
-        return {"k": self.k, "num_channels": self.num_channels, "values": self.values.cpu(),
+        return {"k": self.k, "num_units": self.num_units, "values": self.values.cpu(),
                 "image_ids": self.image_ids.cpu(), "positions": self.positions.cpu(),
                 "payload": self.payload.cpu() if self.payload is not None else None}
 
     @classmethod
     def from_state_dict(cls, state: dict) -> "RunningTopK":
-        top = cls(int(state["k"]), int(state["num_channels"]))
+        # "num_channels": the key in states saved by convlens <= 0.2
+        top = cls(int(state["k"]), int(state["num_units"] if "num_units" in state else state["num_channels"]))
         top.values, top.image_ids = state["values"].clone(), state["image_ids"].clone()
         top.positions = state["positions"].clone()
         top.payload = state["payload"].clone() if state.get("payload") is not None else None
@@ -236,10 +240,10 @@ class RunningTopK:
                 self.payload = self.payload.to(device)
 
     def _check_batch(self, values, image_ids, positions):
-        if not torch.is_tensor(values) or values.dim() != 2 or values.shape[1] != self.num_channels:
+        if not torch.is_tensor(values) or values.dim() != 2 or values.shape[1] != self.num_units:
             got = list(values.shape) if torch.is_tensor(values) else type(values).__name__
-            raise TopActivationsError(f"values must be [N, C] = [N, {self.num_channels}] (one value per image "
-                                      f"and channel), got {got}")
+            raise TopActivationsError(f"values must be [N, C] = [N, {self.num_units}] (one value per image "
+                                      f"and unit), got {got}")
         if values.is_complex() or not values.is_floating_point():
             values = values.double() if not values.is_complex() else values
         image_ids = torch.as_tensor(image_ids, device=values.device)
