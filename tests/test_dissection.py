@@ -35,7 +35,8 @@ from convlens.viz.dissection import (DissectionError, UnitCollector, class_frequ
                                      color_selectivity, dissect, grey_responses, morcos_csi, neuron_features,
                                      opponent_grey, population_code, top_class)
 from convlens.viz.receptive_field import receptive_field
-from convlens.viz.top_activations import content_ids, spatial_max
+from convlens.viz.dissection import _update_top
+from convlens.viz.top_activations import RunningTopK, content_ids, spatial_max
 
 
 # -- nets and data ----------------------------------------------------------------------------------
@@ -130,6 +131,33 @@ def test_streaming_top_n_and_class_means_equal_the_two_pass_reference(batch):
     assert set(c.pool) == c.referenced_ids()
     for i, image in c.pool.items():
         assert content_ids(image[None]).item() == i
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_fast_top_n_update_equals_running_top_k_update(seed):
+    """`_update_top` (one topk, `_select` only where ties leave the choice open) against
+    `RunningTopK.update` with the labels as payload: bitwise the same state, batch after batch, with
+    many tied values (a coarse grid of values), batches smaller than N, and repeated images."""
+    g = torch.Generator().manual_seed(seed)
+    units, k = 9, 5
+    fast, slow = RunningTopK(k, units), RunningTopK(k, units)
+    seen: set[int] = set()
+    for step in range(12):
+        b = int(torch.randint(1, 9, (1,), generator=g))
+        values = (torch.randint(-3, 4, (b, units), generator=g) / 2).float()
+        if step % 3 == 2:   # repeats, inside the batch and of earlier batches
+            ids = torch.randint(0, 40, (b,), generator=g)
+        else:               # new images
+            ids = 100 + 10 * step + torch.randperm(b, generator=g)
+        positions = torch.randint(0, 4, (b, units, 2), generator=g)
+        labels = torch.randint(0, 3, (b,), generator=g)
+        fresh = len(set(ids.tolist())) == b and not seen & set(ids.tolist())
+        seen |= set(ids.tolist())
+        rows = _update_top(fast, values, ids, positions, labels, fresh)
+        slow.update(values, ids, positions, payload=lambda r, _p: labels[r])
+        for name in ("values", "image_ids", "positions", "payload"):
+            assert torch.equal(getattr(fast, name), getattr(slow, name)), (step, name)
+        assert set(ids[rows].tolist()) == set(ids.tolist()) & set(slow.image_ids.flatten().tolist())
 
 
 def test_merge_of_overlapping_shares_equals_one_pass():

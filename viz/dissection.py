@@ -67,7 +67,7 @@ from torch import Tensor, nn
 from convlens.viz.common import VizError, check_int, eval_mode
 from convlens.viz.layers import get_layer
 from convlens.viz.receptive_field import ReceptiveField, crop_patches
-from convlens.viz.top_activations import RunningTopK, content_ids
+from convlens.viz.top_activations import RunningTopK, _select, content_ids
 
 __all__ = ["DissectionError", "UnitCollector", "UnitTable", "dissect", "neuron_features", "class_frequencies",
            "class_selectivity", "population_code", "top_class", "color_selectivity", "morcos_csi",
@@ -281,6 +281,52 @@ def grey_responses(model: nn.Module, images: Tensor, entries: Mapping[str, tuple
 # Streaming over a dataset
 # --------------------------------------------------------------------------------------------
 
+def _update_top(top: RunningTopK, values: Tensor, ids: Tensor, positions: Tensor, labels: Tensor,
+                fresh: bool) -> Tensor:
+    """`top.update(values, ids, positions, payload=labels)` with the same result, faster: one
+    `topk` over every unit's candidates (its k entries and the batch's) instead of four stable sorts.
+    The tie rule (value descending, then id ascending; an id once per unit) is applied by
+    `top_activations._select` to the units whose choice or order `topk` leaves open (equal values
+    among the chosen or at the k-th place, an empty slot chosen), and to all of them when `fresh`
+    is False (a batch id may already be in a unit's top). Returns the batch rows [R] that entered
+    some unit's top."""
+    k = top.k
+    if not fresh or values.dtype != top.values.dtype or (top.payload is None and bool((top.image_ids >= 0).any())):
+        top.update(values, ids, positions, payload=lambda rows, _pos: labels[rows.to(labels.device)])
+        return torch.isin(ids.to(top.image_ids.device), top.image_ids).nonzero().flatten().cpu()
+    dev = values.device
+    if top.values.device != dev:
+        top.values, top.image_ids, top.positions = top.values.to(dev), top.image_ids.to(dev), top.positions.to(dev)
+        top.payload = top.payload.to(dev) if top.payload is not None else None
+    rows = top.may_enter(values).nonzero().flatten()
+    if len(rows) == 0:
+        return rows
+    values, ids, positions, labels = values[rows], ids[rows].to(dev), positions[rows].to(dev), labels[rows].to(dev)
+    u_count, n = values.shape[1], values.shape[0]
+    cand_values = torch.cat([top.values, values.t()], dim=1)                    # [U, k + n]
+    best, pick = cand_values.topk(k, dim=1)                                      # sorted, descending
+    kth = best[:, -1:]
+    open_ = (cand_values >= kth).sum(1) > k                                      # a tie at the k-th place
+    open_ |= (best[:, 1:] == best[:, :-1]).any(1) | torch.isinf(kth[:, 0])       # tied order, empty slot
+    cand_ids = torch.cat([top.image_ids, ids[None, :].expand(u_count, n)], dim=1)
+    live = torch.ones_like(pick, dtype=torch.bool)
+    if bool(open_.any()):
+        slow, slow_live = _select(cand_values[open_], cand_ids[open_], k)
+        pick[open_], live[open_] = slow, slow_live
+    cand_pos = torch.cat([top.positions, positions.transpose(0, 1)], dim=1)
+    from_batch = live & (pick >= k)
+    entered = pick[from_batch] - k
+    # the payload as RunningTopK.update leaves it (also in empty slots)
+    payload = top.payload if top.payload is not None else torch.zeros_like(top.image_ids)
+    payload = payload.gather(1, pick.clamp(max=k - 1))
+    payload[from_batch] = labels[entered].to(payload.dtype)
+    top.values = cand_values.gather(1, pick).masked_fill(~live, -torch.inf)
+    top.image_ids = cand_ids.gather(1, pick).masked_fill(~live, -1)
+    top.positions = cand_pos.gather(1, pick[..., None].expand(-1, -1, 2)).masked_fill(~live[..., None], 0)
+    top.payload = payload
+    return rows[entered.unique()].cpu()
+
+
 class UnitCollector:
     """The streaming state of a dissection over a dataset, for every unit of `units` = {layer:
     unit count} (see the module docstring). `update` once per batch; `merge` to combine shares."""
@@ -297,7 +343,8 @@ class UnitCollector:
         self.class_counts = torch.zeros(0, dtype=torch.long)
         self.seen: set[int] = set()
         #: id -> image (model input, on the CPU) of every image some top entry refers to
-        self.pool: dict[int, Tensor] = {}
+        self._pool: dict[int, Tensor] = {}
+        self._pool_limit, self._pool_stale = 64, False
         #: the images the last update counted: their ids, labels and rectified maxima per layer (what
         #: `merge` subtracts for an image two shares both counted: DDP pads the ranks' last batches)
         self.tail: dict[str, Any] = {"ids": torch.zeros(0, dtype=torch.long),
@@ -306,6 +353,17 @@ class UnitCollector:
                                                 for layer, u in self.units.items()}}
         #: copies of an image counted by two shares that `merge` could not take back (see `merge`)
         self.unresolved = 0
+
+    @property
+    def pool(self) -> dict[int, Tensor]:
+        """id -> image (model input, on the CPU) of every image some top entry refers to."""
+        if self._pool_stale:
+            self.trim_pool()
+        return self._pool
+
+    @pool.setter
+    def pool(self, images: dict[int, Tensor]) -> None:
+        self._pool, self._pool_stale = images, True
 
     @property
     def num_classes(self) -> int:
@@ -349,19 +407,20 @@ class UnitCollector:
             self.class_counts += torch.bincount(fresh_labels[known], minlength=self.num_classes)
         payload_labels = labels.to(ids.device)
         tail_values = {}
+        entered = []
         for layer, (values, positions) in maxima.items():
             if values.shape != (b, self.units[layer]):
                 raise DissectionError(f"maxima[{layer!r}] must be [B, U] = [{b}, {self.units[layer]}], got "
                                       f"{list(values.shape)}")
             values = values.detach().float()
-            self.tops[layer].update(values, ids.to(values.device), positions,
-                                    payload=lambda rows, _pos: payload_labels[rows.to(payload_labels.device)])
+            entered.append(_update_top(self.tops[layer], values, ids.to(values.device), positions, payload_labels,
+                                       fresh=len(fresh) == b))
             rectified = values.cpu()[fresh_rows].double().clamp_min(0)
             if known.any():
                 self.class_sums[layer].index_add_(0, fresh_labels[known], rectified[known])
             tail_values[layer] = rectified
         self.tail = {"ids": ids.cpu()[fresh_rows], "labels": fresh_labels, "values": tail_values}
-        self._refresh_pool(images, id_list)
+        self._add_to_pool(images, id_list, torch.cat(entered).unique().tolist())
         return self
 
     def referenced_ids(self) -> set[int]:
@@ -369,13 +428,22 @@ class UnitCollector:
         ids = torch.cat([top.image_ids.flatten() for top in self.tops.values()])
         return set(ids[ids >= 0].unique().tolist())
 
-    def _refresh_pool(self, images: Tensor | None = None, id_list: Sequence[int] = ()) -> None:
+    def _add_to_pool(self, images: Tensor, id_list: Sequence[int], rows: Sequence[int]) -> None:
+        """Keep the images of batch `rows` (those that entered a top); evict the images no top entry
+        refers to any more whenever the pool has doubled since the last eviction."""
+        for row in rows:
+            if id_list[row] not in self._pool:
+                self._pool[id_list[row]] = images[row].detach().to("cpu", copy=True)
+        self._pool_stale = True
+        if len(self._pool) > self._pool_limit:
+            self.trim_pool()
+
+    def trim_pool(self) -> None:
+        """Drop the pool's images that no top entry refers to."""
         referenced = self.referenced_ids()
-        for row, i in enumerate(id_list):
-            if i in referenced and i not in self.pool:
-                self.pool[i] = images[row].detach().to("cpu", copy=True)
-        for i in [i for i in self.pool if i not in referenced]:
-            del self.pool[i]
+        for i in [i for i in self._pool if i not in referenced]:
+            del self._pool[i]
+        self._pool_limit, self._pool_stale = max(2 * len(self._pool), 64), False
 
     # -- merging -----------------------------------------------------------------------------------
     def state_dict(self, pool: bool = True) -> dict[str, Any]:
@@ -445,7 +513,7 @@ class UnitCollector:
         for s in states:
             for i, image in (s.get("pool") or {}).items():
                 merged.pool.setdefault(i, image)
-        merged._refresh_pool()
+        merged.trim_pool()
         return merged
 
 
