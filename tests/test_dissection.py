@@ -35,7 +35,8 @@ from convlens.viz.dissection import (DissectionError, UnitCollector, class_frequ
                                      color_selectivity, dissect, grey_responses, morcos_csi, neuron_features,
                                      opponent_grey, population_code, top_class)
 from convlens.viz.receptive_field import receptive_field
-from convlens.viz.dissection import _update_top
+from convlens.viz.dissection import _neuron_features, _update_top
+from convlens.viz.receptive_field import crop_patches
 from convlens.viz.top_activations import RunningTopK, content_ids, spatial_max
 
 
@@ -216,6 +217,31 @@ def test_nf_equals_the_naive_weighted_mean_of_the_crops():
             y0, x0, y1, x1 = field.box(*t.positions[u, s].tolist())
             acc += w[s] * image[:, y0:y1, x0:x1].double().clamp(0, 1)
         assert torch.allclose(t.neuron_features[u].double(), acc / w.sum(), atol=1e-6), u
+
+
+@pytest.mark.parametrize("crop_elements", [1, 2**25])
+def test_nf_from_distinct_crops_equals_one_crop_per_entry(crop_elements):
+    """The NF from each distinct (image, position) crop and a sparse product against the NF of one
+    crop per entry (`crop_patches` + `neuron_features`): padded layers (boxes clipped at the border,
+    NaN outside), a unit with 40 slots for 32 images (empty slots), chunks of one unit."""
+    net = small_net(padding=1)
+    images, labels = data(side=12)
+    c = collect(net, images, labels, ["0", "3"], n=40)
+    ids = sorted(c.pool)
+    pixels = torch.stack([c.pool[i] for i in ids]).clamp(0, 1)
+    for layer in ("0", "3"):
+        t = c.tops[layer]
+        index = torch.tensor([[ids.index(i) if i >= 0 else -1 for i in row] for row in t.image_ids.tolist()])
+        field = receptive_field(net, images[:1], layer)
+        filled = index >= 0
+        crops = torch.full((*index.shape, 3, *field.patch_size), math.nan)
+        crops[filled] = crop_patches(pixels[index[filled]], field, t.positions[filled][:, 0],
+                                     t.positions[filled][:, 1])
+        expected = neuron_features(crops, t.values, filled)
+        got = _neuron_features(pixels, index, t.positions, t.values, filled, field, crop_elements)
+        assert (~filled).any() and torch.isnan(crops[filled]).any()   # empty slots, clipped boxes
+        assert torch.equal(torch.isnan(got), torch.isnan(expected)), layer
+        assert torch.allclose(got.nan_to_num(0), expected.nan_to_num(0), atol=1e-6), layer
 
 
 def test_nf_leaves_out_crops_that_do_not_reach_a_pixel():

@@ -621,19 +621,31 @@ def dissect(collector: UnitCollector, fields: Mapping[str, ReceptiveField] | Non
 
 def _neuron_features(pixels: Tensor, index: Tensor, positions: Tensor, values: Tensor, filled: Tensor,
                      field_: ReceptiveField, crop_elements: int) -> Tensor:
+    """`neuron_features` of the crops of `pixels[index[u, s]]` at `positions[u, s]`, without cutting a
+    crop per entry: each distinct (image, position) pair of a chunk of units is cut once (a 1x1 map,
+    e.g. LeNet's conv3, has one position: a crop per distinct image), and the weighted sums are one
+    sparse [units, pairs] x [pairs, pixels] product. Entries of weight 0 are left out (they add
+    nothing). Chunks of units of about `crop_elements` crop values at most, as before."""
     u_count, n = index.shape
     c = pixels.shape[1]
     ph, pw = field_.patch_size
+    a, filled = _check_top(values, filled)
+    a_max = a.amax(1, keepdim=True)
+    weights = torch.where(a_max > 0, a / a_max.clamp_min(torch.finfo(a.dtype).tiny), 0.0).float()
+    h, w = (int(positions[..., d].max()) + 1 if positions.numel() else 1 for d in (0, 1))
+    tiny = torch.finfo(torch.float32).tiny
     chunk = max(1, crop_elements // max(1, n * c * ph * pw))
     out = []
     for s in range(0, u_count, chunk):
-        idx, pos = index[s:s + chunk], positions[s:s + chunk]
-        flat = idx.flatten()
-        crops = torch.full((flat.numel(), c, ph, pw), math.nan)
-        ok = flat >= 0
-        if ok.any():
-            p = pos.reshape(-1, 2)[ok]
-            crops[ok] = crop_patches(pixels[flat[ok]], field_, p[:, 0], p[:, 1]).float()
-        crops = crops.view(idx.shape[0], n, c, ph, pw)
-        out.append(neuron_features(crops, values[s:s + chunk], filled[s:s + chunk]))
+        idx, pos, wt = index[s:s + chunk], positions[s:s + chunk], weights[s:s + chunk]
+        unit, slot = ((idx >= 0) & (wt > 0)).nonzero(as_tuple=True)
+        key = (idx[unit, slot] * h + pos[unit, slot, 0]) * w + pos[unit, slot, 1]
+        pairs, column = key.unique(return_inverse=True)
+        crops = crop_patches(pixels[pairs // (h * w)], field_, (pairs // w) % h, pairs % w).float()
+        present = (~torch.isnan(crops[:, 0])).float().reshape(len(pairs), -1)          # [P, Ph * Pw]
+        matrix = torch.sparse_coo_tensor(torch.stack([unit, column]), wt[unit, slot], (idx.shape[0], len(pairs)),
+                                         check_invariants=False)
+        num = torch.sparse.mm(matrix, crops.nan_to_num(0).reshape(len(pairs), -1)).view(-1, c, ph, pw)
+        den = torch.sparse.mm(matrix, present).view(-1, 1, ph, pw)
+        out.append(torch.where(den > 0, num / den.clamp_min(tiny), math.nan))
     return torch.cat(out)
