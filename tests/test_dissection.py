@@ -242,6 +242,9 @@ def test_nf_from_distinct_crops_equals_one_crop_per_entry(crop_elements):
         assert (~filled).any() and torch.isnan(crops[filled]).any()   # empty slots, clipped boxes
         assert torch.equal(torch.isnan(got), torch.isnan(expected)), layer
         assert torch.allclose(got.nan_to_num(0), expected.nan_to_num(0), atol=1e-6), layer
+    # a chunk with no positive entry (dead units): NaN everywhere
+    dead = _neuron_features(pixels, index[:2], t.positions[:2], -t.values[:2].abs(), filled[:2], field, crop_elements)
+    assert torch.isnan(dead).all()
 
 
 def test_nf_leaves_out_crops_that_do_not_reach_a_pixel():

@@ -642,10 +642,10 @@ def _neuron_features(pixels: Tensor, index: Tensor, positions: Tensor, values: T
         key = (idx[unit, slot] * h + pos[unit, slot, 0]) * w + pos[unit, slot, 1]
         pairs, column = key.unique(return_inverse=True)
         crops = crop_patches(pixels[pairs // (h * w)], field_, (pairs // w) % h, pairs % w).float()
-        present = (~torch.isnan(crops[:, 0])).float().reshape(len(pairs), -1)          # [P, Ph * Pw]
+        present = (~torch.isnan(crops[:, 0])).float().reshape(len(pairs), ph * pw)         # [P, Ph * Pw]
         matrix = torch.sparse_coo_tensor(torch.stack([unit, column]), wt[unit, slot], (idx.shape[0], len(pairs)),
                                          check_invariants=False)
-        num = torch.sparse.mm(matrix, crops.nan_to_num(0).reshape(len(pairs), -1)).view(-1, c, ph, pw)
+        num = torch.sparse.mm(matrix, crops.nan_to_num(0).reshape(len(pairs), c * ph * pw)).view(-1, c, ph, pw)
         den = torch.sparse.mm(matrix, present).view(-1, 1, ph, pw)
         out.append(torch.where(den > 0, num / den.clamp_min(tiny), math.nan))
     return torch.cat(out)
