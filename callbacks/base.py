@@ -51,7 +51,8 @@ from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from torch import nn
 
 from convlens.callbacks import sink
-from convlens.callbacks.budget import DEFAULT_BUDGET, check_budget, epoch_seconds, epoch_started, spacing, spent
+from convlens.callbacks.budget import (DEFAULT_BUDGET, Drawing, check_budget, epoch_seconds, epoch_started,
+                                       first_part, pieces_within, spacing, spent)
 from convlens.callbacks.display import Display
 from convlens.callbacks.lightning_compat import log_step, state_key
 from convlens.callbacks.options import ProbeSpec, check_int, check_layers
@@ -162,6 +163,9 @@ class VisualizationCallback(pl.Callback):
         self.every_n_epochs_given = every_n_epochs is not None
         self.budget = check_budget(budget)
         self._budget_said = False
+        #: the current drawing's deadline and pieces (`within_budget`); whether a drawing has been timed
+        self._drawing = Drawing()
+        self._measured = False
         own = [n for n in inspect.signature(type(self).__init__).parameters if n not in ('self', 'probe_options')]
         self.probe_spec = ProbeSpec.from_options(type(self).__name__, probe, own_options=own, **probe_options)
         self.probe_images: torch.Tensor | None = None
@@ -258,9 +262,20 @@ class VisualizationCallback(pl.Callback):
         width (`render.readable`); `caption` goes to the loggers that show one (W&B)."""
         sink.log_image(trainer, tag, image, log_step(trainer), caption=caption)
 
+    def within_budget(self, pieces, what: str, explicit: bool = False, label=str):
+        """Iterate over this drawing's `pieces` (layers, probe images, in order of importance) as its
+        time budget allows: on the first drawing, until its part of the budget would pass (at least
+        one piece; see `callbacks.budget`); on later ones, all. `what` names them ("layers") in the
+        warning and the `budget/<name>` text; `explicit`: the user chose them, so none is left out."""
+        return pieces_within(self._drawing, pieces, what, explicit, label)
+
     def log_scalars(self, trainer: pl.Trainer, scalars: dict[str, float]) -> None:
         """Log `{tag: value}` at `log_step(trainer)` to every logger (`callbacks.sink`)."""
         sink.log_scalars(trainer, scalars, log_step(trainer))
+
+    def log_text(self, trainer: pl.Trainer, tag: str, text: str) -> None:
+        """Log `text` under `tag` at `log_step(trainer)` to every logger (`callbacks.sink`)."""
+        sink.log_text(trainer, tag, text, log_step(trainer))
 
     @staticmethod
     def _png_dir(trainer: pl.Trainer) -> Path:
@@ -479,24 +494,52 @@ class VisualizationCallback(pl.Callback):
     def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         start = time.perf_counter()
         epoch_time = epoch_seconds(trainer, start)
-        # offline runs (trainer.validate) call this inside inference mode; methods that need
-        # gradients (saliency, suppression) must see ordinary tensors
-        with torch.inference_mode(False):
-            self.visualize(trainer, pl_module)
+        part = None
+        if not self._measured and self.every_n_epochs > 0:  # the first drawing: its cost is not known
+            part = first_part(epoch_time, self.budget, len(self._visualizations(trainer)))
+        self._drawing = Drawing(deadline=None if part is None else start + part)
+        try:
+            # offline runs (trainer.validate) call this inside inference mode; methods that need
+            # gradients (saliency, suppression) must see ordinary tensors
+            with torch.inference_mode(False):
+                self.visualize(trainer, pl_module)
+        finally:
+            self._drawing.deadline = None
         seconds = time.perf_counter() - start
         spent(trainer, seconds)
+        self._measured = self._measured or epoch_time is not None
         self.log_scalars(trainer, {f"viz_time/{self.name}": seconds})
         if epoch_time is not None and self.every_n_epochs > 0:
             self._keep_within_budget(trainer, seconds, epoch_time)
 
+    def _visualizations(self, trainer: pl.Trainer) -> list["VisualizationCallback"]:
+        return [cb for cb in trainer.callbacks if isinstance(cb, VisualizationCallback) and not cb.declined]
+
     def _keep_within_budget(self, trainer: pl.Trainer, seconds: float, epoch_time: float) -> None:
-        """Space the drawings out when this one took more than its part of the budget (see `budget`)."""
-        others = [cb for cb in trainer.callbacks if isinstance(cb, VisualizationCallback) and not cb.declined]
-        k = spacing(seconds, epoch_time, self.budget, len(others))
-        if k <= self.every_n_epochs:
+        """Space the drawings out when this one took (or, stopped at its deadline, would have taken)
+        more than its part of the budget (see `budget`); say once what a first drawing left out."""
+        count = len(self._visualizations(trainer))
+        drawing = self._drawing
+        full = drawing.full_cost(seconds)
+        k = spacing(full, epoch_time, self.budget, count)
+        if k <= self.every_n_epochs and not drawing.stopped:
             return
-        what = (f"{type(self).__name__} took {seconds:.1f} s, {seconds / epoch_time:.0%} of the epoch's "
-                f"{epoch_time:.1f} s (the budget: {self.budget:.0%} of an epoch for {len(others)} visualization(s))")
+        budget = f"(the budget: {self.budget:.0%} of an epoch for {count} visualization(s))"
+        if drawing.stopped:
+            what = (f"{type(self).__name__}'s first drawing had {first_part(epoch_time, self.budget, count):.1f} s, "
+                    f"its part of the time budget of the epoch's {epoch_time:.1f} s {budget}: "
+                    f"{'; '.join(c.describe() for c in drawing.cuts if c.left or c.over)}; it took {seconds:.1f} s"
+                    + (f", a full drawing about {full:.1f} s" if full > seconds else ""))
+            self.log_text(trainer, f"budget/{self.name}", what)
+        else:
+            what = (f"{type(self).__name__} took {seconds:.1f} s, {seconds / epoch_time:.0%} of the epoch's "
+                    f"{epoch_time:.1f} s {budget}")
+        if k <= self.every_n_epochs:  # a stopped first drawing: said once
+            if not self._budget_said:
+                self._budget_said = True
+                self._warn_once(f"{what}; later drawings are full (name what to draw, or callbacks.budget=null "
+                                "for no budget)")
+            return
         if self.every_n_epochs_given:
             if not self._budget_said:
                 self._budget_said = True
@@ -506,8 +549,9 @@ class VisualizationCallback(pl.Callback):
         self.every_n_epochs = k
         if not self._budget_said:  # said once; a later, wider spacing shows in the viz_time scalars
             self._budget_said = True
-            self._warn_once(f"{what}: it now draws every {k} epochs and at the last one (set every_n_epochs "
-                            "to choose, or callbacks.budget=null for no budget)")
+            full_drawings = " in full" if drawing.stopped else ""
+            self._warn_once(f"{what}: it now draws{full_drawings} every {k} epochs and at the last one (set "
+                            "every_n_epochs to choose, or callbacks.budget=null for no budget)")
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         epoch_started(trainer)
@@ -524,7 +568,7 @@ class VisualizationCallback(pl.Callback):
             index = None
         return {"probe_pool": pool, "probe_index": index, "layers": self.layers,
                 "declined": self.declined, "declined_reason": self.declined_reason,
-                "every_n_epochs": self.every_n_epochs}
+                "every_n_epochs": self.every_n_epochs, "budget_measured": self._measured}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         pool = state_dict.get("probe_pool")
@@ -536,6 +580,7 @@ class VisualizationCallback(pl.Callback):
             self.layers, self._tentative = list(state_dict["layers"]), False
         if not self.every_n_epochs_given and isinstance(state_dict.get("every_n_epochs"), int):
             self.every_n_epochs = state_dict["every_n_epochs"]  # as spaced out by the budget
+        self._measured = bool(state_dict.get("budget_measured", False))
         if state_dict.get("declined"):  # switched off in the run this one resumes: off again, said once
             self._decline(state_dict.get("declined_reason") or "it was switched off in the run this one resumes")
 

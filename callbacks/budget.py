@@ -8,6 +8,15 @@ brings its cost per epoch within its part, and says so once. A callback whose dr
 `MIN_SECONDS` is never spaced out (on tiny epochs any drawing is a large share, and a second a
 draw is not what slows a run). What the user set explicitly (`every_n_epochs=`) is never changed:
 it is only warned about. `budget=None` (`callbacks.budget=null`) turns it off.
+
+The first drawing: its cost is not known before it runs, so it gets a deadline instead, its part of
+the budget of the epoch it draws at (at least `MIN_SECONDS`). A callback draws in pieces (layers,
+probe images) in order, through `pieces_within`: before each piece it checks whether the deadline
+would pass (now plus the last piece's seconds), and stops there, after at least one piece of the
+drawing. The spacing of later, full drawings comes from the estimated full cost (the seconds taken,
+per piece drawn, times all pieces). Pieces the user chose (named layers, units, probe images) are
+never left out: the deadline is only reported. Pieces are whole: stopping between two leaves no
+hook or mode behind.
 """
 from __future__ import annotations
 
@@ -15,8 +24,8 @@ import math
 import os
 import time
 import weakref
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator
 
 #: the default share of an epoch's time all visualizations together may take
 DEFAULT_BUDGET = 0.05
@@ -79,6 +88,83 @@ def spacing(seconds: float, epoch_time: float, budget: float | None, callbacks: 
         return 1
     part = budget * epoch_time / max(callbacks, 1)
     return max(1, math.ceil(seconds / part))
+
+
+def first_part(epoch_time: float | None, budget: float | None, callbacks: int) -> float | None:
+    """The seconds a first drawing may take (its part of `budget` of an epoch of `epoch_time`
+    seconds shared by `callbacks` visualizations, at least `MIN_SECONDS`), or None: no deadline."""
+    if budget is None or os.environ.get(BUDGET_ENV, "") == "off" or epoch_time is None or epoch_time <= 0:
+        return None
+    return max(budget * epoch_time / max(callbacks, 1), MIN_SECONDS)
+
+
+@dataclass
+class Cut:
+    """What a drawing with a deadline drew of one sequence of pieces (`what`: "layers", ...)."""
+
+    what: str
+    drawn: list = field(default_factory=list)
+    left: list = field(default_factory=list)
+    #: the user chose these pieces: all are drawn, the deadline is only reported
+    explicit: bool = False
+    #: an explicit sequence went on past the deadline
+    over: bool = False
+
+    @property
+    def total(self) -> int:
+        return len(self.drawn) + len(self.left)
+
+    def describe(self) -> str:
+        if self.explicit:
+            return f"the {self.what} were chosen, so all {self.total} were drawn"
+        return (f"it drew {len(self.drawn)} of {self.total} {self.what} ({_names(self.drawn) or 'none'}; left out: "
+                f"{_names(self.left)})")
+
+
+@dataclass
+class Drawing:
+    """One drawing's deadline (None: none) and what its pieces did."""
+
+    deadline: float | None = None
+    cuts: list[Cut] = field(default_factory=list)
+    pieces: int = 0
+    last: float = 0.0
+
+    def full_cost(self, seconds: float) -> float:
+        """The estimated seconds of the full drawing: `seconds` per piece drawn, times all pieces."""
+        left = sum(len(c.left) for c in self.cuts)
+        return seconds * (self.pieces + left) / self.pieces if self.pieces else seconds
+
+    @property
+    def stopped(self) -> bool:
+        return any(c.left or c.over for c in self.cuts)
+
+
+def pieces_within(drawing: Drawing, pieces: Iterable, what: str, explicit: bool = False,
+                  label: Callable[[Any], str] = str) -> Iterator:
+    """Yield `pieces` in order until `drawing`'s deadline would pass: before each piece, now plus
+    the last piece's seconds against the deadline; the drawing's first piece always runs. With
+    `explicit`, every piece is yielded and a passed deadline only recorded. What was drawn and left
+    out goes to `drawing.cuts`, named by `label`."""
+    pieces = list(pieces)
+    cut = Cut(what, explicit=explicit)
+    if drawing.deadline is not None:
+        drawing.cuts.append(cut)
+    for i, piece in enumerate(pieces):
+        now = time.perf_counter()
+        if drawing.deadline is not None and drawing.pieces and now + drawing.last > drawing.deadline:
+            if not explicit:
+                cut.left = [label(p) for p in pieces[i:]]
+                return
+            cut.over = True
+        yield piece
+        cut.drawn.append(label(piece))
+        drawing.pieces += 1
+        drawing.last = time.perf_counter() - now
+
+
+def _names(names: list[str], most: int = 8) -> str:
+    return ", ".join(names[:most]) + (f", ... (+{len(names) - most} more)" if len(names) > most else "")
 
 
 def _is_weakrefable(obj) -> bool:

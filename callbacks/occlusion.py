@@ -51,6 +51,10 @@ from convlens.viz.occlusion import (OcclusionError, OcclusionResult, default_pat
 from convlens.viz.occlusion_approximate import PRESETS, resolve
 
 
+#: the default num_probe: another value counts as the user's choice, never cut by the time budget
+DEFAULT_NUM_PROBE = 4
+
+
 class OcclusionSensitivity(VisualizationCallback):
     """Occlusion maps (probability of the target class, predicted label) of the first
     `num_probe` probe images, every `every_n_epochs` epochs, as `occlusion/<i>`.
@@ -84,8 +88,8 @@ class OcclusionSensitivity(VisualizationCallback):
     needs_conv = False  # any classifier: a patch over the input
     layer_kind = None
 
-    def __init__(self, every_n_epochs: int | None = None, num_probe: int | None = 4, patch: int | None = None,
-                 stride: int | None = None, target: str = "true", cmap: str = "jet",
+    def __init__(self, every_n_epochs: int | None = None, num_probe: int | None = DEFAULT_NUM_PROBE,
+                 patch: int | None = None, stride: int | None = None, target: str = "true", cmap: str = "jet",
                  max_batch: int | None = None, tile_size: int = 112, tau: float | None = None,
                  approximate: str | None = None, coarse: int | None = None, drill: float | None = None,
                  check_every: int = 10, reuse_tol: float | None = None, **probe_options):
@@ -175,15 +179,17 @@ class OcclusionSensitivity(VisualizationCallback):
         targets = self.targets(net, images, labels)
         geometry = dict(patch=patch, stride=stride, pixel_to_input=normalization, max_batch=self.max_batch)
         approx = self.approximation
-        if approx.coarse > 1 and approx.drill < 1:  # a drill-down: what it computed is kept for reuse
-            result = occlusion_result(net, images, targets, tau=self.tau, approximate=self.approximate,
-                                      coarse=self.coarse, drill=self.drill, previous=self._previous,
-                                      reuse_tol=self.reuse_tol, **geometry)
-            prob, label = result.prob, result.label
-            self._previous = result if self.reuse_tol is not None else None
-            self.log_scalars(trainer, {"occlusion_copies/fraction": result.copies / result.prob.numel()})
+        # the probe images in order, as the time budget allows: all in one batch, or one at a time when
+        # a first drawing has a deadline (see `within_budget`)
+        explicit = self.probe_spec.explicit is not None or self.num_probe != DEFAULT_NUM_PROBE
+        if self._drawing.deadline is None:
+            prob, label = self._maps(trainer, net, images, targets, geometry)
         else:
-            prob, label = occlusion_maps(net, images, targets, tau=approx.tau, **geometry)
+            maps = [self._maps(trainer, net, images[i:i + 1], targets[i:i + 1], geometry)
+                    for i in self.within_budget(range(len(images)), "probe images", explicit=explicit)]
+            images, labels, targets = images[:len(maps)], labels[:len(maps)], targets[:len(maps)]
+            prob, label = torch.cat([p for p, _ in maps]), torch.cat([q for _, q in maps])
+            self._previous = None  # computed image by image: nothing to reuse next time
         if not approx.exact:
             self._measure(trainer, net, images, targets, prob, geometry)
         names = self.class_names(trainer)
@@ -202,6 +208,19 @@ class OcclusionSensitivity(VisualizationCallback):
                 scale = colorbar(self.cmap, 0, 1, min(panels.shape[-1], 240), "p(target)")
                 key = stack_vertical([scale, legend(names, colors, panels.shape[-1])])
             self.log_image(trainer, f"occlusion/{i}", stack_vertical([panels, key]))
+
+    def _maps(self, trainer: pl.Trainer, net: torch.nn.Module, images: torch.Tensor, targets: torch.Tensor,
+              geometry: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """The probability and label maps of `images`, exact or approximate."""
+        approx = self.approximation
+        if approx.coarse > 1 and approx.drill < 1:  # a drill-down: what it computed is kept for reuse
+            result = occlusion_result(net, images, targets, tau=self.tau, approximate=self.approximate,
+                                      coarse=self.coarse, drill=self.drill, previous=self._previous,
+                                      reuse_tol=self.reuse_tol, **geometry)
+            self._previous = result if self.reuse_tol is not None else None
+            self.log_scalars(trainer, {"occlusion_copies/fraction": result.copies / result.prob.numel()})
+            return result.prob, result.label
+        return occlusion_maps(net, images, targets, tau=approx.tau, **geometry)
 
     def _measure(self, trainer: pl.Trainer, net: torch.nn.Module, images: torch.Tensor, targets: torch.Tensor,
                  prob: torch.Tensor, geometry: dict) -> None:

@@ -134,3 +134,141 @@ def test_the_spacing_is_kept_in_the_checkpoint_state():
     explicit = OcclusionSensitivity(every_n_epochs=2)
     explicit.load_state_dict(callback.state_dict())
     assert explicit.every_n_epochs == 2  # the user's choice wins over a saved spacing
+
+
+# -- the first drawing: pieces until its deadline ------------------------------------------------------
+
+class Convs(Slow):
+    """Three convs, epochs of a known length (Slow's 0.05 s a batch)."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.Conv2d(3, 3, 3, padding=1), nn.ReLU(),
+                                 nn.Conv2d(3, 2, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 8 * 8, 2))
+
+
+CONVS = ["0", "2", "4"]
+
+
+def fit_pieces(tmp_path, callback, epochs=3, check=None):
+    """Fit Convs with `callback`; returns ({tag: steps}, val steps, warnings about the budget)."""
+    data = DataLoader(TensorDataset(torch.rand(16, 1, 8, 8), torch.arange(16) % 2), batch_size=4)
+    if check is not None:  # a look at the model right after each drawing
+        visualize = callback.visualize
+
+        def checked(trainer, pl_module):
+            visualize(trainer, pl_module)
+            check(pl_module)
+        callback.visualize = checked
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        pl.Trainer(default_root_dir=tmp_path, max_epochs=epochs, accelerator="cpu", callbacks=[callback],
+                   logger=TensorBoardLogger(tmp_path, name="tb", version=""), enable_progress_bar=False,
+                   enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0,
+                   limit_val_batches=1).fit(Convs(), data, data)
+    events = read_events(tmp_path / "tb")
+    said = [str(w.message) for w in record if "budget" in str(w.message)]
+    return events["images"], sorted(events["scalars"]["val/acc"]), said
+
+
+@pytest.fixture
+def slow_decoding(monkeypatch):
+    """Each layer's decoding sleeps 0.3 s: against epochs of about 0.25 s, 5% is about 0.01 s."""
+    import convlens.callbacks.decoded as decoded
+
+    original = decoded.decode_filters
+
+    def slow(*args, **kwargs):
+        time.sleep(0.3)
+        return original(*args, **kwargs)
+    monkeypatch.setattr(decoded, "decode_filters", slow)
+
+
+def test_a_first_drawing_stops_at_its_deadline_and_says_what_it_left_out(tmp_path, budget_on, slow_decoding):
+    from convlens.callbacks import DecodedFilters
+
+    callback = DecodedFilters(compute_error=False)
+    images, val, said = fit_pieces(tmp_path, callback)
+    first, last = val[0], val[-1]
+    # the first drawing: its first piece (always drawn), then its deadline has passed
+    assert [layer for layer in CONVS if first in images.get(f"decoded/{layer}", [])] == ["0"]
+    assert len(said) == 1 and "it drew 1 of 3 layers (0; left out: 2, 4)" in said[0], said
+    # the estimated full cost (3 pieces of 0.3 s) spaces it out; the last epoch is drawn in full
+    assert callback.every_n_epochs > len(val) and "draws in full every" in said[0]
+    assert all(last in images[f"decoded/{layer}"] for layer in CONVS)
+    text = read_text(tmp_path / "tb", "budget/decoded")
+    assert list(text) == [first] and "left out: 2, 4" in text[first]
+
+
+def test_chosen_layers_are_never_left_out(tmp_path, budget_on, slow_decoding):
+    from convlens.callbacks import DecodedFilters
+
+    callback = DecodedFilters(layers=CONVS, compute_error=False)
+    images, val, said = fit_pieces(tmp_path, callback, epochs=1)
+    assert all(images[f"decoded/{layer}"] == val for layer in CONVS)
+    assert len(said) == 1 and "the layers were chosen, so all 3 were drawn" in said[0]
+
+
+def test_no_budget_draws_the_first_epoch_in_full(tmp_path, slow_decoding):
+    from convlens.callbacks import DecodedFilters
+
+    images, val, said = fit_pieces(tmp_path, DecodedFilters(compute_error=False), epochs=1)  # CONVLENS_BUDGET=off
+    assert all(images[f"decoded/{layer}"] == val for layer in CONVS) and not said
+
+
+def test_pieces_stopped_early_leave_no_hook_or_mode_behind(tmp_path, budget_on, monkeypatch):
+    from convlens.callbacks import DeconvProjection
+    from convlens.viz.deconvnet import Recording
+
+    original = Recording.project_many
+
+    def slow(*args, **kwargs):  # each layer's projections sleep
+        time.sleep(0.3)
+        return original(*args, **kwargs)
+    monkeypatch.setattr(Recording, "project_many", slow)
+    seen = []
+
+    def check(pl_module):
+        hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
+                    for m in pl_module.modules())
+        seen.append((hooks, pl_module.training, all(p.requires_grad for p in pl_module.parameters())))
+
+    images, val, said = fit_pieces(tmp_path, DeconvProjection(deconv_max=False), epochs=1, check=check)
+    assert [layer for layer in CONVS if images.get(f"deconv/{layer}")] == ["0"]
+    assert "it drew 1 of 3 layers" in said[0]
+    assert seen == [(0, True, True)]
+
+
+def test_occlusion_draws_its_probe_images_one_by_one_until_the_deadline(tmp_path, budget_on, monkeypatch):
+    import convlens.callbacks.occlusion as occlusion
+
+    original = occlusion.occlusion_maps
+    calls = []
+
+    def slow(net, images, *args, **kwargs):
+        calls.append(len(images))
+        time.sleep(0.3)
+        return original(net, images, *args, **kwargs)
+    monkeypatch.setattr(occlusion, "occlusion_maps", slow)
+    probe = (torch.rand(4, 1, 8, 8), torch.tensor([0, 1, 0, 1]))
+    images, val, said = fit_pieces(tmp_path, OcclusionSensitivity(probe=probe, num_probe=None, patch=3,
+                                                                  stride=2), epochs=1)
+    assert calls == [1, 1, 1, 1] and "the probe images were chosen, so all 4 were drawn" in said[0]
+    calls.clear()
+    images, val, said = fit_pieces(tmp_path / "default", OcclusionSensitivity(patch=3, stride=2), epochs=1)
+    assert calls == [1] and sorted(images) == ["occlusion/0"]
+    assert "it drew 1 of 2 probe images (0; left out: 1)" in said[0]
+
+
+def read_text(logdir, tag):
+    """{step: text} of a text tag in the event files under `logdir`."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = {}
+    for path in sorted(logdir.rglob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(path), size_guidance={"tensors": 0})
+        acc.Reload()
+        if tag + "/text_summary" in acc.Tags().get("tensors", []):
+            for event in acc.Tensors(tag + "/text_summary"):
+                out[event.step] = event.tensor_proto.string_val[0].decode()
+    return out
