@@ -26,7 +26,7 @@ This base, as Lightning's own callbacks do:
 - never stops the user's training: every Lightning hook of a visualization runs guarded
   (`_guarded`); an exception switches the callback off for the run with one warning naming it,
   the cause and the fix, and the switched-off state is kept in the checkpoint. What the user
-  asked for explicitly (named layers, filters, `probe=`, `batch_keys=`) is checked at setup / fit
+  asked for explicitly (named layers, units, `probe=`, `batch_keys=`) is checked at setup / fit
   start (the probe with one forward) and fails there, before any batch trains;
 - a per-instance `state_key` (the class and the options that decide its state, as Lightning's
   `ModelCheckpoint` does), so two instances of one class keep separate state in a checkpoint;
@@ -55,7 +55,7 @@ from convlens.callbacks.budget import (DEFAULT_BUDGET, Drawing, check_budget, ep
                                        first_part, pieces_within, spacing, spent)
 from convlens.callbacks.display import Display
 from convlens.callbacks.lightning_compat import log_step, state_key
-from convlens.callbacks.options import ProbeSpec, check_int, check_layers
+from convlens.callbacks.options import ProbeSpec, accept_renamed, check_int, check_layers
 from convlens.callbacks.probe import choose_probe
 from convlens.errors import ConfigError, ConvlensError, one_line
 from convlens.viz.common import eval_mode
@@ -71,7 +71,7 @@ GUARDED_HOOKS = (
     "on_test_epoch_start", "on_test_epoch_end", "on_test_batch_start", "on_test_batch_end",
     "on_before_backward", "on_after_backward", "on_before_optimizer_step", "on_exception", "load_state_dict",
 )
-#: hooks that check what the user asked for (named layers, filters, an explicit probe): a
+#: hooks that check what the user asked for (named layers, units, an explicit probe): a
 #: ConvlensError about such a choice is raised there, before any batch trains
 CHECK_HOOKS = ("setup", "on_fit_start", "on_validation_start")
 #: hooks that still run once a callback is switched off (cleanup and checkpoint state)
@@ -146,6 +146,8 @@ class VisualizationCallback(pl.Callback):
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         _guard_hooks(cls)
+        if "__init__" in cls.__dict__:  # the earlier names of its renamed options, for one release
+            cls.__init__ = accept_renamed(cls.__init__)
 
     def __init__(self, layers: Sequence[str] | None = None, every_n_epochs: int | None = None, probe: Any = None,
                  budget: float | None = DEFAULT_BUDGET, **probe_options):

@@ -14,17 +14,17 @@ layer off the chain fails at setup with the list of decodable ones.
 Logged per conv layer, at the step of the epoch's validation scalars (`callbacks.lightning_compat.log_step`):
 - `decoded/<layer>`: the decoded filter bank as a grid, each tile scaled symmetrically on its own
   (zero is mid-gray, the tile's largest magnitude white or black; channels share the scale, so a
-  colour filter keeps its hue), captioned with the filter's index in the layer;
+  colour filter keeps its hue), captioned with its unit's index in the layer;
 - `decoded_threshold/<layer>`: the thresholded version: +1 white, -1 black, 0 gray;
 - `decoded_error/<layer>` (scalar): the mean over the probe images of the Eq. 3 error.
 
-Layers with more than `max_filters` filters show a subset: the `max_filters` most active on the
-probe images (`selection="most_active"`: highest mean over the probe images of each filter's
-spatial maximum of the conv's output, pre-activation, biases included), the first ones
-(`selection="first"`), or an explicit list per layer (`filters={layer: [indices]}`). The subset is
+Layers with more than `max_units` units show the filters of a subset: the `max_units` most active
+units on the probe images (`selection="most_active"`: highest mean over the probe images of each
+unit's map maximum, the conv's output, pre-activation, biases included), the first ones
+(`selection="first"`), or an explicit list per layer (`units={layer: [indices]}`). The subset is
 chosen once, the first time the callback draws, and then kept (also in `state_dict`, so a resumed
-run shows the same filters), so that TensorBoard's step slider follows the same filters through
-training. Most active filters are shown most active first; every other order is the index order.
+run shows the same units), so that TensorBoard's step slider follows the same units through
+training. Most active units are shown most active first; every other order is the index order.
 """
 from __future__ import annotations
 
@@ -33,10 +33,11 @@ from typing import Any, Mapping, Sequence
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_deprecation
 from torch import nn
 
 from convlens.callbacks.base import VisualizationCallback
-from convlens.callbacks.options import UNIT_SELECTIONS, check_filters
+from convlens.callbacks.options import UNIT_SELECTIONS, check_unit_range, check_units
 from convlens.errors import ConfigError
 from convlens.render import captioned_grid, scale_symmetric
 from convlens.viz.decoding import (DECODING_UNPOOL_MODES, decodable_layers, decode_filters, reconstruction_error,
@@ -53,10 +54,11 @@ class DecodedFilters(VisualizationCallback):
     Args:
         layers: conv layer names of `pl_module.net` (None: every Conv2d).
         unpool: how pooling layers are undone: "nearest", "bilinear" or "bicubic".
-        max_filters: at most this many filters per layer are drawn (None: all of them).
-        selection: which filters of a layer with more than `max_filters`: "most_active" or "first".
-        filters: explicit filter indices per layer, e.g. {"conv3": [0, 7, 42]}; they override
-            `selection` and `max_filters` for those layers.
+        max_units: the filters of at most this many units per layer are drawn (None: all of them).
+        selection: which units of a layer with more than `max_units`: "most_active" or "first".
+        units: explicit unit indices per layer, e.g. {"conv3": [0, 7, 42]}; they override
+            `selection` and `max_units` for those layers. `max_filters` and `filters`, the earlier
+            names, work until the next release.
         threshold: a decoded value counts as strongly positive/negative when its magnitude is at
             least this fraction of its filter's largest magnitude (`threshold_decoded`'s q).
         compute_error: log the Eq. 3 error on the probe images (`decoded_error/<layer>`).
@@ -70,27 +72,28 @@ class DecodedFilters(VisualizationCallback):
     layer_kind = nn.Conv2d
 
     def __init__(self, layers: Sequence[str] | None = None, every_n_epochs: int | None = None,
-                 unpool: str = "nearest", max_filters: int | None = 64, selection: str = "most_active",
-                 filters: Mapping[str, Sequence[int]] | None = None, threshold: float = 0.5,
+                 unpool: str = "nearest", max_units: int | None = 64, selection: str = "most_active",
+                 units: Mapping[str, Sequence[int]] | None = None, threshold: float = 0.5,
                  compute_error: bool = True, tile_size: int = 32, **probe_options):
         super().__init__(layers=layers, every_n_epochs=every_n_epochs, **probe_options)
         if unpool not in DECODING_UNPOOL_MODES:
             raise ConfigError(f"Unknown unpool mode {unpool!r}. Valid modes: {', '.join(DECODING_UNPOOL_MODES)}")
-        if max_filters is not None and (isinstance(max_filters, bool) or not isinstance(max_filters, int)
-                                        or max_filters < 1):
-            raise ConfigError(f"max_filters must be an int >= 1 or None (all filters), got {max_filters!r}")
+        if max_units is not None and (isinstance(max_units, bool) or not isinstance(max_units, int)
+                                      or max_units < 1):
+            raise ConfigError(f"max_units must be an int >= 1 or None (all units), got {max_units!r}")
         if selection not in UNIT_SELECTIONS:
             raise ConfigError(f"Unknown selection {selection!r}. Use one of {', '.join(UNIT_SELECTIONS)}, "
-                             f"or give explicit indices per layer with filters={{layer: [indices]}}")
+                             f"or give explicit indices per layer with units={{layer: [indices]}}")
         if not 0 < threshold <= 1:
             raise ConfigError(f"threshold must be a fraction of the largest magnitude in (0, 1], got {threshold}")
         if not isinstance(tile_size, int) or tile_size < 1:
             raise ConfigError(f"tile_size must be an int >= 1 (pixels), got {tile_size!r}")
-        self.unpool, self.max_filters, self.selection = unpool, max_filters, selection
+        self.unpool, self.max_units, self.selection = unpool, max_units, selection
         self.threshold, self.compute_error, self.tile_size = threshold, compute_error, tile_size
-        self.explicit_filters = check_filters(filters)
-        #: the filter indices drawn per layer (None: all), fixed the first time the callback draws
-        self.chosen_filters: dict[str, list[int] | None] = {}
+        #: the units configured per layer
+        self.units = check_units(units)
+        #: the units whose filters are drawn per layer (None: all), fixed the first time it draws
+        self.chosen_units: dict[str, list[int] | None] = {}
 
     # -- layers: decodable convs only ------------------------------------------------------------
     _WHY = ("not reached through a plain chain of modules from the input (filter decoding substitutes "
@@ -98,19 +101,16 @@ class DecodedFilters(VisualizationCallback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)  # Conv2d names, with the valid ones in the error
-        self._check_filters(self.net(pl_module))
+        self._check_units(self.net(pl_module))
 
-    def _check_filters(self, net: nn.Module) -> None:
-        """Explicit filters: in range now; among the drawn layers once those are known."""
-        for layer, indices in self.explicit_filters.items():
+    def _check_units(self, net: nn.Module) -> None:
+        """Explicit units: in range now; among the drawn layers once those are known."""
+        for layer in self.units:
             conv = get_layer(net, layer, nn.Conv2d)
             if self.layers is not None and not self.layers_provisional and layer not in self.layers:
-                raise LayerError(f"filters names layer {layer!r}, which is not among the drawn layers "
-                                 f"{self.layers}; add it to `layers` or remove it from `filters`")
-            out_of_range = [i for i in indices if i >= conv.out_channels]
-            if out_of_range:
-                raise ConfigError(f"filters[{layer!r}]: {layer} has {conv.out_channels} filters, so indices "
-                                 f"must be < {conv.out_channels}; got {out_of_range}")
+                raise LayerError(f"units names layer {layer!r}, which is not among the drawn layers "
+                                 f"{self.layers}; add it to `layers` or remove it from `units`")
+            check_unit_range(type(self).__name__, self.units, layer, conv.out_channels)
 
     def setup_layers(self, net: nn.Module) -> None:
         # configured layers: DecodingError-free now, not epochs later (the geometry needs no image)
@@ -135,28 +135,33 @@ class DecodedFilters(VisualizationCallback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
         if self.probe_images is not None and not self.declined:
-            self._check_filters(self.net(pl_module))
+            self._check_units(self.net(pl_module))
 
-    # -- choosing filters ------------------------------------------------------------------------
-    def filters_for(self, net: nn.Module, layer: str, images: torch.Tensor) -> list[int] | None:
-        """The filter indices drawn for `layer` (None: all), chosen on first use and then kept."""
-        if layer not in self.chosen_filters:
+    # -- choosing units --------------------------------------------------------------------------
+    def units_for(self, net: nn.Module, layer: str, images: torch.Tensor) -> list[int] | None:
+        """The units of `layer` whose filters are drawn (None: all), chosen on first use and then kept."""
+        if layer not in self.chosen_units:
             count = get_layer(net, layer, nn.Conv2d).out_channels
-            if layer in self.explicit_filters:
-                chosen = self.explicit_filters[layer]
-            elif self.max_filters is None or count <= self.max_filters:
+            if layer in self.units:
+                chosen = self.units[layer]
+            elif self.max_units is None or count <= self.max_units:
                 chosen = None
             elif self.selection == "first":
-                chosen = list(range(self.max_filters))
+                chosen = list(range(self.max_units))
             else:
-                chosen = rank_units(layer_maxima(net, images, [layer])[layer], self.max_filters).tolist()
-            self.chosen_filters[layer] = chosen
-        return self.chosen_filters[layer]
+                chosen = rank_units(layer_maxima(net, images, [layer])[layer], self.max_units).tolist()
+            self.chosen_units[layer] = chosen
+        return self.chosen_units[layer]
+
+    def filters_for(self, net: nn.Module, layer: str, images: torch.Tensor) -> list[int] | None:
+        """Deprecated: the earlier name of `units_for` (until the next release)."""
+        rank_zero_deprecation("DecodedFilters.filters_for is now called units_for")
+        return self.units_for(net, layer, images)
 
     # -- rendering -------------------------------------------------------------------------------
     def render_bank(self, tiles: torch.Tensor, indices: Sequence[int]) -> torch.Tensor:
         """[K, C, h, w] filters (any sign) -> one [3, H, W] grid, each tile symmetric around gray,
-        captioned with its filter index."""
+        captioned with its unit's index."""
         nrow = math.ceil(math.sqrt(tiles.shape[0]))
         return captioned_grid(scale_symmetric(tiles), nrow=nrow, captions=[str(i) for i in indices],
                               tile_size=self.tile_size)
@@ -167,9 +172,9 @@ class DecodedFilters(VisualizationCallback):
         images, _ = self.probe(pl_module)
         errors = {}
         # the layers in order, as the time budget allows (a first drawing stops at its deadline)
-        explicit = not self.uses_defaults or bool(self.explicit_filters)
+        explicit = not self.uses_defaults or bool(self.units)
         for layer in self.within_budget(self.layers, "layers", explicit=explicit):
-            chosen = self.filters_for(net, layer, images)
+            chosen = self.units_for(net, layer, images)
             decoded = decode_filters(net, layer, unpool=self.unpool, filters=chosen)
             indices = chosen if chosen is not None else range(decoded.shape[0])
             self.log_image(trainer, f"decoded/{layer}", self.render_bank(decoded, indices))
@@ -182,9 +187,10 @@ class DecodedFilters(VisualizationCallback):
 
     # -- checkpointing ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "chosen_filters": dict(self.chosen_filters)}
+        return {**super().state_dict(), "chosen_units": dict(self.chosen_units)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
-        self.chosen_filters = dict(state_dict.get("chosen_filters") or {})
+        chosen = state_dict.get("chosen_units", state_dict.get("chosen_filters"))  # convlens <= 0.2
+        self.chosen_units = dict(chosen or {})
 

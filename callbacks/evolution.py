@@ -1,30 +1,30 @@
-"""FilterEvolution: one fixed filter per layer, tracked through training (Fig. 4 of the report).
+"""FilterEvolution: one fixed unit per layer, tracked through training (Fig. 4 of the report).
 
 Follows Berthier & Mantoux's RecVis 2018 report, section 3.4 and Fig. 4 ("we display the evolution
 of one fixed chosen filter at each layer, for a fixed input image, during training ... On top is the
-accuracy achieved after a given number of epochs"), itself after Zeiler & Fergus (ECCV 2014,
-arXiv:1311.2901).
+accuracy achieved after a given number of epochs"; the report's "filter" is the unit), itself
+after Zeiler & Fergus (ECCV 2014, arXiv:1311.2901).
 The projection is `viz.deconvnet` (biases ignored, BatchNorm/Dropout as in eval mode; its general
 path on nets that are not a chain of modules).
 
 Logged every `every_n_epochs` epochs, at the step of the epoch's validation scalars
 (`callbacks.lightning_compat.log_step`, so TensorBoard's step slider is the epoch axis of each tag):
 - `evolution/<layer>`: the fixed probe image (the `probe_index`-th probe image) beside the deconv
-  projection of the layer's fixed map for it, min-max scaled on its own (`scale_each`);
+  projection of its map of the layer's fixed unit, min-max scaled on its own (`scale_each`);
 - `evolution/weights_<layer>`: the filters of `weights_layer` (default: the net's first Conv2d),
   each tile scaled symmetrically on its own (0 is mid-gray, its largest magnitude white/black; the
   channels of a color filter share the scale);
 - `evolution_weight_change/<layer>` (scalar): the relative L2 change of the layer's weight (bias ignored)
   since the previous time the callback ran: ||W_t - W_{t-1}|| / ||W_{t-1}||; the weights are
   recorded at fit start, so the first epoch has a value too (after a resume: since the checkpoint).
-At fit end, `evolution/summary`: rows = layers (titled with the map index), columns = the probe
+At fit end, `evolution/summary`: rows = layers (titled with the unit's index), columns = the probe
 image then the epochs (at most `summary_max_epochs`, evenly spaced, first and last kept), each
 column headed by that epoch's val accuracy (the latest `val/acc` when the callback ran).
 
-The map of each layer is `filters[layer]` when configured, else the map most activated (highest
-maximum activation) by the probe image the first time the callback runs (the end of the first
-epoch). The choice and the per-epoch projections (uint8, small) are kept in `state_dict`, so a
-resumed run tracks the same maps and its summary includes the epochs before the resume.
+The unit of each layer is `units[layer]` when configured, else the unit most activated (highest
+maximum activation of its map) by the probe image the first time the callback runs (the end of the
+first epoch). The choice and the per-epoch projections (uint8, small) are kept in `state_dict`, so a
+resumed run tracks the same units and its summary includes the epochs before the resume.
 """
 from __future__ import annotations
 
@@ -33,12 +33,12 @@ from typing import Any, Mapping, Sequence
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_deprecation, rank_zero_only
 from torch import nn
 
 from convlens.callbacks.base import VisualizationCallback
 from convlens.callbacks.lightning_compat import log_step
-from convlens.callbacks.options import check_filters, check_int
+from convlens.callbacks.options import check_int, check_unit_range, check_units
 from convlens.errors import ConfigError
 from convlens.render import (as_rgb, captioned_grid, class_caption, fit_caption, scale_each, scale_symmetric,
                              tile_width, to_pixels)
@@ -68,13 +68,14 @@ def weights_grid(weight: torch.Tensor, tile_size: int = 40) -> torch.Tensor:
 
 
 class FilterEvolution(VisualizationCallback):
-    """One fixed map per layer projected for one fixed probe image every epoch, the first layer's
+    """One fixed unit per layer projected for one fixed probe image every epoch, the first layer's
     weights, the relative weight change per layer, and a layers x epochs summary at fit end.
 
     Args:
         layers: Conv2d names of the net (None: `viz.layers.default_conv_layers`).
-        filters: the map to track per layer, e.g. {"conv3": [17]} (or {"conv3": 17}); layers left
-            out get the map most activated by the probe image at the first run.
+        units: the unit to track per layer, e.g. {"conv3": [17]} (or {"conv3": 17}); layers left
+            out get the unit most activated by the probe image at the first run. `filters`, the
+            earlier name, works until the next release.
         probe_index: which probe image is projected (0: the first).
         unpool: "switches" (Zeiler & Fergus) or "fill" (the blog's cheaper unpooling).
         weights_layer: the Conv2d whose weights are drawn (None: the net's first Conv2d).
@@ -88,12 +89,12 @@ class FilterEvolution(VisualizationCallback):
     name = "evolution"
     layer_kind = nn.Conv2d
 
-    def __init__(self, layers: Sequence[str] | None = None, filters: Mapping[str, Sequence[int] | int] | None = None,
+    def __init__(self, layers: Sequence[str] | None = None, units: Mapping[str, Sequence[int] | int] | None = None,
                  probe_index: int = 0, unpool: str = "switches", weights_layer: str | None = None,
                  summary: bool = True, summary_max_epochs: int = 20, tile_size: int = 64,
                  every_n_epochs: int | None = None, **probe_options):
         super().__init__(layers=layers, every_n_epochs=every_n_epochs, **probe_options)
-        filters = {layer: indices[0] for layer, indices in check_filters(filters, one_per_layer=True).items()}
+        units = {layer: indices[0] for layer, indices in check_units(units, one_per_layer=True).items()}
         check_int("probe_index (0: the first probe image)", probe_index, 0)
         if unpool not in DECONV_UNPOOL_MODES:
             raise ConfigError(f"Unknown unpool={unpool!r}; use one of {', '.join(DECONV_UNPOOL_MODES)} "
@@ -104,10 +105,11 @@ class FilterEvolution(VisualizationCallback):
             raise ConfigError(f"summary must be true or false, got {summary!r}")
         check_int("summary_max_epochs", summary_max_epochs, 1)
         check_int("tile_size (pixels)", tile_size, 1)
-        self.filters: dict[str, int] = {str(k): int(v) for k, v in filters.items()}
+        #: the unit tracked per layer, as configured
+        self.units: dict[str, int] = {str(k): int(v) for k, v in units.items()}
         self.probe_index, self.unpool, self.weights_layer = probe_index, unpool, weights_layer
         self.summary, self.summary_max_epochs, self.tile_size = summary, summary_max_epochs, tile_size
-        #: the map tracked per layer: configured or chosen at the first run (kept in state_dict)
+        #: the unit tracked per layer: configured or chosen at the first run (kept in state_dict)
         self.chosen: dict[str, int] = {}
         #: one entry per run: {"epoch", "step", "val_acc", "tiles": {layer: uint8 [C, H, W]}}
         self.history: list[dict[str, Any]] = []
@@ -123,21 +125,19 @@ class FilterEvolution(VisualizationCallback):
         self._path, problems = layer_problems(net, image, layers)
         return problems
 
-    def _check_filters(self, net: nn.Module) -> None:
-        """The tracked maps: in range, and of tracked layers (once the layers are final)."""
-        for layer, index in self.filters.items():
+    def _check_units(self, net: nn.Module) -> None:
+        """The tracked units: in range, and of tracked layers (once the layers are final)."""
+        for layer, index in self.units.items():
             if layer not in self.layers and (not self.layers_provisional or layer not in layer_names(net, nn.Conv2d)):
-                raise LayerError(f"filters names layer {layer!r}, which is not tracked. Tracked layers: "
+                raise LayerError(f"units names layer {layer!r}, which is not tracked. Tracked layers: "
                                  f"{', '.join(self.layers)} (add it to `layers`, or fix the name)")
-            maps = get_layer(net, layer, nn.Conv2d).out_channels
-            if index >= maps:
-                raise ConfigError(f"filters[{layer!r}] = {index} is out of range: {layer} has {maps} maps "
-                                 f"(valid: 0..{maps - 1})")
+            count = get_layer(net, layer, nn.Conv2d).out_channels
+            check_unit_range(type(self).__name__, {layer: [index]}, layer, count)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         net = self.net(pl_module)
-        self._check_filters(net)
+        self._check_units(net)
         if self.weights_layer is None:
             convs = layer_names(net, nn.Conv2d)
             self.weights_layer = convs[0] if convs else None
@@ -153,7 +153,7 @@ class FilterEvolution(VisualizationCallback):
                              f"probe images (num_probe={self.num_probe}, probe_per_class="
                              f"{self.probe_per_class}); use a probe_index below {len(self.probe_images)}")
         net = self.net(pl_module)
-        self._check_filters(net)
+        self._check_units(net)
         # weights as training starts (or as restored from a checkpoint): the first change's reference
         self._previous_weights = {layer: get_layer(net, layer).weight.detach().clone()
                                   for layer in self.layers}
@@ -169,9 +169,14 @@ class FilterEvolution(VisualizationCallback):
             self._log_summary(trainer)
 
     # -- drawing -------------------------------------------------------------------------------
+    def tracked_unit(self, layer: str) -> int | None:
+        """The unit tracked in `layer`: configured, else chosen at the first run (None before it)."""
+        return self.units.get(layer, self.chosen.get(layer))
+
     def tracked_map(self, layer: str) -> int | None:
-        """The map tracked in `layer`: configured, else chosen at the first run (None before it)."""
-        return self.filters.get(layer, self.chosen.get(layer))
+        """Deprecated: the earlier name of `tracked_unit` (until the next release)."""
+        rank_zero_deprecation("FilterEvolution.tracked_map is now called tracked_unit")
+        return self.tracked_unit(layer)
 
     def visualize(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         net = self.net(pl_module)
@@ -183,18 +188,18 @@ class FilterEvolution(VisualizationCallback):
         tiles: dict[str, torch.Tensor] = {}
         recordings = record_layers(net, image, self.layers, self._path)
         # the layers in order, as the time budget allows (a first drawing stops at its deadline)
-        for layer in self.within_budget(recordings, "layers", explicit=not self.uses_defaults or bool(self.filters)):
+        for layer in self.within_budget(recordings, "layers", explicit=not self.uses_defaults or bool(self.units)):
             rec = recordings[layer]
-            channel = self.tracked_map(layer)
-            if channel is None:  # first run: the map the probe image activates most
-                channel = int(rank_units(rec.map_maxima(), 1)[0])
-            self.chosen[layer] = channel
-            tile = scale_each(rec.project(channel, self.unpool))
+            unit = self.tracked_unit(layer)
+            if unit is None:  # first run: the unit the probe image activates most
+                unit = int(rank_units(rec.map_maxima(), 1)[0])
+            self.chosen[layer] = unit
+            tile = scale_each(rec.project(unit, self.unpool))
             tiles[layer] = (tile[0] * 255).round().to(torch.uint8)
             self.log_image(trainer, f"evolution/{layer}",
                            captioned_grid(torch.cat([pixels, tile]), nrow=2, tile_size=self.tile_size,
                                           captions=[fit_caption(caption, width, lines=2),
-                                                    fit_caption(f"#{channel}", width)]))
+                                                    fit_caption(f"#{unit}", width)]))
         if self.weights_layer is not None:
             self.log_image(trainer, f"evolution/weights_{self.weights_layer}",
                            weights_grid(get_layer(net, self.weights_layer).weight))
@@ -231,7 +236,7 @@ class FilterEvolution(VisualizationCallback):
         # "<epoch>: <val acc>", short enough to sit above a 56-pixel tile
         col_titles = ["input"] + [f"{e['epoch']}: " + (f"{e['val_acc']:.1%}" if e["val_acc"] is not None
                                                        else "n/a") for e in history]
-        row_titles = [f"{layer} #{self.tracked_map(layer)}" for layer in self.layers]
+        row_titles = [f"{layer} #{self.tracked_unit(layer)}" for layer in self.layers]
         return captioned_grid(torch.stack(tiles), nrow=len(history) + 1, row_titles=row_titles,
                               col_titles=col_titles, tile_size=self.tile_size)
 

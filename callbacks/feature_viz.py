@@ -14,8 +14,8 @@ the same random coefficients (then give it Lucent's budget: `steps=512`). With n
 continue from (the first epoch, a changed unit), the start is random; offline
 (`convlens-visualize method=feature_viz`, a checkpoint's weights only) `offline_steps` are run.
 
-Units per layer: `filters[layer]` when given; else the units the trainer's other convlens
-callbacks name for that layer in their own `filters` (so that the pictures of a unit sit beside
+Units per layer: `units[layer]` when given; else the units the trainer's other convlens
+callbacks name for that layer in their own `units` (so that the pictures of a unit sit beside
 its top activations or its suppression); else `max_units` chosen by `selection`: "first" (units
 0..max_units-1) or "most_active" (the highest mean over the probe images of each map's maximum),
 chosen at the first run and kept, so the warm start follows the same units.
@@ -45,7 +45,7 @@ from torch import nn
 
 from convlens.callbacks.base import VisualizationCallback
 from convlens.callbacks.lightning_compat import log_step
-from convlens.callbacks.options import check_choice, check_filters, check_int
+from convlens.callbacks.options import check_choice, check_units, check_int
 from convlens.errors import ConfigError
 from convlens.render import as_rgb, captioned_grid, fit_caption, tile_width, to_pixels
 from convlens.viz.feature_visualization import OBJECTIVES, SQUASHES, color_sqrt, optimize_units
@@ -81,8 +81,8 @@ class FeatureVisualization(VisualizationCallback):
     Args:
         layers: layer names of the net, any module with [N, K, h, w] output (None:
             `viz.layers.default_conv_layers`).
-        filters: unit indices per layer, e.g. {conv3: [0, 7, 42]} (layers left out: the other
-            callbacks' `filters` for that layer, else `selection`).
+        units: unit indices per layer, e.g. {conv3: [0, 7, 42]} (layers left out: the other
+            callbacks' `units` for that layer, else `selection`).
         max_units: units per layer when nothing names them.
         selection: "first" (units 0..max_units-1) or "most_active" (on the probe images, at the first run).
         steps: optimization steps per due epoch (Adam). offline_steps: steps when there is nothing to
@@ -107,14 +107,14 @@ class FeatureVisualization(VisualizationCallback):
     name = "feature_viz"
     layer_kind = None  # any module with spatial maps: a conv, its ReLU, a pool, a residual block
 
-    def __init__(self, layers: Sequence[str] | None = None, filters: Mapping[str, Sequence[int]] | None = None,
+    def __init__(self, layers: Sequence[str] | None = None, units: Mapping[str, Sequence[int]] | None = None,
                  max_units: int = 16, selection: str = "first", steps: int = 32, offline_steps: int = 512,
                  lr: float = 0.005, objective: str = "channel", warm_start: bool = True, transforms: bool = True,
                  color: str = "probe", decay_power: float = 1.0, squash: str = "clip", seed: int = 0,
                  summary: bool = True, summary_max_epochs: int = 10, tile_size: int = 48, every_n_epochs: int = 1,
                  **probe_options):
         super().__init__(layers=layers, every_n_epochs=every_n_epochs, **probe_options)
-        self.filters: dict[str, list[int]] = check_filters(filters)
+        self.units: dict[str, list[int]] = check_units(units)
         check_int("max_units (units per layer)", max_units, 1)
         check_choice("selection", selection, SELECTIONS,
                      " ('first': units 0..max_units-1, 'most_active': the most active on the probe images)")
@@ -168,13 +168,13 @@ class FeatureVisualization(VisualizationCallback):
         self._check_filters()
 
     def _check_filters(self) -> None:
-        for layer, units in self.filters.items():
+        for layer, units in self.units.items():
             if not self.layers_provisional and layer not in self.layers:
-                raise LayerError(f"filters names layer {layer!r}, which is not drawn; the layers are "
+                raise LayerError(f"units names layer {layer!r}, which is not drawn; the layers are "
                                  f"{', '.join(self.layers)} (add it to `layers`)")
             count = self._channels.get(layer)
             if count is not None and max(units) >= count:
-                raise ConfigError(f"filters[{layer!r}] has unit {max(units)}, but {layer} has {count} units "
+                raise ConfigError(f"units[{layer!r}] has unit {max(units)}, but {layer} has {count} units "
                                   f"(0..{count - 1})")
 
     def prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -194,11 +194,11 @@ class FeatureVisualization(VisualizationCallback):
             self._color_matrix = color_sqrt(None)
 
     def _borrowed(self, trainer: pl.Trainer, layer: str) -> list[int] | None:
-        """The units another convlens callback of the trainer names for `layer` in its `filters`."""
+        """The units another convlens callback of the trainer names for `layer` in its `units`."""
         for callback in trainer.callbacks:
             if callback is self or not isinstance(callback, VisualizationCallback):
                 continue
-            named = getattr(callback, "filters", None)
+            named = getattr(callback, "units", None)
             if isinstance(named, Mapping) and layer in named:
                 units = named[layer]
                 units = [units] if isinstance(units, int) else list(units)
@@ -208,12 +208,12 @@ class FeatureVisualization(VisualizationCallback):
 
     def units_for(self, trainer: pl.Trainer, pl_module: pl.LightningModule, layer: str) -> list[int]:
         """The units drawn in `layer` (see the module docstring), chosen at the first run and kept."""
-        if layer in self.filters and self.chosen.get(layer) != self.filters[layer]:
+        if layer in self.units and self.chosen.get(layer) != self.units[layer]:
             self.chosen.pop(layer, None)  # configured otherwise than in the run this one resumes
             self.coefficients.pop(layer, None)
         if layer not in self.chosen:
             self.coefficients.pop(layer, None)  # coefficients belong to the units they were made for
-            units = self.filters.get(layer) or self._borrowed(trainer, layer)
+            units = self.units.get(layer) or self._borrowed(trainer, layer)
             if units is None and self.selection == "most_active":
                 activity = layer_maxima(self.net(pl_module), self.probe_images.to(pl_module.device), [layer])[layer]
                 units = rank_units(activity, self.max_units).tolist()

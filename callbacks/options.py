@@ -7,21 +7,53 @@ built (by Hydra or by hand), before any training.
 from __future__ import annotations
 
 import difflib
+import functools
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 import torch
+from lightning.pytorch.utilities import rank_zero_deprecation
 from torch.utils.data import Dataset
 
 from convlens.errors import ConfigError
 
 #: target values every callback that explains a class accepts
 TARGETS = ("true", "predicted")
-#: how a callback picks the units (output channels) of a layer it draws when `filters` does not
+#: how a callback picks the units (output channels) of a layer it draws when `units` does not
 #: name them: the most active on the probe images, or the first ones (0, 1, ...)
 UNIT_SELECTIONS = ("most_active", "first")
 #: the options of `ProbeSpec`, as a callback's constructor (and its Hydra config) takes them
 PROBE_OPTIONS = ("probe", "num_probe", "probe_per_class", "probe_seed", "mean", "std", "batch_keys")
+#: callback options renamed to the glossary's words (docs/glossary.md): earlier name -> name. A
+#: callback that takes the new name still takes the earlier one, with a deprecation warning, until
+#: the next release (`accept_renamed`)
+RENAMED_OPTIONS = {"filters": "units", "max_filters": "max_units", "max_maps": "max_units",
+                   "max_maps_by": "max_units_by"}
+
+
+def accept_renamed(init):
+    """`init` (a callback's `__init__`) taking also the earlier names (`RENAMED_OPTIONS`) of the
+    options it has: an earlier name is passed on under the new one with one deprecation warning
+    naming the new key; both names at once are a ConfigError. `init` itself when it has none."""
+    params = inspect.signature(init).parameters
+    renamed = {old: new for old, new in RENAMED_OPTIONS.items() if new in params and old not in params}
+    if not renamed:
+        return init
+
+    @functools.wraps(init)
+    def wrapper(self, *args, **kwargs):
+        for old in [k for k in kwargs if k in renamed]:
+            new, owner = renamed[old], type(self).__name__
+            if new in kwargs or new in inspect.signature(init).bind_partial(self, *args).arguments:
+                raise ConfigError(f"{owner}: give `{new}` only; `{old}` is its earlier name (got both)")
+            rank_zero_deprecation(f"{owner}: the option `{old}` is now called `{new}`; `{old}` still works "
+                                  f"until the next release")
+            kwargs[new] = kwargs.pop(old)
+        return init(self, *args, **kwargs)
+
+    wrapper._convlens_renamed = renamed
+    return wrapper
 
 
 def check_int(name: str, value: Any, minimum: int, what: str = "") -> int:
@@ -46,33 +78,45 @@ def check_layers(layers: Any) -> list[str] | None:
     return list(layers) if layers is not None else None
 
 
-def check_filters(filters: Any, one_per_layer: bool = False) -> dict[str, list[int]]:
-    """Unit choices, the same type in every callback: a mapping layer name -> list of unit (output
-    channel) indices (an int stands for a one-element list), e.g. {conv3: [0, 7, 42]}; None is {}.
-    `one_per_layer`: exactly one index per layer (a tracked map)."""
-    if filters is None:
+def check_units(units: Any, one_per_layer: bool = False) -> dict[str, list[int]]:
+    """The `units` option, the same type in every callback: a mapping layer name -> list of unit
+    (output channel) indices (an int stands for a one-element list), e.g. {conv3: [0, 7, 42]};
+    None is {}. `one_per_layer`: exactly one index per layer (a tracked unit)."""
+    if units is None:
         return {}
     example = "{conv3: 17}" if one_per_layer else "{conv3: [0, 7, 42]}"
-    if not isinstance(filters, Mapping):
-        raise ConfigError(f"filters must map layer names to lists of filter indices, e.g. {example}, "
-                          f"got {type(filters).__name__}")
+    if not isinstance(units, Mapping):
+        raise ConfigError(f"units must map layer names to lists of unit indices, e.g. {example}, "
+                          f"got {type(units).__name__}")
     out: dict[str, list[int]] = {}
-    for layer, indices in filters.items():
+    for layer, indices in units.items():
         if not isinstance(layer, str):
-            raise ConfigError(f"filters keys must be layer names (str), got {layer!r}")
+            raise ConfigError(f"units keys must be layer names (str), got {layer!r}")
         if isinstance(indices, int) and not isinstance(indices, bool):
             indices = [indices]
         if isinstance(indices, (str, bytes)) or not isinstance(indices, Sequence) or not len(indices):
-            raise ConfigError(f"filters[{layer!r}] must be a non-empty list of filter indices, got {indices!r}")
+            raise ConfigError(f"units[{layer!r}] must be a non-empty list of unit indices, got {indices!r}")
         bad = [i for i in indices if isinstance(i, bool) or not isinstance(i, int) or i < 0]
         if bad:
-            raise ConfigError(f"filters[{layer!r}] must hold filter indices (ints >= 0), got {bad}")
+            raise ConfigError(f"units[{layer!r}] must hold unit indices (ints >= 0), got {bad}")
         if len(set(indices)) != len(indices):
-            raise ConfigError(f"filters[{layer!r}] lists a filter twice: {list(indices)}")
+            raise ConfigError(f"units[{layer!r}] lists a unit twice: {list(indices)}")
         if one_per_layer and len(indices) != 1:
-            raise ConfigError(f"filters[{layer!r}] must name one map to track, e.g. {example}, got {list(indices)}")
+            raise ConfigError(f"units[{layer!r}] must name one unit to track, e.g. {example}, got {list(indices)}")
         out[layer] = [int(i) for i in indices]
     return out
+
+
+def check_unit_range(owner: str, units: Mapping[str, Sequence[int]], layer: str, count: int) -> None:
+    """The `units` of `layer` (a layer with `count` units) in range: a ConfigError naming them otherwise."""
+    bad = [u for u in units.get(layer, ()) if u >= count]
+    if bad:
+        raise ConfigError(f"{owner}: units[{layer!r}] has unit {max(bad)}, but {layer} has {count} units "
+                          f"(valid: 0..{count - 1}); fix `units` or `layers`")
+
+
+#: the earlier name of `check_units`
+check_filters = check_units
 
 
 def _check_images(probe: Any):

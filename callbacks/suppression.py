@@ -6,7 +6,7 @@ layout: the original input beside the optimized input, and the kernel's feature 
 algorithm is `viz.suppression.interpret_kernel`; this callback only chooses inputs, renders and logs.
 
 For each layer, for each probe image, its `top_k` most active kernels (highest maximum activation;
-or the layer's configured `filters`) are chosen at the first run and kept for the rest of the fit (and in
+or the layer's configured `units`) are chosen at the first run and kept for the rest of the fit (and in
 the checkpoint), so that later runs show the same kernels. Each (image, kernel) pair gets its X̂, all
 pairs of a layer in one batched call. Logged per layer at the step of the epoch's validation
 scalars (`callbacks.lightning_compat.log_step`):
@@ -37,7 +37,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 
 from convlens.callbacks.base import VisualizationCallback
-from convlens.callbacks.options import check_filters, check_int
+from convlens.callbacks.options import check_int, check_units
 from convlens.render import captioned_grid, class_caption, fit_caption, heatmap, tile_width, to_pixels
 from convlens.viz.layers import LayerError, default_conv_layers, get_layer, layer_output, rank_units
 from convlens.viz.suppression import check_arguments, feature_maps, follows_relu, interpret_kernel, kernel_maps
@@ -77,9 +77,10 @@ class KernelSuppression(VisualizationCallback):
 
     Args:
         layers: Conv2d names of the net (None: `viz.layers.default_conv_layers`).
-        filters: kernel indices per layer interpreted for every probe image, e.g. {conv3: [0, 7]}
+        units: the units (kernels) per layer interpreted for every probe image, e.g. {conv3: [0, 7]}
             (layers left out: each image's `top_k` most active kernels, chosen at the first run).
-        top_k: kernels per probe image for the layers `filters` does not name.
+            `filters`, the earlier name, works until the next release.
+        top_k: kernels per probe image for the layers `units` does not name.
         alpha, beta, steps, lr: `viz.suppression.interpret_kernel`'s options (weights of the
             suppression and regularization terms, the step budget, Adam's initial learning rate).
         rectify: None (auto: the maps after the ReLU that follows the layer, if any), True or False.
@@ -92,12 +93,12 @@ class KernelSuppression(VisualizationCallback):
     name = "suppression"
     layer_kind = nn.Conv2d
 
-    def __init__(self, layers: Sequence[str] | None = None, filters: Mapping[str, Sequence[int]] | None = None,
+    def __init__(self, layers: Sequence[str] | None = None, units: Mapping[str, Sequence[int]] | None = None,
                  top_k: int = 1, alpha: float = 0.5, beta: float = 0.25, steps: int = 300,
                  lr: float = 0.05, rectify: bool | None = None, tile_size: int = 64,
                  every_n_epochs: int = 0, num_probe: int | None = 2, **probe_options):
         super().__init__(layers=layers, every_n_epochs=every_n_epochs, num_probe=num_probe, **probe_options)
-        self.filters = check_filters(filters)
+        self.units = check_units(units)
         check_int("top_k", top_k, 1, " (kernels per probe image)")
         check_int("tile_size", tile_size, 1, " (pixels)")
         check_arguments(alpha=alpha, beta=beta, steps=steps, lr=lr, rectify=rectify)  # a VizError
@@ -115,30 +116,30 @@ class KernelSuppression(VisualizationCallback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
-        self._check_filters(self.net(pl_module))
+        self._check_units(self.net(pl_module))
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
         if self.probe_images is not None and not self.declined:
-            self._check_filters(self.net(pl_module))
+            self._check_units(self.net(pl_module))
 
-    def _check_filters(self, net: nn.Module) -> None:
-        for layer, kernels in self.filters.items():
+    def _check_units(self, net: nn.Module) -> None:
+        for layer, kernels in self.units.items():
             if not self.layers_provisional and layer not in self.layers:
-                raise LayerError(f"filters names layer {layer!r}, which is not drawn; the layers are "
+                raise LayerError(f"units names layer {layer!r}, which is not drawn; the layers are "
                                  f"{', '.join(self.layers)} (add it to `layers`)")
             count = get_layer(net, layer).out_channels
             bad = [k for k in kernels if k >= count]
             if bad:
-                raise LayerError(f"{type(self).__name__}: filters {bad} are out of range for layer {layer!r}, "
-                                 f"which has {count} kernels (valid: 0..{count - 1}); fix `filters` or `layers`")
+                raise LayerError(f"{type(self).__name__}: units {bad} are out of range for layer {layer!r}, "
+                                 f"which has {count} units (valid: 0..{count - 1}); fix `units` or `layers`")
 
     # -- drawing -------------------------------------------------------------------------------
     def _kernels_for(self, layer: str, maps: torch.Tensor) -> torch.Tensor:
         """[P, k] kernel indices for the P probe images: as chosen at the first run."""
         if layer not in self.chosen:
-            if layer in self.filters:
-                chosen = torch.tensor(self.filters[layer], dtype=torch.long).expand(maps.shape[0], -1)
+            if layer in self.units:
+                chosen = torch.tensor(self.units[layer], dtype=torch.long).expand(maps.shape[0], -1)
             else:
                 chosen = rank_units(maps.amax(dim=(2, 3)), self.top_k, per_image=True)
             self.chosen[layer] = chosen.detach().cpu().clone()

@@ -1,20 +1,20 @@
-"""TopActivations: for selected filters, the validation images' receptive-field patches that
+"""TopActivations: for selected units, the validation images' receptive-field patches that
 activate them most.
 
 Follows Vanrell & Arias, "Understanding and visualizing CNNs" (lecture, Master in Computer Vision
 Barcelona; "Neuron Analysis": activation maximization, "find the images
 that maximally activate a neuron"; "Building the Receptive field of a neuron": run each image, take
-the filter's activation map, and cut out "the part of the image (with size of the receptive field)
+the unit's activation map, and cut out "the part of the image (with size of the receptive field)
 that triggered the maximum activation"), over the whole validation set rather than one batch (as
 Kevin Frans's 2016 blog post's "maximum activations" over a batch). The algorithms are
 `viz.top_activations` (running top-k, per-map max and argmax) and `viz.receptive_field` (the box
-and the patch); this callback chooses the filters, collects, renders and logs.
+and the patch); this callback chooses the units, collects, renders and logs.
 
 Collection: during the validation loop of each due epoch (not the sanity check). Forward hooks are
 added at validation epoch start (on the net, for its input images, and on each layer, for each
-selected filter's per-image max and argmax) and removed at its end; each batch updates a running
+selected unit's per-image max and argmax) and removed at its end; each batch updates a running
 top-k per layer in `on_validation_batch_end`, which crops only the patches of entries that enter
-the top k. Nothing else is stored: memory is filters x k patches per layer. Images are identified
+the top k. Nothing else is stored: memory is units x k patches per layer. Images are identified
 by their content (`viz.top_activations.content_ids`), so an image seen twice (DDP pads the ranks'
 shares with repeats) counts once. Under DDP every rank collects its share; the small states are
 gathered (`torch.distributed.all_gather_object`) at validation epoch end and merged on rank zero,
@@ -22,7 +22,7 @@ which draws: the same result as one process over the whole validation set.
 
 Logged at the step of the epoch's validation scalars (`callbacks.lightning_compat.log_step`; after validation,
 in `on_train_epoch_end`):
-- `top_activations/<layer>`: rows = the selected filters (titled `#<index>`), columns = the k
+- `top_activations/<layer>`: rows = the selected units (titled `#<index>`), columns = the k
   patches, best first, each captioned with its activation value. Patches are the image's pixels
   (the datamodule's normalization undone, true colors, no rescaling), all of the field's size: a
   unit near the border sees a clipped box, the rest of its tile is light blue. A row with fewer
@@ -30,8 +30,8 @@ in `on_train_epoch_end`):
 - `viz_time/top_activations_collect`: seconds this rank spent collecting during the validation
   loop (hooks and updates), beside the base's `viz_time/top_activations` (drawing).
 
-Filters per layer: `filters[layer]` when given, else `max_filters` chosen by `selection`: "first"
-(filters 0..max_filters-1, the same rows every epoch) or "most_active" (the highest mean over the
+Units per layer: `units[layer]` when given, else `max_units` chosen by `selection`: "first"
+(units 0..max_units-1, the same rows every epoch) or "most_active" (the highest mean over the
 probe images of each map's maximum, chosen at each due validation epoch start, most active first).
 With `every_n_epochs=0` (only at fit end), the last epoch's validation is collected (every epoch's,
 if `max_epochs` is unlimited).
@@ -49,8 +49,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from convlens.callbacks.base import VisualizationCallback
-from convlens.callbacks.options import UNIT_SELECTIONS, check_choice, check_filters, check_int
-from convlens.errors import ConfigError
+from convlens.callbacks.options import UNIT_SELECTIONS, check_choice, check_int, check_unit_range, check_units
 from convlens.render import as_rgb, captioned_grid
 from convlens.viz.common import VizError
 from convlens.viz.layers import (LayerError, default_conv_layers, get_layer, input_module, layer_maxima,
@@ -63,8 +62,8 @@ OUTSIDE_COLOR = (0.72, 0.82, 0.95)
 
 
 def top_activations_grid(patches: torch.Tensor, values: torch.Tensor, filled: torch.Tensor,
-                         filters: Sequence[int], tile_size: int = 64) -> torch.Tensor:
-    """[3, H, W] grid: row r = filter `filters[r]`, column s = its s-th best patch.
+                         units: Sequence[int], tile_size: int = 64) -> torch.Tensor:
+    """[3, H, W] grid: row r = unit `units[r]`, column s = its s-th best patch.
 
     `patches` [F, k, C, Ph, Pw] pixels in [0, 1], NaN outside the receptive field; `values` [F, k]
     captions; `filled` [F, k] bool (False: an empty slot, drawn blank)."""
@@ -76,29 +75,29 @@ def top_activations_grid(patches: torch.Tensor, values: torch.Tensor, filled: to
     empty = ~filled.cpu().flatten()
     tiles[empty] = 1.0
     captions = ["" if not ok else f"{float(v):.3g}" for v, ok in zip(values.cpu().flatten(), filled.cpu().flatten())]
-    return captioned_grid(tiles, nrow=k, captions=captions, row_titles=[f"#{int(c)}" for c in filters],
+    return captioned_grid(tiles, nrow=k, captions=captions, row_titles=[f"#{int(c)}" for c in units],
                           col_titles=[f"top {s + 1}" for s in range(k)], tile_size=tile_size)
 
 
-def _as_index(filters: Sequence[int], device) -> range | torch.Tensor:
-    """Consecutive ascending filters as a range (the maps are then sliced, not copied)."""
-    if list(filters) == list(range(filters[0], filters[0] + len(filters))):
-        return range(filters[0], filters[0] + len(filters))
-    return torch.tensor(list(filters), device=device)
+def _as_index(units: Sequence[int], device) -> range | torch.Tensor:
+    """Consecutive ascending units as a range (the maps are then sliced, not copied)."""
+    if list(units) == list(range(units[0], units[0] + len(units))):
+        return range(units[0], units[0] + len(units))
+    return torch.tensor(list(units), device=device)
 
 
 class TopActivations(VisualizationCallback):
-    """Top-k validation patches of selected filters, one grid per layer (`top_activations/<layer>`).
+    """Top-k validation patches of selected units, one grid per layer (`top_activations/<layer>`).
 
     Args:
         layers: Conv2d names of the net (None: `viz.layers.default_conv_layers`, every conv of our
             LeNet and CIFAR nets, one conv per stage of larger nets).
-        k: patches per filter (the k most activating validation images, best first).
-        max_filters: filters drawn per layer when `filters` does not name them (at most the layer's).
-        selection: "first" (filters 0..max_filters-1) or "most_active" (on the probe images, each
+        k: patches per unit (the k most activating validation images, best first).
+        max_units: units drawn per layer when `units` does not name them (at most the layer's).
+        selection: "first" (units 0..max_units-1) or "most_active" (on the probe images, each
             due epoch).
-        filters: explicit filter indices per layer, e.g. {conv3: [0, 7, 42]} (other layers use
-            `selection`).
+        units: explicit unit indices per layer, e.g. {conv3: [0, 7, 42]} (other layers use
+            `selection`). `max_filters` and `filters`, the earlier names, work until the next release.
         tile_size: tiles are upscaled (nearest, integer factor) to about this many pixels.
         every_n_epochs: see VisualizationCallback; probe options (probe, num_probe, probe_per_class,
             probe_seed, mean, std, batch_keys): see `ProbeSpec` (the probe images serve
@@ -108,19 +107,19 @@ class TopActivations(VisualizationCallback):
     name = "top_activations"
     layer_kind = nn.Conv2d
 
-    def __init__(self, layers: Sequence[str] | None = None, k: int = 4, max_filters: int = 8,
-                 selection: str = "first", filters: Mapping[str, Sequence[int]] | None = None,
+    def __init__(self, layers: Sequence[str] | None = None, k: int = 4, max_units: int = 8,
+                 selection: str = "first", units: Mapping[str, Sequence[int]] | None = None,
                  tile_size: int = 64, every_n_epochs: int | None = None, **probe_options):
         super().__init__(layers=layers, every_n_epochs=every_n_epochs, **probe_options)
-        check_int("k (patches per filter)", k, 1)
-        check_int("max_filters (filters per layer)", max_filters, 1)
+        check_int("k (patches per unit)", k, 1)
+        check_int("max_units (units per layer)", max_units, 1)
         check_int("tile_size (pixels)", tile_size, 1)
         check_choice("selection", selection, UNIT_SELECTIONS,
-                     " ('first': filters 0..max_filters-1, 'most_active': the most active on the probe images)")
-        self.k, self.max_filters, self.selection, self.tile_size = k, max_filters, selection, tile_size
-        self.filters: dict[str, list[int]] = check_filters(filters)
+                     " ('first': units 0..max_units-1, 'most_active': the most active on the probe images)")
+        self.k, self.max_units, self.selection, self.tile_size = k, max_units, selection, tile_size
+        self.units: dict[str, list[int]] = check_units(units)
         self.fields: dict[str, ReceptiveField] = {}
-        self.chosen: dict[str, list[int]] = {}          # the filters of the current/last collection
+        self.chosen: dict[str, list[int]] = {}          # the units of the current/last collection
         self.result: dict[str, RunningTopK] | None = None   # merged top-k of the last collection
         self.result_epoch: int | None = None
         self.collect_seconds = 0.0
@@ -147,22 +146,19 @@ class TopActivations(VisualizationCallback):
     # -- set up ----------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
-        self._check_filters(self.net(pl_module))
+        self._check_units(self.net(pl_module))
 
-    def _check_filters(self, net: nn.Module) -> None:
-        for layer, idx in self.filters.items():
+    def _check_units(self, net: nn.Module) -> None:
+        for layer in self.units:
             if not self.layers_provisional and layer not in self.layers:
-                raise LayerError(f"filters names layer {layer!r}, which is not drawn; the layers are "
+                raise LayerError(f"units names layer {layer!r}, which is not drawn; the layers are "
                                  f"{', '.join(self.layers)} (add it to `layers`)")
-            count = get_layer(net, layer).out_channels
-            if max(idx) >= count:
-                raise ConfigError(f"filters[{layer!r}] has index {max(idx)}, but {layer} has {count} "
-                                 f"filters (0..{count - 1})")
+            check_unit_range(type(self).__name__, self.units, layer, get_layer(net, layer).out_channels)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)  # the receptive fields: computed with the usable layers
         if self.probe_images is not None and not self.declined:
-            self._check_filters(self.net(pl_module))
+            self._check_units(self.net(pl_module))
             self._compute_fields(self.net(pl_module), self.probe_images[:1].to(pl_module.device))
 
     def _compute_fields(self, net: nn.Module, image: torch.Tensor) -> None:
@@ -173,20 +169,20 @@ class TopActivations(VisualizationCallback):
         self.fields = {layer: receptive_field(net, image, layer) for layer in self.layers}
 
     # -- which epochs collect ----------------------------------------------------------------------
-    def _choose_filters(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, list[int]]:
+    def _choose_units(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, list[int]]:
         net = self.net(pl_module)
         chosen = {}
         need_activity = [layer for layer in self.layers
-                         if layer not in self.filters and self.selection == "most_active"]
+                         if layer not in self.units and self.selection == "most_active"]
         activity = layer_maxima(net, self.probe_images.to(pl_module.device), need_activity) if need_activity else {}
         for layer in self.layers:
-            if layer in self.filters:
-                chosen[layer] = list(self.filters[layer])
+            if layer in self.units:
+                chosen[layer] = list(self.units[layer])
             elif layer in activity:
-                chosen[layer] = rank_units(activity[layer], self.max_filters).tolist()
+                chosen[layer] = rank_units(activity[layer], self.max_units).tolist()
             else:
-                chosen[layer] = list(range(min(self.max_filters, get_layer(net, layer).out_channels)))
-        # every rank must track the same filters: rank zero's choice wins
+                chosen[layer] = list(range(min(self.max_units, get_layer(net, layer).out_channels)))
+        # every rank must track the same units: rank zero's choice wins
         return trainer.strategy.broadcast(chosen, src=0)
 
     # -- collecting during validation -----------------------------------------------------------
@@ -197,12 +193,12 @@ class TopActivations(VisualizationCallback):
         start = time.perf_counter()
         net = self.net(pl_module)
         self._compute_fields(net, self.probe_images[:1].to(pl_module.device))
-        self.chosen = self._choose_filters(trainer, pl_module)
+        self.chosen = self._choose_units(trainer, pl_module)
         self._tops = {layer: RunningTopK(self.k, len(self.chosen[layer])) for layer in self.layers}
         self._normalization = self.normalization(trainer)
         self._records = []
         self.collect_seconds = 0.0
-        channels = {layer: _as_index(self.chosen[layer], pl_module.device) for layer in self.layers}
+        units = {layer: _as_index(self.chosen[layer], pl_module.device) for layer in self.layers}
 
         def net_input(_module, args):
             t0 = time.perf_counter()
@@ -215,7 +211,7 @@ class TopActivations(VisualizationCallback):
             t0 = time.perf_counter()
             if self._records and layer not in self._records[-1]["maps"] and torch.is_tensor(out) and out.dim() == 4:
                 # only what the top-k needs: each selected map's maximum and its position
-                self._records[-1]["maps"][layer] = spatial_max(out.detach(), channels[layer])
+                self._records[-1]["maps"][layer] = spatial_max(out.detach(), units[layer])
             self.collect_seconds += time.perf_counter() - t0
 
         self._handles = [input_module(net, self.layers).register_forward_pre_hook(net_input)]
@@ -310,10 +306,11 @@ class TopActivations(VisualizationCallback):
     # -- checkpointing -----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
-        state["filters"] = self.filters
+        state["units"] = self.units
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
-        if state_dict.get("filters") is not None:
-            self.filters = {k: list(v) for k, v in state_dict["filters"].items()}
+        units = state_dict.get("units", state_dict.get("filters"))  # "filters": convlens <= 0.2
+        if units is not None:
+            self.units = {k: list(v) for k, v in units.items()}

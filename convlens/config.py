@@ -178,6 +178,11 @@ def _keys_near(key: str, tree: dict, n: int = 3) -> str:
     the parent's `_target_` takes but the config does not set, how to add it (`+key=...`)."""
     path, node = _deepest_parent(key, tree)
     rest = key.split(".")[len(path):]
+    from convlens.callbacks.options import RENAMED_OPTIONS  # here: importing the callbacks costs seconds
+
+    renamed = RENAMED_OPTIONS.get(rest[0]) if len(rest) == 1 else None
+    if renamed is not None and isinstance(node, dict) and renamed in node:
+        return f"`{rest[0]}` is now called `{renamed}`: set `{'.'.join([*path, renamed])}=...`"
     if len(rest) == 1 and isinstance(node, dict) and isinstance(node.get("_target_"), str):
         try:
             from hydra.utils import get_object

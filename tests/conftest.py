@@ -17,13 +17,13 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "datasets"
 
 SMALL = {  # per method: small drawings, so tests that run every method stay fast; other options are the config's
-    "deconv": ["callbacks.deconv.k=2", "callbacks.deconv.max_maps=2"],
-    "decoded": ["callbacks.decoded.max_filters=2"],
+    "deconv": ["callbacks.deconv.k=2", "callbacks.deconv.max_units=2"],
+    "decoded": ["callbacks.decoded.max_units=2"],
     "occlusion": ["callbacks.occlusion.num_probe=1"],
     "saliency": ["callbacks.saliency.num_probe=2"],
     "suppression": ["callbacks.suppression.steps=2", "callbacks.suppression.num_probe=1",
                     "callbacks.suppression.top_k=1"],
-    "top_activations": ["callbacks.top_activations.max_filters=2", "callbacks.top_activations.k=2"],
+    "top_activations": ["callbacks.top_activations.max_units=2", "callbacks.top_activations.k=2"],
     "evolution": [],
     "feature_viz": ["callbacks.feature_viz.steps=2", "callbacks.feature_viz.max_units=2"],
     "faithfulness": ["callbacks.faithfulness.num_probe=2", "callbacks.faithfulness.steps=4",

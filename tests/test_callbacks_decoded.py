@@ -126,18 +126,18 @@ def test_shapes_demo_logs_decoded_images_and_errors_every_epoch(tmp_path):
 def test_logged_grids_are_the_decoded_filters_of_the_chosen_filters(tmp_path):
     module, trainer = lenet_module(), bare_trainer(tmp_path)
     net = module.net
-    cb = DecodedFilters(max_filters=16, unpool="bilinear", threshold=0.4)
+    cb = DecodedFilters(max_units=16, unpool="bilinear", threshold=0.4)
     probe = ready(cb, trainer, module)
     cb.visualize(trainer, module)
     trainer.logger.experiment.flush()
     images = {tag: steps[0] for tag, steps in event_images(tmp_path).items()}
     scalars = event_scalars(tmp_path)
 
-    assert cb.chosen_filters["conv4"] is None  # 10 filters <= 16: all of them
+    assert cb.chosen_units["conv4"] is None  # 10 filters <= 16: all of them
     for layer in ["conv1", "conv2", "conv3"]:
-        assert cb.chosen_filters[layer] == naive_most_active(net, layer, probe, 16)
+        assert cb.chosen_units[layer] == naive_most_active(net, layer, probe, 16)
     for layer in CONVS:
-        chosen = cb.chosen_filters[layer]
+        chosen = cb.chosen_units[layer]
         indices = chosen if chosen is not None else list(range(net.get_submodule(layer).out_channels))
         decoded = decode_filters(net, layer, unpool="bilinear", filters=chosen)
         assert_same_image(images[f"decoded/{layer}"], expected_grid(decoded, indices, cb.tile_size))
@@ -147,19 +147,19 @@ def test_logged_grids_are_the_decoded_filters_of_the_chosen_filters(tmp_path):
         assert scalars[f"decoded_error/{layer}"][0] == pytest.approx(error, rel=1e-5)
 
     # the comparison discriminates: the default unpooling draws a different conv3 grid
-    chosen = cb.chosen_filters["conv3"]
+    chosen = cb.chosen_units["conv3"]
     nearest = expected_grid(decode_filters(net, "conv3", unpool="nearest", filters=chosen), chosen, cb.tile_size)
     assert (images["decoded/conv3"].int() - as_logged(nearest).int()).abs().max() > 1
 
 
 def test_first_and_explicit_selections_and_all_filters(tmp_path):
     module, trainer = lenet_module(), bare_trainer(tmp_path)
-    cb = DecodedFilters(max_filters=8, selection="first", filters={"conv3": [499, 3, 42]})
+    cb = DecodedFilters(max_units=8, selection="first", units={"conv3": [499, 3, 42]})
     probe = ready(cb, trainer, module)
     net = module.net
-    assert cb.filters_for(net, "conv1", probe) == list(range(8))
-    assert cb.filters_for(net, "conv3", probe) == [499, 3, 42]  # explicit: its order, no cap
-    assert DecodedFilters(max_filters=None).filters_for(net, "conv3", probe) is None
+    assert cb.units_for(net, "conv1", probe) == list(range(8))
+    assert cb.units_for(net, "conv3", probe) == [499, 3, 42]  # explicit: its order, no cap
+    assert DecodedFilters(max_units=None).units_for(net, "conv3", probe) is None
 
     logged = {}
     cb.log_image = lambda trainer, tag, image: logged.__setitem__(tag, image)
@@ -171,40 +171,40 @@ def test_first_and_explicit_selections_and_all_filters(tmp_path):
 
 def test_choice_is_kept_across_epochs_and_checkpoints(tmp_path):
     module, trainer = lenet_module(), bare_trainer(tmp_path)
-    cb = DecodedFilters(max_filters=16)
+    cb = DecodedFilters(max_units=16)
     probe = ready(cb, trainer, module)
     net = module.net
-    first = cb.filters_for(net, "conv3", probe)
+    first = cb.units_for(net, "conv3", probe)
     torch.manual_seed(123)
     net.conv3.reset_parameters()  # "training" changes which filters are most active...
     assert naive_most_active(net, "conv3", probe, 16) != first
-    assert cb.filters_for(net, "conv3", probe) == first  # ...but the drawn ones stay the same
+    assert cb.units_for(net, "conv3", probe) == first  # ...but the drawn ones stay the same
 
-    resumed = DecodedFilters(max_filters=16)
+    resumed = DecodedFilters(max_units=16)
     resumed.load_state_dict(cb.state_dict())
-    assert resumed.filters_for(net, "conv3", probe) == first
+    assert resumed.units_for(net, "conv3", probe) == first
     assert torch.equal(resumed.probe_images, cb.probe_images)
 
 
 def test_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="nearest, bilinear, bicubic"):
         DecodedFilters(unpool="switches")
-    with pytest.raises(ValueError, match="max_filters"):
-        DecodedFilters(max_filters=0)
+    with pytest.raises(ValueError, match="max_units"):
+        DecodedFilters(max_units=0)
     with pytest.raises(ValueError, match="most_active, first"):
         DecodedFilters(selection="random")
-    with pytest.raises(ValueError, match="filters"):
-        DecodedFilters(filters={"conv3": [-1]})
+    with pytest.raises(ValueError, match="units"):
+        DecodedFilters(units={"conv3": [-1]})
 
     module, trainer = lenet_module(), bare_trainer(tmp_path)
     with pytest.raises(LayerError, match="relu3.*ReLU.*conv1, conv2, conv3, conv4"):
         DecodedFilters(layers=["conv1", "relu3"]).setup(trainer, module, "fit")
     with pytest.raises(LayerError, match="conv1, conv2, conv3, conv4"):
         DecodedFilters(layers=["conv9"]).setup(trainer, module, "fit")
-    with pytest.raises(ValueError, match="conv2 has 50 filters"):
-        DecodedFilters(filters={"conv2": [50]}).setup(trainer, module, "fit")
+    with pytest.raises(ValueError, match="conv2 has 50 units"):
+        DecodedFilters(units={"conv2": [50]}).setup(trainer, module, "fit")
     with pytest.raises(LayerError, match="not among the drawn layers"):
-        DecodedFilters(layers=["conv1"], filters={"conv2": [0]}).setup(trainer, module, "fit")
+        DecodedFilters(layers=["conv1"], units={"conv2": [0]}).setup(trainer, module, "fit")
 
 
 def test_image_summary_decodes_to_what_add_image_writes(tmp_path):

@@ -172,7 +172,7 @@ def test_deconv_max_tiles_are_each_maps_most_activating_image(shapes_probe):
     torch.manual_seed(1)
     net = LeNet()
     images, labels = dm.normalization(dm.val_set.images[:40]), dm.val_set.labels[:40]
-    cb = DeconvProjection(layers=["conv2"], deconv_max=True, max_maps=6, val_images=32, tile_size=56,
+    cb = DeconvProjection(layers=["conv2"], deconv_max=True, max_units=6, val_images=32, tile_size=56,
                           precision="float32")
     cb.setup(None, fake_module(net), "fit")
     cb.probe_images, cb.probe_labels = images[:2], labels[:2]
@@ -216,7 +216,7 @@ def test_precision_auto_runs_the_fast_dtype_and_draws_what_float32_draws(shapes_
     net = LeNet()
     drawn = {}
     for precision in ("auto", "float32"):
-        cb = DeconvProjection(k=3, max_maps=6, val_images=32, tile_size=28, precision=precision)
+        cb = DeconvProjection(k=3, max_units=6, val_images=32, tile_size=28, precision=precision)
         cb.setup(None, fake_module(net), "fit")
         cb.probe_images, cb.probe_labels = images, labels
         cb.on_validation_batch_end(None, None, None, (images, labels), 0)
@@ -234,7 +234,7 @@ def test_evolution_tiles_weights_and_summary(shapes_probe):
     dm, images, labels = shapes_probe
     torch.manual_seed(2)
     net = LeNet()
-    cb = FilterEvolution(filters={"conv3": 7}, probe_index=2, tile_size=56)
+    cb = FilterEvolution(units={"conv3": 7}, probe_index=2, tile_size=56)
     cb.setup(None, fake_module(net), "fit")
     cb.probe_images, cb.probe_labels = images, labels
     cb._previous_weights = {layer: dict(net.named_modules())[layer].weight.detach().clone() for layer in cb.layers}
@@ -265,7 +265,7 @@ def test_evolution_tiles_weights_and_summary(shapes_probe):
     # the summary: rows = layers, columns = input + this epoch; the epoch's tile is the same projection
     cb.history[-1]["epoch"] = 1
     summary = cb.summary_image(to_pixels(image, dm.normalization))
-    left = 8 + 6 * max(len(f"{layer} #{cb.tracked_map(layer)}") for layer in cb.layers)
+    left = 8 + 6 * max(len(f"{layer} #{cb.tracked_unit(layer)}") for layer in cb.layers)
     expected = as_drawn(scale_each(project(net, image, "conv3", 7))[0], 56)
     assert_tile(tile(summary, 2 * 2 + 1, 2, (56, 56), top=14, left=left, caption_h=0), expected)
 
@@ -279,7 +279,7 @@ def test_two_epoch_shapes_run_logs_every_tag_each_epoch(tmp_path):
     overrides = [o for o in FAST_SHAPES if "rich_progress_bar" not in o and o.split("=")[0] not in smaller]
     cfg = compose_cfg(overrides + [f"{k}={v}" for k, v in smaller.items()] + [
         "callbacks=[model_checkpoint,deconv,evolution]", "test=false",
-        "callbacks.deconv.val_images=16", "callbacks.deconv.max_maps=8"], tmp_path)
+        "callbacks.deconv.val_images=16", "callbacks.deconv.max_units=8"], tmp_path)
     train(cfg)
     events = read_events(tmp_path / "tensorboard")
     dm = cfg.datamodule
@@ -304,7 +304,7 @@ def png_run(tmp_path_factory):
     module = lenet_module()
     initial = copy.deepcopy(module.net.state_dict())
     ckpt = ModelCheckpoint(dirpath=root / "ckpt", filename="{epoch}", save_top_k=-1, every_n_epochs=1)
-    callbacks = [ckpt, DeconvProjection(num_probe=3, max_maps=4, val_images=16), FilterEvolution(num_probe=3)]
+    callbacks = [ckpt, DeconvProjection(num_probe=3, max_units=4, val_images=16), FilterEvolution(num_probe=3)]
     trainer = tiny_trainer(root, callbacks, max_epochs=2)
     trainer.fit(module, datamodule=tiny_datamodule())
     return root, initial, trainer
@@ -378,7 +378,7 @@ def test_resume_keeps_probe_images_filter_choice_and_history(tmp_path):
 
 
 def test_fast_dev_run_logs_nothing(tmp_path):
-    callbacks = [DeconvProjection(num_probe=2, max_maps=4), FilterEvolution(num_probe=2)]
+    callbacks = [DeconvProjection(num_probe=2, max_units=4), FilterEvolution(num_probe=2)]
     logged = [capture_images(cb) for cb in callbacks]
     trainer = tiny_trainer(tmp_path, callbacks, logger=TensorBoardLogger(tmp_path, name="tb"), fast_dev_run=True)
     trainer.fit(lenet_module(), datamodule=tiny_datamodule())
@@ -393,16 +393,16 @@ def test_fast_dev_run_logs_nothing(tmp_path):
     (DeconvProjection, {"k": 0}, "k .*>= 1"),
     (DeconvProjection, {"k": True}, "k .*int"),
     (DeconvProjection, {"unpool": "nearest"}, "unpool.*switches.*fill"),
-    (DeconvProjection, {"max_maps": 0}, "max_maps"),
-    (DeconvProjection, {"max_maps_by": "random"}, "max_maps_by.*activation.*index"),
+    (DeconvProjection, {"max_units": 0}, "max_units"),
+    (DeconvProjection, {"max_units_by": "random"}, "max_units_by.*activation.*index"),
     (DeconvProjection, {"val_batch_index": -1}, "val_batch_index"),
     (DeconvProjection, {"val_images": 0}, "val_images"),
     (DeconvProjection, {"deconv_max": "yes"}, "deconv_max"),
     (DeconvProjection, {"precision": "fp16"}, "precision.*auto, float32, bfloat16"),
     (DeconvProjection, {"every_n_epochs": -1}, "every_n_epochs"),
-    (FilterEvolution, {"filters": [3]}, "filters must map"),
-    (FilterEvolution, {"filters": {"conv1": -2}}, "filters\\['conv1'\\]"),
-    (FilterEvolution, {"filters": {"conv1": 1.5}}, "filters\\['conv1'\\]"),
+    (FilterEvolution, {"units": [3]}, "units must map"),
+    (FilterEvolution, {"units": {"conv1": -2}}, "units\\['conv1'\\]"),
+    (FilterEvolution, {"units": {"conv1": 1.5}}, "units\\['conv1'\\]"),
     (FilterEvolution, {"probe_index": -1}, "probe_index"),
     (FilterEvolution, {"unpool": "bilinear"}, "unpool"),
     (FilterEvolution, {"summary_max_epochs": 0}, "summary_max_epochs"),
@@ -417,8 +417,8 @@ def test_bad_constructor_arguments(cls, kwargs, match):
     (DeconvProjection, {"layers": ["conv9"]}, LayerError, "Unknown layer 'conv9'.*conv1, conv2, conv3, conv4"),
     (DeconvProjection, {"layers": ["relu3"]}, LayerError, "relu3.*ReLU.*conv1, conv2, conv3, conv4"),
     (FilterEvolution, {"layers": ["conv1", "convX"]}, LayerError, "convX.*conv1, conv2, conv3, conv4"),
-    (FilterEvolution, {"filters": {"conv7": 1}}, LayerError, "conv7.*Tracked layers: conv1, conv2, conv3, conv4"),
-    (FilterEvolution, {"filters": {"conv2": 50}}, ValueError, "conv2 has 50 maps.*0..49"),
+    (FilterEvolution, {"units": {"conv7": 1}}, LayerError, "conv7.*Tracked layers: conv1, conv2, conv3, conv4"),
+    (FilterEvolution, {"units": {"conv2": 50}}, ValueError, "conv2 has 50 units.*0..49"),
     (FilterEvolution, {"weights_layer": "pool1"}, LayerError, "pool1.*MaxPool2d.*conv1"),
 ])
 def test_bad_layers_fail_at_setup_with_valid_names(tmp_path, cls, kwargs, error, match):
@@ -480,7 +480,7 @@ DDP_SCRIPT = textwrap.dedent("""
         pl.seed_everything(0, verbose=False)
         module = ClassifierModule(LeNet(), optimizer=partial(torch.optim.SGD, lr=0.05, momentum=0.9))
         dm = ShapesDataModule(n_train=256, n_test=64, val_size=64, batch_size=32)
-        callbacks = [DeconvProjection(num_probe=3, max_maps=4, val_images=16), FilterEvolution(num_probe=3)]
+        callbacks = [DeconvProjection(num_probe=3, max_units=4, val_images=16), FilterEvolution(num_probe=3)]
         drawn = []  # what this process drew (TensorBoard on rank 1 would swallow it silently)
         for cb in callbacks:
             cb.visualize = (lambda f, name: lambda *a: (drawn.append(name), f(*a)))(cb.visualize, cb.name)

@@ -446,8 +446,8 @@ def test_cold_start_every_epoch_is_the_same_start(tmp_path, monkeypatch):
 
 def test_units_configured_borrowed_or_most_active(tmp_path, monkeypatch):
     spy = Spy(monkeypatch)
-    mine = FeatureVisualization(layers=["conv1", "conv2"], filters={"conv1": [5, 2]}, steps=1, summary=False)
-    top = TopActivations(layers=["conv2"], filters={"conv2": [7, 1]}, k=1)
+    mine = FeatureVisualization(layers=["conv1", "conv2"], units={"conv1": [5, 2]}, steps=1, summary=False)
+    top = TopActivations(layers=["conv2"], units={"conv2": [7, 1]}, k=1)
     fit(tmp_path, [mine, top], Module(small_net()), epochs=1)
     assert {c["layer"]: c["units"] for c in spy.calls} == {"conv1": [5, 2], "conv2": [7, 1]}
 
@@ -471,7 +471,7 @@ def test_thinning_keeps_first_last_and_a_spread():
 @pytest.mark.parametrize("kwargs,match", [
     (dict(steps=0), "steps"), (dict(objective="max"), "Unknown objective"), (dict(color="rgb"), "Unknown color"),
     (dict(lr=-1), "lr must be"), (dict(warm_start="yes"), "warm_start must be true or false"),
-    (dict(filters={"conv1": [1, 1]}), "lists a filter twice"), (dict(max_unit=3), "did you mean max_units"),
+    (dict(units={"conv1": [1, 1]}), "lists a unit twice"), (dict(max_unit=3), "did you mean max_units"),
 ])
 def test_bad_options_fail_in_one_line(kwargs, match):
     with pytest.raises(ConfigError, match=match) as error:
@@ -480,7 +480,7 @@ def test_bad_options_fail_in_one_line(kwargs, match):
 
 
 def test_a_unit_out_of_range_fails_at_fit_start(tmp_path):
-    callback = FeatureVisualization(layers=["conv1"], filters={"conv1": [6]})
+    callback = FeatureVisualization(layers=["conv1"], units={"conv1": [6]})
     with pytest.raises(ConvlensError, match=r"conv1 has 6 units"):
         fit(tmp_path, [callback], Module(small_net()), epochs=1)
 

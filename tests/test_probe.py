@@ -154,7 +154,7 @@ def first_of_each_class(images, labels, per_class=1, limit=10):
 @pytest.mark.parametrize("per_class, num_probe", [(1, None), (2, None), (1, 3)])
 def test_probe_from_the_validation_loader_is_one_per_class(tmp_path, per_class, num_probe):
     images, labels = data()
-    cb = DeconvProjection(k=2, max_maps=4, val_images=8, num_probe=num_probe, probe_per_class=per_class)
+    cb = DeconvProjection(k=2, max_units=4, val_images=8, num_probe=num_probe, probe_per_class=per_class)
     logged = capture(cb)
     loader = DataLoader(TensorDataset(images, labels), batch_size=5)  # classes spread over batches
     trainer(tmp_path, [cb]).fit(UserModule(), loader, loader)
@@ -187,7 +187,7 @@ def test_probe_is_kept_in_the_checkpoint(tmp_path):
 def test_dict_batches_with_configured_keys(tmp_path):
     images, labels = data()
     loader = DataLoader(DictDataset(images, labels), batch_size=8)
-    cb = DeconvProjection(k=1, max_maps=2, val_images=4, num_probe=2, batch_keys=("pixels", "target"))
+    cb = DeconvProjection(k=1, max_units=2, val_images=4, num_probe=2, batch_keys=("pixels", "target"))
     logged = capture(cb)
     trainer(tmp_path, [cb]).fit(UserModule(dict_batches=True), loader, loader)
     want_images, want_labels = first_of_each_class(images, labels, 1, 2)
@@ -241,7 +241,7 @@ def test_probe_argument_beats_datamodule_and_loader(tmp_path):
     loader = DataLoader(TensorDataset(images, labels), batch_size=8)
     given = torch.randn(2, 3, 16, 16)
     as_tensor = OcclusionSensitivity(probe=(given, torch.tensor([1, 2])), num_probe=None)
-    as_dataset = DeconvProjection(probe=TensorDataset(images[6:], labels[6:]), k=1, max_maps=2, val_images=4)
+    as_dataset = DeconvProjection(probe=TensorDataset(images[6:], labels[6:]), k=1, max_units=2, val_images=4)
     capture(as_tensor), capture(as_dataset)
     trainer(tmp_path, [as_tensor, as_dataset]).fit(UserModule(), loader, loader)
     assert torch.equal(as_tensor.probe_images, given) and as_tensor.probe_labels.tolist() == [1, 2]
@@ -265,7 +265,7 @@ def test_normalization_and_class_names_come_from_the_dataset(tmp_path):
     mean, std = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
     dataset = Normalized(pixels, labels, mean, std)
     loader = DataLoader(dataset, batch_size=8)
-    cb = DeconvProjection(k=1, max_maps=2, val_images=4, num_probe=2)
+    cb = DeconvProjection(k=1, max_units=2, val_images=4, num_probe=2)
     logged = capture(cb)
     t = trainer(tmp_path, [cb])
     t.fit(UserModule(), loader, loader)
@@ -345,7 +345,7 @@ def test_a_module_without_forward_switches_the_callbacks_off_and_fit_finishes(tm
 def test_images_and_viz_time_land_on_the_epochs_validation_step(tmp_path):
     images, labels = data()
     loader = DataLoader(TensorDataset(images, labels), batch_size=8)  # 6 steps an epoch
-    callbacks = [DeconvProjection(num_probe=2, k=1, max_maps=2, val_images=4), FilterEvolution(num_probe=2),
+    callbacks = [DeconvProjection(num_probe=2, k=1, max_units=2, val_images=4), FilterEvolution(num_probe=2),
                  OcclusionSensitivity(num_probe=1, every_n_epochs=0)]
     logger = TensorBoardLogger(tmp_path, name="tb", version="")
     with warnings.catch_warnings():

@@ -69,7 +69,7 @@ def test_colorbar_runs_through_the_colormap():
 @pytest.mark.slow
 def test_logged_images_are_readable_at_the_card_width(tmp_path):
     cfg = compose_cfg(FAST_SHAPES + ["trainer.max_epochs=1", "test=false", "callbacks=[none,deconv,decoded,occlusion]",
-                                     "callbacks.deconv.max_maps=16"], tmp_path)
+                                     "callbacks.deconv.max_units=16"], tmp_path)
     train(cfg)
     import io
 

@@ -475,7 +475,7 @@ def test_as_input_scalings():
 # -- the callback ----------------------------------------------------------------------------------
 
 def test_callback_validates_its_arguments():
-    for kwargs, pattern in [({"filters": {"conv1": [0, -1]}}, "filters"), ({"filters": {"conv1": []}}, "filters"),
+    for kwargs, pattern in [({"units": {"conv1": [0, -1]}}, "units"), ({"units": {"conv1": []}}, "units"),
                             ({"top_k": 0}, "top_k must be an int >= 1"), ({"alpha": -2}, "alpha"),
                             ({"steps": 0}, "steps"), ({"lr": -1}, "lr"), ({"tile_size": 0}, "tile_size"),
                             ({"every_n_epochs": -1}, "every_n_epochs")]:
@@ -483,7 +483,7 @@ def test_callback_validates_its_arguments():
             KernelSuppression(**kwargs)
     module = SimpleNamespace(net=LeNet())
     with pytest.raises(LayerError, match=r"out of range for layer 'conv1'.*0\.\.19"):
-        KernelSuppression(layers=["conv1"], filters={"conv1": [3, 25]}).setup(None, module, "fit")
+        KernelSuppression(layers=["conv1"], units={"conv1": [3, 25]}).setup(None, module, "fit")
     with pytest.raises(LayerError, match="Unknown layer 'conv7'"):
         KernelSuppression(layers=["conv7"]).setup(None, module, "fit")
     cb = KernelSuppression()

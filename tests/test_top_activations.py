@@ -300,7 +300,7 @@ def assert_result_equals_brute_force(result, net, dm, chosen, k):
 def test_callback_collects_the_validation_top_k_and_logs_each_epoch(tmp_path):
     pl.seed_everything(0, verbose=False)
     dm, module = tiny_datamodule(), lenet_module()
-    cb = TopActivations(k=3, max_filters=4, tile_size=32)
+    cb = TopActivations(k=3, max_units=4, tile_size=32)
     trainer = tiny_trainer(tmp_path, [cb], max_epochs=2, logger=TensorBoardLogger(tmp_path, name="tb", version=""))
     trainer.fit(module, datamodule=dm)
     # the last collection ran with the final weights: it equals a brute-force pass over the val split
@@ -319,8 +319,8 @@ def test_callback_collects_the_validation_top_k_and_logs_each_epoch(tmp_path):
 def test_callback_most_active_selection_and_explicit_filters(tmp_path):
     pl.seed_everything(0, verbose=False)
     dm, module = tiny_datamodule(val_size=64), lenet_module()
-    cb = TopActivations(layers=["conv2", "conv3"], k=2, max_filters=3, selection="most_active",
-                        filters={"conv3": [9, 4]})
+    cb = TopActivations(layers=["conv2", "conv3"], k=2, max_units=3, selection="most_active",
+                        units={"conv3": [9, 4]})
     cb.visualize = lambda trainer, pl_module: None
     tiny_trainer(tmp_path, [cb], max_epochs=1).fit(module, datamodule=dm)
     # oracle: the mean over the probe images of each map's maximum, highest first
@@ -333,7 +333,7 @@ def test_callback_most_active_selection_and_explicit_filters(tmp_path):
 def test_callback_every_n_epochs_collects_only_due_epochs(tmp_path):
     pl.seed_everything(0, verbose=False)
     dm, module = tiny_datamodule(val_size=32), lenet_module()
-    cb = TopActivations(layers=["conv1"], k=1, max_filters=1, every_n_epochs=2)
+    cb = TopActivations(layers=["conv1"], k=1, max_units=1, every_n_epochs=2)
     collected = []
     original = cb.on_validation_epoch_end
     cb.on_validation_epoch_end = lambda trainer, m: (collected.append((trainer.current_epoch, bool(cb._handles))),
@@ -370,29 +370,29 @@ def test_grid_tiles_are_the_patches():
 def test_callback_argument_errors(tmp_path):
     with pytest.raises(ValueError, match="k .* must be an int >= 1"):
         TopActivations(k=0)
-    with pytest.raises(ValueError, match="max_filters"):
-        TopActivations(max_filters=0)
+    with pytest.raises(ValueError, match="max_units"):
+        TopActivations(max_units=0)
     with pytest.raises(ValueError, match="selection"):
         TopActivations(selection="best")
-    with pytest.raises(ValueError, match="non-empty list of filter indices"):
-        TopActivations(filters={"conv1": []})
+    with pytest.raises(ValueError, match="non-empty list of unit indices"):
+        TopActivations(units={"conv1": []})
     with pytest.raises(ValueError, match="twice"):
-        TopActivations(filters={"conv1": [1, 1]})
+        TopActivations(units={"conv1": [1, 1]})
     net = ClassifierModule(LeNet(), optimizer=partial(torch.optim.SGD, lr=0.1))
     with pytest.raises(LayerError, match="Valid layer names: conv1, conv2, conv3, conv4"):
         TopActivations(layers=["fc9"]).setup(None, net, "fit")
-    with pytest.raises(ValueError, match="conv1 has 20 filters"):
-        TopActivations(filters={"conv1": [20]}).setup(None, net, "fit")
+    with pytest.raises(ValueError, match="conv1 has 20 units"):
+        TopActivations(units={"conv1": [20]}).setup(None, net, "fit")
     with pytest.raises(LayerError, match="not drawn"):
-        TopActivations(layers=["conv2"], filters={"conv1": [0]}).setup(None, net, "fit")
+        TopActivations(layers=["conv2"], units={"conv1": [0]}).setup(None, net, "fit")
 
 
 def test_state_dict_round_trip():
-    cb = TopActivations(filters={"conv3": [5, 1]})
+    cb = TopActivations(units={"conv3": [5, 1]})
     cb.probe_images, cb.probe_labels, cb.layers = torch.zeros(2, 1, 28, 28), torch.tensor([0, 1]), ["conv3"]
     other = TopActivations()
     other.load_state_dict(cb.state_dict())
-    assert other.filters == {"conv3": [5, 1]} and other.layers == ["conv3"]
+    assert other.units == {"conv3": [5, 1]} and other.layers == ["conv3"]
     assert torch.equal(other.probe_images, cb.probe_images)
 
 
@@ -400,7 +400,7 @@ def test_state_dict_round_trip():
 
 def test_train_logs_top_activations_and_saliency_each_epoch(tmp_path):
     cfg = compose_cfg(FAST_SHAPES + ["callbacks=[none,top_activations,saliency]",
-                                     "callbacks.top_activations.max_filters=4"], tmp_path)
+                                     "callbacks.top_activations.max_units=4"], tmp_path)
     train(cfg)
     events = read_events(tmp_path / "tensorboard")
     per_epoch = math.ceil((cfg.datamodule.n_train - cfg.datamodule.val_size) / cfg.datamodule.batch_size)
@@ -439,7 +439,7 @@ DDP_SCRIPT = textwrap.dedent("""
         module = ClassifierModule(LeNet(), optimizer=partial(torch.optim.SGD, lr=0.0))
         # 80 val images in batches of 32: 3 batches for 2 ranks, so the sampler repeats one batch
         dm = ShapesDataModule(n_train=128, n_test=32, val_size=80, batch_size=32, eval_batch_size=32)
-        cb, count = TopActivations(k=3, max_filters=5), CountImages()
+        cb, count = TopActivations(k=3, max_units=5), CountImages()
         trainer = pl.Trainer(strategy="ddp" if devices > 1 else "auto", accelerator="cpu", devices=devices,
                              max_epochs=1, default_root_dir=out, logger=False, callbacks=[cb, count],
                              enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,

@@ -24,9 +24,9 @@ from convlens.methods import METHODS
 
 #: small options, so that each method's full path runs in seconds on a CPU
 SMALL = {
-    "deconv": dict(num_probe=2, k=2, max_maps=3, val_images=4),
+    "deconv": dict(num_probe=2, k=2, max_units=3, val_images=4),
     "evolution": dict(num_probe=2),
-    "decoded": dict(num_probe=2, max_filters=8),
+    "decoded": dict(num_probe=2, max_units=8),
     "occlusion": dict(num_probe=1, stride=8),
 }
 #: tags each method logs per layer ("{layer}" filled in), and once
@@ -117,7 +117,7 @@ def test_the_other_callbacks_on_resnet18(tmp_path):
 
     torch.manual_seed(0)
     loader = DataLoader(TensorDataset(torch.randn(8, 3, 32, 32), torch.tensor([0, 1, 2, 3] * 2)), batch_size=4)
-    callbacks = [Saliency(num_probe=2), TopActivations(k=2, max_filters=2, num_probe=2),
+    callbacks = [Saliency(num_probe=2), TopActivations(k=2, max_units=2, num_probe=2),
                  KernelSuppression(layers=["model.layer2.0.conv1"], steps=3, num_probe=1, every_n_epochs=1)]
     trainer = pl.Trainer(default_root_dir=tmp_path, accelerator="cpu", devices=1, max_epochs=1,
                          callbacks=callbacks, logger=TensorBoardLogger(tmp_path, name="tb", version=""),
