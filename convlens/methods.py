@@ -30,8 +30,8 @@ class Method:
 
 METHODS: dict[str, Method] = {m.name: m for m in (
     Method("deconv", "DeconvProjection", "deconvnet", True,
-           "Zeiler & Fergus deconvnet projections of each probe image's top maps, and each map's most "
-           "activating validation image"),
+           "Zeiler & Fergus deconvnet projections of the maps of each probe image's top units, and each "
+           "unit's most activating validation image"),
     Method("decoded", "DecodedFilters", "decoding", True,
            "filters decoded to image space by substitution (Rafegas & Vanrell) and their Eq. 3 error"),
     Method("occlusion", "OcclusionSensitivity", "occlusion", True,
@@ -39,11 +39,11 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("suppression", "KernelSuppression", "suppression", False,
            "an input that keeps one kernel's map and suppresses the layer's others (Zhuang et al.)"),
     Method("top_activations", "TopActivations", "top_activations", False,
-           "for selected filters, the validation patches that activate them most"),
+           "for selected units, the validation patches that activate them most"),
     Method("saliency", "Saliency", "saliency", False,
            "Grad-CAM, guided backpropagation and guided Grad-CAM of the probe images"),
     Method("evolution", "FilterEvolution", "deconvnet", True,
-           "one fixed map per layer projected every epoch, the first layer's weights, weight change"),
+           "one fixed unit per layer projected every epoch, the first layer's weights, weight change"),
     Method("faithfulness", "Faithfulness", "faithfulness", False,
            "deletion / insertion AUC, ROAD and the model-randomization sanity check of each explanation"),
     Method("mistakes", "Mistakes", "knn", False,
