@@ -88,6 +88,9 @@ MAX_GRID_WIDTH = 640
 #: about the widest image a TensorBoard card shows at its own size: a captioned grid wider than
 #: this is laid out again in bands of columns, one under the other
 CARD_WIDTH = 1000
+#: about the tallest image a card shows whole on a screen: a captioned grid given a `cap` note that
+#: would be logged taller (after `readable`) keeps the rows that fit and says what it left out
+CARD_HEIGHT = 1000
 
 
 def downscale_factor(h: int, w: int, size: int) -> int:
@@ -143,15 +146,87 @@ def class_caption(label, names: Sequence[str]) -> str:
 
 def captioned_grid(tiles: torch.Tensor, nrow: int, captions: Sequence[str] | None = None,
                    row_titles: Sequence[str] | None = None, col_titles: Sequence[str] | None = None,
-                   tile_size: int = 64, padding: int = 2) -> torch.Tensor:
+                   tile_size: int = 64, padding: int = 2, cap: str | None = None, per: int = 1,
+                   flat: bool = False) -> torch.Tensor:
     """Tiles [N, 1|3, h, w] in [0, 1] as one [3, H, W] grid, upscaled to ~`tile_size` (tiles over
     twice that are averaged down, `downscale_factor`), with an optional caption under each tile, a
     title left of each row and above each column. A grid wider than a TensorBoard card
     (`CARD_WIDTH`) is laid out in bands of columns, one under the other, so that TensorBoard does
-    not shrink it and its captions stay readable."""
+    not shrink it and its captions stay readable.
+
+    `cap`: a note for a grid too tall for a card: when the grid would be logged (`readable`) taller
+    than `CARD_HEIGHT`, a `flat` grid (tiles in no particular rows, e.g. a bank of units) is first
+    laid out as wide as a card, then only its first rows that fit are kept, and under them `cap`
+    says what was left out, formatted with `shown` and `total` counted in items of `per` tiles
+    (`per`: the tiles of one probe image's row, 2 for pairs), e.g. "showing {shown} of {total}
+    units of features.28; set max_units to choose" (`card_layout` gives the same numbers)."""
     tiles = as_rgb(tiles.float().cpu().clamp(0, 1))
     shrink = downscale_factor(*tiles.shape[-2:], tile_size)
     tiles = F.avg_pool2d(tiles, shrink, ceil_mode=True) if shrink > 1 else upscale(tiles, tile_size)
+    note = None
+    if cap is not None:
+        nrow, rows, note = _cap(tiles, nrow, captions, row_titles, col_titles, padding, cap, per, flat)
+        tiles = tiles[:rows * nrow]
+        captions = list(captions)[:rows * nrow] if captions else captions
+        row_titles = list(row_titles)[:rows] if row_titles else row_titles
+    grid = _laid_out(tiles, nrow, captions, row_titles, col_titles, padding)
+    return stack_vertical([grid, note_image(note, grid.shape[-1])]) if note else grid
+
+
+def card_layout(n: int, nrow: int, tile_hw: tuple[int, int], caption_lines: int = 0, left: int = 0,
+                col_titles: bool = False, padding: int = 2, flat: bool = False,
+                note_chars: int = 80) -> tuple[int, int]:
+    """(columns, rows kept) of a grid of `n` tiles `tile_hw` (after resizing), `nrow` a row, so that
+    it is logged (`readable`, with a note of `note_chars` characters under it when rows are cut) at most
+    `CARD_HEIGHT` tall: all rows when they fit; a `flat` grid first takes as many columns as fit
+    `CARD_WIDTH`; at least one row."""
+    th, tw = tile_hw
+    fit = max(1, (CARD_WIDTH - left - padding) // (tw + padding))
+
+    def logged_height(columns: int, rows: int, note: bool) -> int:
+        bands = -(-min(columns, n) // fit) if min(columns, n) > fit else 1
+        width = left + min(columns, n, fit) * (tw + padding) + padding
+        band = (14 if col_titles else 0) + rows * (th + padding + CAPTION_LINE_H * caption_lines) + padding
+        lines = -(-note_chars // max(1, (width - 4) // CHAR_WIDTH)) + 1  # wrapped at spaces: a line more
+        height = bands * band + 6 * (bands - 1) + (2 + lines * CAPTION_LINE_H + 4 if note else 0)
+        return height * readable_factor(width)
+
+    rows = -(-n // nrow)
+    if logged_height(nrow, rows, False) <= CARD_HEIGHT:
+        return nrow, rows
+    if flat and nrow != min(fit, n):  # a bank: as wide as a card, not in bands
+        nrow, rows = min(fit, n), -(-n // min(fit, n))
+        if logged_height(nrow, rows, False) <= CARD_HEIGHT:
+            return nrow, rows
+    while rows > 1 and logged_height(nrow, rows, True) > CARD_HEIGHT:
+        rows -= 1
+    return nrow, rows
+
+
+def _cap(tiles, nrow, captions, row_titles, col_titles, padding, cap, per, flat):
+    """`captioned_grid`'s cap: (columns, rows kept, the note or None)."""
+    n = tiles.shape[0]
+    lines = max((str(c).count("\n") + 1 for c in captions), default=1) if captions else 0
+    left = 8 + 6 * max((len(t) for t in row_titles), default=0) if row_titles else 0
+    nrow, rows = card_layout(n, nrow, tuple(tiles.shape[-2:]), lines, left, bool(col_titles), padding, flat,
+                             len(cap) + 10)
+    if rows * nrow >= n:
+        return nrow, rows, None
+    return nrow, rows, cap.format(shown=rows * nrow // per, total=-(-n // per))
+
+
+def note_image(text: str, width: int) -> torch.Tensor:
+    """`text` as a [3, h, width] image in [0, 1]: black on white, wrapped at spaces to `width`."""
+    lines = fit_caption(text, max(width - 4, CHAR_WIDTH), lines=100).split("\n")
+    canvas = Image.new("RGB", (max(width, 1), 4 + CAPTION_LINE_H * len(lines)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i, line in enumerate(lines):
+        draw.text((2, 2 + CAPTION_LINE_H * i), line, fill="black", font=caption_font())
+    return torch.from_numpy(np.asarray(canvas).copy()).permute(2, 0, 1).float() / 255
+
+
+def _laid_out(tiles, nrow, captions, row_titles, col_titles, padding):
+    """The grid of resized tiles: plain, captioned, or in bands of columns when wider than a card."""
     if not (captions or row_titles or col_titles):
         return make_grid(tiles, nrow=nrow, padding=padding, pad_value=1.0)
     left = 8 + 6 * max((len(t) for t in row_titles), default=0) if row_titles else 0

@@ -1,0 +1,67 @@
+"""The cap of tiles per panel (issue #26 item 3): a grid that would be logged taller than a
+TensorBoard card (`render.CARD_HEIGHT`, after `readable`) keeps the rows that fit and says under
+them what it left out.
+
+Oracles: `card_layout` on hand-computed cases; the capped grid against the uncapped grid of the
+kept tiles (same layout) stacked over the note rendered on its own (the note's pixels, not OCR).
+"""
+from __future__ import annotations
+
+import torch
+
+from convlens.render import (CARD_HEIGHT, CARD_WIDTH, captioned_grid, card_layout, note_image, readable,
+                             stack_vertical)
+
+NOTE = "showing {shown} of {total} units of features.28; set max_units to choose"
+
+
+def test_card_layout_hand_computed():
+    # 100 tiles of 90 px, 10 a row, one caption line: 922 px wide (not upscaled); a row is 90 + 2 + 12 px,
+    # so 10 rows are 1,042 px; with a note of 60 characters (153 a line: 1 line, +1 for wrapping: 30 px)
+    # 9 rows fit: 9 * 104 + 2 + 30 = 968
+    assert card_layout(100, 10, (90, 90), caption_lines=1, note_chars=60) == (10, 9)
+    assert card_layout(90, 10, (90, 90), caption_lines=1) == (10, 9)  # 938 px: all fit, nothing cut
+    # a flat bank of 64 tiles of 53 px, 8 a row: 442 px wide, upscaled x2 by `readable`, 1,076 px tall;
+    # as wide as a card (18 columns: 990 px, not upscaled) its 4 rows fit
+    assert card_layout(64, 8, (53, 53), caption_lines=1, flat=True) == (18, 4)
+    # rows of their own: with a note of 80 characters (73 a line at 442 px: 2 lines, +1: 42 px), upscaled x2,
+    # 7 rows are (7 * 67 + 2 + 42) * 2 = 1,026 px, 6 rows 892 px
+    assert card_layout(64, 8, (53, 53), caption_lines=1) == (8, 6)
+
+
+def test_a_tall_bank_keeps_the_rows_that_fit_and_says_what_it_left_out():
+    tiles = torch.rand(512, 3, 212, 212)  # VGG16's features.28 decoded: 212 px tiles, 512 units
+    captions = [str(i) for i in range(512)]
+    grid = captioned_grid(tiles, nrow=23, captions=captions, tile_size=32, cap=NOTE, flat=True)
+    logged = readable(grid)
+    assert logged.shape[-1] <= CARD_WIDTH and logged.shape[-2] <= CARD_HEIGHT
+    columns, rows = card_layout(512, 23, (53, 53), caption_lines=1, flat=True, note_chars=len(NOTE) + 10)
+    shown = columns * rows
+    assert 0 < shown < 512 and columns == 18
+    kept = captioned_grid(tiles[:shown], nrow=columns, captions=captions[:shown], tile_size=32)
+    note = NOTE.format(shown=shown, total=512)
+    assert note == f"showing {shown} of 512 units of features.28; set max_units to choose"
+    assert torch.equal(grid, stack_vertical([kept, note_image(note, kept.shape[-1])]))
+    assert (note_image(note, kept.shape[-1]) < 0.5).any()  # the note is drawn (black text)
+
+
+def test_rows_of_a_probe_image_are_kept_whole():
+    k = 4  # a probe image then its 4 projections a row
+    tiles = torch.rand(20 * (k + 1), 3, 224, 224)
+    captions = ["cat\nx"] + ["#1"] * k
+    grid = captioned_grid(tiles, nrow=k + 1, captions=captions * 20, tile_size=64,
+                          cap="showing {shown} of {total} probe images; set num_probe to choose", per=k + 1)
+    assert readable(grid).shape[-2] <= CARD_HEIGHT
+    columns, rows = card_layout(20 * (k + 1), k + 1, (112, 112), caption_lines=2, note_chars=70)
+    assert columns == k + 1 and 0 < rows < 20
+    kept = captioned_grid(tiles[:rows * (k + 1)], nrow=k + 1, captions=captions * rows, tile_size=64)
+    assert torch.equal(grid[:, :kept.shape[-2]], kept)
+    note = f"showing {rows} of 20 probe images; set num_probe to choose"
+    assert torch.equal(grid[:, kept.shape[-2] + 2:], note_image(note, kept.shape[-1]))
+
+
+def test_a_grid_that_fits_is_unchanged():
+    tiles = torch.rand(16, 1, 28, 28)
+    captions = [f"#{i}" for i in range(16)]
+    plain = captioned_grid(tiles, nrow=4, captions=captions, tile_size=56)
+    assert torch.equal(captioned_grid(tiles, nrow=4, captions=captions, tile_size=56, cap=NOTE, flat=True), plain)
