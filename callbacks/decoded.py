@@ -159,12 +159,14 @@ class DecodedFilters(VisualizationCallback):
         return self.units_for(net, layer, images)
 
     # -- rendering -------------------------------------------------------------------------------
-    def render_bank(self, tiles: torch.Tensor, indices: Sequence[int]) -> torch.Tensor:
+    def render_bank(self, tiles: torch.Tensor, indices: Sequence[int], layer: str = "the layer") -> torch.Tensor:
         """[K, C, h, w] filters (any sign) -> one [3, H, W] grid, each tile symmetric around gray,
-        captioned with its unit's index."""
+        captioned with its unit's index; as many as a card shows (`render.CARD_HEIGHT`), the others
+        named in a note."""
         nrow = math.ceil(math.sqrt(tiles.shape[0]))
         return captioned_grid(scale_symmetric(tiles), nrow=nrow, captions=[str(i) for i in indices],
-                              tile_size=self.tile_size)
+                              tile_size=self.tile_size, flat=True,
+                              cap=f"showing {{shown}} of {{total}} units of {layer}; set max_units to choose")
 
     # -- the callback ----------------------------------------------------------------------------
     def visualize(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -177,9 +179,9 @@ class DecodedFilters(VisualizationCallback):
             chosen = self.units_for(net, layer, images)
             decoded = decode_filters(net, layer, unpool=self.unpool, filters=chosen)
             indices = chosen if chosen is not None else range(decoded.shape[0])
-            self.log_image(trainer, f"decoded/{layer}", self.render_bank(decoded, indices))
+            self.log_image(trainer, f"decoded/{layer}", self.render_bank(decoded, indices, layer))
             thresholded = threshold_decoded(decoded, q=self.threshold)
-            self.log_image(trainer, f"decoded_threshold/{layer}", self.render_bank(thresholded, indices))
+            self.log_image(trainer, f"decoded_threshold/{layer}", self.render_bank(thresholded, indices, layer))
             if self.compute_error:
                 errors[f"decoded_error/{layer}"] = reconstruction_error(net, layer, images, unpool=self.unpool)[0]
         if errors:

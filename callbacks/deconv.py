@@ -71,7 +71,9 @@ def top_units_grid(pixels: torch.Tensor, projections: torch.Tensor, indices: tor
     for i in range(n):
         captions.append(fit_caption(image_captions[i], width, lines=2))
         captions.extend(fit_caption(f"#{int(c)}", width) for c in indices[i])
-    return captioned_grid(tiles, nrow=k + 1, captions=captions, tile_size=tile_size)
+    # as many probe images as a card shows (`render.CARD_HEIGHT`), the others named in a note
+    return captioned_grid(tiles, nrow=k + 1, captions=captions, tile_size=tile_size, per=k + 1,
+                          cap="showing {shown} of {total} probe images; set num_probe to choose")
 
 
 def max_images_grid(pixels: torch.Tensor, projections: torch.Tensor, units: torch.Tensor,
@@ -86,8 +88,8 @@ def max_images_grid(pixels: torch.Tensor, projections: torch.Tensor, units: torc
         captions += [fit_caption(image_captions[j], width, lines=2), fit_caption(f"#{int(units[j])}", width)]
     # pairs wrap onto new rows rather than making a strip too wide to read in TensorBoard
     ncol = columns_that_fit(width, 2 * min(pairs_per_row, len(units)), group=2)
-    return captioned_grid(tiles, nrow=ncol, captions=captions,
-                          tile_size=tile_size)
+    return captioned_grid(tiles, nrow=ncol, captions=captions, tile_size=tile_size, per=2,
+                          cap="showing {shown} of {total} units; set max_units to choose")
 
 
 class DeconvProjection(VisualizationCallback):

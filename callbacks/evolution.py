@@ -64,7 +64,10 @@ def weights_grid(weight: torch.Tensor, tile_size: int = 40) -> torch.Tensor:
         captions = [fit_caption(f"#{i}", width) for i in range(out)]
     else:
         tiles, nrow, captions = w.reshape(out * cin, 1, *w.shape[-2:]), cin, None
-    return captioned_grid(scale_symmetric(tiles), nrow=nrow, captions=captions, tile_size=tile_size)
+    # as many filters as a card shows (`render.CARD_HEIGHT`), the others named in a note
+    return captioned_grid(scale_symmetric(tiles), nrow=nrow, captions=captions, tile_size=tile_size,
+                          flat=cin in (1, 3), per=1 if cin in (1, 3) else cin,
+                          cap="showing {shown} of {total} filters; set weights_layer to choose another layer")
 
 
 class FilterEvolution(VisualizationCallback):

@@ -89,7 +89,8 @@ MAX_GRID_WIDTH = 640
 #: this is laid out again in bands of columns, one under the other
 CARD_WIDTH = 1000
 #: about the tallest image a card shows whole on a screen: a captioned grid given a `cap` note that
-#: would be logged taller (after `readable`) keeps the rows that fit and says what it left out
+#: would be taller keeps the rows that fit and says what it left out (the height of the grid itself:
+#: `readable`'s nearest-neighbour upscaling of a narrow image adds pixels, not content)
 CARD_HEIGHT = 1000
 
 
@@ -152,10 +153,10 @@ def captioned_grid(tiles: torch.Tensor, nrow: int, captions: Sequence[str] | Non
     twice that are averaged down, `downscale_factor`), with an optional caption under each tile, a
     title left of each row and above each column. A grid wider than a TensorBoard card
     (`CARD_WIDTH`) is laid out in bands of columns, one under the other, so that TensorBoard does
-    not shrink it and its captions stay readable.
+    not shrink it and its captions stay readable (with or without captions).
 
-    `cap`: a note for a grid too tall for a card: when the grid would be logged (`readable`) taller
-    than `CARD_HEIGHT`, a `flat` grid (tiles in no particular rows, e.g. a bank of units) is first
+    `cap`: a note for a grid too tall for a card: when the grid would be taller than `CARD_HEIGHT`
+    (before `readable`'s upscaling), a `flat` grid (tiles in no particular rows, e.g. a bank of units) is first
     laid out as wide as a card, then only its first rows that fit are kept, and under them `cap`
     says what was left out, formatted with `shown` and `total` counted in items of `per` tiles
     (`per`: the tiles of one probe image's row, 2 for pairs), e.g. "showing {shown} of {total}
@@ -177,8 +178,8 @@ def card_layout(n: int, nrow: int, tile_hw: tuple[int, int], caption_lines: int 
                 col_titles: bool = False, padding: int = 2, flat: bool = False,
                 note_chars: int = 80) -> tuple[int, int]:
     """(columns, rows kept) of a grid of `n` tiles `tile_hw` (after resizing), `nrow` a row, so that
-    it is logged (`readable`, with a note of `note_chars` characters under it when rows are cut) at most
-    `CARD_HEIGHT` tall: all rows when they fit; a `flat` grid first takes as many columns as fit
+    it is (with a note of `note_chars` characters under it when rows are cut) at most `CARD_HEIGHT`
+    tall: all rows when they fit; a `flat` grid first takes as many columns as fit
     `CARD_WIDTH`; at least one row."""
     th, tw = tile_hw
     fit = max(1, (CARD_WIDTH - left - padding) // (tw + padding))
@@ -189,7 +190,7 @@ def card_layout(n: int, nrow: int, tile_hw: tuple[int, int], caption_lines: int 
         band = (14 if col_titles else 0) + rows * (th + padding + CAPTION_LINE_H * caption_lines) + padding
         lines = -(-note_chars // max(1, (width - 4) // CHAR_WIDTH)) + 1  # wrapped at spaces: a line more
         height = bands * band + 6 * (bands - 1) + (2 + lines * CAPTION_LINE_H + 4 if note else 0)
-        return height * readable_factor(width)
+        return height
 
     rows = -(-n // nrow)
     if logged_height(nrow, rows, False) <= CARD_HEIGHT:
@@ -227,13 +228,13 @@ def note_image(text: str, width: int) -> torch.Tensor:
 
 def _laid_out(tiles, nrow, captions, row_titles, col_titles, padding):
     """The grid of resized tiles: plain, captioned, or in bands of columns when wider than a card."""
-    if not (captions or row_titles or col_titles):
-        return make_grid(tiles, nrow=nrow, padding=padding, pad_value=1.0)
     left = 8 + 6 * max((len(t) for t in row_titles), default=0) if row_titles else 0
     tw = tiles.shape[-1]
     fit = max(1, (CARD_WIDTH - left - padding) // (tw + padding))
     if min(nrow, tiles.shape[0]) > fit:
         return _in_bands(tiles, nrow, fit, captions, row_titles, col_titles, padding)
+    if not (captions or row_titles or col_titles):
+        return make_grid(tiles, nrow=nrow, padding=padding, pad_value=1.0)
     return _grid(tiles, nrow, captions, row_titles, col_titles, padding)
 
 

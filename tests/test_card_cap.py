@@ -1,6 +1,6 @@
-"""The cap of tiles per panel (issue #26 item 3): a grid that would be logged taller than a
-TensorBoard card (`render.CARD_HEIGHT`, after `readable`) keeps the rows that fit and says under
-them what it left out.
+"""The cap of tiles per panel (issue #26 item 3): a grid taller than a TensorBoard card
+(`render.CARD_HEIGHT`) keeps the rows that fit and says under them what it left out; a bank of units
+is laid out as wide as a card first.
 
 Oracles: `card_layout` on hand-computed cases; the capped grid against the uncapped grid of the
 kept tiles (same layout) stacked over the note rendered on its own (the note's pixels, not OCR).
@@ -21,20 +21,19 @@ def test_card_layout_hand_computed():
     # 9 rows fit: 9 * 104 + 2 + 30 = 968
     assert card_layout(100, 10, (90, 90), caption_lines=1, note_chars=60) == (10, 9)
     assert card_layout(90, 10, (90, 90), caption_lines=1) == (10, 9)  # 938 px: all fit, nothing cut
-    # a flat bank of 64 tiles of 53 px, 8 a row: 442 px wide, upscaled x2 by `readable`, 1,076 px tall;
-    # as wide as a card (18 columns: 990 px, not upscaled) its 4 rows fit
-    assert card_layout(64, 8, (53, 53), caption_lines=1, flat=True) == (18, 4)
-    # rows of their own: with a note of 80 characters (73 a line at 442 px: 2 lines, +1: 42 px), upscaled x2,
-    # 7 rows are (7 * 67 + 2 + 42) * 2 = 1,026 px, 6 rows 892 px
-    assert card_layout(64, 8, (53, 53), caption_lines=1) == (8, 6)
+    assert card_layout(64, 8, (53, 53), caption_lines=1, flat=True) == (8, 8)  # 538 px: all fit
+    # a bank of 256 tiles of 53 px, 16 a row: 16 rows of 67 px are 1,074 px; as wide as a card (18
+    # columns, 992 px) its 15 rows are still 1,007 px; with a note of 80 characters (164 a line: 1 line,
+    # +1: 30 px), 14 rows fit: 14 * 67 + 2 + 30 = 970
+    assert card_layout(256, 16, (53, 53), caption_lines=1, flat=True) == (18, 14)
+    assert card_layout(256, 16, (53, 53), caption_lines=1) == (16, 14)  # rows of their own: no reflow
 
 
 def test_a_tall_bank_keeps_the_rows_that_fit_and_says_what_it_left_out():
     tiles = torch.rand(512, 3, 212, 212)  # VGG16's features.28 decoded: 212 px tiles, 512 units
     captions = [str(i) for i in range(512)]
     grid = captioned_grid(tiles, nrow=23, captions=captions, tile_size=32, cap=NOTE, flat=True)
-    logged = readable(grid)
-    assert logged.shape[-1] <= CARD_WIDTH and logged.shape[-2] <= CARD_HEIGHT
+    assert grid.shape[-1] <= CARD_WIDTH and readable(grid).shape[-2] <= CARD_HEIGHT
     columns, rows = card_layout(512, 23, (53, 53), caption_lines=1, flat=True, note_chars=len(NOTE) + 10)
     shown = columns * rows
     assert 0 < shown < 512 and columns == 18
@@ -51,7 +50,7 @@ def test_rows_of_a_probe_image_are_kept_whole():
     captions = ["cat\nx"] + ["#1"] * k
     grid = captioned_grid(tiles, nrow=k + 1, captions=captions * 20, tile_size=64,
                           cap="showing {shown} of {total} probe images; set num_probe to choose", per=k + 1)
-    assert readable(grid).shape[-2] <= CARD_HEIGHT
+    assert grid.shape[-2] <= CARD_HEIGHT
     columns, rows = card_layout(20 * (k + 1), k + 1, (112, 112), caption_lines=2, note_chars=70)
     assert columns == k + 1 and 0 < rows < 20
     kept = captioned_grid(tiles[:rows * (k + 1)], nrow=k + 1, captions=captions * rows, tile_size=64)
@@ -65,3 +64,20 @@ def test_a_grid_that_fits_is_unchanged():
     captions = [f"#{i}" for i in range(16)]
     plain = captioned_grid(tiles, nrow=4, captions=captions, tile_size=56)
     assert torch.equal(captioned_grid(tiles, nrow=4, captions=captions, tile_size=56, cap=NOTE, flat=True), plain)
+
+
+def test_the_default_callbacks_panels_fit_a_card():
+    from convlens.callbacks import DecodedFilters
+    from convlens.callbacks.deconv import max_images_grid, top_units_grid
+    from convlens.callbacks.evolution import weights_grid
+
+    bank = DecodedFilters(tile_size=32).render_bank(torch.randn(512, 3, 212, 212), range(512), "features.28")
+    columns, rows = card_layout(512, 23, (53, 53), caption_lines=1, flat=True, note_chars=len(NOTE) + 10)
+    note = note_image(NOTE.format(shown=columns * rows, total=512), columns * 55 + 2)
+    assert torch.equal(bank[:, -note.shape[-2]:], note)
+    pixels, projections = torch.rand(30, 3, 224, 224), torch.randn(30, 4, 3, 224, 224)
+    panels = [bank, top_units_grid(pixels, projections, torch.randint(0, 512, (30, 4)), ["cat"] * 30),
+              max_images_grid(pixels, projections[:, 0], torch.arange(30), ["cat"] * 30),
+              weights_grid(torch.randn(512, 3, 3, 3)), weights_grid(torch.randn(64, 64, 3, 3))]
+    for panel in panels:
+        assert panel.shape[-2] <= CARD_HEIGHT and readable(panel).shape[-1] <= CARD_WIDTH
