@@ -46,7 +46,6 @@ import math
 import os
 import tempfile
 import time
-from functools import partial
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -56,7 +55,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from convlens.callbacks import sink
-from convlens.callbacks.base import VisualizationCallback
+from convlens.callbacks.collect import ValidationCollector
 from convlens.callbacks.lightning_compat import log_step
 from convlens.callbacks.options import check_choice, check_int
 from convlens.callbacks.probe import split_batch
@@ -66,9 +65,8 @@ from convlens.render import as_rgb, captioned_grid, columns_that_fit, downscale_
 from convlens.viz.common import VizError
 from convlens.viz.dissection import (CLASS_THRESHOLD, DEFAULT_N, POPULATION_THRESHOLD, UnitCollector, UnitTable,
                                      dissect)
-from convlens.viz.layers import default_conv_layers, get_layer, input_module, layer_names
+from convlens.viz.layers import default_conv_layers, get_layer, layer_names
 from convlens.viz.receptive_field import ReceptiveField, receptive_field
-from convlens.viz.top_activations import spatial_max
 
 #: the indexes a grid can be sorted by (UnitTable attributes), and "unit" (the unit's index)
 SORT_KEYS = ("class_selectivity", "color_selectivity", "csi", "unit")
@@ -113,7 +111,7 @@ def nf_tiles(table: UnitTable) -> torch.Tensor:
     return tiles.clamp(0, 1)
 
 
-class UnitDissection(VisualizationCallback):
+class UnitDissection(ValidationCollector):
     """Every unit of the chosen layers, each epoch: Neuron Feature, class and colour selectivity
     (Rafegas et al. 2020), Morcos et al.'s class selectivity, dead units (`dissection/<layer>` and
     the tags of the module docstring; a CSV of every unit under the log dir).
@@ -172,10 +170,7 @@ class UnitDissection(VisualizationCallback):
         self.tables: dict[str, UnitTable] = {}
         #: {layer: [(epoch, uint8 [U, 3, h, w] NFs)]}, for the fit-end strip
         self.history: dict[str, list[tuple[int, torch.Tensor]]] = {}
-        self.collect_seconds = 0.0
         self._collector: UnitCollector | None = None
-        self._handles: list = []
-        self._records: list[dict] = []
 
     # -- layers ------------------------------------------------------------------------------------
     def default_layers(self, net: nn.Module, image: torch.Tensor | None = None) -> list[str]:
@@ -213,23 +208,8 @@ class UnitDissection(VisualizationCallback):
         image = self.probe_images[:1].to(pl_module.device)
         self.fields = {layer: self._field(net, image, layer) for layer in self.layers}
         self._collector = UnitCollector({layer: get_layer(net, layer).out_channels for layer in self.layers}, self.n)
-        self._records = []
         self.collect_seconds = 0.0
-
-        def net_input(_module, args):
-            x = args[0] if args else None
-            if torch.is_tensor(x) and x.dim() == 4 and x.is_floating_point():
-                self._records.append({"images": x, "maps": {}})
-
-        def layer_output(_module, _args, out, layer):
-            t0 = time.perf_counter()
-            if self._records and layer not in self._records[-1]["maps"] and torch.is_tensor(out) and out.dim() == 4:
-                self._records[-1]["maps"][layer] = spatial_max(out.detach())  # every unit's maximum and where
-            self.collect_seconds += time.perf_counter() - t0
-
-        self._handles = [input_module(net, self.layers).register_forward_pre_hook(net_input)]
-        for layer in self.layers:
-            self._handles.append(get_layer(net, layer).register_forward_hook(partial(layer_output, layer=layer)))
+        self.attach_maxima_hooks(net)  # every unit's maximum and where
         self.collect_seconds += time.perf_counter() - start
 
     def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
@@ -277,27 +257,9 @@ class UnitDissection(VisualizationCallback):
             self.result, self.result_epoch = merged, trainer.current_epoch
         self.collect_seconds += time.perf_counter() - start
 
-    def _remove_hooks(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles, self._records = [], []
-
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self._remove_hooks()
-
-    def release(self) -> None:
-        self._remove_hooks()
-
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._remove_hooks()
-
     # -- measuring and drawing ------------------------------------------------------------------
     def visualize(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        fresh = self.result is not None and (self.every_n_epochs == 0 or self.result_epoch == trainer.current_epoch)
-        if not fresh:
-            self._warn_once(f"{type(self).__name__}: no validation ran in epoch {trainer.current_epoch} "
-                            "(check_val_every_n_epoch, limit_val_batches=0?); units are dissected only after an "
-                            "epoch whose validation was collected")
+        if self.result is None or not self.collected_now(trainer, self.result_epoch, "units are dissected"):
             return
         result, self.result = self.result, None
         epoch = self.result_epoch

@@ -40,22 +40,20 @@ from __future__ import annotations
 
 import math
 import time
-from functools import partial
 from typing import Any, Mapping, Sequence
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
-from convlens.callbacks.base import VisualizationCallback
+from convlens.callbacks.collect import ValidationCollector
 from convlens.callbacks.options import UNIT_SELECTIONS, check_choice, check_int, check_unit_range, check_units
 from convlens.render import as_rgb, captioned_grid
 from convlens.viz.common import VizError
-from convlens.viz.layers import (LayerError, default_conv_layers, get_layer, input_module, layer_maxima,
+from convlens.viz.layers import (LayerError, default_conv_layers, get_layer, layer_maxima,
                                  rank_units)
 from convlens.viz.receptive_field import ReceptiveField, crop_patches, receptive_field
-from convlens.viz.top_activations import RunningTopK, content_ids, spatial_max
+from convlens.viz.top_activations import RunningTopK, content_ids
 
 #: the color of tile pixels outside a unit's receptive field (RGB in [0, 1])
 OUTSIDE_COLOR = (0.72, 0.82, 0.95)
@@ -86,7 +84,7 @@ def _as_index(units: Sequence[int], device) -> range | torch.Tensor:
     return torch.tensor(list(units), device=device)
 
 
-class TopActivations(VisualizationCallback):
+class TopActivations(ValidationCollector):
     """Top-k validation patches of selected units, one grid per layer (`top_activations/<layer>`).
 
     Args:
@@ -122,12 +120,8 @@ class TopActivations(VisualizationCallback):
         self.chosen: dict[str, list[int]] = {}          # the units of the current/last collection
         self.result: dict[str, RunningTopK] | None = None   # merged top-k of the last collection
         self.result_epoch: int | None = None
-        self.collect_seconds = 0.0
         self._tops: dict[str, RunningTopK] = {}
-        self._handles: list = []
-        self._records: list[dict] = []
         self._normalization = None
-        self._warned_stale = False
 
     def default_layers(self, net: nn.Module, image: torch.Tensor | None = None) -> list[str]:
         return default_conv_layers(net, image)
@@ -196,27 +190,9 @@ class TopActivations(VisualizationCallback):
         self.chosen = self._choose_units(trainer, pl_module)
         self._tops = {layer: RunningTopK(self.k, len(self.chosen[layer])) for layer in self.layers}
         self._normalization = self.normalization(trainer)
-        self._records = []
         self.collect_seconds = 0.0
-        units = {layer: _as_index(self.chosen[layer], pl_module.device) for layer in self.layers}
-
-        def net_input(_module, args):
-            t0 = time.perf_counter()
-            x = args[0] if args else None
-            if torch.is_tensor(x) and x.dim() == 4 and x.is_floating_point():
-                self._records.append({"images": x, "maps": {}})
-            self.collect_seconds += time.perf_counter() - t0
-
-        def layer_output(_module, _args, out, layer):
-            t0 = time.perf_counter()
-            if self._records and layer not in self._records[-1]["maps"] and torch.is_tensor(out) and out.dim() == 4:
-                # only what the top-k needs: each selected map's maximum and its position
-                self._records[-1]["maps"][layer] = spatial_max(out.detach(), units[layer])
-            self.collect_seconds += time.perf_counter() - t0
-
-        self._handles = [input_module(net, self.layers).register_forward_pre_hook(net_input)]
-        for layer in self.layers:
-            self._handles.append(get_layer(net, layer).register_forward_hook(partial(layer_output, layer=layer)))
+        # only what the top-k needs: each selected unit's map maximum and its position
+        self.attach_maxima_hooks(net, {layer: _as_index(self.chosen[layer], pl_module.device) for layer in self.layers})
         self.collect_seconds += time.perf_counter() - start
 
     def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
@@ -253,12 +229,7 @@ class TopActivations(VisualizationCallback):
             return
         self._remove_hooks()
         start = time.perf_counter()
-        states = {layer: top.state_dict() for layer, top in self._tops.items()}
-        if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
-            gathered: list = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(gathered, states)
-        else:
-            gathered = [states]
+        gathered = self.gather(trainer, {layer: top.state_dict() for layer, top in self._tops.items()})
         self._tops = {}
         if trainer.is_global_zero:
             merged = {layer: RunningTopK.from_state_dict(gathered[0][layer]) for layer in self.layers}
@@ -268,30 +239,9 @@ class TopActivations(VisualizationCallback):
             self.result, self.result_epoch = merged, trainer.current_epoch
         self.collect_seconds += time.perf_counter() - start
 
-    def _remove_hooks(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles, self._records = [], []
-
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self._remove_hooks()
-
-    def release(self) -> None:
-        self._remove_hooks()
-
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._remove_hooks()
-
     # -- drawing -------------------------------------------------------------------------------
     def visualize(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # at fit end (every_n_epochs=0) the last collection is drawn; otherwise this epoch's only
-        fresh = self.result is not None and (self.every_n_epochs == 0 or self.result_epoch == trainer.current_epoch)
-        if not fresh:
-            if not self._warned_stale:
-                rank_zero_warn(f"{type(self).__name__}: no validation ran in epoch {trainer.current_epoch} "
-                               "(check_val_every_n_epoch, limit_val_batches=0?); top activations are drawn "
-                               "only after an epoch whose validation was collected")
-                self._warned_stale = True
+        if self.result is None or not self.collected_now(trainer, self.result_epoch, "top activations are drawn"):
             return
         for layer, top in self.result.items():
             filled = top.image_ids >= 0
