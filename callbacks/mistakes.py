@@ -70,7 +70,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset, default_collate
 
-from convlens.callbacks.base import VisualizationCallback
+from convlens.callbacks.collect import ValidationCollector
 from convlens.callbacks.lightning_compat import log_step, transfer_batch, val_dataset
 from convlens.callbacks.options import check_choice, check_int
 from convlens.callbacks.probe import split_batch
@@ -170,7 +170,7 @@ def _framed(tiles: torch.Tensor, which: torch.Tensor) -> torch.Tensor:
     return tiles
 
 
-class Mistakes(VisualizationCallback):
+class Mistakes(ValidationCollector):
     """Misclassified validation images beside their nearest training images (`mistakes/nearest`),
     the training images most often a differing neighbour (`mistakes/suspects`), the confusion
     matrix (`mistakes/confusion`), per-class accuracy, and optionally the embedding projector.
@@ -249,8 +249,6 @@ class Mistakes(VisualizationCallback):
         self.result: dict | None = None
         #: seconds of the last epoch's parts: collect (this rank, during validation), bank, knn, draw
         self.timings: dict[str, float] = {}
-        self._handles: list = []
-        self._records: list[dict] = []
         self._pending: torch.Tensor | None = None
         self._acc: dict | None = None
         self._reference: Reference | None = None
@@ -418,13 +416,8 @@ class Mistakes(VisualizationCallback):
             return
         self._remove_hooks()
         start = time.perf_counter()
-        state = self._finish(self._acc)
+        gathered = self.gather(trainer, self._finish(self._acc))
         self._acc = None
-        if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
-            gathered: list = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(gathered, state)
-        else:
-            gathered = [state]
         if trainer.is_global_zero:
             self.collection = _merge(gathered, self.num_mistakes)
             self.collected_epoch = trainer.current_epoch
@@ -447,18 +440,8 @@ class Mistakes(VisualizationCallback):
                 "batches": acc["batches"], "skipped": acc["skipped"], "unlabelled": acc["unlabelled"]}
 
     def _remove_hooks(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles, self._records, self._pending = [], [], None
-
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self._remove_hooks()
-
-    def release(self) -> None:
-        self._remove_hooks()
-
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._remove_hooks()
+        super()._remove_hooks()
+        self._pending = None
 
     # -- the reference bank --------------------------------------------------------------------------
     def reference_source(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Reference | None:
@@ -560,12 +543,7 @@ class Mistakes(VisualizationCallback):
 
     # -- drawing ------------------------------------------------------------------------------------
     def visualize(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        fresh = self.collection is not None and (self.every_n_epochs == 0 or trainer.state.fn == TrainerFn.VALIDATING
-                                                 or self.collected_epoch == trainer.current_epoch)
-        if not fresh:
-            self._warn_once(f"{type(self).__name__}: no validation pass was collected in epoch "
-                            f"{trainer.current_epoch} (check_val_every_n_epoch, limit_val_batches=0?); mistakes are "
-                            "drawn only after an epoch whose validation was collected")
+        if self.collection is None or not self.collected_now(trainer, self.collected_epoch, "mistakes are drawn"):
             return
         c = self.collection
         if c["unlabelled"] and not c["preds"].numel():
