@@ -35,7 +35,7 @@ from convlens.viz.dissection import (DissectionError, UnitCollector, class_frequ
                                      color_selectivity, dissect, grey_responses, morcos_csi, neuron_features,
                                      opponent_grey, population_code, top_class)
 from convlens.viz.receptive_field import receptive_field
-from convlens.viz.dissection import _neuron_features, _update_top
+from convlens.viz.dissection import _conv_at, _neuron_features, _update_top
 from convlens.viz.receptive_field import crop_patches
 from convlens.viz.top_activations import RunningTopK, content_ids, spatial_max
 
@@ -371,6 +371,56 @@ def test_greying_the_whole_image_equals_greying_each_receptive_field_alone():
                 i, j = t.positions[u, s].tolist()
                 slow = maps_of(net, norm(x), [layer])[layer][0, u, i, j]
                 assert fast[u, s].item() == pytest.approx(slow.item(), abs=1e-5), (layer, u, s)
+
+
+@pytest.mark.parametrize("options", [dict(padding=1), dict(padding=2, stride=2, dilation=2),
+                                     dict(padding="same", groups=2),
+                                     dict(padding=1, padding_mode="reflect", bias=False),
+                                     dict(padding=(0, 2), stride=(1, 3), padding_mode="circular")])
+def test_conv_at_the_entries_equals_the_conv_map(options):
+    """`_conv_at` (one dot product per entry) against the map of the conv itself."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 6, 3, **options)
+    x = torch.randn(5, 4, 11, 9)
+    maps = conv(x).detach()
+    g = torch.Generator().manual_seed(1)
+    e = 200
+    rows, units = torch.randint(0, 5, (e,), generator=g), torch.randint(0, 6, (e,), generator=g)
+    pos = torch.stack([torch.randint(0, maps.shape[2], (e,), generator=g),
+                       torch.randint(0, maps.shape[3], (e,), generator=g)], 1)
+    for chunk in (1, 2**22):
+        got = _conv_at(conv, x, rows, units, pos, chunk_elements=chunk)
+        assert torch.allclose(got, maps[rows, units, pos[:, 0], pos[:, 1]], atol=1e-5)
+
+
+def test_grey_responses_equal_the_maps_of_a_full_forward_of_every_greyed_image():
+    """Images grouped by their deepest layer, the forward stopped at its input and the conv there
+    computed at the entries only, against the maps of a full forward of every greyed image; a net
+    whose deepest layer is not a conv (an in-place ReLU there) and entries in every layer."""
+    net = small_net()
+    net[1] = nn.ReLU(inplace=True)
+    norm = Normalization([0.2, 0.5, 0.7], [0.3, 0.2, 0.4])
+    images, labels = data(side=12)
+    layers = ["0", "1", "3", "5"]
+    units = {"0": 5, "1": 5, "3": 6, "5": 6}
+    g = torch.Generator().manual_seed(2)
+    entries = {}
+    for layer in layers:
+        index = torch.randint(-1, len(images), (units[layer], 7), generator=g)
+        side = {"0": 12, "1": 12, "3": 6, "5": 1}[layer]
+        entries[layer] = (index, torch.randint(0, side, (units[layer], 7, 2), generator=g))
+    entries["3"][0][:, :3] = torch.arange(3)   # images 0-2 reach layer 3 and stop there, never layer 5
+    entries["5"][0][entries["5"][0] < 3] = -1
+    grey = norm(opponent_grey(norm.inverse(images)))
+    full = maps_of(net, grey, layers)
+    for batch in (1, 4, 64):
+        got = grey_responses(net, images, entries, norm, batch_size=batch)
+        for layer, (index, pos) in entries.items():
+            ok = index >= 0
+            expected = torch.full(index.shape, math.nan)
+            expected[ok] = full[layer][index[ok], torch.nonzero(ok)[:, 0], pos[ok][:, 0], pos[ok][:, 1]]
+            assert torch.equal(torch.isnan(got[layer]), ~ok), layer
+            assert torch.allclose(got[layer][ok], expected[ok], atol=1e-5), (layer, batch)
 
 
 def test_colour_index_by_hand_and_rectified():

@@ -62,6 +62,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, ContextManager, Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from convlens.viz.common import VizError, check_int, eval_mode
@@ -220,17 +221,53 @@ class _AllSeen(Exception):
     pass
 
 
+def _conv_at(conv: nn.Conv2d, x: Tensor, rows: Tensor, units: Tensor, positions: Tensor,
+             chunk_elements: int = 2**22) -> Tensor:
+    """[E] float32: `conv(x)[rows, units, i, j]` at the entries' positions (i, j) only, from the
+    conv's input `x`: one dot product of each entry's unit's kernel with its input window (padding,
+    stride, dilation and groups as the conv applies them); at most about `chunk_elements` window
+    values at once."""
+    pad = conv._reversed_padding_repeated_twice
+    if any(pad):
+        x = F.pad(x, pad, mode="constant" if conv.padding_mode == "zeros" else conv.padding_mode)
+    dev = x.device
+    rows, units, positions = rows.to(dev), units.to(dev), positions.to(dev)
+    (kh, kw), (sh, sw), (dh, dw) = conv.kernel_size, conv.stride, conv.dilation
+    cin, cout = conv.in_channels // conv.groups, conv.out_channels // conv.groups
+    weight = conv.weight.detach().float()
+    bias = conv.bias.detach().float() if conv.bias is not None else None
+    out = []
+    step = max(1, chunk_elements // (cin * kh * kw))
+    for s in range(0, len(rows), step):
+        r, u, p = rows[s:s + step], units[s:s + step], positions[s:s + step]
+        chans = (u // cout)[:, None] * cin + torch.arange(cin, device=dev)                  # [E, cin]
+        ii = p[:, 0, None] * sh + torch.arange(kh, device=dev) * dh                        # [E, kh]
+        jj = p[:, 1, None] * sw + torch.arange(kw, device=dev) * dw                        # [E, kw]
+        window = x[r[:, None, None, None], chans[:, :, None, None], ii[:, None, :, None], jj[:, None, None, :]]
+        values = (window.float() * weight[u]).flatten(1).sum(1)
+        out.append(values + bias[u] if bias is not None else values)
+    return torch.cat(out) if out else torch.zeros(0, device=dev)
+
+
 def grey_responses(model: nn.Module, images: Tensor, entries: Mapping[str, tuple[Tensor, Tensor]],
                    normalization: Any | None = None, grey: bool = True, batch_size: int = 64,
                    context: Callable[[], ContextManager] | None = None) -> dict[str, Tensor]:
     """{layer: [U, N]}: the activation of unit u of `layer` at `positions[u, s]` on image
     `images[index[u, s]]` (model input [M, C, H, W]) greyed by `opponent_grey` (in display space,
     through `normalization`; `grey=False`: as it is), for `entries[layer] = (index [U, N] long, -1 for
-    none, positions [U, N, 2])`; NaN where index < 0. One forward (eval mode, no gradients, stopped
-    after the last layer) per batch of `batch_size` images serves every layer, unit and position;
-    `context()` wraps each (e.g. the trainer's autocast). Modes and hooks are restored."""
+    none, positions [U, N, 2])`; NaN where index < 0. `context()` wraps each forward (e.g. the
+    trainer's autocast). Modes and hooks are restored.
+
+    Each image runs once (eval mode, no gradients) in batches of `batch_size`, and only as far as
+    the deepest layer some entry of it is in: images are grouped by that layer (in the order the
+    forward reaches the layers), and the forward of a group stops at that layer's input; a plain
+    `nn.Conv2d` there is not run, its activations at the group's entries are computed directly
+    (`_conv_at`: one dot product per entry, not the whole map). Images no entry refers to do not
+    run. Every other layer's activations are read from its output."""
     check_int("batch_size", batch_size, 1, DissectionError)
     modules = {layer: get_layer(model, layer) for layer in entries}
+    direct = {layer for layer, m in modules.items()
+              if type(m) is nn.Conv2d and not m._forward_hooks and not m._forward_pre_hooks}
     device = next((p.device for p in model.parameters()), images.device)
     out = {layer: torch.full(index.shape, math.nan) for layer, (index, _) in entries.items()}
     plan = {}
@@ -238,39 +275,77 @@ def grey_responses(model: nn.Module, images: Tensor, entries: Mapping[str, tuple
         unit, slot = (index >= 0).nonzero(as_tuple=True)
         plan[layer] = (index[unit, slot].cpu(), unit.cpu(), slot.cpu(), positions[unit, slot].cpu())
     captured: dict[str, Tensor] = {}
+    # the group's run: the layers whose output it needs, and the layer at whose input it stops
+    run: dict[str, Any] = {"outputs": set(modules), "stop": None}
 
-    def keep(layer):
+    def keep_output(layer):
         def hook(_module, _args, output):
             if layer not in captured and torch.is_tensor(output):
-                captured[layer] = output.detach()
-                if len(captured) == len(modules):
+                captured[layer] = output.detach().clone()   # a copy: an in-place ReLU may follow
+                if run["stop"] is None and run["outputs"] <= captured.keys():
                     raise _AllSeen
         return hook
 
-    handles = [m.register_forward_hook(keep(layer)) for layer, m in modules.items()]
+    def keep_input(layer):
+        def hook(_module, args):
+            if layer == run["stop"] and args and torch.is_tensor(args[0]) and run["outputs"] <= captured.keys():
+                captured[layer] = args[0].detach()
+                raise _AllSeen
+        return hook
+
+    def forward(x: Tensor) -> None:
+        captured.clear()
+        try:
+            if context is not None:
+                with context():
+                    model(x)
+            else:
+                model(x)
+        except _AllSeen:
+            pass
+
+    handles = [m.register_forward_hook(keep_output(layer)) for layer, m in modules.items()]
+    handles += [modules[layer].register_forward_pre_hook(keep_input(layer)) for layer in direct]
     try:
         with torch.no_grad(), eval_mode(model):
-            for start in range(0, images.shape[0], batch_size):
-                x = images[start:start + batch_size].to(device)
-                x = _grey_model_input(x, normalization) if grey else x
-                captured.clear()
-                try:
-                    if context is not None:
-                        with context():
-                            model(x)
-                    else:
-                        model(x)
-                except _AllSeen:
-                    pass
-                for layer, (img, unit, slot, pos) in plan.items():
-                    here = (img >= start) & (img < start + x.shape[0])
-                    if not here.any():
-                        continue
-                    maps = captured[layer]
-                    rows, u, p = img[here] - start, unit[here], pos[here]
-                    dev = maps.device
-                    values = maps[rows.to(dev), u.to(dev), p[:, 0].to(dev), p[:, 1].to(dev)]
-                    out[layer][unit[here], slot[here]] = values.float().cpu()
+            used = torch.cat([img for img, *_ in plan.values()]).unique()
+            if not len(used):
+                return out
+            # the order in which the forward reaches the layers, from one image
+            forward(images[used[:1]].to(device))
+            reached = list(captured)
+            order = sorted(modules, key=lambda layer: reached.index(layer) if layer in reached else len(reached))
+            deepest = torch.full((images.shape[0],), -1, dtype=torch.long)
+            for rank, layer in enumerate(order):
+                deepest[plan[layer][0]] = rank
+            row_of = torch.full((images.shape[0],), -1, dtype=torch.long)
+            for rank, last in enumerate(order):
+                group = (deepest == rank).nonzero().flatten()
+                stop = last if last in direct else None
+                run["outputs"], run["stop"] = set(order[:rank + (stop is None)]), stop
+                for start in range(0, len(group), batch_size):
+                    slots = group[start:start + batch_size]
+                    x = images[slots].to(device)
+                    forward(_grey_model_input(x, normalization) if grey else x)
+                    row_of[slots] = torch.arange(len(slots))
+                    for layer in order[:rank + 1]:
+                        img, unit, slot, pos = plan[layer]
+                        rows = row_of[img]
+                        here = rows >= 0
+                        if not here.any():
+                            continue
+                        if layer not in captured:
+                            raise DissectionError(f"the forward did not reach layer {layer!r} (a net whose "
+                                                  "layers run in a different order for different images?)")
+                        rows, u, p = rows[here], unit[here], pos[here]
+                        if layer == stop:
+                            values = _conv_at(modules[layer], captured[layer], rows, u, p)
+                        else:
+                            maps = captured[layer]
+                            dev = maps.device
+                            values = maps[rows.to(dev), u.to(dev), p[:, 0].to(dev), p[:, 1].to(dev)]
+                        out[layer][unit[here], slot[here]] = values.float().cpu()
+                    row_of[slots] = -1
     finally:
         for h in handles:
             h.remove()
