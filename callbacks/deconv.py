@@ -37,14 +37,13 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
-from convlens.callbacks.base import VisualizationCallback
+from convlens.callbacks.projection import ProjectionCallback
 from convlens.callbacks.options import UNIT_SELECTIONS, check_int
 from convlens.callbacks.probe import split_batch
 from convlens.errors import ConfigError
 from convlens.render import (captioned_grid, class_caption, columns_that_fit, fit_caption, scale_each, tile_width,
                              to_pixels)
-from convlens.viz.deconvnet import DECONV_UNPOOL_MODES, fast_dtype, layer_problems, record_layers
-from convlens.viz.layers import default_conv_layers
+from convlens.viz.deconvnet import DECONV_UNPOOL_MODES, fast_dtype, record_layers
 
 #: the earlier names of `max_units_by`'s choices (UNIT_SELECTIONS), still accepted
 SELECTION_ALIASES = {"activation": "most_active", "index": "first"}
@@ -92,7 +91,7 @@ def max_images_grid(pixels: torch.Tensor, projections: torch.Tensor, units: torc
                           cap="showing {shown} of {total} units; set max_units to choose")
 
 
-class DeconvProjection(VisualizationCallback):
+class DeconvProjection(ProjectionCallback):
     """Deconvnet projections of each probe image's maps of its top-k units (`deconv/<layer>`) and,
     over a validation batch, of each unit's most activating image (`deconv_max/<layer>`).
 
@@ -151,14 +150,6 @@ class DeconvProjection(VisualizationCallback):
         self._warned_no_val = False
         #: the deconvnet path for this net ("chain" or "general"), found at fit start
         self._path = "auto"
-
-    def default_layers(self, net: nn.Module, image: torch.Tensor | None = None) -> list[str]:
-        return default_conv_layers(net, image)
-
-    def unusable_layers(self, net: nn.Module, image: torch.Tensor, layers) -> dict[str, str]:
-        # run now, on every rank, not after the first epoch; remembers the path for later draws
-        self._path, problems = layer_problems(net, image, layers)
-        return problems
 
     # -- the validation batch searched by deconv_max ----------------------------------------------
     def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,

@@ -36,14 +36,15 @@ import torch
 from lightning.pytorch.utilities import rank_zero_deprecation, rank_zero_only
 from torch import nn
 
-from convlens.callbacks.base import VisualizationCallback
+from convlens.callbacks.projection import ProjectionCallback
+from convlens.callbacks.summary import FitSummaryCallback
 from convlens.callbacks.lightning_compat import log_step
 from convlens.callbacks.options import check_int, check_unit_range, check_units
 from convlens.errors import ConfigError
 from convlens.render import (as_rgb, captioned_grid, class_caption, fit_caption, scale_each, scale_symmetric,
                              tile_width, to_pixels)
-from convlens.viz.deconvnet import DECONV_UNPOOL_MODES, layer_problems, record_layers
-from convlens.viz.layers import LayerError, default_conv_layers, get_layer, layer_names, rank_units
+from convlens.viz.deconvnet import DECONV_UNPOOL_MODES, record_layers
+from convlens.viz.layers import LayerError, get_layer, layer_names, rank_units
 
 
 def relative_change(current: torch.Tensor, previous: torch.Tensor) -> float:
@@ -70,7 +71,7 @@ def weights_grid(weight: torch.Tensor, tile_size: int = 40) -> torch.Tensor:
                           cap="showing {shown} of {total} filters; set weights_layer to choose another layer")
 
 
-class FilterEvolution(VisualizationCallback):
+class FilterEvolution(ProjectionCallback, FitSummaryCallback):
     """One fixed unit per layer projected for one fixed probe image every epoch, the first layer's
     weights, the relative weight change per layer, and a layers x epochs summary at fit end.
 
@@ -120,14 +121,6 @@ class FilterEvolution(VisualizationCallback):
         self._epochs_done = 0
         self._path = "auto"
 
-    def default_layers(self, net: nn.Module, image: torch.Tensor | None = None) -> list[str]:
-        return default_conv_layers(net, image)
-
-    def unusable_layers(self, net: nn.Module, image: torch.Tensor, layers) -> dict[str, str]:
-        # run now, on every rank, not after the first epoch; remembers the path for later draws
-        self._path, problems = layer_problems(net, image, layers)
-        return problems
-
     def _check_units(self, net: nn.Module) -> None:
         """The tracked units: in range, and of tracked layers (once the layers are final)."""
         for layer, index in self.units.items():
@@ -160,16 +153,6 @@ class FilterEvolution(VisualizationCallback):
         # weights as training starts (or as restored from a checkpoint): the first change's reference
         self._previous_weights = {layer: get_layer(net, layer).weight.detach().clone()
                                   for layer in self.layers}
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._epochs_done = trainer.current_epoch + 1  # current_epoch counts completed epochs
-        super().on_train_epoch_end(trainer, pl_module)
-
-    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._epochs_done = trainer.current_epoch
-        super().on_fit_end(trainer, pl_module)
-        if self.summary and self.history and not (trainer.sanity_checking or trainer.fast_dev_run):
-            self._log_summary(trainer)
 
     # -- drawing -------------------------------------------------------------------------------
     def tracked_unit(self, layer: str) -> int | None:

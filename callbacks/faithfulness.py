@@ -46,7 +46,7 @@ from convlens.viz.deconvnet import layer_problems
 from convlens.viz.faithfulness import (EXPLANATIONS, REFERENCES, cascading_randomization,
                                        deletion_insertion_many, explanation_maps, randomization_similarity,
                                        randomized_copy, reference_maps, road_many)
-from convlens.viz.layers import layer_names, layer_output
+from convlens.viz.layers import layer_names, spatial_problems
 from convlens.viz.saliency import default_saliency_layer
 
 #: the methods that explain through a layer (Grad-CAM's maps, the deconvnet's top map)
@@ -161,12 +161,8 @@ class Faithfulness(VisualizationCallback):
         return [default_saliency_layer(net, image)]
 
     def unusable_layers(self, net: nn.Module, image: torch.Tensor, layers) -> dict[str, str]:
-        problems = {}
-        for layer in layers:
-            out = layer_output(net, image, layer)
-            if out.dim() != 4:
-                problems[layer] = (f"it outputs {list(out.shape)}, not spatial maps [N, K, h, w]; Grad-CAM and the "
-                                   "deconvnet need a convolutional layer (or its ReLU / pooling)")
+        problems = spatial_problems(net, image, layers, "; Grad-CAM and the deconvnet need a convolutional layer "
+                                                        "(or its ReLU / pooling)")
         if "deconv" in self.methods:
             for layer, why in layer_problems(net, image, [x for x in layers if x not in problems])[1].items():
                 problems[layer] = why

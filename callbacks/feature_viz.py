@@ -44,6 +44,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
 
 from convlens.callbacks.base import VisualizationCallback
+from convlens.callbacks.summary import FitSummaryCallback
 from convlens.callbacks.lightning_compat import log_step
 from convlens.callbacks.options import check_choice, check_units, check_int
 from convlens.errors import ConfigError
@@ -74,7 +75,7 @@ def _thin(history: list[dict], keep: int) -> list[dict]:
     return history
 
 
-class FeatureVisualization(VisualizationCallback):
+class FeatureVisualization(FitSummaryCallback):
     """Feature visualization by optimization of selected units, one grid per layer
     (`feature_viz/<layer>`), warm-started from epoch to epoch.
 
@@ -268,16 +269,6 @@ class FeatureVisualization(VisualizationCallback):
             kept[layer] = (small.clamp(0, 1) * 255).round().to(torch.uint8)
         self.history.append({"epoch": self._epochs_done, "step": log_step(trainer), "images": kept})
         self.history = _thin(self.history, self.summary_max_epochs)
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._epochs_done = trainer.current_epoch + 1  # current_epoch counts completed epochs
-        super().on_train_epoch_end(trainer, pl_module)
-
-    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._epochs_done = trainer.current_epoch
-        super().on_fit_end(trainer, pl_module)
-        if self.summary and self.history and not (trainer.sanity_checking or trainer.fast_dev_run):
-            self._log_summary(trainer)
 
     def summary_image(self, layer: str) -> torch.Tensor | None:
         """Rows = the remembered epochs, columns = the layer's units ([3, H, W]); None when no

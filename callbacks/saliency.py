@@ -37,7 +37,7 @@ from convlens.callbacks.options import TARGETS, check_choice, check_int
 from convlens.errors import ConfigError
 from convlens.render import (as_rgb, captioned_grid, class_caption, colorbar, fit_caption, heatmap, scale_symmetric,
                              stack_vertical, tile_width, to_pixels)
-from convlens.viz.layers import layer_names, layer_output
+from convlens.viz.layers import layer_names, spatial_problems
 from convlens.viz.saliency import default_saliency_layer, grad_cam, guided_backprop, upsample
 
 class Saliency(VisualizationCallback):
@@ -93,13 +93,7 @@ class Saliency(VisualizationCallback):
         return [default_saliency_layer(net, image)]
 
     def unusable_layers(self, net: nn.Module, image: torch.Tensor, layers) -> dict[str, str]:
-        problems = {}
-        for layer in layers:
-            out = layer_output(net, image, layer)
-            if out.dim() != 4:
-                problems[layer] = (f"it outputs {list(out.shape)}, not spatial maps [N, K, h, w]; Grad-CAM needs "
-                                   "a convolutional layer (or its ReLU / pooling)")
-        return problems
+        return spatial_problems(net, image, layers, "; Grad-CAM needs a convolutional layer (or its ReLU / pooling)")
 
     def visualize(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         net = self.net(pl_module)

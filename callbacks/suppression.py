@@ -39,7 +39,7 @@ from torch import nn
 from convlens.callbacks.base import VisualizationCallback
 from convlens.callbacks.options import check_int, check_units
 from convlens.render import captioned_grid, class_caption, fit_caption, heatmap, tile_width, to_pixels
-from convlens.viz.layers import LayerError, default_conv_layers, get_layer, layer_output, rank_units
+from convlens.viz.layers import LayerError, default_conv_layers, get_layer, rank_units, spatial_problems
 from convlens.viz.suppression import check_arguments, feature_maps, follows_relu, interpret_kernel, kernel_maps
 
 
@@ -61,15 +61,6 @@ def suppression_grid(pixels: torch.Tensor, pixels_hat: torch.Tensor, maps: torch
     tiles = torch.cat([rgb[0][:, None], rgb[1][:, None], colored], dim=1).flatten(0, 1)
     return captioned_grid(tiles, nrow=4, captions=list(captions), tile_size=tile_size,
                           col_titles=["X", "X_hat", "F_i(X)", "F_i(X_hat)"])
-
-
-def _spatial_problems(net: nn.Module, image: torch.Tensor, layers) -> dict[str, str]:
-    problems = {}
-    for layer in layers:
-        out = layer_output(net, image, layer)
-        if out.dim() != 4:
-            problems[layer] = f"it outputs {list(out.shape)}, not spatial feature maps [N, K, h, w]"
-    return problems
 
 
 class KernelSuppression(VisualizationCallback):
@@ -112,7 +103,7 @@ class KernelSuppression(VisualizationCallback):
         return default_conv_layers(net, image)
 
     def unusable_layers(self, net: nn.Module, image: torch.Tensor, layers) -> dict[str, str]:
-        return _spatial_problems(net, image, layers)
+        return spatial_problems(net, image, layers)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)

@@ -16,7 +16,7 @@ from convlens.viz.common import LayerError, eval_mode, forward_until
 
 __all__ = ["LayerError", "layer_names", "get_layer", "eval_mode", "trace_chain", "layer_output",
            "check_chain", "chain_prefix", "default_conv_layers", "layer_maxima", "rank_units", "ALL_CONVS_UP_TO",
-           "input_module"]
+           "input_module", "spatial_problems"]
 
 
 def _show(names: list[str], limit: int = 40) -> str:
@@ -288,6 +288,18 @@ def layer_maxima(model: nn.Module, images: torch.Tensor, layers: Sequence[str]) 
     if missing:
         raise LayerError(f"Layer(s) {', '.join(map(repr, missing))} were not run by the model's forward pass")
     return maxima
+
+
+def spatial_problems(model: nn.Module, image: torch.Tensor, layers: Sequence[str], needs: str = "") -> dict[str, str]:
+    """{layer: why not} for each of `layers` whose output for `image` is not a stack of maps
+    [N, K, h, w] (a method of spatial maps cannot use it); `needs` ends the reason (what needs them)."""
+    problems = {}
+    for layer in layers:
+        out = layer_output(model, image, layer)
+        if not torch.is_tensor(out) or out.dim() != 4:
+            shape = list(out.shape) if torch.is_tensor(out) else type(out).__name__
+            problems[layer] = f"it outputs {shape}, not spatial maps [N, K, h, w]{needs}"
+    return problems
 
 
 class _AllSeen(Exception):

@@ -1,0 +1,28 @@
+"""What the callbacks that draw deconvnet projections (deconv, evolution) share: their default
+layers and the deconvnet path (`viz.deconvnet.PATHS`) found for the net at fit start.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from convlens.callbacks.base import VisualizationCallback
+from convlens.viz.deconvnet import layer_problems
+from convlens.viz.layers import default_conv_layers
+
+
+class ProjectionCallback(VisualizationCallback):
+    """The base of a callback that projects maps with the deconvnet: default layers
+    `viz.layers.default_conv_layers`; the layers the deconvnet cannot record are found at fit start
+    with one probe image (on every rank), which also fixes `_path` for the later drawings."""
+
+    layer_kind = nn.Conv2d
+    #: the deconvnet path for this net ("auto" until fit start)
+    _path = "auto"
+
+    def default_layers(self, net: nn.Module, image: torch.Tensor | None = None) -> list[str]:
+        return default_conv_layers(net, image)
+
+    def unusable_layers(self, net: nn.Module, image: torch.Tensor, layers) -> dict[str, str]:
+        self._path, problems = layer_problems(net, image, layers)
+        return problems
