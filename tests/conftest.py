@@ -1,4 +1,5 @@
-"""Shared test fixtures: compose the real Hydra config, run `train(cfg)` in a tmp dir, read events."""
+"""Shared test fixtures: compose the real Hydra config, run `train(cfg)` in a tmp dir, read events; the
+LightningModule the callback tests train (`NetModule`). Tests import it as `from conftest import ...`."""
 from __future__ import annotations
 
 import os
@@ -6,15 +7,42 @@ import signal
 from pathlib import Path
 from typing import Sequence
 
+import lightning.pytorch as pl
 import pytest
 import torch
+import torch.nn.functional as F
 from omegaconf import DictConfig
+from torch import nn
 
 from convlens.config import compose_config
 from convlens.events import read_events  # noqa: F401  (re-exported for the tests)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "datasets"
+
+class NetModule(pl.LightningModule):
+    """The LightningModule of the callback tests: `net` (kept as the attribute `attr`, as a user's
+    module keeps it), cross-entropy, plain SGD at `lr` (0: the net stays as built), `val/acc`."""
+
+    def __init__(self, net: nn.Module, lr: float = 0.05, attr: str = "net"):
+        super().__init__()
+        self.lr, self._attr = lr, attr
+        setattr(self, attr, net)
+
+    def forward(self, x):
+        return getattr(self, self._attr)(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val/acc", (self(x).argmax(1) == y).float().mean())
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
 
 SMALL = {  # per method: small drawings, so tests that run every method stay fast; other options are the config's
     "deconv": ["callbacks.deconv.k=2", "callbacks.deconv.max_units=2"],

@@ -32,7 +32,7 @@ from convlens.callbacks import VisualizationCallback
 from convlens.errors import ConvlensError
 from convlens.events import read_events
 from convlens.methods import METHODS
-from tests.conftest import SMALL, compose_cfg
+from conftest import SMALL, compose_cfg
 
 NUM_CLASSES = 4
 ALL = list(METHODS)  # every visualization method, new ones included

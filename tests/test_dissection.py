@@ -18,16 +18,16 @@ import subprocess
 import sys
 import textwrap
 import warnings
+from functools import partial
 
 import lightning.pytorch as pl
 import pytest
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from conftest import read_events
+from conftest import NetModule, read_events
 from convlens.callbacks.dissection import CSV_COLUMNS, UnitDissection, sort_order
 from convlens.callbacks.display import Normalization
 from convlens.errors import ConfigError
@@ -434,24 +434,7 @@ def test_colour_index_by_hand_and_rectified():
 
 
 # -- the callback ----------------------------------------------------------------------------------------
-class Module(pl.LightningModule):
-    def __init__(self, net, lr=0.0):
-        super().__init__()
-        self.net, self.lr = net, lr
-
-    def forward(self, x):
-        return self.net(x)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return F.cross_entropy(self(x), y)
-
-    def validation_step(self, batch, batch_idx):
-        x, y = batch
-        self.log("val/acc", (self(x).argmax(1) == y).float().mean())
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=self.lr)
+Module = partial(NetModule, lr=0.0)  # lr 0: the fixed net stays as built
 
 
 def fit(tmp_path, callbacks, images, labels, epochs=2, **kwargs):

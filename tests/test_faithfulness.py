@@ -29,6 +29,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from conftest import NetModule
 from convlens.callbacks import Faithfulness
 from convlens.errors import ConfigError, ConvlensError
 from convlens.events import read_events
@@ -461,24 +462,7 @@ def cnn() -> nn.Module:
                          nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(6 * 4 * 4, CLASSES))
 
 
-class Module(pl.LightningModule):
-    def __init__(self, net: nn.Module, lr: float = 0.05):
-        super().__init__()
-        self.net, self.lr = net, lr
-
-    def forward(self, x):
-        return self.net(x)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return F.cross_entropy(self(x), y)
-
-    def validation_step(self, batch, batch_idx):
-        x, y = batch
-        self.log("val/acc", (self(x).argmax(1) == y).float().mean())
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=self.lr)
+Module = NetModule
 
 
 def loader(seed: int = 0) -> DataLoader:

@@ -24,6 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import convlens.callbacks.feature_viz as feature_viz_module
+from conftest import NetModule
 from convlens.callbacks import FeatureVisualization, TopActivations
 from convlens.callbacks.display import Normalization
 from convlens.callbacks.feature_viz import _thin
@@ -341,24 +342,7 @@ def test_a_layer_without_maps_is_named():
 
 # -- the callback ----------------------------------------------------------------------------------
 
-class Module(pl.LightningModule):
-    def __init__(self, net, lr: float = 0.05):
-        super().__init__()
-        self.net, self.lr = net, lr
-
-    def forward(self, x):
-        return self.net(x)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return F.cross_entropy(self(x), y)
-
-    def validation_step(self, batch, batch_idx):
-        x, y = batch
-        self.log("val/acc", (self(x).argmax(1) == y).float().mean())
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=self.lr)
+Module = NetModule
 
 
 def loader(n=16, seed=0, channels=3, side=16):

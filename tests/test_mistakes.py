@@ -11,18 +11,19 @@ from __future__ import annotations
 
 import math
 import warnings
+from functools import partial
 from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
 import torch
-import torch.nn.functional as F
 import torchvision
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 from torchmetrics.classification import MulticlassConfusionMatrix
 
+from conftest import NetModule
 from convlens.callbacks import Mistakes
 from convlens.callbacks import mistakes as mistakes_module
 from convlens.errors import ConfigError, ConvlensError
@@ -267,24 +268,7 @@ def planted_data(noisy: bool = True, seed: int = 0):
     return train, val
 
 
-class Module(pl.LightningModule):
-    def __init__(self, net: nn.Module, lr: float = 0.0):
-        super().__init__()
-        self.net, self.lr = net, lr
-
-    def forward(self, x):
-        return self.net(x)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return F.cross_entropy(self(x), y)
-
-    def validation_step(self, batch, batch_idx):
-        x, y = batch
-        self.log("val/acc", (self(x).argmax(1) == y).float().mean())
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=self.lr)  # lr 0: the fixed net stays as built
+Module = partial(NetModule, lr=0.0)  # lr 0: the fixed net stays as built
 
 
 def fit(tmp_path: Path, callback, train, val, epochs: int = 1, net: nn.Module | None = None, batch_size: int = 16,

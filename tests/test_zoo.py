@@ -14,11 +14,11 @@ import warnings
 import lightning.pytorch as pl
 import pytest
 import torch
-import torch.nn.functional as F
 import torchvision
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader, TensorDataset
 
+from conftest import NetModule
 from convlens.events import read_events
 from convlens.methods import METHODS
 
@@ -45,24 +45,9 @@ ZOO = [
 ]
 
 
-class UserModel(pl.LightningModule):
-    def __init__(self, arch: str):
-        super().__init__()
-        self.model = getattr(torchvision.models, arch)(num_classes=4)
-
-    def forward(self, x):
-        return self.model(x)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return F.cross_entropy(self(x), y)
-
-    def validation_step(self, batch, batch_idx):
-        x, y = batch
-        self.log("val/acc", (self(x).argmax(1) == y).float().mean())
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.01)
+def UserModel(arch: str) -> NetModule:
+    """A user's LightningModule around a torchvision net, kept as `self.model`."""
+    return NetModule(getattr(torchvision.models, arch)(num_classes=4), lr=0.01, attr="model")
 
 
 @pytest.fixture(autouse=True)
