@@ -134,6 +134,10 @@ def test_the_spacing_is_kept_in_the_checkpoint_state():
     explicit = OcclusionSensitivity(every_n_epochs=2)
     explicit.load_state_dict(callback.state_dict())
     assert explicit.every_n_epochs == 2  # the user's choice wins over a saved spacing
+    assert not resumed._measured
+    callback._measured = True  # a drawing was timed: a resumed run's first drawing has no deadline
+    resumed.load_state_dict(callback.state_dict())
+    assert resumed._measured
 
 
 # -- the first drawing: pieces until its deadline ------------------------------------------------------
