@@ -32,7 +32,6 @@ import argparse
 import os
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -46,6 +45,7 @@ from convlens.config import callback_config, compose_config as compose_cfg
 from convlens.methods import METHODS
 
 from results_json import Report
+from timing import CLOCKS, BatchTimer, now, use_clock
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,36 +56,19 @@ SETUPS = {  # name: (experiment overrides, training images per epoch)
 }
 
 
-CLOCKS = {"wall": time.perf_counter, "process": time.process_time}
-clock = time.perf_counter
-
-
-class BatchTimer(pl.Callback):
-    """Wall time of every training batch (forward, backward, optimizer step)."""
-
-    def __init__(self):
-        self.seconds: list[float] = []
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self.start = clock()
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.seconds.append(clock() - self.start)
-
-
 def timed(callback, store: dict[str, list[float]], name: str):
     """Record the wall time of every `visualize` and `on_fit_end` call of `callback`."""
     visualize, fit_end = callback.visualize, callback.on_fit_end
 
     def timed_visualize(trainer, pl_module):
-        start = clock()
+        start = now()
         visualize(trainer, pl_module)
-        store.setdefault(name, []).append(clock() - start)
+        store.setdefault(name, []).append(now() - start)
 
     def timed_fit_end(trainer, pl_module):
-        start = clock()
+        start = now()
         fit_end(trainer, pl_module)
-        store.setdefault(name + "@fit_end", []).append(clock() - start)
+        store.setdefault(name + "@fit_end", []).append(now() - start)
 
     callback.visualize, callback.on_fit_end = timed_visualize, timed_fit_end
     return callback
@@ -119,8 +102,7 @@ def main():
     p.add_argument("--clock", choices=list(CLOCKS), default="wall",
                    help="wall: elapsed time; process: CPU time of this process (use with --threads 1)")
     a = p.parse_args()
-    global clock
-    clock = CLOCKS[a.clock]
+    use_clock(a.clock)
     if a.threads:
         torch.set_num_threads(a.threads)
     rows = []

@@ -40,24 +40,10 @@ from convlens.viz.faithfulness import (EXPLANATIONS, deletion_insertion, explana
                                        noisy_linear_imputation, pixel_relevance, relevance_ranks, road)
 
 from results_json import Report
+from timing import CLOCKS, BatchTimer, now, use_clock
 
 CIFAR = ["experiment=cifar10_convnet", "model.c3=256", "model.c4=64"]
 TRAIN_IMAGES = 45_000
-CLOCKS = {"wall": time.perf_counter, "process": time.process_time}
-clock = time.perf_counter
-
-
-class BatchTimer(pl.Callback):
-    def __init__(self):
-        self.seconds: list[float] = []
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self.start = clock()
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.seconds.append(clock() - self.start)
-
-
 def build(overrides: list[str], out: Path, batches: int, epochs: int, callback, timer=None):
     cfg = compose_cfg(overrides + ["callbacks=none", "trainer.accelerator=cpu"], out)
     pl.seed_everything(0, verbose=False)
@@ -105,9 +91,9 @@ def one_per_forward_road(net, images, maps, targets, percentiles):
 def timed(fn, repeats: int = 3) -> tuple[float, object]:
     times, result = [], None
     for _ in range(repeats):
-        start = clock()
+        start = now()
         result = fn()
-        times.append(clock() - start)
+        times.append(now() - start)
     return statistics.median(times), result
 
 
@@ -117,9 +103,9 @@ def cost(a, report: Report) -> dict:
     visualize = callback.visualize
 
     def timed_visualize(trainer, pl_module):
-        start = clock()
+        start = now()
         visualize(trainer, pl_module)
-        times.append(clock() - start)
+        times.append(now() - start)
 
     callback.visualize = timed_visualize
     timer = BatchTimer()
@@ -237,8 +223,7 @@ def main():
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--clock", choices=list(CLOCKS), default="wall")
     a = p.parse_args()
-    global clock
-    clock = CLOCKS[a.clock]
+    use_clock(a.clock)
     if a.threads:
         torch.set_num_threads(a.threads)
     a.batches = a.batches or (30 if a.what == "cost" else 100)
