@@ -17,6 +17,15 @@ from convlens.callbacks.lightning_compat import val_dataset
 from convlens.render import class_caption
 from convlens.viz.common import eval_mode
 
+#: the color of tile pixels outside a unit's receptive field (RGB in [0, 1])
+OUTSIDE_COLOR = (0.72, 0.82, 0.95)
+
+
+def color_outside(tiles: torch.Tensor) -> torch.Tensor:
+    """Receptive-field tiles [M, 3, h, w] with their NaN pixels (outside the field) in `OUTSIDE_COLOR`."""
+    color = torch.tensor(OUTSIDE_COLOR, dtype=tiles.dtype).view(1, 3, 1, 1).expand_as(tiles)
+    return torch.where(torch.isnan(tiles), color, tiles)
+
 
 def find_normalize(dataset: Any):
     """(mean, std) of a torchvision `Normalize` among a dataset's transforms (through Subset/Compose/

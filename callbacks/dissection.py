@@ -56,10 +56,10 @@ from torch import nn
 
 from convlens.callbacks import sink
 from convlens.callbacks.collect import ValidationCollector
+from convlens.callbacks.display import color_outside
 from convlens.callbacks.lightning_compat import log_step
 from convlens.callbacks.options import check_choice, check_int
 from convlens.callbacks.probe import split_batch
-from convlens.callbacks.top_activations import OUTSIDE_COLOR
 from convlens.errors import ConfigError, ConvlensError
 from convlens.render import as_rgb, captioned_grid, columns_that_fit, downscale_factor, fit_caption, tile_width
 from convlens.viz.common import VizError
@@ -104,9 +104,7 @@ def sort_order(table: UnitTable, key: str) -> list[int]:
 def nf_tiles(table: UnitTable) -> torch.Tensor:
     """[U, 3, Ph, Pw] in [0, 1]: the NFs, light blue where no crop reaches, white for dead units."""
     nf = table.neuron_features
-    tiles = as_rgb(nf.float())
-    outside = torch.isnan(tiles)
-    tiles = torch.where(outside, torch.tensor(OUTSIDE_COLOR).view(1, 3, 1, 1).expand_as(tiles), tiles)
+    tiles = color_outside(as_rgb(nf.float()))
     tiles[table.dead] = 1.0
     return tiles.clamp(0, 1)
 

@@ -47,6 +47,7 @@ import torch
 from torch import nn
 
 from convlens.callbacks.collect import ValidationCollector
+from convlens.callbacks.display import color_outside
 from convlens.callbacks.options import UNIT_SELECTIONS, check_choice, check_int, check_unit_range, check_units
 from convlens.render import as_rgb, captioned_grid
 from convlens.viz.common import VizError
@@ -55,10 +56,6 @@ from convlens.viz.layers import (LayerError, default_conv_layers, get_layer, lay
 from convlens.viz.receptive_field import ReceptiveField, crop_patches, receptive_field
 from convlens.viz.top_activations import RunningTopK, content_ids
 
-#: the color of tile pixels outside a unit's receptive field (RGB in [0, 1])
-OUTSIDE_COLOR = (0.72, 0.82, 0.95)
-
-
 def top_activations_grid(patches: torch.Tensor, values: torch.Tensor, filled: torch.Tensor,
                          units: Sequence[int], tile_size: int = 64) -> torch.Tensor:
     """[3, H, W] grid: row r = unit `units[r]`, column s = its s-th best patch.
@@ -66,10 +63,7 @@ def top_activations_grid(patches: torch.Tensor, values: torch.Tensor, filled: to
     `patches` [F, k, C, Ph, Pw] pixels in [0, 1], NaN outside the receptive field; `values` [F, k]
     captions; `filled` [F, k] bool (False: an empty slot, drawn blank)."""
     f, k = values.shape
-    tiles = as_rgb(patches.detach().float().cpu().flatten(0, 1))             # [F*k, 3, Ph, Pw]
-    outside = torch.isnan(tiles)
-    color = torch.tensor(OUTSIDE_COLOR).view(1, 3, 1, 1).expand_as(tiles)
-    tiles = torch.where(outside, color, tiles)
+    tiles = color_outside(as_rgb(patches.detach().float().cpu().flatten(0, 1)))   # [F*k, 3, Ph, Pw]
     empty = ~filled.cpu().flatten()
     tiles[empty] = 1.0
     captions = ["" if not ok else f"{float(v):.3g}" for v, ok in zip(values.cpu().flatten(), filled.cpu().flatten())]

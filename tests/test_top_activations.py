@@ -23,7 +23,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 
 from convlens.render import upscale
-from convlens.callbacks.top_activations import OUTSIDE_COLOR, TopActivations, top_activations_grid
+from convlens.callbacks.display import OUTSIDE_COLOR
+from convlens.callbacks.top_activations import TopActivations, top_activations_grid
 from conftest import FAST_SHAPES, compose_cfg, read_events
 from convlens.datamodules.shapes import ShapesDataModule
 from convlens.models.cifar import CifarConvNet
