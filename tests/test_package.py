@@ -122,3 +122,23 @@ def test_plain_pip_install_into_a_fresh_venv(tmp_path):
     r = run([str(venv / "bin" / "convlens-train"), *TINY, f"hydra.run.dir={out}"], cwd=empty, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert any(tag.startswith("deconv/") for tag in read_events(out / "tensorboard")["images"])
+
+
+def test_no_callback_imports_another():
+    """The callbacks share code through their rooms (base, options, probe, display, sink, budget,
+    collect, projection, summary, ...), never by importing one another (nor the package, which
+    imports them all)."""
+    import ast
+
+    callbacks = set(METHODS) | {"layout"}
+    for path in sorted((ROOT / "callbacks").glob("*.py")):
+        if path.stem == "__init__":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("convlens.callbacks"):
+                names = [node.module.rsplit(".", 1)[-1]] if node.module != "convlens.callbacks" else \
+                    [a.name for a in node.names]
+                assert not (set(names) & callbacks) - {path.stem}, f"{path.name} imports {node.module}"
+            if isinstance(node, ast.Import):
+                assert not any(a.name.rsplit(".", 1)[-1] in callbacks - {path.stem} for a in node.names
+                               if a.name.startswith("convlens.callbacks.")), path.name
