@@ -7,12 +7,15 @@ Follows Olah, Mordvintsev & Schubert, "Feature Visualization", Distill 2017
 transformation robustness sized to the image, all units of a layer in one batch); this callback
 chooses the units, keeps each unit's Fourier coefficients from one epoch to the next, renders and logs.
 
-Warm start: the coefficients of every unit are kept (in `state_dict` too, so a resumed run goes
-on from them) and each due epoch optimizes `steps` more from there, so a short budget per epoch
-(default 32 steps) follows each unit as the net trains. `warm_start=False` starts every epoch from
-the same random coefficients (then give it Lucent's budget: `steps=512`). With no coefficients to
-continue from (the first epoch, a changed unit), the start is random; offline
-(`convlens-visualize method=feature_viz`, a checkpoint's weights only) `offline_steps` are run.
+Warm start: the coefficients of every unit and Adam's state for them (its moments and step count)
+are kept (in `state_dict` too, so a resumed run goes on from them) and each due epoch optimizes
+`steps` more from there, as one optimization interrupted by training, so a short budget per epoch
+(default 32 steps) follows each unit as the net trains. Restarting Adam every epoch instead costs
+about a tenth of the objective on the CIFAR net's conv4 (benchmarks/RESULTS.md, feature
+visualization): a fresh Adam's first steps are `lr` on every coefficient, noise or not.
+`warm_start=False` starts every epoch from the same random coefficients (then give it Lucent's
+budget: `steps=512`). With no coefficients to continue from (the first epoch, a changed unit), the
+start is random; offline (`convlens-visualize method=feature_viz`, a checkpoint's weights only) `offline_steps` are run.
 
 Units per layer: `units[layer]` when given; else the units the trainer's other convlens
 callbacks name for that layer in their own `units` (so that the pictures of a unit sit beside
@@ -63,6 +66,13 @@ def _number(name: str, value: Any, positive: bool = False) -> float:
             or value < 0 or (positive and value == 0):
         raise ConfigError(f"{name} must be a number {'> 0' if positive else '>= 0'}, got {value!r}")
     return float(value)
+
+
+def _on_cpu(state: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A copy of an optimizer state (`FeatureVizResult.optimizer_state`) with its tensors on the CPU."""
+    if state is None:
+        return None
+    return {k: v.detach().cpu().clone() if torch.is_tensor(v) else v for k, v in state.items()}
 
 
 def _thin(history: list[dict], keep: int) -> list[dict]:
@@ -141,6 +151,8 @@ class FeatureVisualization(FitSummaryCallback):
         self.chosen: dict[str, list[int]] = {}
         #: layer -> [U, C, H, W//2+1, 2] Fourier coefficients of the last run (the warm start)
         self.coefficients: dict[str, torch.Tensor] = {}
+        #: layer -> Adam's state after the last run ({"step", "exp_avg", "exp_avg_sq"}), continued with it
+        self.optimizer_states: dict[str, dict[str, Any]] = {}
         #: runs so far (varies the transforms of a warm start from one epoch to the next)
         self.runs = 0
         #: one entry per run, thinned to summary_max_epochs: {"epoch", "step", "images": {layer: uint8}}
@@ -211,9 +223,9 @@ class FeatureVisualization(FitSummaryCallback):
         """The units drawn in `layer` (see the module docstring), chosen at the first run and kept."""
         if layer in self.units and self.chosen.get(layer) != self.units[layer]:
             self.chosen.pop(layer, None)  # configured otherwise than in the run this one resumes
-            self.coefficients.pop(layer, None)
         if layer not in self.chosen:
             self.coefficients.pop(layer, None)  # coefficients belong to the units they were made for
+            self.optimizer_states.pop(layer, None)
             units = self.units.get(layer) or self._borrowed(trainer, layer)
             if units is None and self.selection == "most_active":
                 activity = layer_maxima(self.net(pl_module), self.probe_images.to(pl_module.device), [layer])[layer]
@@ -237,15 +249,18 @@ class FeatureVisualization(FitSummaryCallback):
             if previous is not None and tuple(previous.shape[:2]) != (len(units), shape[0]) \
                     or previous is not None and tuple(previous.shape[2:4]) != (shape[1], shape[2] // 2 + 1):
                 previous = None  # other units or another image size: start afresh
+            state = self.optimizer_states.get(layer) if previous is not None else None
             steps = self.steps if previous is not None or not offline else self.offline_steps
             # a cold start is the same every epoch (only the net changes); a warm one varies its transforms
             base = self.seed * 1_000_003 + 10_007 * index + (7_919 * self.runs if previous is not None else 0)
             result = optimize_units(net, layer, units, shape, steps=steps, lr=self.lr, objective=self.objective,
                                     transforms=self.transforms, pixel_to_input=normalization,
                                     color=self._color_matrix, decay_power=self.decay_power, squash=self.squash,
-                                    init=previous.to(pl_module.device) if previous is not None else None, seed=base)
+                                    init=previous.to(pl_module.device) if previous is not None else None,
+                                    optimizer_state=state, seed=base)
             if self.warm_start:
                 self.coefficients[layer] = result.coefficients.detach().cpu().clone()
+                self.optimizer_states[layer] = _on_cpu(result.optimizer_state)
             pixels = as_rgb(to_pixels(result.images, normalization)) if shape[0] in (1, 3) \
                 else to_pixels(result.images, normalization)
             images_by_layer[layer] = pixels
@@ -303,6 +318,7 @@ class FeatureVisualization(FitSummaryCallback):
         state = super().state_dict()
         state["units"] = {layer: list(units) for layer, units in self.chosen.items()}
         state["coefficients"] = {layer: t.clone() for layer, t in self.coefficients.items()}
+        state["optimizer_states"] = {layer: _on_cpu(s) for layer, s in self.optimizer_states.items()}
         state["runs"] = self.runs
         state["history"] = [dict(e, images=dict(e["images"])) for e in self.history]
         return state
@@ -311,5 +327,7 @@ class FeatureVisualization(FitSummaryCallback):
         super().load_state_dict(state_dict)
         self.chosen = {str(k): [int(u) for u in v] for k, v in (state_dict.get("units") or {}).items()}
         self.coefficients = {str(k): t.clone() for k, t in (state_dict.get("coefficients") or {}).items()}
+        # checkpoints from before the optimizer state was kept: the coefficients go on with a fresh Adam
+        self.optimizer_states = {str(k): _on_cpu(s) for k, s in (state_dict.get("optimizer_states") or {}).items()}
         self.runs = int(state_dict.get("runs") or 0)
         self.history = list(state_dict.get("history") or [])

@@ -263,6 +263,27 @@ def test_warm_start_goes_on_from_the_coefficients():
     assert (more.objectives > first.objectives).all()
 
 
+def test_carried_optimizer_state_makes_two_calls_one_optimization():
+    """Oracle: one run of 20 steps. 8 steps, then 12 more from its coefficients and Adam state, are
+    that run step for step (no transforms, same model); a fresh Adam on the same coefficients is not."""
+    net, shape = small_net(), (3, 16, 16)
+    one = optimize_units(net, "conv2", [0, 1], shape, steps=20, transforms=None)
+    first = optimize_units(net, "conv2", [0, 1], shape, steps=8, transforms=None)
+    assert first.optimizer_state["step"] == 8
+    on = optimize_units(net, "conv2", [0, 1], shape, steps=12, transforms=None, init=first.coefficients,
+                        optimizer_state=first.optimizer_state)
+    torch.testing.assert_close(on.coefficients, one.coefficients, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(on.optimizer_state["exp_avg_sq"], one.optimizer_state["exp_avg_sq"])
+    assert on.optimizer_state["step"] == 20
+    fresh = optimize_units(net, "conv2", [0, 1], shape, steps=12, transforms=None, init=first.coefficients)
+    assert (fresh.coefficients - one.coefficients).abs().max() > 1e-3
+    # the caller's state is not changed by the call; zero steps hand it back as it was
+    torch.testing.assert_close(first.optimizer_state["exp_avg"], optimize_units(
+        net, "conv2", [0, 1], shape, steps=0, init=first.coefficients,
+        optimizer_state=first.optimizer_state).optimizer_state["exp_avg"])
+    assert optimize_units(net, "conv2", [0, 1], shape, steps=0).optimizer_state is None
+
+
 def test_grayscale_and_rgb_paths():
     gray = optimize_units(small_net(1), "conv2", [0, 1], (1, 28, 28), steps=24)
     assert gray.images.shape == (2, 1, 28, 28) and gray.coefficients.shape == (2, 1, 28, 15, 2)
@@ -324,6 +345,9 @@ def test_no_hook_mode_or_grad_flag_left_after_an_exception_mid_optimization():
     (dict(init=torch.zeros(1, 3, 16, 8, 2)), r"init must be coefficients \[1, 3, 16, 9, 2\]"),
     (dict(seed=[1, 2]), "seed must be an int or one int per unit"),
     (dict(color="lab"), "color must be"),
+    (dict(optimizer_state={"step": 1}), "optimizer_state goes with init"),
+    (dict(init=torch.zeros(1, 3, 16, 9, 2), optimizer_state={"step": 1}),
+     r"optimizer_state must be a previous result's optimizer_state .*\[1, 3, 16, 9, 2\]"),
 ])
 def test_bad_arguments_say_what_to_pass(kwargs, match):
     args = dict(model=small_net(), layer="conv2", units=[0], image_shape=(3, 16, 16), steps=1)
@@ -373,7 +397,8 @@ class Spy:
             result = real(*args, **kwargs)
             init = kwargs.get("init")
             self.calls.append({"layer": args[1], "units": list(args[2]), "steps": kwargs["steps"],
-                               "init": None if init is None else init.clone(), "result": result})
+                               "init": None if init is None else init.clone(), "result": result,
+                               "optimizer_state": kwargs.get("optimizer_state")})
             return result
         monkeypatch.setattr(feature_viz_module, "optimize_units", spy)
 
@@ -410,12 +435,18 @@ def test_warm_start_from_epoch_to_epoch_and_through_a_checkpoint(tmp_path, monke
     assert first["init"] is None and first["steps"] == 3
     torch.testing.assert_close(second["init"], first["result"].coefficients)
     torch.testing.assert_close(callback.coefficients["conv2"], second["result"].coefficients)
+    # Adam goes on too: the second epoch's optimizer starts from the first's moments and step count
+    assert first["optimizer_state"] is None and second["optimizer_state"]["step"] == 3
+    torch.testing.assert_close(second["optimizer_state"]["exp_avg_sq"],
+                               first["result"].optimizer_state["exp_avg_sq"])
 
     spy.calls.clear()
     resumed = FeatureVisualization(layers=["conv2"], max_units=2, steps=3)
     fit(tmp_path / "r", [resumed], Module(small_net()), epochs=3, ckpt_path=tmp_path / "ckpt" / "last.ckpt")
     (third,) = spy.calls
     torch.testing.assert_close(third["init"], second["result"].coefficients)
+    assert third["optimizer_state"]["step"] == 6
+    torch.testing.assert_close(third["optimizer_state"]["exp_avg"], second["result"].optimizer_state["exp_avg"])
     assert [e["epoch"] for e in resumed.history] == [1, 2, 3]
 
 
@@ -521,3 +552,19 @@ def test_a_synthesized_image_beats_the_best_validation_image(shared_data, which)
         result = optimize_units(net, layer, units, shape, steps=512, pixel_to_input=dm.normalization, color=color)
         assert (result.objectives >= result.start).all(), layer
         assert (result.objectives >= best_real).all(), (layer, result.objectives, best_real)
+
+
+def test_a_checkpoint_from_before_the_optimizer_state_goes_on_with_a_fresh_adam():
+    saved = FeatureVisualization(layers=["conv2"])
+    saved.chosen, saved.coefficients = {"conv2": [0]}, {"conv2": torch.ones(1, 3, 16, 9, 2)}
+    saved.optimizer_states = {"conv2": {"step": 4, "exp_avg": torch.ones(1, 3, 16, 9, 2),
+                                        "exp_avg_sq": torch.ones(1, 3, 16, 9, 2)}}
+    state = saved.state_dict()
+    assert state["optimizer_states"]["conv2"]["step"] == 4
+    restored = FeatureVisualization(layers=["conv2"])
+    restored.load_state_dict(state)
+    torch.testing.assert_close(restored.optimizer_states["conv2"]["exp_avg"], torch.ones(1, 3, 16, 9, 2))
+    del state["optimizer_states"]
+    older = FeatureVisualization(layers=["conv2"])
+    older.load_state_dict(state)
+    assert older.optimizer_states == {} and torch.equal(older.coefficients["conv2"], torch.ones(1, 3, 16, 9, 2))

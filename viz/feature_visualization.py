@@ -277,6 +277,10 @@ class FeatureVizResult(NamedTuple):
     start: Tensor
     #: [steps, N]: the objective of each step's transformed images, as optimized
     trace: Tensor
+    #: Adam's state at the end, {"step": int, "exp_avg": Tensor, "exp_avg_sq": Tensor} (each [N, C, H,
+    #: W//2+1, 2]): with `coefficients`, what the next call needs to go on as one optimization; None
+    #: when no step was taken and none was given
+    optimizer_state: dict | None = None
 
 
 def _check_units(units, layer: str, k: int | None) -> Tensor:
@@ -338,12 +342,26 @@ def measure_units(model: nn.Module, images: Tensor, layer: str, units, objective
         return unit_objective(maps.float(), units, objective)
 
 
+def _check_optimizer_state(state, init: Tensor | None) -> None:
+    if init is None:
+        raise FeatureVizError("optimizer_state goes with init (the same previous result's coefficients); pass both "
+                              "or neither")
+    keys = ("step", "exp_avg", "exp_avg_sq")
+    if not isinstance(state, dict) or any(k not in state for k in keys) \
+            or isinstance(state["step"], bool) or not isinstance(state["step"], numbers.Integral) \
+            or state["step"] < 0 or any(not torch.is_tensor(state[k]) or state[k].shape != init.shape
+                                        for k in keys[1:]):
+        raise FeatureVizError(f"optimizer_state must be a previous result's optimizer_state ({{'step': int, "
+                              f"'exp_avg', 'exp_avg_sq': tensors {list(init.shape)} like init}}), got "
+                              f"{type(state).__name__} {sorted(state) if isinstance(state, dict) else ''}")
+
+
 def optimize_units(model: nn.Module, layer: str, units, image_shape, steps: int = 512, lr: float = 0.005,
                    objective: str = "channel", diversity: float = 0.0, l2: float = 0.0,
                    transforms: Transforms | bool | None = True, keep_size: bool = True,
                    pixel_to_input: Callable[[Tensor], Tensor] | None = None, color: Tensor | str | None = "imagenet",
                    decay_power: float = 1.0, squash: str = "clip", init: Tensor | None = None,
-                   seed: int | Sequence[int] = 0) -> FeatureVizResult:
+                   optimizer_state: dict | None = None, seed: int | Sequence[int] = 0) -> FeatureVizResult:
     """Optimize one image per entry of `units` (unit indices of `layer`; repeat a unit for several
     images of it) for `steps` Adam steps at `lr`, all in one batch. See the module docstring.
 
@@ -359,6 +377,12 @@ def optimize_units(model: nn.Module, layer: str, units, image_shape, steps: int 
             (Lucid's matrix) or None (no decorrelation); ignored for other channel counts.
         init: start coefficients [N, C, H, W//2+1, 2] (a previous result's `coefficients`: a warm
             start); None: random (`random_coefficients`).
+        optimizer_state: with `init`, the same result's `optimizer_state`: Adam goes on with its
+            moments and step count, so that calls of k and then m steps make one optimization of
+            k + m steps (on an unchanged model and without transforms, the same one); None: a fresh
+            Adam, whose first steps are about `lr` on every coefficient whatever its gradient (with
+            m = g and v = g^2 at step 1, the step is lr * sign(g)): restarted every few steps, that
+            is a kick of noise each time (benchmarks/RESULTS.md, feature visualization).
         seed: an int (image i uses seed + i) or one seed per image, for the start coefficients and the
             transforms: the same seeds give the same images on the CPU.
     Modes, requires_grad flags and hooks are restored, also when the model raises.
@@ -403,6 +427,8 @@ def optimize_units(model: nn.Module, layer: str, units, image_shape, steps: int 
             raise FeatureVizError(f"init must be coefficients {list(want)} (a previous result's coefficients for "
                                   f"the same units and image shape), got "
                                   f"{list(init.shape) if torch.is_tensor(init) else type(init).__name__}")
+    if optimizer_state is not None:
+        _check_optimizer_state(optimizer_state, init)
 
     device, dtype = _device_dtype(model)
     to_input = pixel_to_input if pixel_to_input is not None else (lambda p: p)
@@ -423,6 +449,12 @@ def optimize_units(model: nn.Module, layer: str, units, image_shape, steps: int 
     with gradients(model), frozen(model):
         start = measure(render()).cpu()
         optimizer = torch.optim.Adam([coefficients], lr=lr)
+        if optimizer_state is not None:  # the fresh optimizer's own settings (lr, betas), the given moments
+            saved = optimizer.state_dict()
+            saved["state"] = {0: {"step": torch.tensor(float(optimizer_state["step"])),
+                                  "exp_avg": optimizer_state["exp_avg"].detach().clone(),
+                                  "exp_avg_sq": optimizer_state["exp_avg_sq"].detach().clone()}}
+            optimizer.load_state_dict(saved)
         for step in range(steps):
             optimizer.zero_grad(set_to_none=True)
             pixels = render()
@@ -449,7 +481,10 @@ def optimize_units(model: nn.Module, layer: str, units, image_shape, steps: int 
             pixels = render()
             images = to_input(pixels).detach()
         objectives = measure(pixels).cpu()
-    return FeatureVizResult(images, objectives, coefficients.detach(), start, trace)
+    state = optimizer.state.get(coefficients)
+    state = {"step": int(state["step"]), "exp_avg": state["exp_avg"].detach().clone(),
+             "exp_avg_sq": state["exp_avg_sq"].detach().clone()} if state else None
+    return FeatureVizResult(images, objectives, coefficients.detach(), start, trace, state)
 
 
 def visualize_units(model: nn.Module, layer: str, units, image_shape, steps: int = 512, **options
