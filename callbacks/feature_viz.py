@@ -49,13 +49,12 @@ from torch import nn
 from convlens.callbacks.base import VisualizationCallback
 from convlens.callbacks.summary import FitSummaryCallback
 from convlens.callbacks.lightning_compat import log_step
-from convlens.callbacks.options import check_choice, check_units, check_int
+from convlens.callbacks.options import UNIT_SELECTIONS, check_choice, check_int, check_units
 from convlens.errors import ConfigError
 from convlens.render import as_rgb, captioned_grid, fit_caption, tile_width, to_pixels
 from convlens.viz.feature_visualization import OBJECTIVES, SQUASHES, color_sqrt, optimize_units
 from convlens.viz.layers import LayerError, default_conv_layers, layer_maxima, layer_output, rank_units
 
-SELECTIONS = ("first", "most_active")
 COLORS = ("probe", "imagenet", "none")
 #: images kept for the summary are shrunk to at most this side (a checkpoint stays small on 224-px nets)
 SUMMARY_SIDE = 64
@@ -127,7 +126,7 @@ class FeatureVisualization(FitSummaryCallback):
         super().__init__(layers=layers, every_n_epochs=every_n_epochs, **probe_options)
         self.units: dict[str, list[int]] = check_units(units)
         check_int("max_units (units per layer)", max_units, 1)
-        check_choice("selection", selection, SELECTIONS,
+        check_choice("selection", selection, UNIT_SELECTIONS,
                      " ('first': units 0..max_units-1, 'most_active': the most active on the probe images)")
         check_int("steps (optimization steps per epoch)", steps, 1)
         check_int("offline_steps", offline_steps, 1)
