@@ -133,3 +133,58 @@ def test_running_top_k_loads_the_earlier_num_channels_key():
     old["num_channels"] = old.pop("num_units")
     back = RunningTopK.from_state_dict(old)
     assert back.num_units == 3 and torch.equal(back.values, top.values) and torch.equal(back.image_ids, top.image_ids)
+
+
+def test_a_real_checkpoint_with_the_earlier_state_keys_resumes(tmp_path):
+    """A Lightning checkpoint whose callback states carry the earlier keys (as convlens <= 0.2 wrote
+    them) resumes: the units chosen before come back."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from conftest import NetModule
+
+    def net():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(6, 8, 3, padding=1),
+                             nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(8 * 4 * 4, 4))
+
+    g = torch.Generator().manual_seed(0)
+    data = DataLoader(TensorDataset(torch.rand(16, 3, 16, 16, generator=g), torch.arange(16) % 4), batch_size=8)
+
+    def fit(callbacks, epochs, ckpt_path=None):
+        trainer = pl.Trainer(default_root_dir=tmp_path, callbacks=callbacks, max_epochs=epochs, limit_train_batches=1,
+                             limit_val_batches=1, accelerator="cpu", devices=1, logger=False, num_sanity_val_steps=0,
+                             enable_progress_bar=False, enable_model_summary=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer.fit(NetModule(net()), data, data, ckpt_path=ckpt_path)
+
+    def callbacks():
+        return [TopActivations(layers=["3"], max_units=2, k=1, budget=None),
+                DecodedFilters(layers=["3"], max_units=3, budget=None, compute_error=False),
+                FilterEvolution(layers=["3"], summary=False, budget=None)]
+
+    first = callbacks()
+    fit([*first, ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)], epochs=1)
+    top, decoded, evolution = first
+    top.units = {"3": [6, 1]}  # as if configured: the state carries it
+    ckpt = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
+    renames = {top.state_key: ("units", "filters"), decoded.state_key: ("chosen_units", "chosen_filters"),
+               evolution.state_key: ("tracked_units", "filters")}
+    for key, (new, old) in renames.items():
+        state = ckpt["callbacks"][key]
+        state[old] = state.pop(new)
+    # choices the resumed callbacks would not make themselves: they can only come from the checkpoint
+    natural = (decoded.chosen_units["3"], evolution.chosen["3"])
+    chosen = ({"3": [7, 0, 5] if natural[0] != [7, 0, 5] else [5, 0, 7]}, {"3": (natural[1] + 1) % 8})
+    ckpt["callbacks"][top.state_key]["filters"] = {"3": [6, 1]}
+    ckpt["callbacks"][decoded.state_key]["chosen_filters"] = chosen[0]
+    ckpt["callbacks"][evolution.state_key]["filters"] = chosen[1]
+    torch.save(ckpt, tmp_path / "old.ckpt")
+
+    resumed = callbacks()
+    fit(resumed, epochs=2, ckpt_path=tmp_path / "old.ckpt")
+    assert resumed[0].units == {"3": [6, 1]}
+    assert (resumed[1].chosen_units, resumed[2].chosen) == chosen
