@@ -377,27 +377,32 @@ def _update_top(top: RunningTopK, values: Tensor, ids: Tensor, positions: Tensor
     if len(rows) == 0:
         return rows
     values, ids, positions, labels = values[rows], ids[rows].to(dev), positions[rows].to(dev), labels[rows].to(dev)
-    u_count, n = values.shape[1], values.shape[0]
+    n = values.shape[0]
     cand_values = torch.cat([top.values, values.t()], dim=1)                    # [U, k + n]
     best, pick = cand_values.topk(k, dim=1)                                      # sorted, descending
     kth = best[:, -1:]
     open_ = (cand_values >= kth).sum(1) > k                                      # a tie at the k-th place
     open_ |= (best[:, 1:] == best[:, :-1]).any(1) | torch.isinf(kth[:, 0])       # tied order, empty slot
-    cand_ids = torch.cat([top.image_ids, ids[None, :].expand(u_count, n)], dim=1)
     live = torch.ones_like(pick, dtype=torch.bool)
     if bool(open_.any()):
-        slow, slow_live = _select(cand_values[open_], cand_ids[open_], k)
+        cand_ids = torch.cat([top.image_ids[open_], ids[None, :].expand(int(open_.sum()), n)], dim=1)
+        slow, slow_live = _select(cand_values[open_], cand_ids, k)
         pick[open_], live[open_] = slow, slow_live
-    cand_pos = torch.cat([top.positions, positions.transpose(0, 1)], dim=1)
-    from_batch = live & (pick >= k)
-    entered = pick[from_batch] - k
+    # gathered from the kept entries and from the batch apart (no [U, k + n] copies of ids and positions)
+    stored, row = pick.clamp(max=k - 1), (pick - k).clamp(min=0)
+    from_batch = pick >= k
+    entered = row[from_batch & live]
+    new_ids = torch.where(from_batch, ids[row], top.image_ids.gather(1, stored))
+    new_pos = torch.where(from_batch[..., None], positions.transpose(0, 1).gather(1, row[..., None].expand(-1, -1, 2)),
+                          top.positions.gather(1, stored[..., None].expand(-1, -1, 2)))
     # the payload as RunningTopK.update leaves it (also in empty slots)
     payload = top.payload if top.payload is not None else torch.zeros_like(top.image_ids)
-    payload = payload.gather(1, pick.clamp(max=k - 1))
-    payload[from_batch] = labels[entered].to(payload.dtype)
-    top.values = cand_values.gather(1, pick).masked_fill(~live, -torch.inf)
-    top.image_ids = cand_ids.gather(1, pick).masked_fill(~live, -1)
-    top.positions = cand_pos.gather(1, pick[..., None].expand(-1, -1, 2)).masked_fill(~live[..., None], 0)
+    payload = payload.gather(1, stored)
+    payload[from_batch & live] = labels[entered].to(payload.dtype)
+    top.values = best if bool(live.all()) and not bool(open_.any()) else \
+        cand_values.gather(1, pick).masked_fill(~live, -torch.inf)
+    top.image_ids = new_ids.masked_fill(~live, -1)
+    top.positions = new_pos.masked_fill(~live[..., None], 0)
     top.payload = payload
     return rows[entered.unique()].cpu()
 
