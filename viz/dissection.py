@@ -38,7 +38,9 @@ the dataset, each at its argmax position, `RunningTopK`) and `a_i` their rectifi
   changes only colour. It is pointwise, so greying the whole image leaves the unit's activation at
   its position exactly as greying only its receptive field would (the activation depends on no
   pixel outside the field): one forward of each distinct greyed image serves every unit and
-  position of every layer (`grey_responses`). Undefined on images that are not 3-channel RGB.
+  position of every layer (`grey_responses`; each image runs only as far as the deepest layer
+  that refers to it, and a plain conv there is evaluated at its entries only). Undefined on images
+  that are not 3-channel RGB.
 - **Morcos et al.'s class selectivity** (CSI): `(mu_max - mu_-max) / (mu_max + mu_-max)`, from the
   class-conditional means of the unit's rectified spatial maximum over the whole dataset, mu_max the
   largest, mu_-max the mean of the other classes' (0: no preference; 1: responds to one class only).
@@ -47,12 +49,14 @@ the dataset, each at its argmax position, `RunningTopK`) and `a_i` their rectifi
 
 `UnitCollector` streams a dataset batch by batch (the spatial maxima and argmax positions of every
 unit, `spatial_max`): per layer a `RunningTopK` of N entries per unit with the image's label as
-payload, and per class the sum of each unit's rectified maximum and the image count. Images are
+payload (updated by one `topk` per layer and batch, `_update_top`; the tie rule of `RunningTopK`
+kept exactly), and per class the sum of each unit's rectified maximum and the image count. Images are
 told apart by content (`content_ids`): an image seen twice counts once. The images the top-N
-entries refer to are kept (a pool shared by every unit and layer, evicted as entries leave), for
-the NF crops and the grey re-run. Memory: per layer units x N (value, id, position, label), per
-class one sum per unit, 8 bytes per distinct image seen (its id), and the pool: at most
-min(distinct images, sum of units x N) images. `merge` combines collectors of disjoint or
+entries refer to are kept (a pool shared by every unit and layer, for the NF crops and the grey
+re-run; the images no entry refers to any more are evicted whenever the pool has doubled since the
+last eviction, and before `pool` is read). Memory: per layer units x N (value, id, position,
+label), per class one sum per unit, 8 bytes per distinct image seen (its id), and the pool: at most
+min(distinct images, 2 x sum of units x N + one batch) images. `merge` combines collectors of disjoint or
 overlapping shares (DDP ranks) into what one collector over their union would hold.
 """
 from __future__ import annotations
@@ -636,8 +640,9 @@ def dissect(collector: UnitCollector, fields: Mapping[str, ReceptiveField] | Non
     """{layer: UnitTable} from a finished (merged) collector. NFs need `fields` (per layer; none: no
     NF); the colour index needs `model` and RGB images (`color=False`, no model or other channel
     counts: NaN). Crops are cut from the pool's images in display space (`normalization.inverse`,
-    clamped to [0, 1]) in chunks of units of about `crop_elements` values. The colour index costs one
-    forward of each distinct pool image (`grey_responses`)."""
+    clamped to [0, 1]) in chunks of units of about `crop_elements` values, each distinct (image,
+    position) crop once. The colour index costs one forward of each distinct pool image, as far as
+    the deepest layer that refers to it (`grey_responses`)."""
     if not 0 <= float(population_threshold) <= 1:
         raise DissectionError(f"population_threshold must be in [0, 1], got {population_threshold!r}")
     ids = sorted(collector.pool)
