@@ -92,6 +92,17 @@ def _cell(x: float) -> str:
     return "" if not math.isfinite(x) else f"{x:.6g}"
 
 
+def _lists(table: UnitTable) -> dict[str, list]:
+    """The per-unit columns of `table` as Python lists (one conversion, not one per unit and value)."""
+    return {"class_selectivity": table.class_selectivity.tolist(),
+            "color_selectivity": table.color_selectivity.tolist(),
+            "csi": table.csi.tolist(), "top_class": table.top_class.tolist(), "dead": table.dead.tolist(),
+            "population_code": table.population_code.tolist(), "top_images": table.filled.sum(1).tolist(),
+            "top_activation": [v if f else math.nan for v, f in zip(table.values[:, 0].tolist(),
+                                                                      table.filled[:, 0].tolist())],
+            "top_class_frequency": table.frequencies.gather(1, table.top_class.clamp_min(0)[:, None])[:, 0].tolist()}
+
+
 def sort_order(table: UnitTable, key: str) -> list[int]:
     """Units most selective first by `key` (undefined last; ties: lower unit first), or by index."""
     if key == "unit":
@@ -305,11 +316,12 @@ class UnitDissection(ValidationCollector):
             tiles = F.avg_pool2d(tiles, shrink, ceil_mode=True)
         width = tile_width(tiles, self.tile_size)
         captions = []
+        c = _lists(table)
         for u in order:
-            cls = int(table.top_class[u])
-            name = "dead" if bool(table.dead[u]) else (names[cls] if 0 <= cls < len(names) else str(cls))
-            lines = [f"#{u} {name}", f"{_short(float(table.class_selectivity[u]))} "
-                     f"{_short(float(table.color_selectivity[u]))}", f"csi {_short(float(table.csi[u]))}"]
+            cls = c["top_class"][u]
+            name = "dead" if c["dead"][u] else (names[cls] if 0 <= cls < len(names) else str(cls))
+            lines = [f"#{u} {name}", f"{_short(c['class_selectivity'][u])} "
+                     f"{_short(c['color_selectivity'][u])}", f"csi {_short(c['csi'][u])}"]
             captions.append("\n".join(fit_caption(line, width) for line in lines))
         return captioned_grid(tiles, nrow=columns_that_fit(width, len(order)), captions=captions,
                               tile_size=self.tile_size)
@@ -319,33 +331,35 @@ class UnitDissection(ValidationCollector):
         rows = [f"{table.layer}: every unit, sorted by {self.sort_by} (class: Rafegas et al.'s class selectivity, "
                 "colour: colour selectivity, CSI: Morcos et al.)", "",
                 "| unit | top class | class | colour | CSI | population | dead |", "|---|---|---|---|---|---|---|"]
+        c = _lists(table)
         for u in sort_order(table, self.sort_by):
-            cls = int(table.top_class[u])
+            cls = c["top_class"][u]
             name = names[cls] if 0 <= cls < len(names) else (str(cls) if cls >= 0 else "")
-            population = ", ".join(names[c] if c < len(names) else str(c) for c in table.population_classes[u])
-            rows.append(f"| {u} | {name} | {_short(float(table.class_selectivity[u]))} | "
-                        f"{_short(float(table.color_selectivity[u]))} | {_short(float(table.csi[u]))} | "
-                        f"{population} | {'yes' if bool(table.dead[u]) else ''} |")
+            population = ", ".join(names[k] if k < len(names) else str(k) for k in table.population_classes[u])
+            rows.append(f"| {u} | {name} | {_short(c['class_selectivity'][u])} | "
+                        f"{_short(c['color_selectivity'][u])} | {_short(c['csi'][u])} | "
+                        f"{population} | {'yes' if c['dead'][u] else ''} |")
         return "\n".join(rows)
 
     def csv_rows(self, epoch: int, names: Sequence[str]) -> list[dict]:
         """One row per unit of every layer of the last tables (columns `CSV_COLUMNS`)."""
         rows = []
         for layer, t in self.tables.items():
+            c = _lists(t)
             for u in range(t.num_units):
-                cls = int(t.top_class[u])
+                cls = c["top_class"][u]
                 rows.append({
                     "epoch": epoch, "layer": layer, "unit": u,
-                    "class_selectivity": _cell(float(t.class_selectivity[u])),
-                    "color_selectivity": _cell(float(t.color_selectivity[u])), "csi": _cell(float(t.csi[u])),
+                    "class_selectivity": _cell(c["class_selectivity"][u]),
+                    "color_selectivity": _cell(c["color_selectivity"][u]), "csi": _cell(c["csi"][u]),
                     "top_class": cls if cls >= 0 else "",
                     "top_class_name": (names[cls] if cls < len(names) else str(cls)) if cls >= 0 else "",
-                    "top_class_frequency": _cell(float(t.frequencies[u, cls])) if cls >= 0 else "",
-                    "population_code": int(t.population_code[u]),
-                    "population_classes": ";".join(str(c) for c in t.population_classes[u]),
-                    "dead": int(bool(t.dead[u])),
-                    "top_activation": _cell(float(t.values[u, 0])) if bool(t.filled[u, 0]) else "",
-                    "top_images": int(t.filled[u].sum())})
+                    "top_class_frequency": _cell(c["top_class_frequency"][u]) if cls >= 0 else "",
+                    "population_code": c["population_code"][u],
+                    "population_classes": ";".join(str(k) for k in t.population_classes[u]),
+                    "dead": int(c["dead"][u]),
+                    "top_activation": _cell(c["top_activation"][u]),
+                    "top_images": c["top_images"][u]})
         return rows
 
     def csv_path(self, trainer: pl.Trainer) -> Path:
