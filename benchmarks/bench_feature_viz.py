@@ -9,7 +9,9 @@ Part "warm": the CIFAR net (CifarConvNet 256/64, Adam 1e-3, batch 64) trained fo
 conv1..conv4, --units units each, its default 32 warm-started steps per epoch. After the last epoch,
 on the same net, the same units: a cold run of 512 steps (Lucent's budget) and a cold run of 32
 steps. Figures per layer: the mean objective of each over the units, warm / cold-512 (target
->= 95%), and the callback's seconds per epoch as a share of the epoch without it, measured and
+>= 95%); the same for the gain over a mid-gray image, (warm - gray) / (cold 512 - gray), which does not
+depend on the unit's bias (a pre-ReLU unit's objective is often negative, and a ratio of negative
+values or one near 0 says little); and the callback's seconds per epoch as a share of the epoch without it, measured and
 extrapolated to a full CIFAR-10 epoch (45,000 training images) from the measured seconds per batch
 (target <= 3%).
 
@@ -57,7 +59,7 @@ from convlens.models.module import ClassifierModule
 from convlens.render import captioned_grid, stack_vertical
 from convlens.viz.feature_visualization import color_sqrt, measure_units, optimize_units
 
-from results_json import Report
+from results_json import Report, json_dir
 
 REPORT = Report("feature_viz")
 ROOT = Path(__file__).resolve().parents[1]
@@ -137,20 +139,25 @@ def warm_part(args) -> dict:
     REPORT.print(f"\nCIFAR net (256/64) after {args.epochs} epochs of {args.train_batches} batches of 64 "
                  f"(val acc {float(acc):.3f} on 4 val batches); {args.units} units per layer\n")
     REPORT.print("| layer | warm, 32 steps/epoch x {0} | cold 512 | warm / cold 512 | cold 32 | units warm >= 95% "
-                 "of cold 512 |".format(args.epochs))
-    REPORT.print("|---|---|---|---|---|---|")
+                 "of cold 512 | gray image | gain over gray, warm / cold 512 |".format(args.epochs))
+    REPORT.print("|---|---|---|---|---|---|---|---|")
     rows = {}
     for layer in CIFAR_LAYERS:
         units, warm = last[layer]["units"], last[layer]["objectives"]
         common = dict(pixel_to_input=dm.normalization, color=last[layer]["color"], seed=12345)
         cold = optimize_units(net, layer, units, shape, steps=512, **common).objectives
         cold32 = optimize_units(net, layer, units, shape, steps=32, **common).objectives
+        gray = measure_units(net, dm.normalization(torch.full((len(units),) + shape, 0.5)), layer, units)
         ratio = float(warm.mean() / cold.mean())
+        gain = float((warm - gray).mean() / (cold - gray).mean())
         share_units = int((warm >= 0.95 * cold).sum())
         rows[layer] = {"warm": float(warm.mean()), "cold512": float(cold.mean()), "ratio": ratio,
-                       "cold32": float(cold32.mean()), "units_95": share_units}
+                       "cold32": float(cold32.mean()), "units_95": share_units, "gray": float(gray.mean()),
+                       "gain_ratio": gain, "per_unit": {"warm": warm.tolist(), "cold512": cold.tolist(),
+                                                        "gray": gray.tolist()}}
         REPORT.print(f"| {layer} | {warm.mean():.3f} | {cold.mean():.3f} | {ratio:.1%} "
-                     f"{'met' if ratio >= 0.95 else 'MISSED'} | {cold32.mean():.3f} | {share_units}/{len(units)} |")
+                     f"{'met' if ratio >= 0.95 else 'MISSED'} | {cold32.mean():.3f} | {share_units}/{len(units)} | "
+                     f"{gray.mean():.3f} | {gain:.1%} {'met' if gain >= 0.95 else 'MISSED'} |")
 
     epochs = np.array(clock.seconds)
     viz = np.array(viz_seconds)
@@ -310,6 +317,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     results = {}
     parts = args.part.split(",")
+    if len(parts) == 1:  # a part alone keeps the other part's figures: feature_viz_<part>.json
+        REPORT.path = json_dir() / f"feature_viz_{parts[0]}.json"
     if "warm" in parts:
         results["warm"] = warm_part(args)
     if "lucent" in parts:
