@@ -21,10 +21,15 @@ from convlens.viz.top_activations import spatial_max
 
 
 class ValidationCollector(VisualizationCallback):
-    """The base of a callback that collects during the validation loop. A subclass attaches its
-    forward hooks to `self._handles` at validation epoch start (`attach_maxima_hooks`, or its own),
-    takes `self._records` at each batch end and calls `_remove_hooks` at validation epoch end; the
-    hooks never outlive an exception, the fit or the callback being switched off."""
+    """The base of a callback that collects during the validation loop. The loop's hooks are here: a
+    subclass attaches its forward hooks to `self._handles` in `start_collecting` (with
+    `attach_maxima_hooks`, or its own), takes each batch's records in `take_records` and returns the
+    ranks' merged collection from `finish_collecting`, which becomes `self.result` on rank zero. The
+    hooks never outlive an exception, the fit or the callback being switched off, and the time spent
+    is `collect_seconds`. (A subclass with another loop overrides the three Lightning hooks.)"""
+
+    result: Any = None
+    result_epoch: int | None = None
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -33,6 +38,44 @@ class ValidationCollector(VisualizationCallback):
         self._handles: list = []
         self._records: list[dict] = []
         self._warned_stale = False
+
+    # -- the loop ------------------------------------------------------------------------------
+    def start_collecting(self, trainer: pl.Trainer, pl_module: pl.LightningModule, net: nn.Module) -> None:
+        raise NotImplementedError
+
+    def take_records(self, records: list[dict], batch: Any) -> None:
+        raise NotImplementedError
+
+    def finish_collecting(self, trainer: pl.Trainer) -> Any:
+        raise NotImplementedError
+
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._remove_hooks()
+        if not self.collects_validation(trainer):
+            return
+        self.collect_seconds = 0.0
+        start = time.perf_counter()
+        self.start_collecting(trainer, pl_module, self.net(pl_module))
+        self.collect_seconds += time.perf_counter() - start
+
+    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
+                                batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if not self._handles:
+            return
+        start = time.perf_counter()
+        records, self._records = self._records, []
+        self.take_records(records, batch)
+        self.collect_seconds += time.perf_counter() - start
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._handles:
+            return
+        self._remove_hooks()
+        start = time.perf_counter()
+        merged = self.finish_collecting(trainer)
+        if trainer.is_global_zero:
+            self.result, self.result_epoch = merged, trainer.current_epoch
+        self.collect_seconds += time.perf_counter() - start
 
     def _remove_hooks(self) -> None:
         for h in self._handles:

@@ -45,7 +45,6 @@ import io
 import math
 import os
 import tempfile
-import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -208,25 +207,13 @@ class UnitDissection(ValidationCollector):
         return field
 
     # -- collecting during validation -----------------------------------------------------------
-    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._remove_hooks()
-        if not self.collects_validation(trainer):
-            return
-        start = time.perf_counter()
-        net = self.net(pl_module)
+    def start_collecting(self, trainer: pl.Trainer, pl_module: pl.LightningModule, net: nn.Module) -> None:
         image = self.probe_images[:1].to(pl_module.device)
         self.fields = {layer: self._field(net, image, layer) for layer in self.layers}
         self._collector = UnitCollector({layer: get_layer(net, layer).out_channels for layer in self.layers}, self.n)
-        self.collect_seconds = 0.0
         self.attach_maxima_hooks(net)  # every unit's maximum and where
-        self.collect_seconds += time.perf_counter() - start
 
-    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
-                                batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        if not self._handles:
-            return
-        start = time.perf_counter()
-        records, self._records = self._records, []
+    def take_records(self, records: list[dict], batch: Any) -> None:
         try:
             _, labels = split_batch(batch, self.batch_keys)
         except ConvlensError:
@@ -242,13 +229,8 @@ class UnitDissection(ValidationCollector):
                                 "(one class index per image); the class indexes are undefined. For dict batches "
                                 "pass batch_keys=(image_key, label_key)")
             self._collector.update(images, mine, maps)
-        self.collect_seconds += time.perf_counter() - start
 
-    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self._handles:
-            return
-        self._remove_hooks()
-        start = time.perf_counter()
+    def finish_collecting(self, trainer: pl.Trainer) -> UnitCollector:
         collector, self._collector = self._collector, None
         if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
             states: list = [None] * torch.distributed.get_world_size()
@@ -262,9 +244,7 @@ class UnitDissection(ValidationCollector):
                     merged.pool.setdefault(i, image)
         else:
             merged = collector
-        if trainer.is_global_zero:
-            self.result, self.result_epoch = merged, trainer.current_epoch
-        self.collect_seconds += time.perf_counter() - start
+        return merged
 
     # -- measuring and drawing ------------------------------------------------------------------
     def visualize(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

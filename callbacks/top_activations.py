@@ -39,7 +39,6 @@ if `max_epochs` is unlimited).
 from __future__ import annotations
 
 import math
-import time
 from typing import Any, Mapping, Sequence
 
 import lightning.pytorch as pl
@@ -174,27 +173,15 @@ class TopActivations(ValidationCollector):
         return trainer.strategy.broadcast(chosen, src=0)
 
     # -- collecting during validation -----------------------------------------------------------
-    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._remove_hooks()
-        if not self.collects_validation(trainer):
-            return
-        start = time.perf_counter()
-        net = self.net(pl_module)
+    def start_collecting(self, trainer: pl.Trainer, pl_module: pl.LightningModule, net: nn.Module) -> None:
         self._compute_fields(net, self.probe_images[:1].to(pl_module.device))
         self.chosen = self._choose_units(trainer, pl_module)
         self._tops = {layer: RunningTopK(self.k, len(self.chosen[layer])) for layer in self.layers}
         self._normalization = self.normalization(trainer)
-        self.collect_seconds = 0.0
         # only what the top-k needs: each selected unit's map maximum and its position
         self.attach_maxima_hooks(net, {layer: _as_index(self.chosen[layer], pl_module.device) for layer in self.layers})
-        self.collect_seconds += time.perf_counter() - start
 
-    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
-                                batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        if not self._handles:
-            return
-        start = time.perf_counter()
-        records, self._records = self._records, []
+    def take_records(self, records: list[dict], batch: Any) -> None:
         for record in records:
             images, maps = record["images"], record["maps"]
             # ids (a hash of every pixel) only for the images that can enter some top k; the
@@ -216,22 +203,17 @@ class TopActivations(ValidationCollector):
                     return crop_patches(x.clamp(0, 1), field, pos[:, 0], pos[:, 1])
 
                 self._tops[layer].update(values, ids, positions, payload=patches)
-        self.collect_seconds += time.perf_counter() - start
 
-    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self._handles:
-            return
-        self._remove_hooks()
-        start = time.perf_counter()
+    def finish_collecting(self, trainer: pl.Trainer) -> dict[str, RunningTopK] | None:
         gathered = self.gather(trainer, {layer: top.state_dict() for layer, top in self._tops.items()})
         self._tops = {}
-        if trainer.is_global_zero:
-            merged = {layer: RunningTopK.from_state_dict(gathered[0][layer]) for layer in self.layers}
-            for other in gathered[1:]:
-                for layer in self.layers:
-                    merged[layer].merge(RunningTopK.from_state_dict(other[layer]))
-            self.result, self.result_epoch = merged, trainer.current_epoch
-        self.collect_seconds += time.perf_counter() - start
+        if not trainer.is_global_zero:
+            return None
+        merged = {layer: RunningTopK.from_state_dict(gathered[0][layer]) for layer in self.layers}
+        for other in gathered[1:]:
+            for layer in self.layers:
+                merged[layer].merge(RunningTopK.from_state_dict(other[layer]))
+        return merged
 
     # -- drawing -------------------------------------------------------------------------------
     def visualize(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
