@@ -71,6 +71,23 @@ FAST_SHAPES = [
 ]
 
 
+def run_ddp_script(script: str, tmp_path: Path, stem: str) -> dict[int, object]:
+    """Run a test's DDP script (argv: output dir, devices) with 2 ranks, then 1 process; each run
+    saves `<stem><devices>.pt` from rank zero. Returns {devices: what it saved}."""
+    import subprocess
+    import sys
+
+    path = tmp_path / f"ddp_{stem}.py"
+    path.write_text(script)
+    results = {}
+    for devices in (2, 1):
+        proc = subprocess.run([sys.executable, str(path), str(tmp_path), str(devices)], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        results[devices] = torch.load(tmp_path / f"{stem}{devices}.pt", weights_only=True)
+    return results
+
+
 def compose_cfg(overrides: Sequence[str], output_dir: str | os.PathLike, config_name: str = "train") -> DictConfig:
     """The config `convlens-<config_name> <overrides>` would see, with its run dir at `output_dir`."""
     return compose_config(overrides, output_dir, config_name)

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import csv
 import math
-import subprocess
-import sys
 import textwrap
 import warnings
 from functools import partial
@@ -27,7 +25,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from conftest import NetModule, read_events
+from conftest import NetModule, read_events, run_ddp_script
 from convlens.callbacks.dissection import CSV_COLUMNS, UnitDissection, sort_order
 from convlens.callbacks.display import Normalization
 from convlens.errors import ConfigError
@@ -594,14 +592,7 @@ DDP_SCRIPT = textwrap.dedent("""
 
 @pytest.mark.slow  # three interpreters (2 DDP ranks, then 1 process)
 def test_ddp_two_processes_equal_one_process(tmp_path):
-    script = tmp_path / "ddp_dissection.py"
-    script.write_text(DDP_SCRIPT.format())
-    results = {}
-    for devices in (2, 1):
-        proc = subprocess.run([sys.executable, str(script), str(tmp_path), str(devices)], cwd=tmp_path,
-                              capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        results[devices] = torch.load(tmp_path / f"dissection{devices}.pt", weights_only=True)
+    results = run_ddp_script(DDP_SCRIPT.format(), tmp_path, "dissection")
     ddp, single = results[2], results[1]
     assert set(ddp) == set(single) == {"0", "3"}
     for layer in single:

@@ -10,8 +10,6 @@ run for the DDP run.
 from __future__ import annotations
 
 import math
-import subprocess
-import sys
 import textwrap
 from functools import partial
 from pathlib import Path
@@ -25,7 +23,7 @@ from torch import nn
 from convlens.render import upscale
 from convlens.callbacks.display import OUTSIDE_COLOR
 from convlens.callbacks.top_activations import TopActivations, top_activations_grid
-from conftest import FAST_SHAPES, compose_cfg, read_events
+from conftest import FAST_SHAPES, compose_cfg, read_events, run_ddp_script
 from convlens.datamodules.shapes import ShapesDataModule
 from convlens.models.cifar import CifarConvNet
 from convlens.models.lenet import LeNet
@@ -456,14 +454,7 @@ DDP_SCRIPT = textwrap.dedent("""
 
 @pytest.mark.slow  # three interpreters (2 DDP ranks, then 1 process): ~15-30 s
 def test_ddp_two_processes_equal_one_process(tmp_path):
-    script = tmp_path / "ddp_top.py"
-    script.write_text(DDP_SCRIPT.format())
-    results = {}
-    for devices in (2, 1):
-        proc = subprocess.run([sys.executable, str(script), str(tmp_path), str(devices)], cwd=tmp_path,
-                              capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        results[devices] = torch.load(tmp_path / f"top{devices}.pt", weights_only=False)
+    results = run_ddp_script(DDP_SCRIPT.format(), tmp_path, "top")
     ddp, single = results[2], results[1]
     assert ddp["seen"] > single["seen"] == 80      # the DDP ranks saw repeated images ...
     assert ddp["chosen"] == single["chosen"]
