@@ -165,9 +165,11 @@ class VisualizationCallback(pl.Callback):
         self.every_n_epochs_given = every_n_epochs is not None
         self.budget = check_budget(budget)
         self._budget_said = False
-        #: the current drawing's deadline and pieces (`within_budget`); whether a drawing has been timed
+        #: the current drawing's deadline and pieces (`within_budget`); whether a whole drawing has
+        #: been timed; the estimated seconds of a whole drawing, from one stopped at its deadline
         self._drawing = Drawing()
         self._measured = False
+        self._estimate: float | None = None
         own = [n for n in inspect.signature(type(self).__init__).parameters if n not in ('self', 'probe_options')]
         self.probe_spec = ProbeSpec.from_options(type(self).__name__, probe, own_options=own, **probe_options)
         self.probe_images: torch.Tensor | None = None
@@ -497,9 +499,13 @@ class VisualizationCallback(pl.Callback):
         start = time.perf_counter()
         epoch_time = epoch_seconds(trainer, start)
         part = None
-        if not self._measured and self.every_n_epochs > 0:  # the first drawing: its cost is not known
+        if not self._measured and self.every_n_epochs > 0:  # a whole drawing's cost is not known yet
             part = first_part(epoch_time, self.budget, len(self._visualizations(trainer)))
-        self._drawing = Drawing(deadline=None if part is None else start + part)
+            if part is not None and self._estimate is not None:
+                # after a stopped drawing: the budget of the epochs since, or twice the estimated
+                # whole drawing (pieces can cost more than the first ones said)
+                part = max(part * self.every_n_epochs, 2 * self._estimate)
+        self._drawing = Drawing(deadline=None if part is None else start + part, allowed=part)
         try:
             # offline runs (trainer.validate) call this inside inference mode; methods that need
             # gradients (saliency, suppression) must see ordinary tensors
@@ -509,7 +515,7 @@ class VisualizationCallback(pl.Callback):
             self._drawing.deadline = None
         seconds = time.perf_counter() - start
         spent(trainer, seconds)
-        self._measured = self._measured or epoch_time is not None
+        self._measured = self._measured or (epoch_time is not None and not self._drawing.stopped)
         self.log_scalars(trainer, {f"viz_time/{self.name}": seconds})
         if epoch_time is not None and self.every_n_epochs > 0:
             self._keep_within_budget(trainer, seconds, epoch_time)
@@ -528,7 +534,9 @@ class VisualizationCallback(pl.Callback):
             return
         budget = f"(the budget: {self.budget:.0%} of an epoch for {count} visualization(s))"
         if drawing.stopped:
-            what = (f"{type(self).__name__}'s first drawing had {first_part(epoch_time, self.budget, count):.1f} s, "
+            which = "first drawing" if self._estimate is None else "drawing"
+            self._estimate = full
+            what = (f"{type(self).__name__}'s {which} had {drawing.allowed:.1f} s, "
                     f"its part of the time budget of the epoch's {epoch_time:.1f} s {budget}: "
                     f"{'; '.join(c.describe() for c in drawing.cuts if c.left or c.over)}; it took {seconds:.1f} s"
                     + (f", a full drawing about {full:.1f} s" if full > seconds else ""))
@@ -570,7 +578,8 @@ class VisualizationCallback(pl.Callback):
             index = None
         return {"probe_pool": pool, "probe_index": index, "layers": self.layers,
                 "declined": self.declined, "declined_reason": self.declined_reason,
-                "every_n_epochs": self.every_n_epochs, "budget_measured": self._measured}
+                "every_n_epochs": self.every_n_epochs, "budget_measured": self._measured,
+                "budget_estimate": self._estimate}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         pool = state_dict.get("probe_pool")
@@ -583,6 +592,7 @@ class VisualizationCallback(pl.Callback):
         if not self.every_n_epochs_given and isinstance(state_dict.get("every_n_epochs"), int):
             self.every_n_epochs = state_dict["every_n_epochs"]  # as spaced out by the budget
         self._measured = bool(state_dict.get("budget_measured", False))
+        self._estimate = state_dict.get("budget_estimate")
         if state_dict.get("declined"):  # switched off in the run this one resumes: off again, said once
             self._decline(state_dict.get("declined_reason") or "it was switched off in the run this one resumes")
 

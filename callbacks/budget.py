@@ -13,10 +13,12 @@ The first drawing: its cost is not known before it runs, so it gets a deadline i
 the budget of the epoch it draws at (at least `MIN_SECONDS`). A callback draws in pieces (layers,
 probe images) in order, through `pieces_within`: before each piece it checks whether the deadline
 would pass (now plus the last piece's seconds), and stops there, after at least one piece of the
-drawing. The spacing of later, full drawings comes from the estimated full cost (the seconds taken,
-per piece drawn, times all pieces). Pieces the user chose (named layers, units, probe images) are
-never left out: the deadline is only reported. Pieces are whole: stopping between two leaves no
-hook or mode behind.
+drawing. The spacing of later drawings comes from the estimated whole cost (the seconds taken, per
+piece drawn, times all pieces). Until a whole drawing has been timed, each drawing keeps a deadline:
+the budget of the epochs since the last one, or twice the estimate if that is more, so later pieces
+that cost more than the first ones said are stopped too (and the estimate and spacing grow).
+Pieces the user chose (named layers, units, probe images) are never left out: the deadline is only
+reported. Pieces are whole: stopping between two leaves no hook or mode behind.
 """
 from __future__ import annotations
 
@@ -126,6 +128,8 @@ class Drawing:
     """One drawing's deadline (None: none) and what its pieces did."""
 
     deadline: float | None = None
+    #: the seconds it was given (None: no deadline)
+    allowed: float | None = None
     cuts: list[Cut] = field(default_factory=list)
     pieces: int = 0
     last: float = 0.0

@@ -135,7 +135,10 @@ def test_the_spacing_is_kept_in_the_checkpoint_state():
     explicit.load_state_dict(callback.state_dict())
     assert explicit.every_n_epochs == 2  # the user's choice wins over a saved spacing
     assert not resumed._measured
-    callback._measured = True  # a drawing was timed: a resumed run's first drawing has no deadline
+    callback._estimate = 3.5  # a stopped drawing's estimate: the next deadline after a resume uses it
+    resumed.load_state_dict(callback.state_dict())
+    assert resumed._estimate == 3.5 and not resumed._measured
+    callback._measured = True  # a whole drawing was timed: a resumed run's drawings have no deadline
     resumed.load_state_dict(callback.state_dict())
     assert resumed._measured
 
@@ -202,6 +205,29 @@ def test_a_first_drawing_stops_at_its_deadline_and_says_what_it_left_out(tmp_pat
     assert all(last in images[f"decoded/{layer}"] for layer in CONVS)
     text = read_text(tmp_path / "tb", "budget/decoded")
     assert list(text) == [first] and "left out: 2, 4" in text[first]
+
+
+def test_pieces_dearer_than_the_first_are_stopped_in_later_drawings_too(tmp_path, budget_on, monkeypatch):
+    """The first drawing's one piece says a whole drawing costs 3 x 0.05 s, but the later layers
+    take 1 s each: the next drawing (the last epoch) gets the budget of the epochs since, or twice
+    that estimate, and stops after one dear piece instead of drawing 2 s."""
+    import convlens.callbacks.decoded as decoded
+    from convlens.callbacks import DecodedFilters
+
+    original, seconds = decoded.decode_filters, {"0": 0.05, "2": 1.0, "4": 1.0}
+
+    def uneven(model, layer, *args, **kwargs):
+        time.sleep(seconds[layer])
+        return original(model, layer, *args, **kwargs)
+    monkeypatch.setattr(decoded, "decode_filters", uneven)
+    callback = DecodedFilters(compute_error=False)
+    images, val, said = fit_pieces(tmp_path, callback)
+    first, last = val[0], val[-1]
+    assert images["decoded/0"] == [first, last] and images["decoded/2"] == [last]
+    assert "decoded/4" not in images  # before, the last drawing was whole: 2.05 s
+    text = read_text(tmp_path / "tb", "budget/decoded")
+    assert sorted(text) == [first, last] and "left out: 4" in text[last] and "drawing had" in text[last]
+    assert callback._estimate > 1.0 and not callback._measured  # 1.05 s for 2 of 3 layers
 
 
 def test_chosen_layers_are_never_left_out(tmp_path, budget_on, slow_decoding):
