@@ -702,7 +702,7 @@ def test_visualize_without_ckpt_path(tmp_path):
 @pytest.mark.slow
 def test_callback_constructor_error_is_one_line(tmp_path):
     r = cli(TINY + DECONV + ["callbacks.deconv.k=0", f"hydra.run.dir={tmp_path / 'r'}"])
-    assert_one_line_error(r, "ConfigError", "k (maps per probe image) must be an int >= 1, got 0")
+    assert_one_line_error(r, "ConfigError", "k (top units per probe image) must be an int >= 1, got 0")
 
 
 @pytest.mark.slow
