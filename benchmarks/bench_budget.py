@@ -1,8 +1,8 @@
 """The visualizations' time budget (issue #26): the share of an epoch each default callback takes
 (deconv, evolution, decoded, occlusion, with their config's options and `budget: 0.05`), on the
-first epoch (a first drawing stops at its deadline, `callbacks/budget.py`) and on the second (spaced
+first epoch (a first drawing stops at its deadline, `callbacks/budget.py`) and on the next ones (spaced
 out by the cost the first one measured: a callback whose full drawing is over its part does not
-draw then).
+draw then), and over the run.
 
     flock /tmp/bench.lock python benchmarks/bench_budget.py            # VGG16, ResNet-18, CIFAR net, LeNet
     flock /tmp/bench.lock python benchmarks/bench_budget.py --nets lenet --batches-scale 0.5
@@ -10,7 +10,8 @@ draw then).
 Random weights and synthetic data (Gaussian images in model input space, labels cycling over the
 classes), short epochs (stated in the table): the epoch's own seconds are what the budget is a share
 of, so a short epoch is the hard case (its 5% is small, and a first drawing always draws one piece).
-Each run stops after its second epoch (a longer run would draw its last epoch in full). The epoch
+Each run stops after `--epochs` epochs (default 4; a run that reaches its `max_epochs` would also
+draw its last epoch in full, which this leaves out). The epoch
 time is training and validation, as the budget measures it; each callback's seconds are its
 `visualize` (as `viz_time/<name>`, without the logging of the scalar).
 """
@@ -135,28 +136,32 @@ def main():
     p.add_argument("--nets", nargs="*", default=list(NETS))
     p.add_argument("--batches-scale", type=float, default=1.0, help="scale the training batches an epoch")
     p.add_argument("--budget", type=float, default=0.05)
+    p.add_argument("--epochs", type=int, default=4, help="epochs per run")
     a = p.parse_args()
     os.environ.pop("CONVLENS_BUDGET", None)
     report = Report("budget")
     rows = []
     report.print(f"load average before: {os.getloadavg()[0]:.2f}")
-    report.print("| net | input | epoch (train x batch + val) | epoch 1 s | epoch 2 s | callback | epoch 1 s (share) "
-                 "| epoch 2 s (share) | every k epochs after |\n|---|---|---|---:|---:|---|---:|---:|---:|")
+    heads = " | ".join(f"epoch {e + 1} s (share)" for e in range(a.epochs))
+    report.print(f"| net | epoch (train x batch + val) | callback | {heads} | all epochs (share) "
+                 "| every k epochs after |\n|---|---|---|" + "---:|" * (a.epochs + 2))
     for name in a.nets:
-        r = run_net(name, a.batches_scale, a.budget)
+        r = run_net(name, a.batches_scale, a.budget, a.epochs)
         rows.append(r)
-        e1, e2 = (r["epochs"] + [float("nan")] * 2)[:2]
-        total = [0.0, 0.0]
+        epochs = r["epochs"]
+        size = f"{r['size']}, {r['train_batches']} x {r['batch']} + {r['val_batches']} x {r['batch']}"
+        report.print(f"| {name} | {size} | (epoch s) | " + " | ".join(f"{e:.1f}" for e in epochs)
+                     + f" | {sum(epochs):.1f} | |")
+        total = [0.0] * len(epochs)
         for cb, record in r["times"].items():
             per = {epoch: s for epoch, s in record}
-            s1, s2 = per.get(0, 0.0), per.get(1, 0.0)
-            total[0] += s1
-            total[1] += s2
-            report.print(f"| {name} | {r['size']} | {r['train_batches']} x {r['batch']} + {r['val_batches']} x "
-                         f"{r['batch']} | {e1:.1f} | {e2:.1f} | {cb} | {s1:.2f} ({s1 / e1:.1%}) | "
-                         f"{s2:.2f} ({s2 / e2:.1%}) | {r['spacing'][cb]} |")
-        report.print(f"| {name} | | | | | **all four** | **{total[0]:.2f} ({total[0] / e1:.1%})** | "
-                     f"**{total[1]:.2f} ({total[1] / e2:.1%})** | |")
+            seconds = [per.get(e, 0.0) for e in range(len(epochs))]
+            total = [t + s for t, s in zip(total, seconds)]
+            report.print(f"| {name} | | {cb} | " + " | ".join(f"{s:.2f} ({s / e:.1%})" for s, e in zip(seconds, epochs))
+                         + f" | {sum(seconds):.2f} ({sum(seconds) / sum(epochs):.1%}) | {r['spacing'][cb]} |")
+        shares = " | ".join(f"**{s:.2f} ({s / e:.1%})**" for s, e in zip(total, epochs))
+        run = f"**{sum(total):.2f} ({sum(total) / sum(epochs):.1%})**"
+        report.print(f"| {name} | | **all four** | {shares} | {run} | |")
         for note in r["notes"]:
             report.print(f"    {name}: {note}")
     report.print(f"load average after: {os.getloadavg()[0]:.2f}")

@@ -536,14 +536,14 @@ class VisualizationCallback(pl.Callback):
         if drawing.stopped:
             which = "first drawing" if self._estimate is None else "drawing"
             self._estimate = full
-            what = (f"{type(self).__name__}'s {which} had {drawing.allowed:.1f} s, "
-                    f"its part of the time budget of the epoch's {epoch_time:.1f} s {budget}: "
-                    f"{'; '.join(c.describe() for c in drawing.cuts if c.left or c.over)}; it took {seconds:.1f} s"
-                    + (f", a full drawing about {full:.1f} s" if full > seconds else ""))
+            what = (f"{type(self).__name__}'s {which} had {_secs(drawing.allowed)}, "
+                    f"its part of the time budget of the epoch's {_secs(epoch_time)} {budget}: "
+                    f"{'; '.join(c.describe() for c in drawing.cuts if c.left or c.over)}; it took {_secs(seconds)}"
+                    + (f", a full drawing about {_secs(full)}" if full > seconds else ""))
             self.log_text(trainer, f"budget/{self.name}", what)
         else:
-            what = (f"{type(self).__name__} took {seconds:.1f} s, {seconds / epoch_time:.0%} of the epoch's "
-                    f"{epoch_time:.1f} s {budget}")
+            what = (f"{type(self).__name__} took {_secs(seconds)}, {seconds / epoch_time:.0%} of the epoch's "
+                    f"{_secs(epoch_time)} {budget}")
         if k <= self.every_n_epochs:  # a stopped first drawing: said once
             if not self._budget_said:
                 self._budget_said = True
@@ -607,3 +607,8 @@ class VisualizationCallback(pl.Callback):
 
 
 _guard_hooks(VisualizationCallback)
+
+
+def _secs(seconds: float) -> str:
+    """Seconds as said in the budget's messages: 0.04 s, 2.3 s, 143 s."""
+    return f"{seconds:.2f} s" if seconds < 1 else f"{seconds:.1f} s" if seconds < 100 else f"{seconds:.0f} s"

@@ -4,13 +4,12 @@ Each due epoch, a callback compares the seconds its drawing took with its part o
 `budget` (a share, default 5%) of the epoch's own time (training and validation, measured from the
 epoch's start, less what the visualizations drew before it), divided among the visualization
 callbacks of the trainer. One that went over draws from then on every k epochs, the smallest k that
-brings its cost per epoch within its part, and says so once. A callback whose drawing took under
-`MIN_SECONDS` is never spaced out (on tiny epochs any drawing is a large share, and a second a
-draw is not what slows a run). What the user set explicitly (`every_n_epochs=`) is never changed:
+brings its cost per epoch within its part, and says so once, however short the drawing (on a
+3-second epoch, a 0.3-second drawing is a 10% share). What the user set explicitly (`every_n_epochs=`) is never changed:
 it is only warned about. `budget=None` (`callbacks.budget=null`) turns it off.
 
 The first drawing: its cost is not known before it runs, so it gets a deadline instead, its part of
-the budget of the epoch it draws at (at least `MIN_SECONDS`). A callback draws in pieces (layers,
+the budget of the epoch it draws at. A callback draws in pieces (layers,
 probe images) in order, through `pieces_within`: before each piece it checks whether the deadline
 would pass (now plus the last piece's seconds), and stops there, after at least one piece of the
 drawing. The spacing of later drawings comes from the estimated whole cost (the seconds taken, per
@@ -31,8 +30,6 @@ from typing import Any, Callable, Iterable, Iterator
 
 #: the default share of an epoch's time all visualizations together may take
 DEFAULT_BUDGET = 0.05
-#: a drawing shorter than this is never spaced out
-MIN_SECONDS = 2.0
 #: CONVLENS_BUDGET=off turns the budget off whatever the callbacks were given (the test suite does)
 BUDGET_ENV = "CONVLENS_BUDGET"
 
@@ -86,7 +83,7 @@ def check_budget(budget: Any) -> float | None:
 def spacing(seconds: float, epoch_time: float, budget: float | None, callbacks: int) -> int:
     """Every how many epochs a drawing of `seconds` keeps within its part of `budget` of an epoch
     of `epoch_time` seconds shared by `callbacks` visualizations (1: every epoch)."""
-    if budget is None or os.environ.get(BUDGET_ENV, "") == "off" or seconds < MIN_SECONDS or epoch_time <= 0:
+    if budget is None or os.environ.get(BUDGET_ENV, "") == "off" or epoch_time <= 0:
         return 1
     part = budget * epoch_time / max(callbacks, 1)
     return max(1, math.ceil(seconds / part))
@@ -94,10 +91,10 @@ def spacing(seconds: float, epoch_time: float, budget: float | None, callbacks: 
 
 def first_part(epoch_time: float | None, budget: float | None, callbacks: int) -> float | None:
     """The seconds a first drawing may take (its part of `budget` of an epoch of `epoch_time`
-    seconds shared by `callbacks` visualizations, at least `MIN_SECONDS`), or None: no deadline."""
+    seconds shared by `callbacks` visualizations), or None: no deadline."""
     if budget is None or os.environ.get(BUDGET_ENV, "") == "off" or epoch_time is None or epoch_time <= 0:
         return None
-    return max(budget * epoch_time / max(callbacks, 1), MIN_SECONDS)
+    return budget * epoch_time / max(callbacks, 1)
 
 
 @dataclass

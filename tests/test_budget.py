@@ -32,7 +32,7 @@ def test_spacing_hand_computed(monkeypatch):
     assert budget_lib.spacing(2.6, 100.0, 0.05, 2) == 2
     assert budget_lib.spacing(10.0, 100.0, 0.05, 2) == 4
     assert budget_lib.spacing(803.0, 480.0, 0.05, 4) == 134  # VGG16's decoded filters after an 8-min epoch
-    assert budget_lib.spacing(1.9, 1.0, 0.05, 1) == 1  # under MIN_SECONDS: never spaced out
+    assert budget_lib.spacing(0.3, 3.0, 0.05, 4) == 8  # LeNet's deconv on a 3-s epoch: short, still spaced
     assert budget_lib.spacing(10.0, 100.0, None, 2) == 1
     monkeypatch.setenv("CONVLENS_BUDGET", "off")
     assert budget_lib.spacing(10.0, 100.0, 0.05, 2) == 1
@@ -94,7 +94,6 @@ def fit(tmp_path, callback, epochs=7):
 @pytest.fixture
 def budget_on(monkeypatch):
     monkeypatch.delenv("CONVLENS_BUDGET", raising=False)
-    monkeypatch.setattr(budget_lib, "MIN_SECONDS", 0.0)
 
 
 def test_a_callback_over_budget_draws_every_k_epochs_and_says_so_once(tmp_path, budget_on):
