@@ -206,7 +206,7 @@ def study(a, report: Report) -> dict:
     report.print("| epoch | " + " | ".join(EXPLANATIONS) + " |")
     report.print("|---|" + "---|" * len(EXPLANATIONS))
     for epoch, step in enumerate(steps, 1):
-        sim = lambda m, s: logged.get(f"faithfulness_sanity/{m}/{s}", {}).get(step, float("nan"))  # noqa: E731
+        sim = lambda m, s: logged.get(f"sanity/{m}/{s}", {}).get(step, float("nan"))  # noqa: E731
         report.print(f"| {epoch} | " + " | ".join(f"{sim(m, 'spearman_abs'):.2f} / {sim(m, 'ssim'):.2f}"
                                                   for m in EXPLANATIONS) + " |")
         rows[epoch - 1].update({f"{m}/{s}": sim(m, s) for m in EXPLANATIONS for s in ("spearman", "spearman_abs",

@@ -12,7 +12,7 @@ Logged at the step of the epoch's validation scalars, for each enabled method `<
 `centre` (which a real explanation should beat), averaged over the probe images:
 - `faithfulness/<m>/deletion_auc` (lower: more faithful), `faithfulness/<m>/insertion_auc` (higher),
   `faithfulness/<m>/road_morf` (lower), `faithfulness/<m>/road_lerf` (higher);
-- `faithfulness_sanity/<m>/spearman`, `.../spearman_abs`, `.../ssim`: the similarity of the method's
+- `sanity/<m>/spearman`, `.../spearman_abs`, `.../ssim`: the similarity of the method's
   maps now to its maps of the initialised net, computed at fit start before the first step and kept
   in the checkpoint (offline, `convlens-visualize`: to the maps of a copy of the net with every
   weight drawn again). A method whose `spearman_abs` stays at or above `sanity_threshold` after
@@ -227,7 +227,7 @@ class Faithfulness(VisualizationCallback):
             for measure in ("spearman", "spearman_abs", "ssim"):
                 value = _mean(getattr(similarity, measure))
                 if value is not None:
-                    scalars[f"faithfulness_sanity/{method}/{measure}"] = value
+                    scalars[f"sanity/{method}/{measure}"] = value
             rho = _mean(similarity.spearman_abs)
             if rho is None:
                 continue

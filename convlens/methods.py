@@ -3,8 +3,8 @@
 A method's name is, everywhere: its callback file (`callbacks/<name>.py`), its config
 (`conf/callbacks/<name>.yaml`, key `callbacks.<name>`), its callback's `name` (the
 `viz_time/<name>` scalar), the prefix of every TensorBoard tag it logs (`<name>/...` or
-`<name>_<kind>/...`), and `convlens-visualize method=<name>`. `tests/test_methods.py` checks
-that all of these agree with this table.
+`<name>_<kind>/...`, or one of the method's `other_prefixes`), and `convlens-visualize
+method=<name>`. `tests/test_methods.py` checks that all of these agree with this table.
 """
 from __future__ import annotations
 
@@ -23,6 +23,8 @@ class Method:
     #: in the default callback set (`callbacks=default`)
     default: bool
     summary: str
+    #: tag prefixes besides `<name>` and `<name>_<kind>`, where the method's specification names them
+    other_prefixes: tuple[str, ...] = ()
 
     def callback_class(self) -> type:
         return getattr(importlib.import_module(f"convlens.callbacks.{self.name}"), self.callback)
@@ -45,7 +47,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("evolution", "FilterEvolution", "deconvnet", True,
            "one fixed unit per layer projected every epoch, the first layer's weights, weight change"),
     Method("faithfulness", "Faithfulness", "faithfulness", False,
-           "deletion / insertion AUC, ROAD and the model-randomization sanity check of each explanation"),
+           "deletion / insertion AUC, ROAD and the model-randomization sanity check of each explanation",
+           other_prefixes=("sanity",)),  # sanity/<method>/...: Adebayo et al.'s check, as issue #21 names it
     Method("mistakes", "Mistakes", "knn", False,
            "misclassified validation images beside their nearest training images, the confusion matrix, "
            "per-class accuracy, the embedding projector"),

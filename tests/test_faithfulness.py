@@ -504,7 +504,7 @@ def test_callback_logs_every_score_and_matches_the_viz_functions(tmp_path):
             assert events["scalars"][f"faithfulness/{name}/{score}"] == [1, 3], (name, score)
     for method in EXPLANATIONS:
         for measure in ("spearman", "spearman_abs", "ssim"):
-            assert f"faithfulness_sanity/{method}/{measure}" in events["scalars"]
+            assert f"sanity/{method}/{measure}" in events["scalars"]
     assert "faithfulness/curves" in events["images"] and "viz_time/faithfulness" in events["scalars"]
 
     # the epoch-0 maps: those of the net as initialised, before any step
@@ -596,7 +596,7 @@ def test_offline_validate_compares_with_a_randomized_copy(tmp_path):
     torch.testing.assert_close(callback._offline_reference["gradcam"], expected["gradcam"], rtol=1e-4, atol=1e-6)
     for k, v in net.state_dict().items():
         assert torch.equal(v, before[k]), k
-    assert "faithfulness_sanity/gradcam/spearman_abs" in read_events(tmp_path / "tensorboard")["scalars"]
+    assert "sanity/gradcam/spearman_abs" in read_events(tmp_path / "tensorboard")["scalars"]
 
 
 @pytest.mark.parametrize("options, message", [

@@ -61,7 +61,8 @@ def test_every_logged_tag_starts_with_its_methods_name(tmp_path):
         if prefix == "viz_time":
             assert tag.split("/", 1)[1].split("_collect")[0] in METHODS, tag
             continue
-        assert any(prefix == n or prefix.startswith(n + "_") for n in METHODS), tag
+        assert any(prefix == n or prefix.startswith(n + "_") or prefix in m.other_prefixes
+                   for n, m in METHODS.items()), tag
     drawn = [m.name for m in METHODS.values() if m.default] + ["saliency", "top_activations", "suppression",
                                                               "faithfulness"]  # the methods of this run
     for name in drawn:
