@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from functools import partial
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import lightning.pytorch as pl
 import torch
@@ -91,11 +91,15 @@ class ValidationCollector(VisualizationCallback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._remove_hooks()
 
-    def attach_maxima_hooks(self, net: nn.Module, units: Mapping[str, Any] | None = None) -> None:
+    def attach_maxima_hooks(self, net: nn.Module, units: Mapping[str, Any] | None = None,
+                            thresholds: Callable[[str], torch.Tensor] | None = None) -> None:
         """Hooks that record each forward of the loop into `self._records` as {"images": the net's
         input [N, C, H, W], "maps": {layer: (values, positions)}}: each map's maximum and where it
-        is (`viz.top_activations.spatial_max`), of the units `units[layer]` (else every unit). The
-        time they take is added to `collect_seconds`."""
+        is (`viz.top_activations.spatial_max`), of the units `units[layer]` (else every unit). With
+        `thresholds(layer)` ([units] values, read at each forward; e.g. the k-th kept value of each
+        unit's top, which only rises during the loop) a position is found only where the maximum
+        reaches its unit's threshold, (-1, -1) elsewhere. The time they take is added to
+        `collect_seconds`."""
         self._records = []
 
         def net_input(_module, args):
@@ -108,7 +112,8 @@ class ValidationCollector(VisualizationCallback):
         def layer_output(_module, _args, out, layer):
             t0 = time.perf_counter()
             if self._records and layer not in self._records[-1]["maps"] and torch.is_tensor(out) and out.dim() == 4:
-                self._records[-1]["maps"][layer] = spatial_max(out.detach(), None if units is None else units[layer])
+                self._records[-1]["maps"][layer] = spatial_max(out.detach(), None if units is None else units[layer],
+                                                               None if thresholds is None else thresholds(layer))
             self.collect_seconds += time.perf_counter() - t0
 
         self._handles = [input_module(net, self.layers).register_forward_pre_hook(net_input)]

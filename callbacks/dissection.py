@@ -211,7 +211,8 @@ class UnitDissection(ValidationCollector):
         image = self.probe_images[:1].to(pl_module.device)
         self.fields = {layer: self._field(net, image, layer) for layer in self.layers}
         self._collector = UnitCollector({layer: get_layer(net, layer).out_channels for layer in self.layers}, self.n)
-        self.attach_maxima_hooks(net)  # every unit's maximum and where
+        # every unit's maximum, and where it is for the maxima that may enter a top
+        self.attach_maxima_hooks(net, thresholds=self._collector.thresholds)
 
     def take_records(self, records: list[dict], batch: Any) -> None:
         try:

@@ -159,6 +159,44 @@ def test_fast_top_n_update_equals_running_top_k_update(seed):
         assert set(ids[rows].tolist()) == set(ids.tolist()) & set(slow.image_ids.flatten().tolist())
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_positions_found_only_above_the_thresholds_give_the_same_collector(seed):
+    """`spatial_max` with the collector's `thresholds` (positions only for the maxima that may enter
+    a top; read before each batch, as the hooks do) against `spatial_max` with every position: the
+    same state bit for bit, batch after batch, with tied values inside maps and between images, new
+    and repeated images, batches smaller than N, two forwards of a batch read against the thresholds
+    before either, and maps of float64 (compared in float32)."""
+    g = torch.Generator().manual_seed(seed)
+    units, n = {"a": 6, "b": 3}, 5
+    lazy, full = UnitCollector(units, n), UnitCollector(units, n)
+    bank = torch.randn(30, 3, 4, 4, generator=g)
+    read = 0
+    for step in range(14):
+        b = int(torch.randint(1, 9, (1,), generator=g))
+        rows = torch.randint(0, 30, (b,), generator=g) if step % 4 == 3 else torch.randperm(30, generator=g)[:b]
+        images, labels = bank[rows], rows % 3
+        maps = {layer: torch.randint(-3, 4, (b, u, 3, 5), generator=g).double() / 2 for layer, u in units.items()}
+        thresholds = {layer: lazy.thresholds(layer) for layer in units}
+        if step % 5 == 4:   # a second forward of the batch, its thresholds read before the first update
+            lazy.update(images, labels, {k: spatial_max(v, thresholds=thresholds[k]) for k, v in maps.items()})
+            full.update(images, labels, {k: spatial_max(v) for k, v in maps.items()})
+        got = {k: spatial_max(v, thresholds=thresholds[k]) for k, v in maps.items()}
+        read += sum(int((p[..., 0] < 0).sum()) for _, p in got.values())
+        lazy.update(images, labels, got)
+        full.update(images, labels, {k: spatial_max(v) for k, v in maps.items()})
+        for layer in units:
+            for name in ("values", "image_ids", "positions", "payload"):
+                assert torch.equal(getattr(lazy.tops[layer], name), getattr(full.tops[layer], name)), (step, name)
+            assert torch.equal(lazy.class_sums[layer], full.class_sums[layer])
+            assert torch.equal(lazy.tail["values"][layer], full.tail["values"][layer])
+        assert torch.equal(lazy.class_counts, full.class_counts) and set(lazy.pool) == set(full.pool)
+    assert read > 0   # some positions were indeed left out
+    # a position left out where the collector needs it is an error, not a silent (-1, -1) entry
+    fresh = UnitCollector({"a": 2}, 2)
+    with pytest.raises(DissectionError, match="no position"):
+        fresh.update(bank[:2], None, {"a": (torch.ones(2, 2), torch.full((2, 2, 2), -1))})
+
+
 def test_merge_of_overlapping_shares_equals_one_pass():
     """Shares as DDP's sampler makes them: each rank every other image, the last rank's share padded
     with a repeat of the first image (in its last batch)."""
@@ -460,6 +498,9 @@ def test_callback_dissects_every_unit_and_logs_grid_histograms_scalars_text_and_
         t = cb.tables[layer]
         assert t.num_units == dict(net.named_modules())[layer].out_channels
         assert [row for row in t.image_ids.tolist()] == [[e[1] for e in entries] for entries in top]
+        # the positions, found during the loop only for the maxima that may enter a top (thresholds)
+        assert [[tuple(p) for p in row] for row in t.positions.tolist()] == [[e[3] for e in entries]
+                                                                             for entries in top]
     events = read_events(tmp_path / "tb")
     for layer in cb.layers:
         assert sorted(events["images"][f"dissection/{layer}"]) == sorted(events["scalars"]["val/acc"])

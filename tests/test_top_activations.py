@@ -210,6 +210,37 @@ def test_spatial_max_equals_a_loop_with_first_maximum_on_ties():
         assert torch.equal(v, want_v[:, idx]) and torch.equal(p, want_p[:, idx])
 
 
+def test_spatial_max_with_thresholds_finds_the_positions_it_must_and_the_same_values():
+    """Positions only where the maximum reaches its unit's threshold: there (and every value) bit for
+    bit what `spatial_max` without thresholds gives (ties: the first maximum), (-1, -1) elsewhere;
+    the comparison made in the thresholds' dtype (float64 maps, float32 thresholds)."""
+    g = torch.Generator().manual_seed(1)
+    maps = torch.randint(-2, 3, (5, 4, 3, 6), generator=g).double() / 3  # ties everywhere
+    maps = maps * torch.arange(1, 6, dtype=torch.float64)[:, None, None, None]  # maxima that differ by image
+    want_v, want_p = naive_max(maps)
+    for thresholds in (torch.tensor([2 / 3, -torch.inf, 0.0, 1.0]), torch.full((4,), -torch.inf),
+                       torch.full((4,), 9.0)):
+        values, positions = spatial_max(maps, thresholds=thresholds.float())
+        need = want_v.float() >= thresholds.float()
+        assert torch.equal(values, want_v)
+        assert torch.equal(positions[need], want_p[need])
+        assert (positions[~need] == -1).all()
+    assert 0 < int((want_v.float() >= torch.tensor([2 / 3, -torch.inf, 0.0, 1.0]).float()).sum()) < want_v.numel()
+    # a float64 maximum just below a float32 threshold that it rounds to: found, as the top-k compares in float32
+    near = torch.zeros(1, 1, 2, 2, dtype=torch.float64)
+    near[0, 0, 1, 0] = 0.1
+    thr = torch.tensor([0.1], dtype=torch.float32)
+    assert near.max().item() < thr.double().item() or near.max().float() == thr
+    assert spatial_max(near, thresholds=thr)[1].tolist() == [[[1, 0]]]
+    for units in ([2, 0], range(1, 3)):   # a copy of the chosen maps, and a view of them
+        idx = list(units)
+        thresholds = want_v[2, idx].float()   # the third image's maxima
+        v, p = spatial_max(maps, units, thresholds=thresholds)
+        need = want_v[:, idx].float() >= thresholds
+        assert torch.equal(v, want_v[:, idx]) and torch.equal(p[need], want_p[:, idx][need])
+        assert (p[~need] == -1).all() and need.any() and not need.all()
+
+
 @pytest.mark.parametrize("net,shape,layer,cut", [
     (LeNet(), (1, 28, 28), "conv2", 3),
     (CifarConvNet(c3=16, c4=8), (3, 32, 32), "conv3", 8),

@@ -47,17 +47,18 @@ the dataset, each at its argmax position, `RunningTopK`) and `a_i` their rectifi
 - **Dead** units: never positive over the dataset (their top activation <= 0). Every index of a
   dead unit is undefined (NaN).
 
-`UnitCollector` streams a dataset batch by batch (the spatial maxima and argmax positions of every
-unit, `spatial_max`): per layer a `RunningTopK` of N entries per unit with the image's label as
-payload (updated by one `topk` per layer and batch, `_update_top`; the tie rule of `RunningTopK`
-kept exactly), and per class the sum of each unit's rectified maximum and the image count. Images are
-told apart by content (`content_ids`): an image seen twice counts once. The images the top-N
-entries refer to are kept (a pool shared by every unit and layer, for the NF crops and the grey
-re-run; the images no entry refers to any more are evicted whenever the pool has doubled since the
-last eviction, and before `pool` is read). Memory: per layer units x N (value, id, position,
-label), per class one sum per unit, 8 bytes per distinct image seen (its id), and the pool: at most
-min(distinct images, 2 x sum of units x N + one batch) images. `merge` combines collectors of disjoint or
-overlapping shares (DDP ranks) into what one collector over their union would hold.
+`UnitCollector` streams a dataset batch by batch (the spatial maxima of every unit and the argmax
+positions of those that may enter a top, `spatial_max` with the collector's `thresholds`): per layer
+a `RunningTopK` of N entries per unit with the image's label as payload (updated by one `topk` per
+layer and batch, `_update_top`; the tie rule of `RunningTopK` kept exactly), and per class the sum
+of each unit's rectified maximum and the image count. Images are told apart by content
+(`content_ids`): an image seen twice counts once. The images the top-N entries refer to are kept (a
+pool shared by every unit and layer, for the NF crops and the grey re-run; the images no entry
+refers to any more are evicted whenever the pool has doubled since the last eviction, and before
+`pool` is read). Memory: per layer units x N (value, id, position, label), per class one sum per
+unit, 8 bytes per distinct image seen (its id), and the pool: at most min(distinct images, 2 x sum
+of units x N + one batch) images. `merge` combines collectors of disjoint or overlapping shares (DDP
+ranks) into what one collector over their union would hold.
 """
 from __future__ import annotations
 
@@ -464,7 +465,9 @@ class UnitCollector:
                maxima: Mapping[str, tuple[Tensor, Tensor]]) -> "UnitCollector":
         """Add a batch: `images` [B, C, H, W] (model input), `labels` [B] (class indices; None or
         < 0: unknown, left out of the class measures) and, per layer, `spatial_max` of its output
-        (values [B, U], positions [B, U, 2]). Returns self."""
+        (values [B, U], positions [B, U, 2]; a position may be (-1, -1) where the value is below its
+        unit's `thresholds(layer)` at the time of this update: such an entry cannot enter the top, so
+        its position is never read). Returns self."""
         if not torch.is_tensor(images) or images.dim() != 4:
             raise DissectionError("images must be a batch [B, C, H, W]")
         b = images.shape[0]
@@ -499,6 +502,9 @@ class UnitCollector:
             values = values.detach().float()
             entered.append(_update_top(self.tops[layer], values, ids.to(values.device), positions, payload_labels,
                                        fresh=len(fresh) == b))
+            if bool((self.tops[layer].positions < 0).any()):
+                raise DissectionError(f"maxima[{layer!r}] has no position for an activation that entered the top; "
+                                      "leave positions out only below the collector's thresholds(layer)")
             rectified = values.cpu()[fresh_rows].double().clamp_min(0)
             if known.any():
                 self.class_sums[layer].index_add_(0, fresh_labels[known], rectified[known])
@@ -506,6 +512,13 @@ class UnitCollector:
         self.tail = {"ids": ids.cpu()[fresh_rows], "labels": fresh_labels, "values": tail_values}
         self._add_to_pool(images, id_list, torch.cat(entered).unique().tolist())
         return self
+
+    def thresholds(self, layer: str) -> Tensor:
+        """[U]: the value a unit's activation must reach to enter its top (its N-th kept value; -inf
+        while its top has an empty slot), on the top's device. It only rises from one update to the
+        next, so a `spatial_max(..., thresholds=...)` of a later batch with these thresholds finds
+        every position `update` may read."""
+        return self.tops[layer].threshold
 
     def referenced_ids(self) -> set[int]:
         """The ids of the images some top entry refers to."""
