@@ -79,15 +79,18 @@ def caption_font() -> ImageFont.ImageFont:
 #: pixels a character of `caption_font` takes, and the height of a caption line
 CHAR_WIDTH = 6
 CAPTION_LINE_H = 12
-#: logged images narrower than this are upscaled (nearest, integer factor) to at least this wide:
-#: TensorBoard stretches a small image to its card's width, smoothly, which blurs the pixels
-MIN_LOGGED_WIDTH = 480
-#: grids that lay out tiles in a strip wrap onto new rows beyond this width (a wider image is
-#: shrunk to the card's width by TensorBoard, and its captions become unreadable)
-MAX_GRID_WIDTH = 640
-#: about the widest image a TensorBoard card shows at its own size: a captioned grid wider than
-#: this is laid out again in bands of columns, one under the other
-CARD_WIDTH = 1000
+#: about the widest image a TensorBoard card shows legibly. TensorBoard 2.21's Images dashboard draws
+#: every image 343 CSS pixels wide, whatever the window (measured in Chromium, 2026-12-03): a wider
+#: image is shrunk, so a grid wider than this is laid out again in bands of columns, one under the
+#: other, and strips wrap onto new rows (400 px is shown at 0.86, where 6-px captions stay readable;
+#: the 1,000-px panels of convlens <= 0.3 were shrunk 2.9x and their captions were not)
+CARD_WIDTH = 400
+#: logged images narrower than this (the card's width) are upscaled (nearest, integer factor) to at
+#: least this wide: TensorBoard stretches a small image to its card's width, smoothly, which blurs
+#: the pixels
+MIN_LOGGED_WIDTH = 343
+#: grids that lay out tiles in a strip wrap onto new rows beyond this width
+MAX_GRID_WIDTH = CARD_WIDTH
 #: about the tallest image a card shows whole on a screen: a captioned grid given a `cap` note that
 #: would be taller keeps the rows that fit and says what it left out (the height of the grid itself:
 #: `readable`'s nearest-neighbour upscaling of a narrow image adds pixels, not content)

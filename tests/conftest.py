@@ -102,11 +102,14 @@ def shared_data():
     return root
 
 
-@pytest.fixture(autouse=True)
-def _no_time_budget(monkeypatch):
+@pytest.fixture(autouse=True, scope="session")
+def _no_time_budget():
     """Tests check what each epoch draws: the visualizations' time budget (which spaces slow ones
-    out, callbacks/budget.py) is off unless a test turns it on (tests/test_budget.py)."""
-    monkeypatch.setenv("CONVLENS_BUDGET", "off")
+    out, callbacks/budget.py) is off, in module-scoped fixtures' fits and in subprocesses too, unless
+    a test turns it on (tests/test_budget.py: `monkeypatch.delenv`)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CONVLENS_BUDGET", "off")
+        yield
 
 
 @pytest.fixture(autouse=True)

@@ -9,34 +9,39 @@ from __future__ import annotations
 
 import torch
 
-from convlens.render import (CARD_HEIGHT, CARD_WIDTH, captioned_grid, card_layout, note_image, readable,
-                             stack_vertical)
+from convlens.render import (CARD_HEIGHT, CARD_WIDTH, captioned_grid, card_layout, note_image, stack_vertical)
 
 NOTE = "showing {shown} of {total} units of features.28; set max_units to choose"
 
 
 def test_card_layout_hand_computed():
-    # 100 tiles of 90 px, 10 a row, one caption line: 922 px wide (not upscaled); a row is 90 + 2 + 12 px,
-    # so 10 rows are 1,042 px; with a note of 60 characters (153 a line: 1 line, +1 for wrapping: 30 px)
-    # 9 rows fit: 9 * 104 + 2 + 30 = 968
-    assert card_layout(100, 10, (90, 90), caption_lines=1, note_chars=60) == (10, 9)
-    assert card_layout(90, 10, (90, 90), caption_lines=1) == (10, 9)  # 938 px: all fit, nothing cut
-    assert card_layout(64, 8, (53, 53), caption_lines=1, flat=True) == (8, 8)  # 538 px: all fit
-    # a bank of 256 tiles of 53 px, 16 a row: 16 rows of 67 px are 1,074 px; as wide as a card (18
-    # columns, 992 px) its 15 rows are still 1,007 px; with a note of 80 characters (164 a line: 1 line,
-    # +1: 30 px), 14 rows fit: 14 * 67 + 2 + 30 = 970
-    assert card_layout(256, 16, (53, 53), caption_lines=1, flat=True) == (18, 14)
-    assert card_layout(256, 16, (53, 53), caption_lines=1) == (16, 14)  # rows of their own: no reflow
+    # CARD_WIDTH 400: (400 - 2) // (90 + 2) = 4 columns of 90-px tiles fit, 370 px wide.
+    # 100 tiles of 90 px, 4 a row, one caption line: a row is 90 + 2 + 12 px, so 25 rows are 2,602 px;
+    # with a note of 60 characters (61 a line: 1 line, +1 for wrapping: 2 + 24 + 4 = 30 px) 9 rows
+    # fit: 9 * 104 + 2 + 30 = 968
+    assert card_layout(100, 4, (90, 90), caption_lines=1, note_chars=60) == (4, 9)
+    assert card_layout(36, 4, (90, 90), caption_lines=1) == (4, 9)  # 938 px: all fit, nothing cut
+    # 10 a row is wider than a card: 3 bands of 4, 4 and 2 columns, 6 px apart; 3 rows a band fit:
+    # 3 * (3 * 104 + 2) + 2 * 6 + 30 = 984 (4 rows: 1,296)
+    assert card_layout(100, 10, (90, 90), caption_lines=1, note_chars=60) == (10, 3)
+    # a bank of 64 tiles of 53 px, 8 a row: 2 bands (7 + 1 columns) of 8 rows of 67 px are 1,082 px;
+    # as wide as a card (7 columns) its 10 rows are 672 px: all fit
+    assert card_layout(64, 8, (53, 53), caption_lines=1, flat=True) == (7, 10)
+    # a bank of 256: 7 columns (387 px), 37 rows of 67 px are 2,481 px; a note of 80 characters (63 a
+    # line: 2 lines, +1: 2 + 36 + 4 = 42 px): 14 rows fit: 14 * 67 + 2 + 42 = 982
+    assert card_layout(256, 16, (53, 53), caption_lines=1, flat=True) == (7, 14)
+    # rows of their own (no reflow), 16 a row: 3 bands; 4 rows a band: 3 * (4 * 67 + 2) + 12 + 42 = 864
+    assert card_layout(256, 16, (53, 53), caption_lines=1) == (16, 4)
 
 
 def test_a_tall_bank_keeps_the_rows_that_fit_and_says_what_it_left_out():
     tiles = torch.rand(512, 3, 212, 212)  # VGG16's features.28 decoded: 212 px tiles, 512 units
     captions = [str(i) for i in range(512)]
     grid = captioned_grid(tiles, nrow=23, captions=captions, tile_size=32, cap=NOTE, flat=True)
-    assert grid.shape[-1] <= CARD_WIDTH and readable(grid).shape[-2] <= CARD_HEIGHT
+    assert grid.shape[-1] <= CARD_WIDTH and grid.shape[-2] <= CARD_HEIGHT
     columns, rows = card_layout(512, 23, (53, 53), caption_lines=1, flat=True, note_chars=len(NOTE) + 10)
     shown = columns * rows
-    assert 0 < shown < 512 and columns == 18
+    assert 0 < shown < 512 and columns == 7
     kept = captioned_grid(tiles[:shown], nrow=columns, captions=captions[:shown], tile_size=32)
     note = NOTE.format(shown=shown, total=512)
     assert note == f"showing {shown} of 512 units of features.28; set max_units to choose"
@@ -80,4 +85,4 @@ def test_the_default_callbacks_panels_fit_a_card():
               max_images_grid(pixels, projections[:, 0], torch.arange(30), ["cat"] * 30),
               weights_grid(torch.randn(512, 3, 3, 3)), weights_grid(torch.randn(64, 64, 3, 3))]
     for panel in panels:
-        assert panel.shape[-2] <= CARD_HEIGHT and readable(panel).shape[-1] <= CARD_WIDTH
+        assert panel.shape[-2] <= CARD_HEIGHT and panel.shape[-1] <= CARD_WIDTH

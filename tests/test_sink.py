@@ -40,9 +40,9 @@ from convlens.models.module import ClassifierModule
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 LENET_CONVS = ["conv1", "conv2", "conv3", "conv4"]
-# a 40 px wide image is shown 12 times larger: the smallest integer factor that brings it to the
-# 480 px TensorBoard card width (render.MIN_LOGGED_WIDTH), by hand: ceil(480 / 40) = 12
-WIDTH, FACTOR = 40, 12
+# a 40 px wide image is shown 9 times larger: the smallest integer factor that brings it to the
+# 343 px TensorBoard card width (render.MIN_LOGGED_WIDTH), by hand: ceil(343 / 40) = 9
+WIDTH, FACTOR = 40, 9
 
 
 # -- builders and readers ----------------------------------------------------------------------
