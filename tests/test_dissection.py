@@ -33,7 +33,10 @@ from convlens.viz.dissection import (DissectionError, UnitCollector, class_frequ
                                      color_selectivity, dissect, grey_responses, morcos_csi, neuron_features,
                                      opponent_grey, population_code, top_class)
 from convlens.viz.receptive_field import receptive_field
-from convlens.viz.dissection import _conv_at, _neuron_features, _update_top
+import convlens.viz.dissection as dissection_module
+from convlens.models.cifar import CifarConvNet
+from convlens.models.lenet import LeNet
+from convlens.viz.dissection import _conv_at, _crop_chain, _neuron_features, _update_top, _valid_positions
 from convlens.viz.receptive_field import crop_patches
 from convlens.viz.top_activations import RunningTopK, content_ids, spatial_max
 
@@ -457,6 +460,116 @@ def test_grey_responses_equal_the_maps_of_a_full_forward_of_every_greyed_image()
             expected[ok] = full[layer][index[ok], torch.nonzero(ok)[:, 0], pos[ok][:, 0], pos[ok][:, 1]]
             assert torch.equal(torch.isnan(got[layer]), ~ok), layer
             assert torch.allclose(got[layer][ok], expected[ok], atol=1e-5), (layer, batch)
+
+
+class _Residual(nn.Module):
+    """conv, ReLU plus the block's input, conv: not a chain (the crops' fallback)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv1, self.relu, self.conv2 = nn.Conv2d(3, 3, 3, padding=1), nn.ReLU(), nn.Conv2d(3, 4, 3, padding=1)
+        self.pool = nn.MaxPool2d(2)
+
+    def forward(self, x):
+        return self.pool(self.conv2(self.relu(self.conv1(x)) + x))
+
+
+def _strided_net() -> nn.Sequential:
+    """Padding, strides, dilation, a padded max pool, BatchNorm (running statistics), an average pool
+    whose count leaves the padding out, and an in-place ReLU as a layer."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 5, stride=2, padding=2), nn.ReLU(), nn.MaxPool2d(3, stride=2, padding=1),
+                        nn.Conv2d(4, 5, 3, padding=2, dilation=2), nn.BatchNorm2d(5),
+                        nn.AvgPool2d(2, stride=2, padding=1, count_include_pad=False),
+                        nn.Conv2d(5, 6, 3, stride=2, padding=1), nn.ReLU(inplace=True))
+    net[4].running_mean.uniform_(-1, 1)
+    net[4].running_var.uniform_(0.5, 2)
+    return net
+
+
+def _cifar_net() -> nn.Module:
+    torch.manual_seed(0)
+    net = CifarConvNet(c3=16, c4=8)
+    net.bn2.running_mean.uniform_(-1, 1)
+    net.bn2.running_var.uniform_(0.5, 2)
+    return net
+
+
+CROP_CASES = {  # net, image shape, layers, whether the crops apply
+    "cifar": (_cifar_net, (3, 32, 32), ["conv1", "conv2", "conv3", "conv4"], True),
+    "lenet": (lambda: (torch.manual_seed(0), LeNet())[1], (1, 28, 28), ["conv1", "conv2", "conv3", "conv4"], True),
+    "strided": (_strided_net, (3, 29, 31), ["0", "3", "6", "7"], True),
+    "residual": (_Residual, (3, 12, 12), ["conv1", "conv2"], False),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CROP_CASES))
+def test_cropped_grey_forward_equals_the_full_forward(case, monkeypatch):
+    """Each image cropped to its entries' receptive fields (corner on the strides) against the maps of
+    a full forward of every greyed image (as is, for the grayscale LeNet), within float32 rounding:
+    random entries, some images referenced only by shallow layers (small crops), entries at every
+    border. The crops are used on the chains and are smaller than the image there; the residual net
+    runs whole images."""
+    make, shape, layers, chain = CROP_CASES[case]
+    net = make()
+    net.train()   # grey_responses runs it in eval mode, and restores the mode
+    g = torch.Generator().manual_seed(3)
+    images = torch.randn(40, *shape, generator=g)
+    rgb = shape[0] == 3
+    norm = Normalization([0.2, 0.5, 0.7], [0.3, 0.2, 0.4]) if rgb else None
+    full = maps_of(net, norm(opponent_grey(norm.inverse(images))) if rgb else images, layers)
+    net.train()
+    entries = {}
+    for rank, layer in enumerate(layers):
+        u, h, w = full[layer].shape[1:]
+        index = torch.randint(-1, 40, (u, 6), generator=g)
+        index[index >= 10 * (rank + 1)] = -1       # images 0-9 in every layer, 30-39 in the last only
+        pos = torch.stack([torch.randint(0, h, (u, 6), generator=g), torch.randint(0, w, (u, 6), generator=g)], -1)
+        pos[0, :4] = torch.tensor([[0, 0], [h - 1, w - 1], [0, w - 1], [h - 1, 0]])   # the corners
+        entries[layer] = (index, pos)
+    sizes = []
+    grey_input = dissection_module._grey_model_input
+    monkeypatch.setattr(dissection_module, "_grey_model_input",
+                        lambda x, n: (sizes.append(tuple(x.shape[2:])), grey_input(x, n))[1])
+    ran = []
+    cropped = dissection_module._grey_cropped
+    monkeypatch.setattr(dissection_module, "_grey_cropped", lambda *a: (ran.append(1), cropped(*a))[1])
+    for batch in (3, 64):
+        got = grey_responses(net, images, entries, norm, grey=rgb, batch_size=batch)
+        for layer, (index, pos) in entries.items():
+            ok = index >= 0
+            expected = full[layer][index[ok], torch.nonzero(ok)[:, 0], pos[ok][:, 0], pos[ok][:, 1]]
+            assert torch.equal(torch.isnan(got[layer]), ~ok), layer
+            torch.testing.assert_close(got[layer][ok], expected, atol=1e-5, rtol=1e-5, msg=f"{case} {layer} {batch}")
+    assert net.training
+    assert bool(ran) == chain
+    if chain and rgb:
+        assert min(h * w for h, w in sizes) < shape[1] * shape[2]   # some images did run cropped
+
+
+def test_valid_positions_by_hand():
+    """A 3-tap conv with padding 1 on 8 positions: a crop computes the positions whose taps it holds
+    (or that read the padding on the whole input too); a crop whose start is not on the strides of a
+    pool after it is refused."""
+    conv = nn.Sequential(nn.Conv2d(1, 1, 3, padding=1), nn.MaxPool2d(2))
+    chain = _crop_chain(conv, torch.zeros(1, 1, 8, 8), {"0": conv[0], "1": conv[1]})
+    assert [step.geometry[0] for step in chain] == [(3, 1, 1, 1), (2, 2, 0, 1)]
+    conv_valid, pool_valid = _valid_positions(chain, 0, 0, 4)
+    assert conv_valid.nonzero().flatten().tolist() == [0, 1, 2]        # 3 reads position 4, outside the crop
+    assert pool_valid.nonzero().flatten().tolist() == [0]              # pool 1 reads conv 2 and 3
+    conv_valid, pool_valid = _valid_positions(chain, 0, 2, 8)
+    assert conv_valid.nonzero().flatten().tolist() == [3, 4, 5, 6, 7]  # 7 reads 8: padding on the whole input too
+    assert pool_valid.nonzero().flatten().tolist() == [2, 3]
+    assert _valid_positions(chain, 0, 1, 8) is None                    # the pool's windows would not line up
+    assert _valid_positions(chain[:1], 0, 1, 8)[0].nonzero().flatten().tolist() == [2, 3, 4, 5, 6, 7]
+    # what is not a chain of such modules runs whole images
+    hooked = nn.Sequential(nn.Conv2d(1, 1, 3))
+    hooked[0].register_forward_hook(lambda *a: None)
+    assert _crop_chain(hooked, torch.zeros(1, 1, 8, 8), {"0": hooked[0]}) is None
+    ceil = nn.Sequential(nn.Conv2d(1, 1, 3), nn.MaxPool2d(2, ceil_mode=True), nn.Conv2d(1, 1, 1))
+    assert _crop_chain(ceil, torch.zeros(1, 1, 9, 9), {"2": ceil[2]}) is None
+    assert _crop_chain(_Residual(), torch.zeros(1, 3, 8, 8), {"conv2": _Residual().conv2}) is None
 
 
 def test_colour_index_by_hand_and_rectified():

@@ -39,8 +39,8 @@ the dataset, each at its argmax position, `RunningTopK`) and `a_i` their rectifi
   its position exactly as greying only its receptive field would (the activation depends on no
   pixel outside the field): one forward of each distinct greyed image serves every unit and
   position of every layer (`grey_responses`; each image runs only as far as the deepest layer
-  that refers to it, and a plain conv there is evaluated at its entries only). Undefined on images
-  that are not 3-channel RGB.
+  that refers to it, a plain conv there is evaluated at its entries only, and on a plain chain each
+  image is cropped to its entries' receptive fields). Undefined on images that are not 3-channel RGB.
 - **Morcos et al.'s class selectivity** (CSI): `(mu_max - mu_-max) / (mu_max + mu_-max)`, from the
   class-conditional means of the unit's rectified spatial maximum over the whole dataset, mu_max the
   largest, mu_-max the mean of the other classes' (0: no preference; 1: responds to one class only).
@@ -62,6 +62,7 @@ ranks) into what one collector over their union would hold.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, ContextManager, Mapping, Sequence
@@ -70,9 +71,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from convlens.viz.common import VizError, check_int, eval_mode
+from convlens.viz.common import VizError, check_int, eval_mode, window, window_matrix
 from convlens.viz.layers import get_layer
-from convlens.viz.receptive_field import ReceptiveField, crop_patches
+from convlens.viz.receptive_field import ELEMENTWISE_MODULES, ReceptiveField, _bounds, _chain, crop_patches
 from convlens.viz.top_activations import RunningTopK, _select, content_ids
 
 __all__ = ["DissectionError", "UnitCollector", "UnitTable", "dissect", "neuron_features", "class_frequencies",
@@ -254,6 +255,202 @@ def _conv_at(conv: nn.Conv2d, x: Tensor, rows: Tensor, units: Tensor, positions:
     return torch.cat(out) if out else torch.zeros(0, device=dev)
 
 
+@dataclass
+class _CropStep:
+    """One module of a chain a crop can run through (`_crop_chain`): per axis (kernel, stride, padding,
+    dilation), None for an element-wise module, and the sizes of its input and output on the whole image."""
+    module: nn.Module
+    geometry: tuple[tuple[int, int, int, int], tuple[int, int, int, int]] | None
+    in_size: tuple[int, int]
+    out_size: tuple[int, int]
+
+
+def _crop_chain(model: nn.Module, image: Tensor, modules: Mapping[str, nn.Module]) -> list[_CropStep] | None:
+    """The modules from the input to the deepest of `modules` ({layer: module}) when the net is, up to
+    there, a plain chain (the receptive fields' closed form, `receptive_field._chain`, traced on
+    `image` [1, C, H, W]) of `nn.Conv2d` with zero padding given as numbers, max and average pools
+    without ceil_mode, and element-wise modules (BatchNorm with running statistics), none with
+    hooks, each of `modules` once. Such a chain computes, from a crop of the image, the whole image's
+    activations at every position whose inputs the crop holds (`_valid_positions`). None otherwise:
+    the caller then runs whole images."""
+    if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+        return None
+    trace: list = []
+    for layer in modules:
+        try:
+            steps = _chain(model, image, layer)
+        except VizError:
+            return None
+        if len(steps) > len(trace):
+            trace = steps
+    chain = []
+    for step in trace:
+        m = step.module
+        if m._forward_hooks or m._forward_pre_hooks:
+            return None
+        if isinstance(m, nn.BatchNorm2d) and (not m.track_running_stats or m.running_mean is None):
+            return None   # batch statistics in eval mode: not element-wise
+        if isinstance(m, ELEMENTWISE_MODULES):
+            geometry = None
+        elif (type(m) is nn.Conv2d and m.padding_mode == "zeros" and not isinstance(m.padding, str)) or \
+                (type(m) in (nn.MaxPool2d, nn.AvgPool2d) and not m.ceil_mode and not getattr(m, "return_indices", 0)):
+            k, s, p, d = window(m)
+            geometry = tuple((k[a], s[a], p[a], d[a]) for a in range(2))
+        else:
+            return None
+        chain.append(_CropStep(m, geometry, tuple(step.in_shape[2:]), tuple(step.out_shape[2:])))
+    found = [sum(step.module is m for step in chain) for m in modules.values()]
+    return chain if found and all(n == 1 for n in found) else None
+
+
+def _valid_positions(chain: Sequence[_CropStep], axis: int, start: int, end: int) -> list[Tensor] | None:
+    """For the crop [start, end) of the input along `axis` run through `chain`: per step, [n] bool
+    over the positions of its output on the whole image, True where the crop's output is present and
+    equal to the whole image's. A position is so when each of its taps reads an input position that
+    is present and so, or lies outside the whole input too (then both read the same padding: zero,
+    -inf for a max pool, left out of an average pool's count). The crop's output o' is the whole
+    output `start / (strides so far) + o'`; None where `start` is not a multiple of every stride on
+    the way (the windows would not line up)."""
+    valid = torch.zeros(chain[0].in_size[axis], dtype=torch.bool) if chain else None
+    valid[start:end] = True
+    offset, length, out = start, end - start, []
+    for step in chain:
+        if step.geometry is None:
+            out.append(valid)
+            continue
+        k, s, p, d = step.geometry[axis]
+        if offset % s:
+            return None
+        n_in, n_out = step.in_size[axis], step.out_size[axis]
+        offset, length = offset // s, max(0, (length + 2 * p - d * (k - 1) - 1) // s + 1)
+        whole = offset + torch.arange(length)                                   # the crop's outputs
+        taps = whole[:, None] * s - p + torch.arange(k)[None, :] * d           # whole input positions
+        inside = (taps >= 0) & (taps < n_in)
+        ok = (~inside | valid[taps.clamp(0, n_in - 1)]).all(1) & (whole < n_out)
+        valid = torch.zeros(n_out, dtype=torch.bool)
+        valid[whole[ok]] = True
+        out.append(valid)
+    return out
+
+
+def _grey_cropped(chain: list[_CropStep], modules: Mapping[str, nn.Module], direct: set, images: Tensor,
+                  plan: Mapping[str, tuple[Tensor, Tensor, Tensor, Tensor]], out: Mapping[str, Tensor],
+                  prepare: Callable[[Tensor], Tensor], batch_size: int, device: torch.device,
+                  context: Callable[[], ContextManager] | None) -> None:
+    """`grey_responses` on a chain (`_crop_chain`), filling `out` in place. Each image runs as far as
+    its deepest layer (a plain conv there at the entries only, `_conv_at`), cropped to a box that
+    holds its entries' receptive fields (every layer's), the box's top-left corner moved up and left
+    to a multiple of the strides on the way (so that the windows line up with the whole image's).
+    Crops run in batches of one size: the sizes are rounded up to `n - m * stride` (n the image's
+    side), so that each crop of a batch can grow to the batch's largest inside its image with its
+    corner still on the strides. `_valid_positions` then checks that the crop computes every entry
+    as the whole image does (an image where it would not runs whole)."""
+    step_of = {layer: next(q for q, step in enumerate(chain) if step.module is m) for layer, m in modules.items()}
+    order = sorted(plan, key=step_of.get)
+    count, big = images.shape[0], torch.tensor(images.shape[2:])
+    deepest = torch.full((count,), -1, dtype=torch.long)
+    for rank, layer in enumerate(order):
+        deepest[plan[layer][0]] = rank
+    stop_step = [step_of[layer] for layer in order]
+    # per axis: the bounds of every position's receptive field, and the strides up to each step
+    bounds: dict[str, list[Tensor]] = {layer: [] for layer in order}
+    jumps = torch.ones(len(chain), 2, dtype=torch.long)
+    for a in range(2):
+        support, jump = torch.eye(int(big[a])), 1
+        for q, step in enumerate(chain):
+            if step.geometry is not None:
+                k, s, p, d = step.geometry[a]
+                conn = window_matrix(step.in_size[a], step.out_size[a], k, s, p, d, dtype=torch.float32)
+                support, jump = ((conn @ support) > 0).float(), jump * s
+            jumps[q, a] = jump
+            for layer in order:
+                if step_of[layer] == q:
+                    bounds[layer].append(_bounds(support > 0))
+    # per image: the box of its entries' fields (a position that reads no pixel adds nothing)
+    lo, hi = big.repeat(count, 1), torch.zeros(count, 2, dtype=torch.long)
+    for layer in order:
+        img, _, _, pos = plan[layer]
+        for a in range(2):
+            first, last = bounds[layer][a][pos[:, a]].unbind(1)
+            some = last > first
+            lo[:, a].scatter_reduce_(0, img[some], first[some], "amin")
+            hi[:, a].scatter_reduce_(0, img[some], last[some], "amax")
+    lo, hi = torch.minimum(lo, hi), torch.where(hi > lo, hi, big)
+    jump = jumps[torch.tensor(stop_step)][deepest.clamp_min(0)]                 # [count, 2]
+    cache: dict[tuple, list[Tensor] | None] = {}
+
+    def failing(start: Tensor, end: Tensor) -> Tensor:
+        """[count] bool: the images some entry of which the crop [start, end) does not compute exactly."""
+        bad = torch.zeros(count, dtype=torch.bool)
+        for layer in order:
+            img, _, _, pos = plan[layer]
+            for a in range(2):
+                keys = torch.stack([deepest[img], start[img, a], end[img, a]], 1)
+                distinct, which = keys.unique(dim=0, return_inverse=True)
+                for c, (rank, s, e) in enumerate(distinct.tolist()):
+                    if (a, rank, s, e) not in cache:
+                        cache[a, rank, s, e] = _valid_positions(chain[:stop_step[rank] + 1], a, s, e)
+                    valid, mine = cache[a, rank, s, e], which == c
+                    bad[img[mine] if valid is None else img[mine][~valid[step_of[layer]][pos[mine, a]]]] = True
+        return bad
+
+    whole = deepest < 0
+    while True:
+        start = torch.where(whole[:, None], 0, (lo // jump) * jump)
+        size = torch.where(whole[:, None], big, hi - start)
+        size = big - ((big - size) // jump) * jump          # rounded up to n - m * stride
+        batches = []
+        for rank in range(len(order)):
+            mine = (deepest == rank).nonzero().flatten()
+            mine = mine[(size[mine, 0] * (int(big[1]) + 1) + size[mine, 1]).argsort(stable=True)]
+            for first in range(0, len(mine), batch_size):
+                slots = mine[first:first + batch_size]
+                h, w = size[slots].amax(0)
+                start[slots] = torch.minimum(start[slots], big - torch.stack([h, w]))   # both on the strides
+                batches.append((rank, slots, int(h), int(w)))
+                size[slots] = torch.stack([h, w])
+        bad = failing(start, start + size) & ~whole
+        if not bad.any():
+            break
+        whole |= bad
+    row_of = torch.full((count,), -1, dtype=torch.long)
+    for rank, slots, h, w in batches:
+        last = order[rank]
+        stop = step_of[last] + (last not in direct)        # run chain[:stop]; a direct conv is not run
+        ys, xs = start[slots, 0, None] + torch.arange(h), start[slots, 1, None] + torch.arange(w)
+        crop = images[slots][torch.arange(len(slots))[:, None, None], :, ys[:, :, None], xs[:, None, :]]
+        # channels last: the layout mkldnn's convolutions and the pools are fastest in
+        x = prepare(crop.permute(0, 3, 1, 2).to(device)).contiguous(memory_format=torch.channels_last)
+        row_of[slots] = torch.arange(len(slots))
+        wanted = {}     # per layer: the batch's entries (rows, units, the crop's positions; where they go)
+        for layer in order[:rank + 1]:
+            img, unit, slot, pos = plan[layer]
+            rows = row_of[img]
+            here = rows >= 0
+            if here.any():
+                shift = start[img[here]] // jumps[step_of[layer]]
+                wanted[layer] = (rows[here], unit[here], pos[here] - shift, slot[here])
+        row_of[slots] = -1
+
+        def take(layer: str, maps: Tensor) -> None:
+            rows, u, p, slot = wanted[layer]
+            if layer == last and last in direct:     # the conv at the stop, at the entries, on its input
+                values = _conv_at(modules[layer], maps, rows, u, p)
+            else:
+                dev = maps.device
+                values = maps[rows.to(dev), u.to(dev), p[:, 0].to(dev), p[:, 1].to(dev)]
+            out[layer][u, slot] = values.float().cpu()
+
+        with context() if context is not None else contextlib.nullcontext():
+            for q in range(stop):
+                x = chain[q].module(x)
+                for layer in wanted:
+                    if step_of[layer] == q:
+                        take(layer, x)               # read now: an in-place module may follow
+        if last in direct and last in wanted:
+            take(last, x)
+
+
 def grey_responses(model: nn.Module, images: Tensor, entries: Mapping[str, tuple[Tensor, Tensor]],
                    normalization: Any | None = None, grey: bool = True, batch_size: int = 64,
                    context: Callable[[], ContextManager] | None = None) -> dict[str, Tensor]:
@@ -268,7 +465,15 @@ def grey_responses(model: nn.Module, images: Tensor, entries: Mapping[str, tuple
     forward reaches the layers), and the forward of a group stops at that layer's input; a plain
     `nn.Conv2d` there is not run, its activations at the group's entries are computed directly
     (`_conv_at`: one dot product per entry, not the whole map). Images no entry refers to do not
-    run. Every other layer's activations are read from its output."""
+    run. Every other layer's activations are read from its output.
+
+    On a plain chain of convs, max and average pools and element-wise modules up to the deepest
+    layer (`_crop_chain`: the nets the receptive fields' closed form handles, e.g. LeNet, the CIFAR
+    nets, VGG's features), each image also runs cropped to the box of its entries' receptive
+    fields, the box's corner on the strides so that the windows line up, in channels-last layout
+    (`_grey_cropped`); `_valid_positions` proves each entry computed as on the whole image (else
+    the image runs whole). The values are the whole image's within float32 rounding (the
+    convolutions sum in another order). Any other net runs whole images as above."""
     check_int("batch_size", batch_size, 1, DissectionError)
     modules = {layer: get_layer(model, layer) for layer in entries}
     direct = {layer for layer, m in modules.items()
@@ -279,6 +484,18 @@ def grey_responses(model: nn.Module, images: Tensor, entries: Mapping[str, tuple
     for layer, (index, positions) in entries.items():
         unit, slot = (index >= 0).nonzero(as_tuple=True)
         plan[layer] = (index[unit, slot].cpu(), unit.cpu(), slot.cpu(), positions[unit, slot].cpu())
+    used = torch.cat([img for img, *_ in plan.values()]).unique()
+    if not len(used):
+        return out
+    with torch.no_grad():
+        chain = _crop_chain(model, images[used[:1]].to(device), modules)
+    if chain is not None:
+        def prepare(x: Tensor) -> Tensor:
+            return _grey_model_input(x, normalization) if grey else x
+
+        with torch.no_grad(), eval_mode(model):
+            _grey_cropped(chain, modules, direct, images, plan, out, prepare, batch_size, device, context)
+        return out
     captured: dict[str, Tensor] = {}
     # the group's run: the layers whose output it needs, and the layer at whose input it stops
     run: dict[str, Any] = {"outputs": set(modules), "stop": None}
@@ -313,9 +530,6 @@ def grey_responses(model: nn.Module, images: Tensor, entries: Mapping[str, tuple
     handles += [modules[layer].register_forward_pre_hook(keep_input(layer)) for layer in direct]
     try:
         with torch.no_grad(), eval_mode(model):
-            used = torch.cat([img for img, *_ in plan.values()]).unique()
-            if not len(used):
-                return out
             # the order in which the forward reaches the layers, from one image
             forward(images[used[:1]].to(device))
             reached = list(captured)
