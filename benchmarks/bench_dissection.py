@@ -47,6 +47,7 @@ import lightning.pytorch as pl
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import TensorBoardLogger
 
+import convlens.callbacks.collect as collect_module
 import convlens.callbacks.dissection as dissection_module
 from convlens.callbacks.dissection import UnitDissection
 from convlens.config import compose_config as compose_cfg
@@ -85,8 +86,9 @@ class Timer(pl.Callback):
 
 
 def share(a, report: Report) -> None:
-    # the callback times itself with perf_counter: use this process's CPU clock instead
-    dissection_module.time = SimpleNamespace(perf_counter=clock)
+    # the callback times itself with perf_counter (its collection in callbacks/collect.py): use this
+    # process's CPU clock instead
+    dissection_module.time = collect_module.time = SimpleNamespace(perf_counter=clock)
     report.print(f"torch threads: {torch.get_num_threads()}, clock: process CPU time, load average: "
                  f"{os.getloadavg()[0]:.1f} (1 min)\n")
     report.print("| setup | units | val images | epoch s (train + val) | collect s | draw s | dissection % of epoch "
