@@ -232,6 +232,10 @@ def test_spatial_max_with_thresholds_finds_the_positions_it_must_and_the_same_va
     thr = torch.tensor([0.1], dtype=torch.float32)
     assert near.max().item() < thr.double().item() or near.max().float() == thr
     assert spatial_max(near, thresholds=thr)[1].tolist() == [[[1, 0]]]
+    for one in (torch.randn(3, 4, 1, 1, generator=g), torch.randn(3, 4, 1, 1, generator=g).double()):   # 1x1 maps
+        for thresholds in (None, torch.zeros(4)):
+            v, p = spatial_max(one, thresholds=thresholds)
+            assert torch.equal(v, one[:, :, 0, 0]) and not p.any() and v.data_ptr() != one.data_ptr()
     for units in ([2, 0], range(1, 3)):   # a copy of the chosen maps, and a view of them
         idx = list(units)
         thresholds = want_v[2, idx].float()   # the third image's maxima

@@ -64,6 +64,10 @@ def spatial_max(maps: Tensor, units: Tensor | range | None = None,
                                                      device=maps.device).long())
     w = maps.shape[3]
     flat_maps = maps.flatten(2)
+    if flat_maps.shape[2] == 1:   # 1x1 maps: the value itself, at (0, 0)
+        return flat_maps[:, :, 0].clone(), torch.zeros(*flat_maps.shape[:2], 2, dtype=torch.long, device=maps.device)
+    if thresholds is not None and not bool((thresholds > -torch.inf).any()):
+        thresholds = None         # every map may enter (a top with an empty slot): no maximum to take twice
     if thresholds is not None:
         values = flat_maps.amax(dim=2)
         need = values.to(thresholds.dtype) >= thresholds.to(values.device)
