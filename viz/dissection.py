@@ -290,7 +290,7 @@ def _crop_chain(model: nn.Module, image: Tensor, modules: Mapping[str, nn.Module
             return None
         if isinstance(m, nn.BatchNorm2d) and (not m.track_running_stats or m.running_mean is None):
             return None   # batch statistics in eval mode: not element-wise
-        if isinstance(m, ELEMENTWISE_MODULES):
+        if type(m) in ELEMENTWISE_MODULES:   # exactly these (a subclass may compute otherwise)
             geometry = None
         elif (type(m) is nn.Conv2d and m.padding_mode == "zeros" and not isinstance(m.padding, str)) or \
                 (type(m) in (nn.MaxPool2d, nn.AvgPool2d) and not m.ceil_mode and not getattr(m, "return_indices", 0)):
