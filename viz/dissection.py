@@ -341,9 +341,10 @@ def _grey_cropped(chain: list[_CropStep], modules: Mapping[str, nn.Module], dire
     its deepest layer (a plain conv there at the entries only, `_conv_at`), cropped to a box that
     holds its entries' receptive fields (every layer's), the box's top-left corner moved up and left
     to a multiple of the strides on the way (so that the windows line up with the whole image's).
-    Crops run in batches of one size: the sizes are rounded up to `n - m * stride` (n the image's
-    side), so that each crop of a batch can grow to the batch's largest inside its image with its
-    corner still on the strides. `_valid_positions` then checks that the crop computes every entry
+    Crops run in batches of one size: the images of a size that enough images share batch together,
+    the others' sizes are rounded up to `n - m * stride` (n the image's side), so that each crop of
+    a batch can grow to the batch's largest inside its image with its corner still on the strides.
+    `_valid_positions` then checks that the crop computes every entry
     as the whole image does (an image where it would not runs whole)."""
     step_of = {layer: next(q for q, step in enumerate(chain) if step.module is m) for layer, m in modules.items()}
     order = sorted(plan, key=step_of.get)
@@ -382,29 +383,45 @@ def _grey_cropped(chain: list[_CropStep], modules: Mapping[str, nn.Module], dire
     def failing(start: Tensor, end: Tensor) -> Tensor:
         """[count] bool: the images some entry of which the crop [start, end) does not compute exactly."""
         bad = torch.zeros(count, dtype=torch.bool)
-        for layer in order:
-            img, _, _, pos = plan[layer]
-            for a in range(2):
-                keys = torch.stack([deepest[img], start[img, a], end[img, a]], 1)
-                distinct, which = keys.unique(dim=0, return_inverse=True)
-                for c, (rank, s, e) in enumerate(distinct.tolist()):
-                    if (a, rank, s, e) not in cache:
-                        cache[a, rank, s, e] = _valid_positions(chain[:stop_step[rank] + 1], a, s, e)
-                    valid, mine = cache[a, rank, s, e], which == c
-                    bad[img[mine] if valid is None else img[mine][~valid[step_of[layer]][pos[mine, a]]]] = True
+        for a in range(2):
+            keys = torch.stack([deepest.clamp_min(0), start[:, a], end[:, a]], 1)
+            distinct, key_of = keys.unique(dim=0, return_inverse=True)
+            valid = []
+            for rank, s, e in distinct.tolist():
+                if (a, rank, s, e) not in cache:
+                    cache[a, rank, s, e] = _valid_positions(chain[:stop_step[rank] + 1], a, s, e)
+                valid.append(cache[a, rank, s, e])
+            for layer in order:
+                img, _, _, pos = plan[layer]
+                q, n_out = step_of[layer], chain[step_of[layer]].out_size[a]
+                table = torch.stack([v[q] if v is not None and q < len(v) else torch.zeros(n_out, dtype=torch.bool)
+                                     for v in valid])                       # [distinct crops, n_out]
+                bad[img[~table[key_of[img], pos[:, a]]]] = True
         return bad
 
+    # crops of one exact size batch together; the images of sizes fewer than `least` share take sizes
+    # rounded up to n - m * stride, and each batch of those grows to its largest (its corner kept on
+    # the strides by moving it up or left)
+    least = min(8, batch_size)
     whole = deepest < 0
     while True:
         start = torch.where(whole[:, None], 0, (lo // jump) * jump)
         size = torch.where(whole[:, None], big, hi - start)
-        size = big - ((big - size) // jump) * jump          # rounded up to n - m * stride
         batches = []
         for rank in range(len(order)):
             mine = (deepest == rank).nonzero().flatten()
-            mine = mine[(size[mine, 0] * (int(big[1]) + 1) + size[mine, 1]).argsort(stable=True)]
-            for first in range(0, len(mine), batch_size):
-                slots = mine[first:first + batch_size]
+            if not len(mine):
+                continue
+            shapes, shape_of, counts = size[mine].unique(dim=0, return_inverse=True, return_counts=True)
+            for c in (counts >= least).nonzero().flatten().tolist():
+                group = mine[shape_of == c]
+                batches += [(rank, group[f:f + batch_size], *shapes[c].tolist())
+                            for f in range(0, len(group), batch_size)]
+            rest = mine[counts[shape_of] < least]
+            size[rest] = big - ((big - size[rest]) // jump[rest]) * jump[rest]
+            rest = rest[(size[rest, 0] * (int(big[1]) + 1) + size[rest, 1]).argsort(stable=True)]
+            for first in range(0, len(rest), batch_size):
+                slots = rest[first:first + batch_size]
                 h, w = size[slots].amax(0)
                 start[slots] = torch.minimum(start[slots], big - torch.stack([h, w]))   # both on the strides
                 batches.append((rank, slots, int(h), int(w)))
