@@ -167,9 +167,10 @@ class OcclusionSensitivity(VisualizationCallback):
         label_px = maps_to_pixels(label[None].cpu(), size, patch, stride)
         panels = torch.cat([as_rgb(image_pixels[None].float().cpu()), heatmap(prob_px, self.cmap, 0.0, 1.0),
                             label_colors(label_px, num_classes)])
-        width = tile_width(image_pixels, self.tile_size)
+        # large images (VGG's 224 px) are averaged down so the three panels fit a card side by side
+        width = tile_width(image_pixels, self.tile_size, columns=3)
         captions = [fit_caption(c, width, lines=2) for c in captions]
-        return captioned_grid(panels, nrow=3, captions=captions, tile_size=self.tile_size)
+        return captioned_grid(panels, nrow=3, captions=captions, tile_size=self.tile_size, shrink_to_fit=True)
 
     def visualize(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         net = self.net(pl_module)

@@ -97,10 +97,17 @@ MAX_GRID_WIDTH = CARD_WIDTH
 CARD_HEIGHT = 1000
 
 
-def downscale_factor(h: int, w: int, size: int) -> int:
+def downscale_factor(h: int, w: int, size: int, columns: int | None = None, padding: int = 2) -> int:
     """The integer factor that brings tiles much larger than `size` (over twice) down to at most
-    twice it (VGG's 224-px images at tile_size 64: 2), so a strip of them fits a card; 1 otherwise."""
-    return max(1, -(-max(h, w) // (2 * size)))
+    twice it (VGG's 224-px images at tile_size 64: 2), so a strip of them fits a card; 1 otherwise.
+    With `columns`: tiles larger than `size` are brought down further, while they stay at least
+    `size`, until `columns` of them fit `CARD_WIDTH` (occlusion's three 224-px panels at 112: 2)."""
+    factor = max(1, -(-max(h, w) // (2 * size)))
+    if columns:
+        while (columns * (-(-w // factor) + padding) + padding > CARD_WIDTH
+               and -(-max(h, w) // (factor + 1)) >= size):
+            factor += 1
+    return factor
 
 
 def upscale_factor(h: int, w: int, size: int) -> int:
@@ -114,10 +121,11 @@ def upscale(x: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(x, scale_factor=f, mode="nearest") if f > 1 else x
 
 
-def tile_width(images: torch.Tensor, tile_size: int) -> int:
-    """The width in pixels of a tile of `images` ([..., h, w]) once `upscale`d to `tile_size`."""
+def tile_width(images: torch.Tensor, tile_size: int, columns: int | None = None) -> int:
+    """The width in pixels of a tile of `images` ([..., h, w]) once `upscale`d to `tile_size` (or
+    averaged down, `downscale_factor` with `columns`)."""
     h, w = images.shape[-2:]
-    shrink = downscale_factor(h, w, tile_size)
+    shrink = downscale_factor(h, w, tile_size, columns)
     return -(-w // shrink) if shrink > 1 else w * upscale_factor(h, w, tile_size)
 
 
@@ -151,12 +159,14 @@ def class_caption(label, names: Sequence[str]) -> str:
 def captioned_grid(tiles: torch.Tensor, nrow: int, captions: Sequence[str] | None = None,
                    row_titles: Sequence[str] | None = None, col_titles: Sequence[str] | None = None,
                    tile_size: int = 64, padding: int = 2, cap: str | None = None, per: int = 1,
-                   flat: bool = False) -> torch.Tensor:
+                   flat: bool = False, shrink_to_fit: bool = False) -> torch.Tensor:
     """Tiles [N, 1|3, h, w] in [0, 1] as one [3, H, W] grid, upscaled to ~`tile_size` (tiles over
-    twice that are averaged down, `downscale_factor`), with an optional caption under each tile, a
-    title left of each row and above each column. A grid wider than a TensorBoard card
-    (`CARD_WIDTH`) is laid out in bands of columns, one under the other, so that TensorBoard does
-    not shrink it and its captions stay readable (with or without captions).
+    twice that are averaged down, `downscale_factor`; with `shrink_to_fit`, tiles larger than
+    `tile_size` are averaged down until a row of `nrow` fits a card, not below `tile_size`), with
+    an optional caption under each tile, a title left of each row and above each column. A grid
+    wider than a TensorBoard card (`CARD_WIDTH`) is laid out in bands of columns, one under the
+    other, so that TensorBoard does not shrink it and its captions stay readable (with or without
+    captions).
 
     `cap`: a note for a grid too tall for a card: when the grid would be taller than `CARD_HEIGHT`
     (before `readable`'s upscaling), a `flat` grid (tiles in no particular rows, e.g. a bank of units) is first
@@ -165,7 +175,7 @@ def captioned_grid(tiles: torch.Tensor, nrow: int, captions: Sequence[str] | Non
     (`per`: the tiles of one probe image's row, 2 for pairs), e.g. "showing {shown} of {total}
     units of features.28; set max_units to choose" (`card_layout` gives the same numbers)."""
     tiles = as_rgb(tiles.float().cpu().clamp(0, 1))
-    shrink = downscale_factor(*tiles.shape[-2:], tile_size)
+    shrink = downscale_factor(*tiles.shape[-2:], tile_size, nrow if shrink_to_fit else None, padding)
     tiles = F.avg_pool2d(tiles, shrink, ceil_mode=True) if shrink > 1 else upscale(tiles, tile_size)
     note = None
     if cap is not None:

@@ -84,5 +84,12 @@ def test_the_default_callbacks_panels_fit_a_card():
     panels = [bank, top_units_grid(pixels, projections, torch.randint(0, 512, (30, 4)), ["cat"] * 30),
               max_images_grid(pixels, projections[:, 0], torch.arange(30), ["cat"] * 30),
               weights_grid(torch.randn(512, 3, 3, 3)), weights_grid(torch.randn(64, 64, 3, 3))]
+    from convlens.callbacks import OcclusionSensitivity
+
+    # VGG's 224-px probe image, its p(target) and label maps (8 x 8 positions, patch 25, stride 25)
+    occlusion = OcclusionSensitivity().render(torch.rand(3, 224, 224), torch.rand(8, 8), torch.randint(0, 4, (8, 8)),
+                                              25, 25, 4, ["airplane", "p(airplane)", "predicted label"])
+    assert occlusion.shape[-1] == 3 * (112 + 2) + 2  # side by side, each averaged down to 112 px
+    panels.append(occlusion)
     for panel in panels:
         assert panel.shape[-2] <= CARD_HEIGHT and panel.shape[-1] <= CARD_WIDTH

@@ -168,6 +168,28 @@ def test_large_tiles_are_averaged_down_so_a_strip_fits_a_card():
     assert (first - want).abs().max() <= 1 / 255 + 1e-6  # the PNG canvas's 8-bit rounding
 
 
+def test_shrink_to_fit_averages_large_tiles_down_until_a_row_fits_a_card():
+    """The oracle: the tiles averaged down by hand (avg_pool2d) and drawn without shrinking; tiles
+    never go below tile_size, and small tiles are upscaled as before."""
+    import torch.nn.functional as F
+
+    from convlens.render import CARD_WIDTH, captioned_grid, downscale_factor, tile_width
+
+    tiles = torch.rand(3, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    captions = ["image", "p(cat)", "predicted label"]
+    fitted = captioned_grid(tiles, nrow=3, captions=captions, tile_size=112, shrink_to_fit=True)
+    by_hand = captioned_grid(F.avg_pool2d(tiles, 2), nrow=3, captions=captions, tile_size=112)
+    assert torch.equal(fitted, by_hand) and fitted.shape[-1] == 3 * 114 + 2 <= CARD_WIDTH
+    assert tile_width(tiles, 112, columns=3) == 112 and tile_width(tiles, 112) == 224
+    # without it, the same row is wider than a card (laid out in bands instead)
+    assert captioned_grid(tiles, nrow=3, captions=captions, tile_size=112).shape[-1] < 3 * 226
+    assert downscale_factor(500, 500, 112, columns=3) == 4  # 125 px: 383 wide; 3 would be 509
+    assert downscale_factor(224, 224, 150, columns=3) == 1  # 112 px would be below tile_size
+    small = torch.rand(3, 1, 28, 28)
+    assert torch.equal(captioned_grid(small, nrow=3, tile_size=112, shrink_to_fit=True),
+                       captioned_grid(small, nrow=3, tile_size=112))
+
+
 def test_a_grid_wider_than_a_card_is_laid_out_in_bands():
     """The oracle: the same grid drawn band by band (the first `fit` columns, then the rest) and
     stacked; every tile and caption is kept, and the result fits a card."""
