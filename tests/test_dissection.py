@@ -21,6 +21,7 @@ from functools import partial
 import lightning.pytorch as pl
 import pytest
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -430,6 +431,18 @@ def test_conv_at_the_entries_equals_the_conv_map(options):
     for chunk in (1, 2**22):
         got = _conv_at(conv, x, rows, units, pos, chunk_elements=chunk)
         assert torch.allclose(got, maps[rows, units, pos[:, 0], pos[:, 1]], atol=1e-5)
+    # bit for bit the former gather (an index per input channel), on a channels-last input too
+    padded = F.pad(x, conv._reversed_padding_repeated_twice,
+                   mode="constant" if conv.padding_mode == "zeros" else conv.padding_mode)
+    cin, cout = conv.in_channels // conv.groups, conv.out_channels // conv.groups
+    chans = (units // cout)[:, None] * cin + torch.arange(cin)
+    ii = pos[:, 0, None] * conv.stride[0] + torch.arange(3) * conv.dilation[0]
+    jj = pos[:, 1, None] * conv.stride[1] + torch.arange(3) * conv.dilation[1]
+    window = padded[rows[:, None, None, None], chans[:, :, None, None], ii[:, None, :, None], jj[:, None, None, :]]
+    former = (window * conv.weight.detach()[units]).flatten(1).sum(1)
+    former = former + conv.bias.detach()[units] if conv.bias is not None else former
+    assert torch.equal(_conv_at(conv, x, rows, units, pos), former)
+    assert torch.equal(_conv_at(conv, x.contiguous(memory_format=torch.channels_last), rows, units, pos), former)
 
 
 def test_grey_responses_equal_the_maps_of_a_full_forward_of_every_greyed_image():
@@ -546,6 +559,34 @@ def test_cropped_grey_forward_equals_the_full_forward(case, monkeypatch):
     assert bool(ran) == chain
     if chain and rgb:
         assert min(h * w for h, w in sizes) < shape[1] * shape[2]   # some images did run cropped
+
+
+def test_dead_units_entries_do_not_run_and_the_colour_index_is_unchanged(monkeypatch):
+    """The colour index of `dissect` (a dead unit's entries left out of the grey forward) against
+    `color_selectivity` of every entry's grey response, one layer at a time (other crops: float32
+    rounding): equal on the live units, NaN on the dead."""
+    net = small_net()
+    with torch.no_grad():
+        net[3].bias[1] = -100.0   # unit 1 of layer 3: never positive
+    images, labels = data(side=12)
+    c = collect(net, images, labels, ["0", "3"], n=4)
+    passed = []
+    real = dissection_module.grey_responses
+    monkeypatch.setattr(dissection_module, "grey_responses",
+                        lambda m, x, e, *a, **k: (passed.append(e), real(m, x, e, *a, **k))[1])
+    tables = dissect(c, model=net)
+    assert (passed[0]["3"][0][1] == -1).all() and (passed[0]["3"][0][0] >= 0).all()   # unit 1's entries left out
+    ids = sorted(c.pool)
+    pool = torch.stack([c.pool[i] for i in ids])
+    for layer in ("0", "3"):
+        t = c.tops[layer]
+        index = torch.tensor([[ids.index(i) for i in row] for row in t.image_ids.tolist()])
+        grey = grey_responses(net, pool, {layer: (index, t.positions)})[layer]
+        want = color_selectivity(t.values, grey)
+        dead = tables[layer].dead
+        assert dead.tolist() == ([False, True] + [False] * 4 if layer == "3" else [False] * 5)
+        torch.testing.assert_close(tables[layer].color_selectivity[~dead], want[~dead], rtol=1e-5, atol=1e-6)
+        assert tables[layer].color_selectivity[dead].isnan().all()
 
 
 def test_valid_positions_by_hand():

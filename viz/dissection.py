@@ -246,10 +246,13 @@ def _conv_at(conv: nn.Conv2d, x: Tensor, rows: Tensor, units: Tensor, positions:
     step = max(1, chunk_elements // (cin * kh * kw))
     for s in range(0, len(rows), step):
         r, u, p = rows[s:s + step], units[s:s + step], positions[s:s + step]
-        chans = (u // cout)[:, None] * cin + torch.arange(cin, device=dev)                  # [E, cin]
         ii = p[:, 0, None] * sh + torch.arange(kh, device=dev) * dh                        # [E, kh]
         jj = p[:, 1, None] * sw + torch.arange(kw, device=dev) * dw                        # [E, kw]
-        window = x[r[:, None, None, None], chans[:, :, None, None], ii[:, None, :, None], jj[:, None, None, :]]
+        if conv.groups == 1:   # every input channel: a slice, not an index per channel
+            window = x[r[:, None, None], :, ii[:, :, None], jj[:, None, :]].permute(0, 3, 1, 2)
+        else:
+            chans = (u // cout)[:, None] * cin + torch.arange(cin, device=dev)              # [E, cin]
+            window = x[r[:, None, None, None], chans[:, :, None, None], ii[:, None, :, None], jj[:, None, None, :]]
         values = (window.float() * weight[u]).flatten(1).sum(1)
         out.append(values + bias[u] if bias is not None else values)
     return torch.cat(out) if out else torch.zeros(0, device=dev)
@@ -907,7 +910,12 @@ def dissect(collector: UnitCollector, fields: Mapping[str, ReceptiveField] | Non
     rgb = images is not None and images.shape[1] == 3
     grey = {}
     if color and rgb and model is not None:
-        grey = grey_responses(model, images, {layer: (index[layer], top.positions)
+        live = {}   # a dead unit's colour index is undefined (NaN): its entries do not run
+        for layer, top in collector.tops.items():
+            filled = (top.image_ids >= 0).cpu()
+            dead = ~(top.values.float().cpu().masked_fill(~filled, -math.inf).amax(1) > 0)
+            live[layer] = index[layer].masked_fill(dead[:, None], -1)
+        grey = grey_responses(model, images, {layer: (live[layer], top.positions)
                                               for layer, top in collector.tops.items()},
                               normalization, batch_size=batch_size, context=context)
     pixels = None
