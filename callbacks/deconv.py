@@ -181,10 +181,7 @@ class DeconvProjection(ProjectionCallback):
         # all tensor work first, then all rendering: on CPU, torch's worker threads fall asleep
         # during the (single-threaded) drawing and each first op after it pays for waking them
         drawn = []
-        recordings = record_layers(net, images, self.layers, self._path)
-        # the layers in order, as the time budget allows (a first drawing stops at its deadline)
-        for layer in self.within_budget(recordings, "layers", explicit=not self.uses_defaults):
-            rec = recordings[layer]
+        for layer, rec in self.recordings_within_budget(net, images, explicit=not self.uses_defaults):
             _, indices = rec.top_units(min(self.k, rec.num_units))
             drawn.append((layer, indices.cpu(), rec.project_many(indices, self.unpool, dtype=dtype).cpu()))
         maxima = self._max_activating(net, pl_module.device, dtype) if self.deconv_max else []

@@ -43,7 +43,7 @@ from convlens.callbacks.options import check_int, check_unit_range, check_units
 from convlens.errors import ConfigError
 from convlens.render import (as_rgb, captioned_grid, class_caption, fit_caption, scale_each, scale_symmetric,
                              tile_width, to_pixels)
-from convlens.viz.deconvnet import DECONV_UNPOOL_MODES, record_layers
+from convlens.viz.deconvnet import DECONV_UNPOOL_MODES
 from convlens.viz.layers import LayerError, get_layer, layer_names, rank_units
 
 
@@ -172,10 +172,8 @@ class FilterEvolution(ProjectionCallback, FitSummaryCallback):
         caption = class_caption(labels[self.probe_index], self.class_names(trainer))
         width = tile_width(image, self.tile_size)
         tiles: dict[str, torch.Tensor] = {}
-        recordings = record_layers(net, image, self.layers, self._path)
-        # the layers in order, as the time budget allows (a first drawing stops at its deadline)
-        for layer in self.within_budget(recordings, "layers", explicit=not self.uses_defaults or bool(self.units)):
-            rec = recordings[layer]
+        explicit = not self.uses_defaults or bool(self.units)
+        for layer, rec in self.recordings_within_budget(net, image, explicit=explicit):
             unit = self.tracked_unit(layer)
             if unit is None:  # first run: the unit the probe image activates most
                 unit = int(rank_units(rec.map_maxima(), 1)[0])

@@ -301,3 +301,28 @@ def read_text(logdir, tag):
             for event in acc.Tensors(tag + "/text_summary"):
                 out[event.step] = event.tensor_proto.string_val[0].decode()
     return out
+
+
+def test_a_projection_drawing_with_a_deadline_runs_the_net_only_as_far_as_it_draws():
+    """deconv / evolution record their first layer alone when the drawing has a deadline: stopped
+    after it, the deeper convs never ran; drawn in full, every recording equals the one-pass
+    recording (`viz.deconvnet.record_layers` of every layer: the oracle)."""
+    from convlens.callbacks import DeconvProjection
+    from convlens.callbacks.budget import Drawing
+    from convlens.viz.deconvnet import record_layers
+
+    torch.manual_seed(0)
+    net, images = Convs().net.eval(), torch.rand(2, 1, 8, 8)
+    calls = []
+    net[4].register_forward_hook(lambda *_: calls.append("4"))
+    callback = DeconvProjection(layers=CONVS)
+    callback._drawing = Drawing(deadline=time.perf_counter() - 1)  # passed: only the first piece runs
+    drawn = list(callback.recordings_within_budget(net, images, explicit=False))
+    assert [layer for layer, _ in drawn] == ["0"] and calls == []
+    callback._drawing = Drawing(deadline=time.perf_counter() + 60)
+    drawn = dict(callback.recordings_within_budget(net, images, explicit=False))
+    assert list(drawn) == CONVS and calls == ["4"]  # the rest in one forward after the first layer's
+    whole = record_layers(net, images, CONVS)
+    for layer in CONVS:
+        assert torch.equal(drawn[layer].maps, whole[layer].maps)
+        assert torch.equal(drawn[layer].project(0, "switches"), whole[layer].project(0, "switches"))
