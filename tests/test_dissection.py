@@ -287,6 +287,20 @@ def test_nf_from_distinct_crops_equals_one_crop_per_entry(crop_elements):
     assert torch.isnan(dead).all()
 
 
+def test_crop_patches_by_index_equal_crops_of_copied_images():
+    """`crop_patches(..., index=)` (one image, several patches, no copy per patch) against the patches
+    of `images[index]`, bit for bit, borders (NaN outside the box) included."""
+    net = small_net()
+    images = torch.randn(5, 3, 12, 12)
+    field = receptive_field(net, images[:1], "3")
+    g = torch.Generator().manual_seed(0)
+    index = torch.randint(0, 5, (40,), generator=g)
+    i, j = torch.randint(0, 6, (40,), generator=g), torch.randint(0, 6, (40,), generator=g)
+    got = crop_patches(images, field, i, j, index=index)
+    assert torch.equal(got.isnan(), crop_patches(images[index], field, i, j).isnan()) and got.isnan().any()
+    assert torch.equal(got.nan_to_num(7), crop_patches(images[index], field, i, j).nan_to_num(7))
+
+
 def test_nf_leaves_out_crops_that_do_not_reach_a_pixel():
     crops = torch.tensor([[[[[1.0, math.nan]]], [[[3.0, 5.0]]], [[[7.0, 7.0]]]]])  # [1 unit, 3, 1, 1, 2]
     nf = neuron_features(crops, torch.tensor([[4.0, 2.0, -1.0]]))                 # weights 1, 1/2, 0

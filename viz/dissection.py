@@ -978,7 +978,7 @@ def _neuron_features(pixels: Tensor, index: Tensor, positions: Tensor, values: T
         unit, slot = ((idx >= 0) & (wt > 0)).nonzero(as_tuple=True)
         key = (idx[unit, slot] * h + pos[unit, slot, 0]) * w + pos[unit, slot, 1]
         pairs, column = key.unique(return_inverse=True)
-        crops = crop_patches(pixels[pairs // (h * w)], field_, (pairs // w) % h, pairs % w).float()
+        crops = crop_patches(pixels, field_, (pairs // w) % h, pairs % w, index=pairs // (h * w)).float()
         present = (~torch.isnan(crops[:, 0])).float().reshape(len(pairs), ph * pw)         # [P, Ph * Pw]
         matrix = torch.sparse_coo_tensor(torch.stack([unit, column]), wt[unit, slot], (idx.shape[0], len(pairs)),
                                          check_invariants=False)

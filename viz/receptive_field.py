@@ -402,9 +402,10 @@ def _closed_form(trace: list[ChainStep]):
 # --------------------------------------------------------------------------------------------
 
 def crop_patches(images: Tensor, field: ReceptiveField, i: Tensor, j: Tensor,
-                 fill: float = math.nan) -> Tensor:
+                 fill: float = math.nan, index: Tensor | None = None) -> Tensor:
     """[M, C, Ph, Pw]: the receptive-field patch of position (i[m], j[m]) in image `images[m]`
-    ([M, C, H, W]), all of size `field.patch_size`.
+    ([M, C, H, W]), all of size `field.patch_size`; with `index` ([M] long), in image
+    `images[index[m]]` (several patches of one image without a copy of it per patch).
 
     Each patch shows the position's box at the place it has in a full window: when the box is clipped
     at the top (left) image border it is aligned to the bottom (right) of the tile, otherwise to
@@ -417,16 +418,17 @@ def crop_patches(images: Tensor, field: ReceptiveField, i: Tensor, j: Tensor,
         raise ReceptiveFieldError(f"images are {tuple(images.shape[2:])} but the receptive field was "
                                   f"computed for {field.input_size} inputs")
     i, j = torch.as_tensor(i).long().flatten().cpu(), torch.as_tensor(j).long().flatten().cpu()
-    if not len(i) == len(j) == images.shape[0]:
+    crops = images.shape[0] if index is None else len(index)
+    if not len(i) == len(j) == crops:
         raise ReceptiveFieldError(f"need one (i, j) per image: got {len(i)} i, {len(j)} j for "
-                                  f"{images.shape[0]} images")
+                                  f"{crops} {'images' if index is None else 'indexes'}")
     boxes = field.boxes(i, j)                                                 # [M, 4]
     ph, pw = field.patch_size
     rows = _tile_positions(boxes[:, 0], boxes[:, 2], ph, field.row_support[i])    # [M, Ph]
     cols = _tile_positions(boxes[:, 1], boxes[:, 3], pw, field.col_support[j])    # [M, Pw]
     dev = images.device
     rows, cols = rows.to(dev), cols.to(dev)
-    m = torch.arange(images.shape[0], device=dev)
+    m = torch.arange(crops, device=dev) if index is None else torch.as_tensor(index, device=dev).long()
     out = images[m[:, None, None], :, rows.clamp_min(0)[:, :, None], cols.clamp_min(0)[:, None, :]]
     out = out.permute(0, 3, 1, 2)                                             # [M, C, Ph, Pw]
     valid = (rows >= 0)[:, :, None] & (cols >= 0)[:, None, :]
