@@ -26,7 +26,8 @@ then
 - `dissection/<layer>`: the Neuron Feature of every unit, sorted by `sort_by` (most selective
   first, undefined last), captioned `#unit top-class` / `class-index colour-index` / `csi <CSI>`
   (`-` where undefined); NFs are in display space (true colours, not rescaled), light blue where no
-  crop reaches, white for a dead unit;
+  crop reaches, white for a dead unit; as many as a card shows (on LeNet's 500-unit conv3, the
+  most selective rows that fit), with a note under them of how many are left out;
 - histograms `dissection_class/<layer>`, `dissection_color/<layer>`, `dissection_csi/<layer>` of
   each index over the layer's units (the step slider shows them move over epochs);
 - scalars `dissection_mean_class/<layer>`, `dissection_mean_color/<layer>`, `dissection_mean_csi/<layer>`
@@ -289,7 +290,9 @@ class UnitDissection(ValidationCollector):
         self.write_csv(trainer, epoch, names)
 
     def grid(self, table: UnitTable, names: Sequence[str]) -> torch.Tensor:
-        """[3, H, W]: every unit's NF, sorted by `sort_by`, captioned (see the module docstring)."""
+        """[3, H, W]: the units' NFs, sorted by `sort_by`, captioned (see the module docstring); as
+        many as a card shows (`render.CARD_HEIGHT`), the most selective first, and a note of the
+        others (every unit is in the CSV and the text table)."""
         order = sort_order(table, self.sort_by)
         tiles = nf_tiles(table)[order]
         shrink = downscale_factor(*tiles.shape[-2:], self.tile_size)
@@ -304,8 +307,10 @@ class UnitDissection(ValidationCollector):
             lines = [f"#{u} {name}", f"{_short(c['class_selectivity'][u])} "
                      f"{_short(c['color_selectivity'][u])}", f"csi {_short(c['csi'][u])}"]
             captions.append("\n".join(fit_caption(line, width) for line in lines))
+        cap = (f"showing {{shown}} of {{total}} units of {table.layer}, sorted by {self.sort_by}; every unit in "
+               f"units.csv and {self.name}_table/{table.layer}")
         return captioned_grid(tiles, nrow=columns_that_fit(width, len(order)), captions=captions,
-                              tile_size=self.tile_size)
+                              tile_size=self.tile_size, cap=cap, flat=True)
 
     def markdown(self, table: UnitTable, names: Sequence[str]) -> str:
         """A markdown table of every unit, sorted by `sort_by`."""

@@ -731,6 +731,38 @@ def test_grid_is_sorted_by_the_chosen_index():
     assert sort_order(t, "unit") == list(range(t.num_units))
 
 
+def test_a_grid_of_many_units_keeps_the_most_selective_that_fit_a_card_and_says_how_many_are_left():
+    """The oracle: `card_layout` of the tiles drawn (the NFs upscaled to tile_size, three caption
+    lines) gives the number of units shown; the grid fits a card and ends with the note that says
+    how many were left out (its pixels against the note drawn on its own)."""
+    import dataclasses
+
+    from convlens.render import CARD_HEIGHT, CARD_WIDTH, card_layout, note_image, upscale
+
+    net = small_net()
+    images, labels = data()
+    t = dissect(collect(net, images, labels, ["3"], n=5), {"3": receptive_field(net, images[:1], "3")},
+                model=net)["3"]
+    many = 100  # the 6 units repeated: more than a card holds
+    index = torch.arange(many) % t.num_units
+    per_unit = {f.name: getattr(t, f.name)[index] for f in dataclasses.fields(t)
+                if torch.is_tensor(getattr(t, f.name)) and getattr(t, f.name).shape[:1] == (t.num_units,)}
+    big = dataclasses.replace(t, **per_unit, population_classes=[t.population_classes[int(u)] for u in index],
+                              class_means=t.class_means[:, index])
+    callback = UnitDissection(tile_size=48)
+    names = ["a", "b", "c"]
+    grid = callback.grid(big, names)
+    assert grid.shape[-2] <= CARD_HEIGHT and grid.shape[-1] <= CARD_WIDTH
+    tile = tuple(upscale(big.neuron_features[:1].float(), 48).shape[-2:])
+    note = "showing {shown} of {total} units of 3, sorted by class_selectivity; every unit in units.csv and " \
+           "dissection_table/3"
+    columns, rows = card_layout(many, many, tile, caption_lines=3, flat=True, note_chars=len(note) + 10)
+    shown = columns * rows
+    assert 0 < shown < many
+    text = note_image(note.format(shown=shown, total=many), columns * (tile[1] + 2) + 2)
+    assert torch.equal(grid[:, -text.shape[-2]:], text)
+
+
 def test_options_are_checked():
     with pytest.raises(ConfigError, match="n \\(top images per unit\\)"):
         UnitDissection(n=0)
