@@ -73,9 +73,11 @@ def maps_of(net: nn.Module, images: torch.Tensor, layers) -> dict[str, torch.Ten
     return out
 
 
-def collect(net, images, labels, layers, n, batch=8) -> UnitCollector:
+def collect(net, images, labels, layers, n, batch=8, flush_rows=None) -> UnitCollector:
     units = {layer: dict(net.named_modules())[layer].out_channels for layer in layers}
     c = UnitCollector(units, n)
+    if flush_rows is not None:
+        c.flush_rows = flush_rows
     for s in range(0, len(images), batch):
         maps = maps_of(net, images[s:s + batch], layers)
         c.update(images[s:s + batch], labels[s:s + batch], {k: spatial_max(v) for k, v in maps.items()})
@@ -110,13 +112,15 @@ def reference(net, images, labels, layer, n):
 
 
 # -- the streamed top-N and the class means equal the two-pass reference ----------------------------
-@pytest.mark.parametrize("batch", [1, 7, 64])
-def test_streaming_top_n_and_class_means_equal_the_two_pass_reference(batch):
+@pytest.mark.parametrize("batch,flush_rows", [(1, None), (7, None), (64, None), (7, 1), (7, 20)])
+def test_streaming_top_n_and_class_means_equal_the_two_pass_reference(batch, flush_rows):
+    """Batches merged into the tops one by one (flush_rows=1), a few at a time, or all at the end
+    (the default flush_rows, more rows than the data): each equal to the reference."""
     net = small_net()
     with torch.no_grad():
         net[3].weight[2] = 0  # a constant unit (its bias everywhere): ties, broken by image id
     images, labels = data()
-    c = collect(net, images, labels, ["0", "3"], n=6, batch=batch)
+    c = collect(net, images, labels, ["0", "3"], n=6, batch=batch, flush_rows=flush_rows)
     for layer in ("0", "3"):
         top, means = reference(net, images, labels, layer, 6)
         t = c.tops[layer]
@@ -140,14 +144,17 @@ def test_streaming_top_n_and_class_means_equal_the_two_pass_reference(batch):
 def test_fast_top_n_update_equals_running_top_k_update(seed):
     """`_update_top` (one topk, `_select` only where ties leave the choice open) against
     `RunningTopK.update` with the labels as payload: bitwise the same state, batch after batch, with
-    many tied values (a coarse grid of values), batches smaller than N, and repeated images."""
+    many tied values (a coarse grid of values), batches smaller and larger than N, batches where
+    each unit's candidates are a few of its rows (its m best rows taken first), and repeated images."""
     g = torch.Generator().manual_seed(seed)
     units, k = 9, 5
     fast, slow = RunningTopK(k, units), RunningTopK(k, units)
     seen: set[int] = set()
-    for step in range(12):
-        b = int(torch.randint(1, 9, (1,), generator=g))
-        values = (torch.randint(-3, 4, (b, units), generator=g) / 2).float()
+    reduced = 0
+    for step in range(16):
+        b = int(torch.randint(1, 25, (1,), generator=g))
+        values = (torch.randint(-3, 4 + step // 4, (b, units), generator=g) / 2).float()
+        reduced += int((values >= fast.threshold).sum(0).max()) < b
         if step % 3 == 2:   # repeats, inside the batch and of earlier batches
             ids = torch.randint(0, 40, (b,), generator=g)
         else:               # new images
@@ -161,6 +168,7 @@ def test_fast_top_n_update_equals_running_top_k_update(seed):
         for name in ("values", "image_ids", "positions", "payload"):
             assert torch.equal(getattr(fast, name), getattr(slow, name)), (step, name)
         assert set(ids[rows].tolist()) == set(ids.tolist()) & set(slow.image_ids.flatten().tolist())
+    assert reduced >= 3   # the path that merges only each unit's m best rows ran
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -235,6 +243,18 @@ def test_collector_errors():
         c.update(torch.zeros(2, 3, 4, 4), None, {"0": (torch.zeros(2, 4), torch.zeros(2, 4, 2, dtype=torch.long))})
     with pytest.raises(DissectionError, match="different layers"):
         UnitCollector.merge([c.state_dict(), UnitCollector({"1": 3}, 2).state_dict()])
+    # a merged state whose pool lacks images its entries refer to (pools left out): said, with the count
+    net = small_net()
+    images, labels = data()
+    full = collect(net, images, labels, ["3"], n=4)
+    for keep in (0.5, 0.0):
+        state = full.state_dict()
+        ids = sorted(state["pool"])
+        state["pool"] = {i: state["pool"][i] for i in ids[:int(keep * len(ids))]}
+        lacking = len(full.referenced_ids() - set(state["pool"]))
+        with pytest.raises(DissectionError, match=f"the pool lacks {lacking} image"):
+            dissect(UnitCollector.from_state_dict(state))
+    assert dissect(UnitCollector.from_state_dict(full.state_dict()))["3"].num_units == 6
 
 
 # -- Neuron Features ----------------------------------------------------------------------------------

@@ -218,13 +218,16 @@ def test_spatial_max_with_thresholds_finds_the_positions_it_must_and_the_same_va
     maps = torch.randint(-2, 3, (5, 4, 3, 6), generator=g).double() / 3  # ties everywhere
     maps = maps * torch.arange(1, 6, dtype=torch.float64)[:, None, None, None]  # maxima that differ by image
     want_v, want_p = naive_max(maps)
-    for thresholds in (torch.tensor([2 / 3, -torch.inf, 0.0, 1.0]), torch.full((4,), -torch.inf),
-                       torch.full((4,), 9.0)):
-        values, positions = spatial_max(maps, thresholds=thresholds.float())
-        need = want_v.float() >= thresholds.float()
-        assert torch.equal(values, want_v)
-        assert torch.equal(positions[need], want_p[need])
-        assert (positions[~need] == -1).all()
+    channels_last = maps.contiguous(memory_format=torch.channels_last)   # its maxima come from a max pool
+    assert not channels_last.is_contiguous()
+    for layout in (maps, channels_last, channels_last.float()):
+        for thresholds in (torch.tensor([2 / 3, -torch.inf, 0.0, 1.0]), torch.full((4,), -torch.inf),
+                           torch.full((4,), 9.0)):
+            values, positions = spatial_max(layout, thresholds=thresholds.float())
+            need = want_v.float() >= thresholds.float()
+            assert values.dtype == layout.dtype and torch.equal(values, want_v.to(layout.dtype))
+            assert torch.equal(positions[need], want_p[need])
+            assert (positions[~need] == -1).all()
     assert 0 < int((want_v.float() >= torch.tensor([2 / 3, -torch.inf, 0.0, 1.0]).float()).sum()) < want_v.numel()
     # a float64 maximum just below a float32 threshold that it rounds to: found, as the top-k compares in float32
     near = torch.zeros(1, 1, 2, 2, dtype=torch.float64)

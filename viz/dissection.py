@@ -171,7 +171,8 @@ def population_code(frequencies: Tensor, threshold: float = POPULATION_THRESHOLD
     f = frequencies.double()
     above = (f >= threshold) & (f > 0)
     order = f.argsort(dim=1, descending=True, stable=True)
-    classes = [[int(c) for c in order[u].tolist() if above[u, c]] for u in range(f.shape[0])]
+    kept = above.gather(1, order)
+    classes = [[c for c, k in zip(row, keep) if k] for row, keep in zip(order.tolist(), kept.tolist())]
     return above.sum(1), classes
 
 
@@ -597,13 +598,14 @@ def grey_responses(model: nn.Module, images: Tensor, entries: Mapping[str, tuple
 
 def _update_top(top: RunningTopK, values: Tensor, ids: Tensor, positions: Tensor, labels: Tensor,
                 fresh: bool) -> Tensor:
-    """`top.update(values, ids, positions, payload=labels)` with the same result, faster: one
-    `topk` over every unit's candidates (its k entries and the batch's) instead of four stable sorts.
-    The tie rule (value descending, then id ascending; an id once per unit) is applied by
-    `top_activations._select` to the units whose choice or order `topk` leaves open (equal values
-    among the chosen or at the k-th place, an empty slot chosen), and to all of them when `fresh`
-    is False (a batch id may already be in a unit's top). Returns the batch rows [R] that entered
-    some unit's top."""
+    """`top.update(values, ids, positions, payload=labels)` with the same result, faster: per unit
+    the batch's m best rows (m: the most batch values any one unit has at or above its k-th kept
+    value, so every entry that may enter is among them), then one `topk` over each unit's k entries
+    and those m, instead of four stable sorts over all k + n. The tie rule (value descending, then
+    id ascending; an id once per unit) is applied by `top_activations._select` to the units whose
+    choice or order `topk` leaves open (equal values among the chosen or at the k-th place, an empty
+    slot chosen), and to all of them when `fresh` is False (a batch id may already be in a unit's
+    top). Returns the batch rows [R] that entered some unit's top."""
     k = top.k
     if not fresh or values.dtype != top.values.dtype or (top.payload is None and bool((top.image_ids >= 0).any())):
         top.update(values, ids, positions, payload=lambda rows, _pos: labels[rows.to(labels.device)])
@@ -612,27 +614,36 @@ def _update_top(top: RunningTopK, values: Tensor, ids: Tensor, positions: Tensor
     if top.values.device != dev:
         top.values, top.image_ids, top.positions = top.values.to(dev), top.image_ids.to(dev), top.positions.to(dev)
         top.payload = top.payload.to(dev) if top.payload is not None else None
-    rows = top.may_enter(values).nonzero().flatten()
-    if len(rows) == 0:
-        return rows
-    values, ids, positions, labels = values[rows], ids[rows].to(dev), positions[rows].to(dev), labels[rows].to(dev)
-    n = values.shape[0]
-    cand_values = torch.cat([top.values, values.t()], dim=1)                    # [U, k + n]
-    best, pick = cand_values.topk(k, dim=1)                                      # sorted, descending
+    can_enter = values >= top.threshold.to(dev, values.dtype)[None, :]               # [n, U]
+    per_unit = can_enter.sum(0)
+    m = int(per_unit.max())
+    if m == 0:
+        return torch.zeros(0, dtype=torch.long)
+    n, units = values.shape
+    values_t = values.t()
+    if m < n and not bool(torch.isnan(values).any()):   # topk ranks NaN first: a NaN batch takes the full path
+        batch_values, batch_rows = values_t.topk(m, dim=1)                           # [U, m]
+    else:
+        batch_values, batch_rows = values_t, torch.arange(n, device=dev).expand(units, n)
+    ids, labels = ids.to(dev), labels.to(dev)
+    cand_values = torch.cat([top.values, batch_values], dim=1)                       # [U, k + m]
+    best, pick = cand_values.topk(k, dim=1)                                          # sorted, descending
     kth = best[:, -1:]
-    open_ = (cand_values >= kth).sum(1) > k                                      # a tie at the k-th place
-    open_ |= (best[:, 1:] == best[:, :-1]).any(1) | torch.isinf(kth[:, 0])       # tied order, empty slot
+    open_ = (cand_values >= kth).sum(1) > k                                          # a tie at the k-th place
+    open_ |= (best[:, 1:] == best[:, :-1]).any(1) | torch.isinf(kth[:, 0])           # tied order, empty slot
     live = torch.ones_like(pick, dtype=torch.bool)
     if bool(open_.any()):
-        cand_ids = torch.cat([top.image_ids[open_], ids[None, :].expand(int(open_.sum()), n)], dim=1)
+        cand_ids = torch.cat([top.image_ids[open_], ids[batch_rows[open_]]], dim=1)
         slow, slow_live = _select(cand_values[open_], cand_ids, k)
         pick[open_], live[open_] = slow, slow_live
-    # gathered from the kept entries and from the batch apart (no [U, k + n] copies of ids and positions)
-    stored, row = pick.clamp(max=k - 1), (pick - k).clamp(min=0)
+    # gathered from the kept entries and from the batch apart (no [U, k + m] copies of ids and positions)
+    stored = pick.clamp(max=k - 1)
     from_batch = pick >= k
+    row = batch_rows.gather(1, (pick - k).clamp(min=0))                              # [U, k] rows of the batch
     entered = row[from_batch & live]
     new_ids = torch.where(from_batch, ids[row], top.image_ids.gather(1, stored))
-    new_pos = torch.where(from_batch[..., None], positions.transpose(0, 1).gather(1, row[..., None].expand(-1, -1, 2)),
+    unit = torch.arange(units, device=dev)[:, None]
+    new_pos = torch.where(from_batch[..., None], positions.to(dev)[row, unit],
                           top.positions.gather(1, stored[..., None].expand(-1, -1, 2)))
     # the payload as RunningTopK.update leaves it (also in empty slots)
     payload = top.payload if top.payload is not None else torch.zeros_like(top.image_ids)
@@ -643,7 +654,7 @@ def _update_top(top: RunningTopK, values: Tensor, ids: Tensor, positions: Tensor
     top.image_ids = new_ids.masked_fill(~live, -1)
     top.positions = new_pos.masked_fill(~live[..., None], 0)
     top.payload = payload
-    return rows[entered.unique()].cpu()
+    return entered.unique().cpu()
 
 
 class UnitCollector:
@@ -655,7 +666,11 @@ class UnitCollector:
         if not units:
             raise DissectionError("units must name at least one layer: {layer: unit count}")
         self.n, self.units = n, {layer: int(u) for layer, u in units.items()}
-        self.tops = {layer: RunningTopK(n, u) for layer, u in self.units.items()}
+        self._tops = {layer: RunningTopK(n, u) for layer, u in self.units.items()}
+        # batches of new images whose top-N update waits (see `update`): merged into the tops
+        # together, before anything reads them
+        self._pending: list[tuple[Tensor, Tensor, list[int], Tensor, dict[str, tuple[Tensor, Tensor]], bool]] = []
+        self._pending_rows = self._pending_bytes = 0
         #: per layer [K, U] float64: the sum over the distinct images of class k of each unit's rectified maximum
         self.class_sums = {layer: torch.zeros(0, u, dtype=torch.float64) for layer, u in self.units.items()}
         #: [K] long: distinct images per class
@@ -673,9 +688,26 @@ class UnitCollector:
         #: copies of an image counted by two shares that `merge` could not take back (see `merge`)
         self.unresolved = 0
 
+    #: a batch of new images waits for the next ones until this many rows (or this many bytes of
+    #: images) are pending; one top-N update per layer over them all costs about half of one per
+    #: batch on LeNet (RESULTS.md, section 10)
+    flush_rows, flush_bytes = 1024, 2**26
+
+    @property
+    def tops(self) -> dict[str, RunningTopK]:
+        """{layer: RunningTopK}: each unit's top-N, every update so far included."""
+        self.flush()
+        return self._tops
+
+    @tops.setter
+    def tops(self, tops: dict[str, RunningTopK]) -> None:
+        self.flush()
+        self._tops = tops
+
     @property
     def pool(self) -> dict[int, Tensor]:
         """id -> image (model input, on the CPU) of every image some top entry refers to."""
+        self.flush()
         if self._pool_stale:
             self.trim_pool()
         return self._pool
@@ -726,33 +758,78 @@ class UnitCollector:
         if known.any():
             self._grow(int(fresh_labels[known].max()) + 1)
             self.class_counts += torch.bincount(fresh_labels[known], minlength=self.num_classes)
-        payload_labels = labels.to(ids.device)
-        tail_values = {}
-        entered = []
+        tail_values, batch_maxima = {}, {}
         for layer, (values, positions) in maxima.items():
             if values.shape != (b, self.units[layer]):
                 raise DissectionError(f"maxima[{layer!r}] must be [B, U] = [{b}, {self.units[layer]}], got "
                                       f"{list(values.shape)}")
             values = values.detach().float()
-            entered.append(_update_top(self.tops[layer], values, ids.to(values.device), positions, payload_labels,
-                                       fresh=len(fresh) == b))
-            if bool((self.tops[layer].positions < 0).any()):
-                raise DissectionError(f"maxima[{layer!r}] has no position for an activation that entered the top; "
+            if bool(((positions[..., 0] < 0) & (values >= self.thresholds(layer).to(values.device))).any()):
+                raise DissectionError(f"maxima[{layer!r}] has no position for an activation that may enter the top; "
                                       "leave positions out only below the collector's thresholds(layer)")
+            batch_maxima[layer] = (values, positions)
             rectified = values.cpu()[fresh_rows].double().clamp_min(0)
             if known.any():
                 self.class_sums[layer].index_add_(0, fresh_labels[known], rectified[known])
             tail_values[layer] = rectified
         self.tail = {"ids": ids.cpu()[fresh_rows], "labels": fresh_labels, "values": tail_values}
-        self._add_to_pool(images, id_list, torch.cat(entered).unique().tolist())
+        # A batch of new images (none seen before, none twice) waits for the next ones; any other
+        # batch goes in at once, after those waiting, by the exact path for repeats.
+        if len(fresh) != b:
+            self.flush()
+        self._pending.append((images, ids, id_list, labels, batch_maxima, len(fresh) == b))
+        self._pending_rows += b
+        self._pending_bytes += images.numel() * images.element_size()
+        if (len(fresh) != b or self._pending_rows >= self.flush_rows or self._pending_bytes >= self.flush_bytes):
+            self.flush()
         return self
+
+    def flush(self) -> None:
+        """Merge the batches waiting (see `update`) into the tops and keep their images that entered.
+        Each waiting batch holds only images seen nowhere else (or it is alone), so one update over
+        their rows together gives the tops of one update per batch."""
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        self._pending_rows = self._pending_bytes = 0
+        fresh = all(p[5] for p in pending)
+        if len(pending) == 1:
+            images, ids, id_list, labels, maxima = pending[0][:5]
+        else:
+            images = [p[0] for p in pending]
+            ids = torch.cat([p[1] for p in pending])
+            id_list = [i for p in pending for i in p[2]]
+            labels = torch.cat([p[3].to(ids.device) for p in pending])
+            maxima = {layer: (torch.cat([p[4][layer][0].to(pending[0][4][layer][0].device) for p in pending]),
+                              torch.cat([p[4][layer][1].to(pending[0][4][layer][1].device) for p in pending]))
+                      for layer in pending[0][4]}
+        payload_labels = labels.to(ids.device)
+        entered = []
+        for layer, (values, positions) in maxima.items():
+            top = self._tops[layer]
+            entered.append(_update_top(top, values, ids.to(values.device), positions, payload_labels,
+                                       fresh=fresh))
+            if bool((top.positions < 0).any()):
+                raise DissectionError(f"maxima[{layer!r}] has no position for an activation that entered the top; "
+                                      "leave positions out only below the collector's thresholds(layer)")
+        rows = torch.cat(entered).unique().tolist()
+        if len(pending) == 1:
+            self._add_to_pool(images, id_list, rows)
+        else:
+            starts = [0]
+            for p in pending:
+                starts.append(starts[-1] + len(p[2]))
+            for b, p in enumerate(pending):
+                mine = [r - starts[b] for r in rows if starts[b] <= r < starts[b + 1]]
+                self._add_to_pool(p[0], p[2], mine)
 
     def thresholds(self, layer: str) -> Tensor:
         """[U]: the value a unit's activation must reach to enter its top (its N-th kept value; -inf
         while its top has an empty slot), on the top's device. It only rises from one update to the
         next, so a `spatial_max(..., thresholds=...)` of a later batch with these thresholds finds
-        every position `update` may read."""
-        return self.tops[layer].threshold
+        every position `update` may read. While batches wait (see `update`) it is the value before
+        them: lower or equal, so still a bound that finds every position read."""
+        return self._tops[layer].threshold
 
     def referenced_ids(self) -> set[int]:
         """The ids of the images some top entry refers to."""
@@ -893,7 +970,7 @@ def dissect(collector: UnitCollector, fields: Mapping[str, ReceptiveField] | Non
     if not 0 <= float(population_threshold) <= 1:
         raise DissectionError(f"population_threshold must be in [0, 1], got {population_threshold!r}")
     ids = sorted(collector.pool)
-    slot_of = {i: s for s, i in enumerate(ids)}
+    sorted_ids = torch.tensor(ids, dtype=torch.long)
     images = torch.stack([collector.pool[i] for i in ids]) if ids else None
     k = max(1, collector.num_classes, int(num_classes or 0))
     for top in collector.tops.values():
@@ -901,12 +978,15 @@ def dissect(collector: UnitCollector, fields: Mapping[str, ReceptiveField] | Non
             k = max(k, int(top.payload[top.image_ids >= 0].max()) + 1)
     index = {}
     for layer, top in collector.tops.items():
-        missing = [i for i in top.image_ids[top.image_ids >= 0].unique().tolist() if i not in slot_of]
-        if missing:
-            raise DissectionError(f"the pool lacks {len(missing)} image(s) of layer {layer!r}'s top entries; merge "
-                                  "the shares' pools (state_dict(pool=True))")
-        index[layer] = torch.tensor([[slot_of.get(i, -1) for i in row] for row in top.image_ids.cpu().tolist()],
-                                    dtype=torch.long).reshape(top.image_ids.shape)
+        # each entry's slot in the sorted pool, -1 in empty slots
+        image_ids = top.image_ids.cpu()
+        slots = torch.searchsorted(sorted_ids, image_ids).clamp(max=max(len(ids) - 1, 0))
+        found = (sorted_ids[slots] == image_ids) if ids else torch.zeros_like(image_ids, dtype=torch.bool)
+        missing = (image_ids >= 0) & ~found
+        if missing.any():
+            raise DissectionError(f"the pool lacks {len(image_ids[missing].unique())} image(s) of layer {layer!r}'s "
+                                  "top entries; merge the shares' pools (state_dict(pool=True))")
+        index[layer] = slots.masked_fill(image_ids < 0, -1)
     rgb = images is not None and images.shape[1] == 3
     grey = {}
     if color and rgb and model is not None:
