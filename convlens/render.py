@@ -176,14 +176,18 @@ def captioned_grid(tiles: torch.Tensor, nrow: int, captions: Sequence[str] | Non
     units of features.28; set max_units to choose" (`card_layout` gives the same numbers)."""
     tiles = as_rgb(tiles.float().cpu().clamp(0, 1))
     shrink = downscale_factor(*tiles.shape[-2:], tile_size, nrow if shrink_to_fit else None, padding)
-    tiles = F.avg_pool2d(tiles, shrink, ceil_mode=True) if shrink > 1 else upscale(tiles, tile_size)
+
+    def resized(t: torch.Tensor) -> torch.Tensor:
+        return F.avg_pool2d(t, shrink, ceil_mode=True) if shrink > 1 else upscale(t, tile_size)
+
     note = None
-    if cap is not None:
-        nrow, rows, note = _cap(tiles, nrow, captions, row_titles, col_titles, padding, cap, per, flat)
+    if cap is not None:   # the tiles that fit are chosen first: only they are resized
+        nrow, rows, note = _cap(tiles.shape[0], tuple(resized(tiles[:1]).shape[-2:]), nrow, captions, row_titles,
+                                col_titles, padding, cap, per, flat)
         tiles = tiles[:rows * nrow]
         captions = list(captions)[:rows * nrow] if captions else captions
         row_titles = list(row_titles)[:rows] if row_titles else row_titles
-    grid = _laid_out(tiles, nrow, captions, row_titles, col_titles, padding)
+    grid = _laid_out(resized(tiles), nrow, captions, row_titles, col_titles, padding)
     return stack_vertical([grid, note_image(note, grid.shape[-1])]) if note else grid
 
 
@@ -217,12 +221,11 @@ def card_layout(n: int, nrow: int, tile_hw: tuple[int, int], caption_lines: int 
     return nrow, rows
 
 
-def _cap(tiles, nrow, captions, row_titles, col_titles, padding, cap, per, flat):
-    """`captioned_grid`'s cap: (columns, rows kept, the note or None)."""
-    n = tiles.shape[0]
+def _cap(n, tile_hw, nrow, captions, row_titles, col_titles, padding, cap, per, flat):
+    """`captioned_grid`'s cap for `n` tiles of `tile_hw` (resized): (columns, rows kept, the note or None)."""
     lines = max((str(c).count("\n") + 1 for c in captions), default=1) if captions else 0
     left = 8 + 6 * max((len(t) for t in row_titles), default=0) if row_titles else 0
-    nrow, rows = card_layout(n, nrow, tuple(tiles.shape[-2:]), lines, left, bool(col_titles), padding, flat,
+    nrow, rows = card_layout(n, nrow, tile_hw, lines, left, bool(col_titles), padding, flat,
                              len(cap) + 10)
     if rows * nrow >= n:
         return nrow, rows, None
