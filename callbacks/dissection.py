@@ -13,8 +13,10 @@ and on each layer, for every unit's spatial maximum and its position) and remove
 each batch updates a `viz.dissection.UnitCollector` (top-N per unit with the image's label, per
 class sums for the class means, the images the top entries refer to) in `on_validation_batch_end`.
 No extra forward over the data. Memory: per layer units x N entries (value, id, position, label),
-8 bytes per validation image (its content id), and the images the top entries refer to, at most
-min(validation images, sum over layers of units x N); a smaller `n` bounds it for big layers.
+8 bytes per validation image (its content id), the images the top entries refer to, at most
+min(validation images, sum over layers of units x N), and the last few batches, whose top-N update
+waits to be made over them together (`UnitCollector.flush_rows`, `flush_bytes`: 1,024 rows or
+64 MiB of images); a smaller `n` bounds it for big layers.
 Under DDP every rank collects its share; the states are gathered at validation epoch end
 (`all_gather_object`: first the small states, then only the images the merged top-N refers to)
 and merged, which gives what one process over the whole validation set would (`UnitCollector.merge`).

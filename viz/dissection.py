@@ -50,15 +50,17 @@ the dataset, each at its argmax position, `RunningTopK`) and `a_i` their rectifi
 `UnitCollector` streams a dataset batch by batch (the spatial maxima of every unit and the argmax
 positions of those that may enter a top, `spatial_max` with the collector's `thresholds`): per layer
 a `RunningTopK` of N entries per unit with the image's label as payload (updated by one `topk` per
-layer and batch, `_update_top`; the tie rule of `RunningTopK` kept exactly), and per class the sum
-of each unit's rectified maximum and the image count. Images are told apart by content
-(`content_ids`): an image seen twice counts once. The images the top-N entries refer to are kept (a
-pool shared by every unit and layer, for the NF crops and the grey re-run; the images no entry
-refers to any more are evicted whenever the pool has doubled since the last eviction, and before
-`pool` is read). Memory: per layer units x N (value, id, position, label), per class one sum per
-unit, 8 bytes per distinct image seen (its id), and the pool: at most min(distinct images, 2 x sum
-of units x N + one batch) images. `merge` combines collectors of disjoint or overlapping shares (DDP
-ranks) into what one collector over their union would hold.
+layer over a few batches together, `_update_top` and `flush`; the tie rule of `RunningTopK` kept
+exactly), and per class the sum of each unit's rectified maximum and the image count. Images are
+told apart by content (`content_ids`): an image seen twice counts once. The images the top-N
+entries refer to are kept (a pool shared by every unit and layer, for the NF crops and the grey
+re-run; the images no entry refers to any more are evicted whenever the pool has doubled since the
+last eviction, and before `pool` is read). Memory: per layer units x N (value, id, position,
+label), per class one sum per unit, 8 bytes per distinct image seen (its id), the batches waiting
+for their top-N update (their images and maxima, `flush_rows` rows or `flush_bytes` of images at
+most), and the pool: at most min(distinct images, 2 x sum of units x N + the waiting rows) images.
+`merge` combines collectors of disjoint or overlapping shares (DDP ranks) into what one collector
+over their union would hold.
 """
 from __future__ import annotations
 
