@@ -51,8 +51,8 @@ from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from torch import nn
 
 from convlens.callbacks import sink
-from convlens.callbacks.budget import (DEFAULT_BUDGET, Drawing, check_budget, epoch_seconds, epoch_started,
-                                       first_part, pieces_within, spacing, spent)
+from convlens.callbacks.budget import (DEFAULT_BUDGET, Drawing, PieceTimer, check_budget, epoch_seconds,
+                                       epoch_started, first_part, pieces_within, spacing, spent)
 from convlens.callbacks.display import Display
 from convlens.callbacks.lightning_compat import log_step, state_key
 from convlens.callbacks.options import ProbeSpec, accept_renamed, check_int, check_layers
@@ -272,6 +272,12 @@ class VisualizationCallback(pl.Callback):
         one piece; see `callbacks.budget`); on later ones, all. `what` names them ("layers") in the
         warning and the `budget/<name>` text; `explicit`: the user chose them, so none is left out."""
         return pieces_within(self._drawing, pieces, what, explicit, label)
+
+    def piece_timer(self, what: str, explicit: bool = False, chosen: str | None = None) -> PieceTimer | None:
+        """A `PieceTimer` for pieces a `viz` function asks about as it goes (a stop predicate), or
+        None when this drawing has no deadline (draw everything at once). `chosen`: what the user
+        chose when `explicit` (default: the pieces themselves)."""
+        return None if self._drawing.deadline is None else PieceTimer(self._drawing, what, explicit, chosen)
 
     def log_scalars(self, trainer: pl.Trainer, scalars: dict[str, float]) -> None:
         """Log `{tag: value}` at `log_step(trainer)` to every logger (`callbacks.sink`)."""

@@ -9,8 +9,8 @@ brings its cost per epoch within its part, and says so once, however short the d
 it is only warned about. `budget=None` (`callbacks.budget=null`) turns it off.
 
 The first drawing: its cost is not known before it runs, so it gets a deadline instead, its part of
-the budget of the epoch it draws at. A callback draws in pieces (layers,
-probe images) in order, through `pieces_within`: before each piece it checks whether the deadline
+the budget of the epoch it draws at. A callback draws in pieces (layers, probe images, rows of
+occluded copies) in order, through `pieces_within` or a `PieceTimer`: before each piece it checks whether the deadline
 would pass (now plus the last piece's seconds), and stops there, after at least one piece of the
 drawing. The spacing of later drawings comes from the estimated whole cost (the seconds taken, per
 piece drawn, times all pieces). Until a whole drawing has been timed, each drawing keeps a deadline:
@@ -108,6 +108,8 @@ class Cut:
     explicit: bool = False
     #: an explicit sequence went on past the deadline
     over: bool = False
+    #: what the user chose, when `explicit` (None: the pieces themselves)
+    chosen: str | None = None
 
     @property
     def total(self) -> int:
@@ -115,7 +117,7 @@ class Cut:
 
     def describe(self) -> str:
         if self.explicit:
-            return f"the {self.what} were chosen, so all {self.total} were drawn"
+            return f"the {self.chosen or self.what} were chosen, so all {self.total} {self.what} were drawn"
         return (f"it drew {len(self.drawn)} of {self.total} {self.what} ({_names(self.drawn) or 'none'}; left out: "
                 f"{_names(self.left)})")
 
@@ -141,27 +143,60 @@ class Drawing:
         return any(c.left or c.over for c in self.cuts)
 
 
+class PieceTimer:
+    """Pieces of one sequence timed against a drawing's deadline, for code that asks between its
+    pieces (`go` before each, `done` after the last): `pieces_within` over a list, or a stop
+    predicate handed to a `viz` function that works in chunks (occlusion's rows of copies)."""
+
+    def __init__(self, drawing: Drawing, what: str, explicit: bool = False, chosen: str | None = None):
+        self.drawing, self.cut = drawing, Cut(what, explicit=explicit, chosen=chosen)
+        if drawing.deadline is not None:
+            drawing.cuts.append(self.cut)
+        self._running: tuple[str, float] | None = None  # the piece under way: its label and start
+
+    def go(self, label: str) -> bool:
+        """Before a piece: whether it may run, now plus the last piece's seconds against the
+        deadline (the drawing's first piece always may; with `explicit`, every piece may, and a
+        passed deadline is only recorded). Ends the timing of the piece before it."""
+        now = time.perf_counter()
+        self._finish(now)
+        drawing = self.drawing
+        if drawing.deadline is not None and drawing.pieces and now + drawing.last > drawing.deadline:
+            if not self.cut.explicit:
+                return False
+            self.cut.over = True
+        self._running = (label, now)
+        return True
+
+    def leave_out(self, labels: Iterable[str]) -> None:
+        """Record the pieces not drawn (after `go` said no)."""
+        self.cut.left = list(labels)
+
+    def done(self) -> None:
+        """After the last piece drawn."""
+        self._finish(time.perf_counter())
+
+    def _finish(self, now: float) -> None:
+        if self._running is not None:
+            label, start = self._running
+            self.cut.drawn.append(label)
+            self.drawing.pieces += 1
+            self.drawing.last = now - start
+            self._running = None
+
+
 def pieces_within(drawing: Drawing, pieces: Iterable, what: str, explicit: bool = False,
                   label: Callable[[Any], str] = str) -> Iterator:
-    """Yield `pieces` in order until `drawing`'s deadline would pass: before each piece, now plus
-    the last piece's seconds against the deadline; the drawing's first piece always runs. With
-    `explicit`, every piece is yielded and a passed deadline only recorded. What was drawn and left
-    out goes to `drawing.cuts`, named by `label`."""
+    """Yield `pieces` in order until `drawing`'s deadline would pass (`PieceTimer.go`). What was
+    drawn and left out goes to `drawing.cuts`, named by `label`."""
     pieces = list(pieces)
-    cut = Cut(what, explicit=explicit)
-    if drawing.deadline is not None:
-        drawing.cuts.append(cut)
+    timer = PieceTimer(drawing, what, explicit)
     for i, piece in enumerate(pieces):
-        now = time.perf_counter()
-        if drawing.deadline is not None and drawing.pieces and now + drawing.last > drawing.deadline:
-            if not explicit:
-                cut.left = [label(p) for p in pieces[i:]]
-                return
-            cut.over = True
+        if not timer.go(label(piece)):
+            timer.leave_out(label(p) for p in pieces[i:])
+            return
         yield piece
-        cut.drawn.append(label(piece))
-        drawing.pieces += 1
-        drawing.last = time.perf_counter() - now
+        timer.done()
 
 
 def _names(names: list[str], most: int = 8) -> str:

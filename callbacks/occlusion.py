@@ -46,12 +46,13 @@ from convlens.errors import ConfigError
 from convlens.render import (as_rgb, captioned_grid, class_caption, colorbar, fit_caption, heatmap, label_colors,
                              legend, stack_vertical, tile_width, to_pixels)
 from convlens.viz.faithfulness import ssim
-from convlens.viz.occlusion import (OcclusionError, OcclusionResult, default_patch, default_stride, maps_to_pixels,
-                                    occlusion_maps, occlusion_result)
+from convlens.viz.occlusion import (OcclusionError, OcclusionResult, default_patch, default_stride, map_shape,
+                                    maps_to_pixels, occlusion_maps, occlusion_result)
 from convlens.viz.occlusion_approximate import PRESETS, resolve
 
 
-#: the default num_probe: another value counts as the user's choice, never cut by the time budget
+#: how many probe images num_probe="auto" (the default) draws; fewer when a first drawing has a
+#: deadline (see `callbacks.budget`). A number, even 4, is the user's choice: never cut
 DEFAULT_NUM_PROBE = 4
 
 
@@ -61,7 +62,8 @@ class OcclusionSensitivity(VisualizationCallback):
 
     Args:
         num_probe: how many probe images (a seeded subset of the one-per-class probe batch;
-            None: all of them). Each costs about (side/stride)^2 forward passes.
+            None: all of them). Each costs about (side/stride)^2 forward passes. "auto" (default):
+            4, of which a first drawing over its time budget draws fewer; a number is drawn in full.
         patch: side of the gray square in pixels (None: `default_patch` of the image side).
         stride: step between patch positions in pixels (None: `default_stride`).
         target: the class whose probability is drawn: "true" (each image's label, the default in
@@ -88,12 +90,18 @@ class OcclusionSensitivity(VisualizationCallback):
     needs_conv = False  # any classifier: a patch over the input
     layer_kind = None
 
-    def __init__(self, every_n_epochs: int | None = None, num_probe: int | None = DEFAULT_NUM_PROBE,
+    def __init__(self, every_n_epochs: int | None = None, num_probe: int | str | None = "auto",
                  patch: int | None = None, stride: int | None = None, target: str = "true", cmap: str = "jet",
                  max_batch: int | None = None, tile_size: int = 112, tau: float | None = None,
                  approximate: str | None = None, coarse: int | None = None, drill: float | None = None,
                  check_every: int = 10, reuse_tol: float | None = None, **probe_options):
-        super().__init__(layers=None, every_n_epochs=every_n_epochs, num_probe=num_probe, **probe_options)
+        if isinstance(num_probe, str) and num_probe != "auto":
+            raise ConfigError(f"num_probe must be an int >= 1 (drawn in full), null (all probe images) or \"auto\" "
+                              f"({DEFAULT_NUM_PROBE}, fewer when over the time budget), got {num_probe!r}")
+        #: the number of probe images is the default's, so the time budget may draw fewer
+        self.auto_probes = num_probe == "auto"
+        super().__init__(layers=None, every_n_epochs=every_n_epochs,
+                         num_probe=DEFAULT_NUM_PROBE if self.auto_probes else num_probe, **probe_options)
         for arg, value in (("patch", patch), ("stride", stride)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise OcclusionError(f"{arg} must be an int >= 1 (pixels), or None to derive it from the "
@@ -161,12 +169,15 @@ class OcclusionSensitivity(VisualizationCallback):
     def render(self, image_pixels: torch.Tensor, prob: torch.Tensor, label: torch.Tensor,
                patch: int, stride: int, num_classes: int, captions: Sequence[str]) -> torch.Tensor:
         """One probe's panels: image [C, H, W] in [0, 1], prob and label maps [h, w] -> [3, H', W']
-        (without the legend)."""
+        (without the legend). Positions not computed (NaN, -1: a drawing stopped by its deadline) are
+        mid-gray in both maps."""
         size = tuple(image_pixels.shape[-2:])
         prob_px = maps_to_pixels(prob[None].float().cpu(), size, patch, stride)
         label_px = maps_to_pixels(label[None].cpu(), size, patch, stride)
-        panels = torch.cat([as_rgb(image_pixels[None].float().cpu()), heatmap(prob_px, self.cmap, 0.0, 1.0),
-                            label_colors(label_px, num_classes)])
+        unknown = (label_px < 0)[:, None]
+        maps = torch.cat([heatmap(prob_px.nan_to_num(0.0), self.cmap, 0.0, 1.0),
+                          label_colors(label_px.clamp(min=0), num_classes)])
+        panels = torch.cat([as_rgb(image_pixels[None].float().cpu()), maps.masked_fill(unknown, 0.5)])
         # large images (VGG's 224 px) are averaged down so the three panels fit a card side by side
         width = tile_width(image_pixels, self.tile_size, columns=3)
         captions = [fit_caption(c, width, lines=2) for c in captions]
@@ -180,11 +191,16 @@ class OcclusionSensitivity(VisualizationCallback):
         targets = self.targets(net, images, labels)
         geometry = dict(patch=patch, stride=stride, pixel_to_input=normalization, max_batch=self.max_batch)
         approx = self.approximation
-        # the probe images in order, as the time budget allows: all in one batch, or one at a time when
-        # a first drawing has a deadline (see `within_budget`)
-        explicit = self.probe_spec.explicit is not None or self.num_probe != DEFAULT_NUM_PROBE
+        # the probe images in order, as the time budget allows: all in one batch, or piece by piece when
+        # a first drawing has a deadline (see `within_budget`): rows of occluded copies for exact maps,
+        # whole images for a drill-down
+        explicit = self.probe_spec.explicit is not None or not self.auto_probes
+        rows_drawn = None  # per image, the map rows computed (None: all)
         if self._drawing.deadline is None:
             prob, label = self._maps(trainer, net, images, targets, geometry)
+        elif approx.exact:
+            prob, label, rows_drawn = self._maps_by_rows(net, images, targets, geometry, explicit)
+            images, labels, targets = images[:len(prob)], labels[:len(prob)], targets[:len(prob)]
         else:
             maps = [self._maps(trainer, net, images[i:i + 1], targets[i:i + 1], geometry)
                     for i in self.within_budget(range(len(images)), "probe images", explicit=explicit)]
@@ -202,7 +218,10 @@ class OcclusionSensitivity(VisualizationCallback):
             p_caption = f"p({class_caption(targets[i], names)})"
             if self._ssim is not None and not self.approximation.exact:
                 p_caption += f" ~ SSIM {float(self._ssim[i]):.2f}"
-            captions = [class_caption(labels[i], names), p_caption, "predicted label"]
+            label_caption = "predicted label"
+            if rows_drawn is not None and rows_drawn[i] < prob.shape[1]:  # stopped by the time budget
+                label_caption += f": rows 1-{rows_drawn[i]} of {prob.shape[1]}"
+            captions = [class_caption(labels[i], names), p_caption, label_caption]
             panels = self.render(pixels[i], prob[i], label[i], patch, stride, num_classes, captions)
             if key is None:  # the same colour scale and legend under every probe
                 colors = label_colors(torch.arange(num_classes)[:, None, None], num_classes)[:, :, 0, 0]
@@ -222,6 +241,40 @@ class OcclusionSensitivity(VisualizationCallback):
             self.log_scalars(trainer, {"occlusion_copies/fraction": result.copies / result.prob.numel()})
             return result.prob, result.label
         return occlusion_maps(net, images, targets, tau=approx.tau, **geometry)
+
+    def _maps_by_rows(self, net: torch.nn.Module, images: torch.Tensor, targets: torch.Tensor, geometry: dict,
+                      explicit: bool) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """Exact maps image by image and row by row of patch positions until the first drawing's
+        deadline would pass (each row of copies one piece of the budget); the images begun ->
+        prob, label (NaN and -1 where not computed) and the rows computed per image."""
+        timer = self.piece_timer("occlusion rows", explicit=explicit, chosen="probe images")
+        rows, columns = map_shape(*images.shape[-2:], geometry["patch"], geometry["stride"])
+        max_batch = geometry["max_batch"]
+        chunk = columns if max_batch is None or max_batch >= columns else max_batch
+        synchronize = torch.cuda.synchronize if images.is_cuda else (lambda: None)
+        probs, labels, drawn = [], [], []
+        for i in range(len(images)):
+            if not timer.go(f"image {i} row 1"):
+                timer.leave_out(f"image {j} row {r + 1}" for j in range(i, len(images)) for r in range(rows))
+                break
+
+            def stop(copies: int, i=i) -> bool:  # before each row after the first
+                synchronize()
+                return not timer.go(f"image {i} row {copies // columns + 1}")
+
+            result = occlusion_result(net, images[i:i + 1], targets[i:i + 1], stop=stop,
+                                      **{**geometry, "max_batch": chunk})
+            synchronize()
+            probs.append(result.prob)
+            labels.append(result.label)
+            drawn.append(-(-result.copies // columns))
+            if result.copies < rows * columns:
+                timer.leave_out([f"image {i} row {r + 1}" for r in range(drawn[-1], rows)]
+                                + [f"image {j} row {r + 1}" for j in range(i + 1, len(images)) for r in range(rows)])
+                break
+        else:
+            timer.done()
+        return torch.cat(probs), torch.cat(labels), drawn
 
     def _measure(self, trainer: pl.Trainer, net: torch.nn.Module, images: torch.Tensor, targets: torch.Tensor,
                  prob: torch.Tensor, geometry: dict) -> None:

@@ -235,7 +235,7 @@ def test_chosen_layers_are_never_left_out(tmp_path, budget_on, slow_decoding):
     callback = DecodedFilters(layers=CONVS, compute_error=False)
     images, val, said = fit_pieces(tmp_path, callback, epochs=1)
     assert all(images[f"decoded/{layer}"] == val for layer in CONVS)
-    assert len(said) == 1 and "the layers were chosen, so all 3 were drawn" in said[0]
+    assert len(said) == 1 and "the layers were chosen, so all 3 layers were drawn" in said[0]
 
 
 def test_no_budget_draws_the_first_epoch_in_full(tmp_path, slow_decoding):
@@ -268,25 +268,88 @@ def test_pieces_stopped_early_leave_no_hook_or_mode_behind(tmp_path, budget_on, 
     assert seen == [(0, True, True)]
 
 
-def test_occlusion_draws_its_probe_images_one_by_one_until_the_deadline(tmp_path, budget_on, monkeypatch):
-    import convlens.callbacks.occlusion as occlusion
+class Sleep(nn.Module):
+    """A forward that takes `seconds` (not part of a plain conv chain: occlusion runs the whole net)."""
 
-    original = occlusion.occlusion_maps
-    calls = []
+    def __init__(self, seconds: float):
+        super().__init__()
+        self.seconds = seconds
 
-    def slow(net, images, *args, **kwargs):
-        calls.append(len(images))
-        time.sleep(0.3)
-        return original(net, images, *args, **kwargs)
-    monkeypatch.setattr(occlusion, "occlusion_maps", slow)
+    def forward(self, x):
+        time.sleep(self.seconds)
+        return x
+
+
+def fit_occlusion(tmp_path, callback, forward_seconds=0.05):
+    """`fit_pieces` on a net whose every forward takes `forward_seconds`; also returns the
+    forwards' batch sizes during the drawing."""
+    batches = []
+
+    def record(trainer, pl_module):
+        handle = pl_module.net.register_forward_hook(lambda m, i, o: batches.append(len(i[0])))
+        try:
+            visualize(trainer, pl_module)
+        finally:
+            handle.remove()
+    visualize, callback.visualize = callback.visualize, record
+    slow = Sleep(0.0)
+    original_convs = Convs.__init__
+
+    def slow_convs(self):
+        original_convs(self)
+        self.net = nn.Sequential(slow, *self.net)
+    Convs.__init__ = slow_convs
+    slow.seconds = forward_seconds
+    try:
+        images, val, said = fit_pieces(tmp_path, callback, epochs=1)
+    finally:
+        Convs.__init__ = original_convs
+    return images, val, said, batches
+
+
+def test_occlusion_draws_rows_of_copies_until_the_deadline(tmp_path, budget_on):
+    """8x8 images, patch 3, stride 2: 3 x 3 positions, a row of 3 copies a piece. The first drawing
+    (deadline about 0.01 s) draws the first row of the first image, then stops; the map shows that
+    row and says how many rows it has."""
+    callback = OcclusionSensitivity(patch=3, stride=2)  # num_probe "auto": 2 classes here
+    images, val, said, batches = fit_occlusion(tmp_path, callback)
+    assert batches == [1, 3]  # the unoccluded image, then one row of copies
+    assert sorted(images) == ["occlusion/0"]
+    assert "it drew 1 of 6 occlusion rows (image 0 row 1; left out: image 0 row 2, image 0 row 3, " \
+           "image 1 row 1" in said[0], said
+    assert callback._estimate is not None and not callback._measured
+    text = read_text(tmp_path / "tb", "budget/occlusion")
+    assert "1 of 6 occlusion rows" in text[val[0]]
+
+
+def test_occlusion_rows_chosen_by_number_are_all_drawn(tmp_path, budget_on):
+    """num_probe=4 is a choice, even though "auto" also means 4: nothing is cut, the deadline is
+    only reported; one forward per row of copies."""
     probe = (torch.rand(4, 1, 8, 8), torch.tensor([0, 1, 0, 1]))
-    images, val, said = fit_pieces(tmp_path, OcclusionSensitivity(probe=probe, num_probe=None, patch=3,
-                                                                  stride=2), epochs=1)
-    assert calls == [1, 1, 1, 1] and "the probe images were chosen, so all 4 were drawn" in said[0]
-    calls.clear()
-    images, val, said = fit_pieces(tmp_path / "default", OcclusionSensitivity(patch=3, stride=2), epochs=1)
-    assert calls == [1] and sorted(images) == ["occlusion/0"]
-    assert "it drew 1 of 2 probe images (0; left out: 1)" in said[0]
+    chosen = (OcclusionSensitivity(patch=3, stride=2, num_probe=2),
+              OcclusionSensitivity(probe=probe, num_probe=None, patch=3, stride=2))
+    for run, callback in enumerate(chosen):
+        images, val, said, batches = fit_occlusion(tmp_path / str(run), callback, forward_seconds=0.02)
+        n = len(callback.probe_images)
+        assert n == (2, 4)[run] and batches == [1, 3, 3, 3] * n
+        assert sorted(images) == [f"occlusion/{i}" for i in range(n)]
+        assert f"the probe images were chosen, so all {3 * n} occlusion rows were drawn" in said[0], said
+
+
+def test_num_probe_auto_is_the_only_number_the_budget_may_cut():
+    assert OcclusionSensitivity().auto_probes and OcclusionSensitivity().num_probe == 4
+    assert not OcclusionSensitivity(num_probe=4).auto_probes
+    assert OcclusionSensitivity(num_probe=None).num_probe is None
+    with pytest.raises(ConfigError, match=r'num_probe must be an int >= 1 .* or "auto"'):
+        OcclusionSensitivity(num_probe="all")
+
+
+def test_an_approximate_occlusion_draws_whole_probe_images_until_the_deadline(tmp_path, budget_on):
+    """A drill-down is not cut into rows: its pieces are the probe images."""
+    callback = OcclusionSensitivity(patch=3, stride=1, approximate="fast", check_every=0)
+    images, val, said, batches = fit_occlusion(tmp_path, callback)
+    assert sorted(images) == ["occlusion/0"]
+    assert "it drew 1 of 2 probe images (0; left out: 1)" in said[0], said
 
 
 def read_text(logdir, tag):

@@ -362,3 +362,24 @@ def test_approximate_options_are_checked():
         with pytest.raises(ValueError, match=message):
             OcclusionSensitivity(**options)
     assert OcclusionSensitivity(tau=1.0).approximation.exact
+
+
+def test_positions_not_computed_are_gray_in_both_maps():
+    """A drawing stopped by its deadline leaves rows NaN / -1: those pixels of the probability and
+    label panels are mid-gray, everything else is the full maps' rendering."""
+    torch.manual_seed(0)
+    cb = OcclusionSensitivity(patch=7, stride=3, tile_size=28)
+    image = torch.rand(3, 28, 28)
+    prob, label = torch.rand(8, 8), torch.randint(0, 10, (8, 8))
+    full = cb.render(image, prob, label, 7, 3, 10, ["a", "b", "c"])
+    partial_prob, partial_label = prob.clone(), label.clone()
+    partial_prob[3:], partial_label[3:] = float("nan"), -1
+    partial = cb.render(image, partial_prob, partial_label, 7, 3, 10, ["a", "b", "c"])
+    changed = (full != partial).any(0)
+    assert changed.any() and ((partial[:, changed] - 0.5).abs() <= 1 / 255).all()  # 8-bit gray
+    columns = changed.any(0).nonzero().flatten()
+    assert columns.min() >= full.shape[-1] // 3  # the image panel is untouched
+    # the pixels of map rows 0-2 (nearest patch centre above the stop) are untouched
+    rows = changed.any(1).nonzero().flatten()
+    assert rows.min() >= maps_to_pixels(torch.arange(8.0)[None, :, None].expand(1, 8, 8), (28, 28), 7, 3)[
+        0, :, 0].tolist().index(3.0)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from convlens.viz.occlusion import OcclusionError, occlusion_maps
+from convlens.viz.occlusion import OcclusionError, occlusion_maps, occlusion_result
 
 
 def small_net(in_channels=3, num_classes=5, seed=0):
@@ -75,6 +75,32 @@ def test_chunk_size_does_not_change_the_maps():
         prob, label = occlusion_maps(net, images, [1, 3], patch=5, stride=1, fill=0.0, max_batch=max_batch)
         torch.testing.assert_close(prob, reference[0], rtol=1e-12, atol=1e-14)
         assert torch.equal(label, reference[1])
+
+
+def test_stop_ends_the_maps_early_and_marks_what_was_not_computed():
+    """`stop` asked before each chunk but the first, with the copies forwarded so far: the copies
+    forwarded equal the naive loop's, the rest are NaN / -1 / not known; and both the incremental
+    and the full-forward paths stop alike."""
+    net = perturbed_bn(small_net())
+    torch.manual_seed(4)
+    images = torch.randn(2, 3, 9, 8, dtype=torch.float64)  # 2 images x 7 x 6 positions
+    expected_prob, expected_label = naive_occlusion(net, images, [0, 4], 3, 1, 0.0)
+    for incremental in (None, False):
+        asked = []
+
+        def stop(copies):
+            asked.append(copies)
+            return copies >= 50
+        result = occlusion_result(net, images, [0, 4], patch=3, stride=1, fill=0.0, max_batch=6, stop=stop,
+                                  incremental=incremental)
+        assert asked == [6, 12, 18, 24, 30, 36, 42, 48, 54] and result.copies == 54
+        flat_prob, flat_label, known = result.prob.flatten(), result.label.flatten(), result.known.flatten()
+        assert known.tolist() == [True] * 54 + [False] * 30
+        torch.testing.assert_close(flat_prob[:54], expected_prob.flatten()[:54], rtol=1e-12, atol=1e-14)
+        assert torch.equal(flat_label[:54], expected_label.flatten()[:54])
+        assert flat_prob[54:].isnan().all() and (flat_label[54:] == -1).all()
+    with pytest.raises(OcclusionError, match="stop works with exact maps only"):
+        occlusion_result(net, images, [0, 4], patch=3, stride=1, approximate="fast", stop=lambda copies: False)
 
 
 class Recorder(nn.Module):

@@ -126,13 +126,18 @@ def occlusion_result(model: nn.Module, images: torch.Tensor, targets: torch.Tens
                      max_batch: int | None = None, incremental: bool | None = None,
                      tau: float | None = None, approximate: str | None = None, coarse: int | None = None,
                      drill: float | None = None, previous: OcclusionResult | None = None,
-                     reuse_tol: float | None = None) -> OcclusionResult:
+                     reuse_tol: float | None = None, stop: Callable[[int], bool] | None = None) -> OcclusionResult:
     """`occlusion_maps` with what a later call can reuse: an `OcclusionResult` (prob, label, which
     positions are known rather than interpolated, the node probabilities they were computed with,
     the number of occluded copies forwarded). `previous`, `reuse_tol`: with a drill-down, positions
     `previous` knew keep their values while their cell's node probabilities moved less than
     `reuse_tol` since they were computed (`viz.occlusion_approximate.drill_down`); `previous` from
-    other maps (another shape or targets) is ignored. The other arguments: `occlusion_maps`."""
+    other maps (another shape or targets) is ignored. `stop`: exact maps only (no drill-down), a
+    predicate asked on the host before each chunk of `max_batch` copies but the first, with the
+    number of copies forwarded so far (copies are ordered image by image, row-major); when it
+    returns True the rest are not forwarded: their prob is NaN, their label -1, `known` False, and
+    `copies` counts those forwarded (a caller with a deadline on CUDA synchronizes in it). The
+    other arguments: `occlusion_maps`."""
     if not torch.is_tensor(images) or images.ndim != 4:
         shape = tuple(images.shape) if torch.is_tensor(images) else type(images).__name__
         raise OcclusionError(f"images must be a (N, C, H, W) tensor, got {shape}")
@@ -160,9 +165,11 @@ def occlusion_result(model: nn.Module, images: torch.Tensor, targets: torch.Tens
     if reuse_tol is not None and (isinstance(reuse_tol, bool) or not isinstance(reuse_tol, (int, float))
                                   or not reuse_tol >= 0):
         raise OcclusionError(f"reuse_tol must be a probability change >= 0, or None (no reuse); got {reuse_tol!r}")
+    if stop is not None and approximation.coarse > 1 and approximation.drill < 1:
+        raise OcclusionError("stop works with exact maps only; pass approximate=None, or coarse=1 or drill=1")
     fill = _fill_tensor(fill, pixel_to_input, (C, H, W), images)
 
-    rows_out, cols_out = (H - patch) // stride + 1, (W - patch) // stride + 1
+    rows_out, cols_out = map_shape(H, W, patch, stride)
     positions = rows_out * cols_out
     # row_mask[i, y]: pixel row y is covered when the patch's top row is i * stride (same for columns)
     starts_y = torch.arange(rows_out, device=images.device)[:, None] * stride
@@ -202,16 +209,17 @@ def occlusion_result(model: nn.Module, images: torch.Tensor, targets: torch.Tens
         base_prob = logits.softmax(dim=1).gather(1, targets[:, None])[:, 0]
         with runner if runner is not None else contextlib.nullcontext(), torch.inference_mode():
             evaluate = _Evaluate(model, runner, images, fill, targets, row_mask, col_mask, cols_out, max_batch,
-                                 logits.dtype)
+                                 logits.dtype, stop)
             if approximation.coarse > 1 and approximation.drill < 1:
                 result = drill_down(evaluate, base_prob, targets, rows_out, cols_out, approximation.coarse,
                                     approximation.drill, previous, reuse_tol)
             else:
                 flat = torch.arange(N * positions, device=images.device)
                 prob, label = evaluate(flat // positions, flat % positions)
-                known = torch.ones(N, rows_out, cols_out, dtype=torch.bool, device=images.device)
+                known = (torch.arange(N * positions, device=images.device) < evaluate.forwarded).view(
+                    N, rows_out, cols_out)
                 result = OcclusionResult(prob.view(N, rows_out, cols_out), label.view(N, rows_out, cols_out), known,
-                                         None, targets, N * positions)
+                                         None, targets, evaluate.forwarded)
     # clones made outside inference mode are ordinary tensors, usable with autograd afterwards
     result.prob, result.label, result.known, result.targets = (t.clone() for t in (
         result.prob, result.label, result.known, result.targets))
@@ -224,31 +232,42 @@ class _Evaluate:
     """p(target) and the predicted label of occluded copies: `(image, position)` index tensors [M]
     (positions flat, row-major over the map) -> prob [M] in the logits' dtype, label [M] int64,
     forwarded in chunks of `max_batch` copies. No host synchronization: the chunks are slices of
-    the index tensors, the results written with index_put."""
+    the index tensors, the results written with index_put. `stop(copies forwarded)`, asked before
+    each chunk but the first, ends it early: the rest get NaN and -1; `forwarded` counts the copies
+    forwarded over all calls."""
 
     def __init__(self, model, runner, images, fill, targets, row_mask, col_mask, columns: int, max_batch: int,
-                 dtype: torch.dtype):
+                 dtype: torch.dtype, stop: Callable[[int], bool] | None = None):
         self.model, self.runner, self.images, self.fill, self.targets = model, runner, images, fill, targets
         self.row_mask, self.col_mask, self.columns, self.max_batch = row_mask, col_mask, columns, max_batch
-        self.dtype = dtype
+        self.dtype, self.stop, self.forwarded = dtype, stop, 0
 
     def __call__(self, image: torch.Tensor, position: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         count = image.shape[0]
         prob = torch.empty(count, dtype=self.dtype, device=image.device)
         label = torch.empty(count, dtype=torch.long, device=image.device)
         for start in range(0, count, self.max_batch):
+            if self.stop is not None and start and self.stop(start):
+                prob[start:], label[start:] = float("nan"), -1
+                break
             im, pos = image[start:start + self.max_batch], position[start:start + self.max_batch]
             mask = self.row_mask[pos // self.columns][:, :, None] & self.col_mask[pos % self.columns][:, None, :]
             occluded = torch.where(mask[:, None], self.fill, self.images[im])
             out = self.model(occluded) if self.runner is None else self.runner(occluded, im, pos)
             prob[start:start + self.max_batch] = out.softmax(dim=1).gather(1, self.targets[im][:, None])[:, 0]
             label[start:start + self.max_batch] = out.argmax(dim=1)
+            self.forwarded += len(im)
         return prob, label
 
 
 # --------------------------------------------------------------------------------------------
 # Geometry: default patch and stride, and maps drawn on the image grid
 # --------------------------------------------------------------------------------------------
+
+def map_shape(height: int, width: int, patch: int, stride: int) -> tuple[int, int]:
+    """The rows and columns of patch positions (the patch entirely inside the image)."""
+    return (height - patch) // stride + 1, (width - patch) // stride + 1
+
 
 def default_patch(side: int) -> int:
     """The largest odd integer <= side ** 0.6 (at least 1): 7 at 28 and 32, 25 at 224.
